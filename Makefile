@@ -1,0 +1,36 @@
+# momkit: two commands set everything up on a fresh machine.
+#   make demo   create .venv, install, run the main job
+#   make test   create .venv, install, run ruff and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch on this kind of machine; override for a CUDA build, e.g. TORCH=torch
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test venv clean bench-cpu
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed-$(EXTRAS)
+
+demo: venv
+	$(PY) -m momkit.demo
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench-cpu: venv
+	$(PY) -m benchmarks.cpu_rules --out benchmarks/results/cpu_rules_default.json
+	$(PY) -m benchmarks.cpu_rules --allocator tuned --out benchmarks/results/cpu_rules_tuned.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,167 @@
+"""Chunk layout shared by every rule's ``chunked`` path.
+
+A batch ``[B, T]`` or a packed variable-length input ``[1, T]`` with ``cu_seqlens`` is a list of
+independent segments. Each segment is cut into chunks of ``C`` tokens (the last one padded with
+the rule's neutral values), and the chunks of all segments become the rows of one flat tensor
+``[R, H, C, D]``. Everything that does not depend on the carried state (the intra-chunk part) is
+computed once for all rows; the state is then carried through a short loop over the chunk index
+``j``: at step ``j`` the segments that still have a ``j``-th chunk are advanced together.
+
+Segments are sorted by their number of chunks (descending, stable), so the active segments at step
+``j`` are a prefix of the sorted list and the rows of step ``j`` are contiguous. The loop therefore
+runs ``max_chunks`` times, not ``R`` times, and its work is proportional to the real tokens, however
+unequal the segment lengths (as in a Mixture-of-Memories dispatch).
+
+Axis letters: R chunk rows, H heads, C chunk length, K key dim, V value dim, N segments.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ChunkPlan:
+    """Where every token goes in the flat chunk layout, and the order of the state scan."""
+
+    chunk_size: int
+    num_tokens: int
+    order: Tensor  # [N] segment ids sorted by number of chunks, descending
+    steps: list[tuple[int, int]]  # per chunk index j: (first row, number of rows)
+    src: Tensor  # [R * C] token index feeding each padded position (num_tokens = padding)
+    dst: Tensor  # [num_tokens] padded position of each token
+    valid: Tensor  # [R] number of real tokens in each row
+    # (segments, length) when all segments have one length and follow each other: rows are then
+    # a reshape of the input, no gather needed
+    regular: tuple[int, int] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.numel()
+
+    @property
+    def num_never_active(self) -> int:
+        """Segments with no token (their final state is their initial state)."""
+        return self.order.numel() - (self.steps[0][1] if self.steps else 0)
+
+
+def make_plan(lengths: list[int], starts: list[int], chunk_size: int, device: torch.device) -> ChunkPlan:
+    """Plan for segments ``i`` covering tokens ``starts[i] : starts[i] + lengths[i]`` (cached)."""
+    return _make_plan(tuple(lengths), tuple(starts), chunk_size, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_plan(lengths: tuple[int, ...], starts: tuple[int, ...], chunk_size: int, device: torch.device) -> ChunkPlan:
+    C = chunk_size
+    n_chunks = [(L + C - 1) // C for L in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: -n_chunks[i])  # sorted() is stable
+    seg_rows: list[int] = []
+    j_rows: list[int] = []
+    steps = []
+    for j in range(max(n_chunks, default=0)):
+        active = [i for i in order if n_chunks[i] > j]
+        steps.append((len(seg_rows), len(active)))
+        seg_rows += active
+        j_rows += [j] * len(active)
+    seg = torch.tensor(seg_rows, dtype=torch.long)
+    jj = torch.tensor(j_rows, dtype=torch.long)
+    L = torch.tensor(lengths, dtype=torch.long)[seg]
+    offset = jj * C
+    pos = offset[:, None] + torch.arange(C)[None, :]
+    real = pos < L[:, None]
+    tok = torch.tensor(starts, dtype=torch.long)[seg][:, None] + pos
+    num_tokens = sum(lengths)
+    src = torch.where(real, tok, torch.full_like(tok, num_tokens)).reshape(-1)
+    flat = torch.arange(src.numel())
+    dst = torch.empty(num_tokens, dtype=torch.long)
+    dst[src[real.reshape(-1)]] = flat[real.reshape(-1)]
+    valid = (L - offset).clamp(max=C)
+    same = len(set(lengths)) == 1 and starts == tuple(i * lengths[0] for i in range(len(lengths)))
+    return ChunkPlan(
+        chunk_size=C,
+        num_tokens=num_tokens,
+        order=torch.tensor(order, dtype=torch.long, device=device),
+        steps=steps,
+        src=src.to(device),
+        dst=dst.to(device),
+        valid=valid.to(device),
+        regular=(len(lengths), lengths[0]) if same and lengths[0] > 0 else None,
+    )
+
+
+def to_rows(x: Tensor, plan: ChunkPlan, neutral: float) -> Tensor:
+    """Packed ``[num_tokens, H, *D]`` -> contiguous chunk rows ``[R, H, C, *D]``, padded with ``neutral``."""
+    C, tail = plan.chunk_size, x.shape[1:]
+    if plan.regular is not None:
+        n_seg, L = plan.regular
+        n = -(-L // C)
+        x = x.view(n_seg, L, *tail)
+        if n * C != L:
+            pad = torch.full((n_seg, n * C - L, *tail), neutral, dtype=x.dtype, device=x.device)
+            x = torch.cat([x, pad], 1)
+        x = x.view(n_seg, n, C, *tail).transpose(0, 1)  # chunk-major rows: row = j * n_seg + segment
+    else:
+        pad = torch.full((1, *tail), neutral, dtype=x.dtype, device=x.device)
+        x = torch.cat([x, pad]).index_select(0, plan.src).view(plan.num_rows, C, *tail)
+    return x.reshape(plan.num_rows, C, *tail).transpose(1, 2).contiguous()
+
+
+def from_rows(o: Tensor, plan: ChunkPlan) -> Tensor:
+    """Chunk rows ``[R, H, C, V]`` -> packed ``[num_tokens, H, V]``."""
+    R, H, C, V = o.shape
+    o = o.transpose(1, 2)  # [R, C, H, V]
+    if plan.regular is not None:
+        n_seg, L = plan.regular
+        o = o.reshape(R // n_seg, n_seg, C, H, V).transpose(0, 1).reshape(n_seg, -1, H, V)
+        return o[:, :L].reshape(plan.num_tokens, H, V)
+    return o.reshape(R * C, H, V).index_select(0, plan.dst)
+
+
+def scan_chunks(
+    plan: ChunkPlan,
+    initial_state: Tensor,
+    step: Callable[[slice, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """Carry the state through the chunks.
+
+    ``step(rows, S)`` gets the row slice of chunk index ``j`` and the states ``S`` of the segments
+    active at ``j`` (in row order), and returns ``(y, S_next)``: anything per row (the rows' outputs,
+    or ``S`` itself when the outputs are cheaper in one batch afterwards) and their next states.
+    Returns ``y`` of all rows ``[R, ...]`` and the final state of every segment, in segment order.
+    """
+    S = initial_state.index_select(0, plan.order)
+    pieces = [S[S.shape[0] - plan.num_never_active :]]
+    S = S[: S.shape[0] - plan.num_never_active]
+    ys = []
+    for j, (first, n) in enumerate(plan.steps):
+        y, S = step(slice(first, first + n), S)
+        ys.append(y)
+        n_next = plan.steps[j + 1][1] if j + 1 < len(plan.steps) else 0
+        pieces.append(S[n_next:])
+        S = S[:n_next]
+    final_sorted = torch.cat(pieces[::-1])
+    inverse = torch.empty_like(plan.order)
+    inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+    return torch.cat(ys), final_sorted.index_select(0, inverse)
+
+
+def causal_mask(C: int, device: torch.device, strict: bool = False) -> Tensor:
+    """``[C, C]`` boolean mask, True where the key index j may feed the query index i (j <= i)."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+def decay_matrix(G: Tensor, strict: bool = False) -> Tensor:
+    """``exp(G_i - G_j)`` for ``j <= i`` (``j < i`` if strict), 0 elsewhere. ``G``: ``[..., C]``.
+
+    The exponent is masked before ``exp`` so the unused upper triangle can never overflow.
+    """
+    C = G.shape[-1]
+    diff = G[..., :, None] - G[..., None, :]
+    keep = causal_mask(C, G.device, strict)
+    return diff.masked_fill(~keep, float("-inf")).exp()

@@ -1,0 +1,140 @@
+"""Chunk-parallel cores shared by rule families (pure PyTorch, differentiable by autograd).
+
+All inputs are chunk rows (see ``_chunking``): q, k ``[R, H, C, K]``, v ``[R, H, C, V]``, per-head
+gates ``[R, H, C]``, per-channel gates ``[R, H, C, K]``. Derivations: ``docs/rules.md``.
+
+* gated linear family (linear_attn, retnet, mamba2, gla): ``S_t = Diag(a_t) S_{t-1} + k_t v_t^T``
+  with no gate, a per-head or a per-channel log decay ``g = log a``.
+* delta family (deltanet, gated_deltanet): the WY / UT form,
+  ``U = (I + L)^{-1} diag(beta) (V - diag(gamma) K S_0)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from momkit.rules._chunking import ChunkPlan, decay_matrix, scan_chunks
+
+Tensor = torch.Tensor
+
+# Per-channel log decays are floored here in the chunked path (see _per_channel_intra).
+_LOG_DECAY_FLOOR = -50.0
+
+
+def gated_linear_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float,
+                       S0: Tensor, plan: ChunkPlan) -> tuple[Tensor, Tensor]:
+    """``S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T``; g is None, ``[R, H, C]`` or ``[R, H, C, K]``."""
+    if g is None:
+        o_intra = (q @ k.mT).tril_() @ v
+        qg, kg, dec = q, k, None
+    elif g.dim() == 3:
+        G = g.cumsum(-1)  # log decay from the chunk start to i, inclusive
+        o_intra = (q @ k.mT * decay_matrix(G)) @ v
+        qg = q * G.exp()[..., None]
+        kg = k * (G[..., -1:] - G).exp()[..., None]
+        dec = G[..., -1].exp()[..., None, None]  # [R, H, 1, 1]
+    else:
+        o_intra, qg, kg, dec = _per_channel_intra(q, k, v, g)
+    kv = kg.mT @ v  # [R, H, K, V]: what each chunk adds to the decayed state
+
+    def step(rows: slice, S: Tensor) -> tuple[Tensor, Tensor]:
+        return S, (S if dec is None else dec[rows] * S) + kv[rows]
+
+    S_start, final = scan_chunks(plan, S0, step)  # the loop is elementwise; outputs in one batch
+    return scale * (o_intra + qg @ S_start), final
+
+
+def _subchunk(C: int) -> int:
+    return next(c for c in (16, 8, 4, 2, 1) if C % c == 0)
+
+
+def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Intra-chunk output ``sum_{j <= i} (sum_d q_id k_jd exp(G_id - G_jd)) v_j`` for per-channel decay.
+
+    The chunk is split into sub-chunks of c tokens. Between sub-chunks b < a the decay factorises
+    through the sub-chunk boundaries with every factor <= 1 (no overflow); inside a sub-chunk it is
+    factorised around the sub-chunk's middle token, in float64. Also returns the inter-chunk factors
+    ``q exp(G)``, ``k exp(G_C - G)`` and ``exp(G_C)``.
+    """
+    R, H, C, K = q.shape
+    V = v.shape[-1]
+    c = _subchunk(C)
+    n = C // c
+    # exp(-50) ~ 2e-22 is below float64 resolution: the floor changes no result, and bounds the
+    # factorised exponents inside a sub-chunk by (c / 2) * 50 <= 400 (finite in float64).
+    g = g.clamp(min=_LOG_DECAY_FLOOR)
+    Gs = g.view(R, H, n, c, K).cumsum(-2)  # within each sub-chunk, inclusive
+    step_dec = Gs[..., -1, :]  # [R, H, n, K]: log decay across each sub-chunk
+    G_ref = step_dec.cumsum(2) - step_dec  # [R, H, n, K]: from the chunk start to each sub-chunk's start
+    qs = q.view(R, H, n, c, K) * Gs.exp()  # decay from the sub-chunk start to i, <= 1
+    ks = k.view(R, H, n, c, K) * (step_dec[..., None, :] - Gs).exp()  # decay from j to the sub-chunk end
+    vs = v.view(R, H, n, c, V)
+
+    # diagonal sub-chunks, factorised around the middle token m
+    mid = Gs[..., c // 2 : c // 2 + 1, :]
+    Gd = (Gs - mid).to(torch.float64)
+    qd = q.view(R, H, n, c, K).to(torch.float64) * Gd.exp()
+    kd = k.view(R, H, n, c, K).to(torch.float64) * (-Gd).exp()
+    A_diag = (qd @ kd.mT).tril_().to(q.dtype)  # [R, H, n, c, c]
+
+    # sub-chunk a reads sub-chunks b < a through exp(G_ref[a] - G_ref[b] - step_dec[b]) <= 1
+    G_end = G_ref + step_dec
+    outs = [A_diag[:, :, 0] @ vs[:, :, 0]]
+    for a in range(1, n):
+        between = (G_ref[:, :, a, None] - G_end[:, :, :a]).exp()  # [R, H, a, K]
+        A_off = (qs[:, :, a, None] * between[..., None, :]) @ ks[:, :, :a].mT  # [R, H, a, c, c]
+        outs.append(A_diag[:, :, a] @ vs[:, :, a] + (A_off @ vs[:, :, :a]).sum(2))
+    o_intra = torch.stack(outs, 2).view(R, H, C, V)
+
+    G_last = G_end[:, :, -1]  # [R, H, K]
+    qg = (qs * G_ref.exp()[..., None, :]).view(R, H, C, K)  # q exp(G), both factors <= 1
+    kg = (ks * (G_last[:, :, None] - G_end).exp()[..., None, :]).view(R, H, C, K)
+    dec = G_last.exp()[..., None]  # [R, H, K, 1]
+    return o_intra, qg, kg, dec
+
+
+def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float,
+                S0: Tensor, plan: ChunkPlan) -> tuple[Tensor, Tensor]:
+    """``S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t (v_t - S'^T k_t)^T`` (g None: deltanet)."""
+    if g is None:
+        L = (k @ k.mT * beta[..., :, None]).tril_(-1)
+        A = (q @ k.mT).tril_()
+        qg, kgam, kd, dec = q, k, k, None
+    else:
+        G = g.cumsum(-1)
+        L = k @ k.mT * beta[..., :, None] * decay_matrix(G, strict=True)
+        A = q @ k.mT * decay_matrix(G)
+        gam = G.exp()[..., None]
+        qg, kgam = q * gam, k * gam
+        kd = k * (G[..., -1:] - G).exp()[..., None]
+        dec = G[..., -1].exp()[..., None, None]
+    # L_ij = beta_i (k_i . k_j) gamma_i / gamma_j (j < i); U = u0 - W S_0 are the chunk's pseudo-values
+    Tb = unit_lower_inverse(L) * beta[..., None, :]  # (I + L)^{-1} diag(beta)
+    u0, W = flat_heads(Tb @ v), flat_heads(Tb @ kgam)
+    qg, A, kdT = flat_heads(qg), flat_heads(A), flat_heads(kd.mT)
+    H = q.shape[1]
+
+    def step(rows: slice, S: Tensor) -> tuple[Tensor, Tensor]:
+        r, S3 = slice(rows.start * H, rows.stop * H), S.flatten(0, 1)
+        U = torch.baddbmm(u0[r], W[r], S3, alpha=-1)
+        o = torch.baddbmm(qg[r] @ S3, A[r], U)
+        S_next = torch.baddbmm(S3 if dec is None else (dec[rows] * S).flatten(0, 1), kdT[r], U)
+        return o.view(-1, H, *o.shape[1:]), S_next.view(S.shape)
+
+    o, final = scan_chunks(plan, S0, step)
+    return scale * o, final
+
+
+def flat_heads(x: Tensor) -> Tensor:
+    """``[R, H, ...] -> [R * H, ...]`` (contiguous), for 3-D batched matmuls in the state loop."""
+    return x.flatten(0, 1).contiguous()
+
+
+def unit_lower_inverse(L: Tensor) -> Tensor:
+    """``(I + L)^{-1}`` for strictly lower-triangular ``L`` ``[..., C, C]``.
+
+    One triangular solve against the identity, then a matmul by the caller: faster on CPU than
+    solving against a wide right-hand side.
+    """
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)

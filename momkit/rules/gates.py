@@ -1,0 +1,113 @@
+"""Gate parameterizations: ``nn.Module``s mapping hidden states ``x [B, T, D]`` to a rule's gates.
+
+Inits follow the source papers:
+* GLA (Yang et al. 2023): per-channel ``g = logsigmoid(W2 W1 x + b) / 16`` with a rank-16 projection.
+* Mamba2 / Gated DeltaNet: ``g = -exp(A_log) * softplus(a(x) + dt_bias)``, ``A ~ U(1, 16)``,
+  ``dt`` log-uniform in ``[1e-3, 1e-1]`` (``dt_bias`` is its inverse softplus).
+* beta (DeltaNet, Gated DeltaNet): ``sigmoid(b(x))``.
+* Titans: ``theta``, ``alpha``, ``eta`` each ``sigmoid(w(x) + bias)`` (bias inits documented in
+  docs/rules.md: the paper gives none).
+* RetNet: fixed per-head decays ``log(1 - 2^(-5 - h))``, not learned.
+
+Parameters that should not get weight decay (A_log, dt_bias) carry ``_no_weight_decay = True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class NoGates(nn.Module):
+    """For rules without gates (linear attention)."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+
+class SigmoidGates(nn.Module):
+    """Several per-head gates in (0, 1): ``sigmoid(W x + bias)``, one linear map for all of them."""
+
+    def __init__(self, hidden_size: int, num_heads: int, bias_init: dict[str, float]):
+        super().__init__()
+        self.names = tuple(bias_init)
+        self.num_heads = num_heads
+        self.proj = nn.Linear(hidden_size, num_heads * len(self.names), bias=True)
+        with torch.no_grad():
+            self.proj.bias.copy_(torch.tensor([bias_init[n] for n in self.names]).repeat_interleave(num_heads))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.proj(x).sigmoid().unflatten(-1, (len(self.names), self.num_heads))
+        return {n: z[..., i, :] for i, n in enumerate(self.names)}
+
+
+class DecayGate(nn.Module):
+    """Mamba2-style data-dependent log decay: returns ``(g, dt)``, ``g = -exp(A_log) * dt`` [B, T, H]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, A_range: tuple[float, float] = (1.0, 16.0),
+                 dt_range: tuple[float, float] = (1e-3, 1e-1)):
+        super().__init__()
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        A = torch.empty(num_heads).uniform_(*A_range)
+        self.A_log = nn.Parameter(A.log())
+        dt = torch.exp(torch.rand(num_heads) * (math.log(dt_range[1]) - math.log(dt_range[0])) + math.log(dt_range[0]))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dt = F.softplus(self.a_proj(x).float() + self.dt_bias)
+        return -self.A_log.float().exp() * dt, dt
+
+
+class GLAGate(nn.Module):
+    """Per-channel log decay ``logsigmoid(W2 W1 x + b) / normalizer`` [B, T, H, K]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, rank: int = 16,
+                 normalizer: float = 16.0):
+        super().__init__()
+        self.shape = (num_heads, head_k_dim)
+        self.normalizer = normalizer
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, num_heads * head_k_dim, bias=True)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        g = F.logsigmoid(self.up(self.down(x)).float()) / self.normalizer
+        return {"g": g.unflatten(-1, self.shape)}
+
+
+class FixedDecay(nn.Module):
+    """RetNet's fixed per-head decays ``log(1 - 2^(-5 - h))``, broadcast to [B, T, H]."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.register_buffer("g", torch.log1p(-(2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float)))))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"g": self.g.expand(*x.shape[:-1], -1)}
+
+
+class Mamba2Gates(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.decay = DecayGate(hidden_size, num_heads)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        g, dt = self.decay(x)
+        return {"g": g, "dt": dt}
+
+
+class GatedDeltaGates(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.decay = DecayGate(hidden_size, num_heads)
+        self.beta = SigmoidGates(hidden_size, num_heads, {"beta": 0.0})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        g, _ = self.decay(x)
+        return {"g": g, **self.beta(x)}

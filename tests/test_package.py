@@ -1,0 +1,34 @@
+"""Packaging facts: the kernels folder is momkit.kernels only, import momkit stays light, tests poison memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def test_kernels_are_a_momkit_subpackage_only(tmp_path):
+    import momkit.kernels
+
+    assert Path(momkit.kernels.__file__).parent.name == "kernels"
+    # outside the source tree (so the checkout itself is not on sys.path), as a user imports it
+    code = "import importlib.util, momkit.kernels; print(importlib.util.find_spec('kernels'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "None", "there must be no top-level 'kernels' import name"
+
+
+def test_import_momkit_is_light(tmp_path):
+    code = (
+        "import sys, momkit, momkit.rules; "
+        "heavy = [m for m in ('triton', 'optuna', 'seaborn', 'pandas', 'omegaconf', 'momkit.kernels') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import momkit pulled in {out.stdout.strip()}"
+
+
+def test_fresh_allocations_are_poisoned_in_tests():
+    assert torch.isnan(torch.empty(16)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(4, 4))).all()
