@@ -47,7 +47,8 @@ def main() -> None:
     torch.set_grad_enabled(True)
     print("momkit: every rule's chunked path against its recurrent (token-loop) reference")
     print("B=2, T=512, H=2, K=V=32; max relative error; time of forward + backward in float64\n")
-    head = f"{'rule':<16}{'out f64':>10}{'state f64':>11}{'grads f64':>11}{'out f32':>10}{'loop ms':>10}{'chunk ms':>10}{'x':>7}"
+    head = (f"{'rule':<16}{'out f64':>10}{'state f64':>11}{'grads f64':>11}{'out f32':>10}"
+            f"{'loop ms':>10}{'chunk ms':>10}{'x':>7}")
     print(head)
     print("-" * len(head))
     for name in rule_names():

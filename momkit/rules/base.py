@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from momkit.rules import _triton
 from momkit.rules._chunking import ChunkPlan, from_rows, make_plan, to_rows
 
 Tensor = torch.Tensor
@@ -175,6 +176,8 @@ class Rule:
         scale, S, _ = self._validate(q[:, None], k[:, None], v[:, None],
                                      {n: x[:, None] for n, x in gates.items()}, scale, state, None,
                                      name_state="state")
+        if q.is_cuda and self.triton_unavailable_reason(q) is None:
+            return _triton.step(self.name, q, k, v, S, gates, scale, position, opts)
         cdt = compute_dtype(q.dtype)
         o, S = self._step(q.to(cdt), k.to(cdt), v.to(cdt), S,
                           {n: x.to(cdt) for n, x in gates.items()}, scale, position, opts)
@@ -195,15 +198,20 @@ class Rule:
         reason = self.triton_unavailable_reason(q)
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run for rule {self.name!r}: {reason}")
-        return self._triton(q, k, v, **kwargs)
+        return self.triton(q, k, v, **kwargs)
 
     # ------------------------------------------------------------------ Triton binding
     def triton_unavailable_reason(self, q: Tensor) -> str | None:
         """None if the Triton kernels can run on ``q``'s device, else why not."""
-        return "momkit has no Triton kernel for this rule yet"
+        return _triton.unavailable_reason(self.name, q)
 
-    def _triton(self, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError
+    def triton(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+               initial_state: Tensor | None = None, output_final_state: bool = False,
+               cu_seqlens: Tensor | None = None, **gates: Any) -> tuple[Tensor, Tensor | None]:
+        """The Triton kernels (``momkit.kernels``), with the same arguments and checks as ``chunked``."""
+        gates, opts = self._split_kwargs(gates)
+        scale, _, _ = self._validate(q, k, v, gates, scale, initial_state, cu_seqlens)
+        return _triton.chunk(self.name, q, k, v, gates, scale, initial_state, output_final_state, cu_seqlens, opts)
 
     # ------------------------------------------------------------------ for subclasses
     def _step(self, q: Tensor, k: Tensor, v: Tensor, S: Tensor, gates: dict[str, Tensor],

@@ -214,7 +214,8 @@ def test_step_shape_errors():
         rule.step(q[:, 0], k[:, 0], v[:, 0], S[:, :1], **{n: x[:, 0] for n, x in g.items()})
 
 
-def test_triton_impl_without_kernel_or_device_raises():
+def test_triton_impl_on_cpu_tensors_raises_with_the_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rule, q, k, v, g = _good()
-    with pytest.raises(RuntimeError, match="impl='triton' cannot run for rule 'gated_deltanet'"):
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run for rule 'gated_deltanet': .*need a CUDA"):
         rule.forward(q, k, v, impl="triton", **g)
