@@ -321,9 +321,14 @@ class Rule:
         return [(a, b - a) for a, b in itertools.pairwise(cu)]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is (never lowers the precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     """``x / ||x||`` over the last axis (computed in float32 or better)."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momkit.rules.base import upcast
+
 Tensor = torch.Tensor
 
 
@@ -61,8 +63,8 @@ class DecayGate(nn.Module):
         self.dt_bias._no_weight_decay = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        dt = F.softplus(self.a_proj(x).float() + self.dt_bias)
-        return -self.A_log.float().exp() * dt, dt
+        dt = F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
+        return -upcast(self.A_log).exp() * dt, dt
 
 
 class GLAGate(nn.Module):
@@ -77,7 +79,7 @@ class GLAGate(nn.Module):
         self.up = nn.Linear(rank, num_heads * head_k_dim, bias=True)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        g = F.logsigmoid(self.up(self.down(x)).float()) / self.normalizer
+        g = F.logsigmoid(upcast(self.up(self.down(x)))) / self.normalizer
         return {"g": g.unflatten(-1, self.shape)}
 
 

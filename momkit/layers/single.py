@@ -1,0 +1,108 @@
+"""The single-memory layer: one rule over the whole sequence (the MoM paper's baseline).
+
+The same parts as MoMLayer with one memory and no router: shared query projection, the memory's k, v
+projections, short convolutions and gates, the rule, per-head gated RMSNorm and the output
+projection. It is written directly (no dispatch), so that ``MoMLayer(num_memories=1, topk=1,
+shared_memory=False)`` can be checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from momkit.config import MoMConfig
+from momkit.layers.conv import ShortConv
+from momkit.layers.mom import MemoryProjections
+from momkit.layers.norm import GatedRMSNorm
+from momkit.rules import get_rule
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SingleCache:
+    state: Tensor  # [B, *state]
+    q_tail: Tensor  # [B, W-1, H*K]
+    k_tail: Tensor
+    v_tail: Tensor
+    position: Tensor  # [B]
+
+
+class SingleMemoryLayer(nn.Module):
+    def __init__(self, cfg: MoMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.rule = get_rule(cfg.rule)
+        H, K, V, D = cfg.num_heads, cfg.key_dim, cfg.value_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.memory = MemoryProjections(cfg)
+        if cfg.short_conv:
+            self.q_conv = ShortConv(H * K, cfg.conv_size)
+        self.g_proj = nn.Linear(D, H * V, bias=False)
+        self.o_norm = GatedRMSNorm(V, cfg.norm_eps)
+        self.o_proj = nn.Linear(H * V, D, bias=False)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None,
+                use_cache: bool = False) -> tuple[Tensor, SingleCache | None]:
+        cfg, mem = self.cfg, self.memory
+        B, T, _ = x.shape
+        H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        keep = mask[..., None].to(x.dtype)
+        # padded positions (left padding) feed zeros: the same as a fresh start for the convolution
+        q_in, k_in, v_in = (p(x) * keep for p in (self.q_proj, mem.k_proj, mem.v_proj))
+        q, k, v = q_in, k_in, v_in
+        if cfg.short_conv:
+            q, k, v = self.q_conv.forward_dense(q), mem.k_conv.forward_dense(k), mem.v_conv.forward_dense(v)
+        q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K))
+        v = v.view(B, T, H, V)
+        gates = mem.gates(x)
+        kw = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, output_final_state=use_cache, **cfg.rule_options)
+        if bool(mask.all()):
+            o, final = self.rule.forward(q, k, v, **gates, **kw)
+        else:  # run only the real tokens of each sequence, packed
+            lengths = mask.sum(1)
+            cu = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
+            cu[1:] = lengths.cumsum(0)
+            pack = lambda t: t[mask][None]  # noqa: E731
+            o_p, final = self.rule.forward(pack(q), pack(k), pack(v), cu_seqlens=cu,
+                                           **{n: pack(g) for n, g in gates.items()}, **kw)
+            o = o_p.new_zeros(B, T, H, V)
+            o[mask] = o_p[0]
+        gate = self.g_proj(x).view(B, T, H, V)
+        y = self.o_proj(self.o_norm(o.to(x.dtype), gate).flatten(-2))
+        cache = None
+        if use_cache:
+            W = cfg.conv_size
+            tail = lambda t: torch.nn.functional.pad(t, (0, 0, W - 1, 0))[:, -(W - 1):] if W > 1 else t[:, :0]  # noqa: E731
+            cache = SingleCache(final, tail(q_in), tail(k_in), tail(v_in), mask.sum(1))
+        return y, cache
+
+    def step(self, x: Tensor, cache: SingleCache, token_ids: Tensor | None = None) -> tuple[Tensor, SingleCache]:
+        cfg, mem = self.cfg, self.memory
+        B = x.shape[0]
+        H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
+        q, k, v = self.q_proj(x), mem.k_proj(x), mem.v_proj(x)
+        tails = (cache.q_tail, cache.k_tail, cache.v_tail)
+        if cfg.short_conv:
+            (q, tq), (k, tk), (v, tv) = (c.step(i, t) for c, i, t in zip((self.q_conv, mem.k_conv, mem.v_conv),
+                                                                        (q, k, v), tails))
+        else:
+            tq, tk, tv = tails
+        q, k = self.rule.prepare_qk(q.view(B, 1, H, K), k.view(B, 1, H, K))
+        gates = {n: g[:, 0] for n, g in mem.gates(x[:, None]).items()}
+        o, S = self.rule.step(q[:, 0], k[:, 0], v.view(B, H, V), cache.state, position=cache.position,
+                              **gates, **cfg.rule_options)
+        y = self.o_proj(self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, H, V)).flatten(-2))
+        return y, SingleCache(S, tq, tk, tv, cache.position + 1)
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> SingleCache:
+        cfg = self.cfg
+        H, K, V, W = cfg.num_heads, cfg.key_dim, cfg.value_dim, cfg.conv_size
+        z = lambda c: torch.zeros(batch_size, W - 1, c, device=device, dtype=dtype)  # noqa: E731
+        return SingleCache(self.rule.init_state(batch_size, H, K, V, device=device), z(H * K), z(H * K), z(H * V),
+                           torch.zeros(batch_size, dtype=torch.long, device=device))

@@ -1,0 +1,80 @@
+"""Dispatch and combine, written once for every rule and router.
+
+Every used slot (token b, t routed to memory m; the shared memory is memory index M with weight 1)
+becomes one row of a packed sequence. Rows are sorted, stably, by segment ``m * B + b`` — memory
+first, so each memory's rows are contiguous for its own projections, then sequence, then time (the
+stable sort keeps time order). Each (memory, sequence) pair is one segment of ``cu_seqlens``
+(empty segments allowed), so a single call of the rule runs every memory of every sequence, each
+from its own state and untouched by the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Dispatch:
+    batch: int
+    seq_len: int
+    num_segments_per_seq: int  # memories including the shared one
+    token: Tensor  # [N] flat token index b * T + t of each row (sorted)
+    weight: Tensor  # [N] mixing weight of each row's read
+    segment: Tensor  # [N] segment id m * B + b
+    cu_seqlens: Tensor  # [S + 1] int64 offsets, S = num_segments_per_seq * B
+    memory_rows: list[tuple[int, int]]  # rows [start, stop) of each memory (incl. shared)
+
+    @property
+    def num_rows(self) -> int:
+        return self.token.numel()
+
+    @property
+    def position(self) -> Tensor:
+        """[N] index of each row within its segment."""
+        return torch.arange(self.num_rows, device=self.token.device) - self.cu_seqlens[self.segment]
+
+    @staticmethod
+    def build(indices: Tensor, weights: Tensor, kept: Tensor, num_memories: int) -> Dispatch:
+        """indices, weights, kept [B, T, k'] (k' slots per token, the shared memory included as a slot
+        with index == num_memories - 1 if present); num_memories counts the shared memory too."""
+        B, T, _ = indices.shape
+        M = num_memories
+        token = torch.arange(B * T, device=indices.device).view(B, T, 1).expand_as(indices)
+        b = torch.arange(B, device=indices.device).view(B, 1, 1).expand_as(indices)
+        seg = (indices * B + b)[kept]
+        order = torch.argsort(seg, stable=True)
+        seg = seg[order]
+        counts = torch.bincount(seg, minlength=M * B)
+        cu = torch.zeros(M * B + 1, dtype=torch.int64, device=indices.device)
+        cu[1:] = counts.cumsum(0)
+        bounds = cu[:: B].tolist()
+        return Dispatch(
+            batch=B, seq_len=T, num_segments_per_seq=M, token=token[kept][order], weight=weights[kept][order],
+            segment=seg, cu_seqlens=cu, memory_rows=list(itertools.pairwise(bounds)),
+        )
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Per-token tensor [B, T, ...] -> rows [N, ...]."""
+        return x.flatten(0, 1).index_select(0, self.token)
+
+    def combine(self, rows: Tensor) -> Tensor:
+        """Rows [N, ...] -> per-token weighted sum [B, T, ...] (tokens with no row get 0)."""
+        w = self.weight.to(rows.dtype).view(-1, *[1] * (rows.dim() - 1))
+        out = rows.new_zeros(self.batch * self.seq_len, *rows.shape[1:])
+        return out.index_add(0, self.token, rows * w).view(self.batch, self.seq_len, *rows.shape[1:])
+
+    def segment_tail(self, rows: Tensor, width: int) -> Tensor:
+        """The last ``width`` rows of every segment, zero-padded in front: [S, width, ...]."""
+        S = self.cu_seqlens.numel() - 1
+        if rows.shape[0] == 0:
+            return rows.new_zeros(S, width, *rows.shape[1:])
+        end = self.cu_seqlens[1:]
+        idx = end[:, None] - width + torch.arange(width, device=rows.device)  # [S, width]
+        valid = idx >= self.cu_seqlens[:-1, None]
+        picked = rows.index_select(0, idx.clamp_min(0).reshape(-1)).view(S, width, *rows.shape[1:])
+        return picked * valid.view(S, width, *[1] * (rows.dim() - 1)).to(rows.dtype)

@@ -1,0 +1,95 @@
+"""RoutingPlan: which memories each token writes and reads, with what weights; and its telemetry.
+
+Axis letters: B batch, T time, M memories, k slots per token (top-k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class RoutingPlan:
+    """A router's decision for a batch.
+
+    ``indices`` [B, T, k] memory of each slot; ``weights`` [B, T, k] mixing weight of each slot's read;
+    ``kept`` [B, T, k] whether the slot is used (False for padding and for slots dropped by capacity).
+    ``probs`` [B, T, M] the router's distribution over memories (None for non-learned routers),
+    ``logits`` [B, T, M] the raw router logits (None for non-learned routers).
+    """
+
+    indices: Tensor
+    weights: Tensor
+    kept: Tensor
+    num_memories: int
+    probs: Tensor | None = None
+    logits: Tensor | None = None
+    dropped: int = 0
+
+    @property
+    def topk(self) -> int:
+        return self.indices.shape[-1]
+
+    def apply_capacity(self, capacity_factor: float, lengths: Tensor) -> RoutingPlan:
+        """Each memory accepts at most ``ceil(capacity_factor * L_b * k / M)`` slots of sequence b
+        (``L_b`` its number of real tokens), first come first served in time order; weights of a
+        token that lost slots are renormalised over its remaining slots."""
+        k = self.indices.shape[-1]
+        M = self.num_memories
+        cap = torch.ceil(capacity_factor * lengths.to(torch.float64) * k / M).long()  # [B]
+        onehot = torch.nn.functional.one_hot(self.indices, M) * self.kept[..., None]  # [B, T, k, M]
+        # slots of one token never share a memory, so the running count per (sequence, memory) in
+        # time order is a cumulative sum over T of the per-token counts
+        before = onehot.sum(2).cumsum(1) - onehot.sum(2)  # [B, T, M]: slots already accepted earlier
+        rank = (before[:, :, None, :] * onehot).sum(-1)  # [B, T, k]
+        kept = self.kept & (rank < cap[:, None, None])
+        w = self.weights * kept
+        total = w.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, w / total.clamp_min(1e-30), torch.zeros_like(w))
+        dropped = int((self.kept & ~kept).sum())
+        return RoutingPlan(self.indices, weights, kept, M, self.probs, self.logits, self.dropped + dropped)
+
+
+@dataclass
+class RoutingStats:
+    """Telemetry of one layer for one batch (detached numbers, for logging and analysis)."""
+
+    load: list[float]  # fraction of kept slots that went to each memory
+    entropy: float  # mean entropy of the router distribution per token (nats); nan if not learned
+    max_load: float
+    min_load: float
+    dead_memories: int  # memories that received no slot in this batch
+    dropped_slots: int  # slots dropped by capacity
+    dropped_fraction: float
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def from_plan(plan: RoutingPlan, mask: Tensor | None) -> RoutingStats:
+        with torch.no_grad():
+            M = plan.num_memories
+            counts = torch.zeros(M, dtype=torch.float64, device=plan.indices.device)
+            counts.index_add_(0, plan.indices[plan.kept], torch.ones_like(plan.indices[plan.kept], dtype=torch.float64))
+            total = counts.sum().clamp_min(1.0)
+            load = (counts / total).tolist()
+            if plan.probs is not None:
+                p = plan.probs.double().clamp_min(1e-30)
+                ent = -(p * p.log()).sum(-1)
+                entropy = float(ent[mask].mean()) if mask is not None else float(ent.mean())
+            else:
+                entropy = math.nan
+            n_slots = int(plan.kept.sum()) + plan.dropped
+            return RoutingStats(
+                load=load, entropy=entropy, max_load=max(load), min_load=min(load),
+                dead_memories=int((counts == 0).sum()), dropped_slots=plan.dropped,
+                dropped_fraction=plan.dropped / max(n_slots, 1),
+            )
+
+    def as_dict(self) -> dict:
+        return {"load": self.load, "entropy": self.entropy, "max_load": self.max_load, "min_load": self.min_load,
+                "dead_memories": self.dead_memories, "dropped_slots": self.dropped_slots,
+                "dropped_fraction": self.dropped_fraction, **self.extra}

@@ -1,0 +1,183 @@
+"""MoMLayer semantics: equivalence with the single-memory layer, isolation of memories, short-conv
+boundaries, padding, decoding, gradients, and config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from momkit import ConfigError, MoMConfig, MoMLayer, SingleMemoryLayer
+from momkit.routing import router_names
+from momkit.rules import rule_names
+
+F64 = torch.float64
+D = 16
+
+
+def make(rule="gated_deltanet", router="topk_softmax", M=3, k=2, shared=True, conv=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    k = M if router == "dense" else k
+    cfg = MoMConfig(hidden_size=D, num_heads=2, head_dim=4, expand_v=1.5, rule=rule, num_memories=M, topk=k,
+                    shared_memory=shared, router=router, short_conv=conv, chunk_size=8, **kw)
+    return MoMLayer(cfg).double().eval()
+
+
+def ids_for(B, T, seed=0):
+    return torch.randint(0, 1000, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rule", rule_names())
+def test_one_memory_top1_without_shared_equals_single_layer(rule):
+    mom = make(rule, M=1, k=1, shared=False)
+    single = SingleMemoryLayer(mom.cfg).double()
+    state = {key.replace("memories.0.", "memory."): val for key, val in mom.state_dict().items()
+             if not key.startswith("router.")}
+    single.load_state_dict(state)
+    x = torch.randn(2, 21, D, dtype=F64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, :5] = False  # left padding in the second sequence
+    for m in (None, mask):
+        y_mom, _ = mom(x, attention_mask=m)
+        y_single, _ = single(x, attention_mask=m)
+        keep = torch.ones_like(mask) if m is None else m
+        torch.testing.assert_close(y_mom[keep], y_single[keep], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_round_robin_memories_are_isolated(conv):
+    T, p = 20, 6
+    layer = make(router="round_robin", M=2, k=1, shared=False, conv=conv)
+    x = torch.randn(1, T, D, dtype=F64)
+    x2 = x.clone()
+    x2[0, p] += torch.randn(D, dtype=F64)
+    y, _ = layer(x)
+    y2, _ = layer(x2)
+    odd = torch.arange(1, T, 2)
+    assert torch.equal(y[0, odd], y2[0, odd]), "memory 1 (odd positions) saw a write to memory 0"
+    later_even = torch.arange(p + 2, T, 2)
+    assert (y[0, later_even] - y2[0, later_even]).abs().amax(-1).min() > 1e-6
+    # with a shared memory, the write reaches both
+    shared = make(router="round_robin", M=2, k=1, shared=True, conv=conv)
+    y, _ = shared(x)
+    y2, _ = shared(x2)
+    assert (y[0, odd[odd > p]] - y2[0, odd[odd > p]]).abs().amax(-1).min() > 1e-6
+    assert (y[0, later_even] - y2[0, later_even]).abs().amax(-1).min() > 1e-6
+
+
+def test_sequences_in_a_batch_do_not_interact():
+    layer = make()
+    x = torch.randn(3, 15, D, dtype=F64)
+    x2 = x.clone()
+    x2[1] += torch.randn(15, D, dtype=F64)
+    y, _ = layer(x)
+    y2, _ = layer(x2)
+    # routing of sequence 1 changes the packed layout, so equality is up to float64 rounding
+    torch.testing.assert_close(y[[0, 2]], y2[[0, 2]], atol=1e-13, rtol=1e-12)
+    assert (y[1] - y2[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("router", router_names())
+def test_left_padded_batch_equals_unpadded_examples(router):
+    layer = make(router=router, capacity_factor=1.0)
+    lengths = [13, 7, 10]
+    T = max(lengths)
+    x = torch.randn(len(lengths), T, D, dtype=F64)
+    ids = ids_for(len(lengths), T)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for b, L in enumerate(lengths):
+        mask[b, T - L:] = True
+    y, _ = layer(x, attention_mask=mask, token_ids=ids)
+    for b, L in enumerate(lengths):
+        y_b, _ = layer(x[b : b + 1, T - L:], token_ids=ids[b : b + 1, T - L:])
+        torch.testing.assert_close(y[b, T - L:], y_b[0], atol=1e-12, rtol=1e-10)
+        assert torch.all(y[b, : T - L] == 0)
+
+
+@pytest.mark.parametrize(("shared", "conv"), [(True, True), (False, False)])
+@pytest.mark.parametrize("router", router_names())
+@pytest.mark.parametrize("rule", rule_names())
+def test_step_by_step_decoding_equals_forward(rule, router, shared, conv):
+    layer = make(rule, router, shared=shared, conv=conv, rule_options={"mini_batch": 4} if rule == "titans" else {})
+    T, P = 14, 5
+    x = torch.randn(2, T, D, dtype=F64)
+    ids = ids_for(2, T)
+    y_full, _ = layer(x, token_ids=ids)
+    for prefix in (0, P):  # from an empty cache, and after a prefill
+        if prefix:
+            _, aux = layer(x[:, :prefix], token_ids=ids[:, :prefix], use_cache=True)
+            cache = aux.cache
+        else:
+            cache = layer.init_cache(2, dtype=F64)
+        ys = []
+        for t in range(prefix, T):
+            y_t, cache = layer.step(x[:, t], cache, token_ids=ids[:, t])
+            ys.append(y_t)
+        torch.testing.assert_close(torch.stack(ys, 1), y_full[:, prefix:], atol=1e-11, rtol=1e-9)
+
+
+def test_capacity_limits_each_memory_and_counts_drops():
+    layer = make(M=4, k=2, shared=False, capacity_factor=0.5)
+    x = torch.randn(2, 32, D, dtype=F64)
+    plan = layer.route(x)
+    cap = -(-0.5 * 32 * 2 // 4)  # ceil(cf * T * k / M) = 8
+    for b in range(2):
+        counts = torch.bincount(plan.indices[b][plan.kept[b]], minlength=4)
+        assert counts.max() <= cap
+    n_drop = int((~plan.kept).sum())
+    assert plan.dropped == n_drop > 0
+    _, aux = layer(x)
+    assert aux.stats.dropped_slots == n_drop
+    # weights renormalised over the kept slots of each token
+    w = plan.weights.sum(-1)
+    some = plan.kept.any(-1)
+    torch.testing.assert_close(w[some], torch.ones_like(w[some]))
+    assert torch.all(w[~some] == 0)
+
+
+def test_layer_gradients_match_finite_differences():
+    layer = make(M=3, k=2, shared=True)
+    x = torch.randn(1, 9, D, dtype=F64, requires_grad=True)
+    names = ["router.proj.weight", "memories.1.k_proj.weight", "memories.0.gates.beta.proj.bias", "q_conv.weight"]
+    params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters() if n in names}
+    assert len(params) == len(names)
+
+    def f(x, *ps):
+        y, aux = torch.func.functional_call(layer, dict(zip(params, ps)), (x,))
+        return y, aux.aux_loss
+
+    assert torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_aux_loss_reaches_the_router():
+    layer = make().train()
+    x = torch.randn(2, 12, D, dtype=F64)
+    _, aux = layer(x)
+    aux.aux_loss.backward()
+    assert layer.router.proj.weight.grad.abs().sum() > 0
+
+
+def test_bad_configs_raise_config_error():
+    base = MoMConfig(hidden_size=32, num_heads=4)
+    cases = [
+        (dict(topk=5), r"topk=5 is invalid: must be <= num_memories=4"),
+        (dict(rule="mamba3"), r"rule='mamba3' is invalid: valid rules: deltanet, .*titans"),
+        (dict(router="expert_choice"), r"router='expert_choice' is invalid: valid routers: dense, hash"),
+        (dict(num_heads=5), r"num_heads=5 is invalid: hidden_size=32 must be divisible by num_heads"),
+        (dict(head_dim=6, expand_v=0.75), r"expand_v=0.75 is invalid: head_dim \* expand_v = 6 \* 0.75"),
+        (dict(capacity_factor=0.0), r"capacity_factor=0.0 is invalid: must be None or > 0"),
+        (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 is invalid"),
+        (dict(router="dense", topk=2), r"topk=2 is invalid: router 'dense' .* set topk=4"),
+        (dict(rule="titans", rule_options={"minibatch": 8}), r"rule_options=.*unknown: \['minibatch'\]"),
+        (dict(rule="titans", rule_options={"mini_batch": 0}), r"mini_batch must be a positive int"),
+        (dict(num_memories=0), r"num_memories=0 is invalid: must be a positive int"),
+        (dict(impl="cuda"), r"impl='cuda' is invalid"),
+    ]
+    for change, msg in cases:
+        with pytest.raises(ConfigError, match=msg):
+            MoMLayer(dataclasses.replace(base, **change))
+    assert issubclass(ConfigError, ValueError)
+    layer = MoMLayer(dataclasses.replace(base, router="hash"))
+    with pytest.raises(ConfigError, match=r"router='hash' needs token_ids"):
+        layer(torch.randn(1, 4, 32))

@@ -1,0 +1,132 @@
+"""MoMLM: losses, decoding (prefill + step, generate), mixers and hybrid layouts, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from momkit import ConfigError, LMConfig, MoMConfig, MoMLM
+from momkit.routing import router_names
+from momkit.rules import rule_names
+
+V = 40
+
+
+def make(rule="gated_deltanet", router="topk_softmax", shared=True, conv=True, mixer="mom", layers=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=4, rule=rule, router=router, num_memories=3,
+                    topk=3 if router == "dense" else 2, shared_memory=shared, short_conv=conv, chunk_size=8,
+                    rule_options={"mini_batch": 4} if rule == "titans" else {})
+    cfg = LMConfig(vocab_size=V, num_layers=layers, hidden_size=16, mixer=mixer, mom=mom, mlp_ratio=2.0, **kw)
+    return MoMLM(cfg).double().eval()
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("shared", "conv"), [(True, True), (False, False)])
+@pytest.mark.parametrize("router", router_names())
+@pytest.mark.parametrize("rule", rule_names())
+def test_greedy_generate_equals_repeated_full_forward_argmax(rule, router, shared, conv):
+    model = make(rule, router, shared, conv)
+    prompt = ids(2, 6)
+    out = model.generate(prompt, max_new_tokens=5)
+    seq = prompt
+    for _ in range(5):
+        nxt = model(seq).logits[:, -1].argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("mixer", ["mom", "single", "attention"])
+def test_prefill_then_decode_equals_full_forward_logits(mixer):
+    model = make(mixer=mixer)
+    x = ids(2, 13)
+    full = model(x).logits
+    out = model(x[:, :7], use_cache=True)
+    cache, steps = out.cache, []
+    for t in range(7, 13):
+        logits, cache = model.step(x[:, t], cache)
+        steps.append(logits)
+    torch.testing.assert_close(out.logits, full[:, :7], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:], atol=1e-10, rtol=1e-8)
+
+
+def test_hybrid_layout_puts_attention_every_nth_block():
+    model = make(layers=4, attention_every=2)
+    assert [b.kind for b in model.blocks] == ["mom", "attention", "mom", "attention"]
+    x = ids(2, 9)
+    g = model.generate(x, 4)
+    seq = x
+    for _ in range(4):
+        seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g, seq)
+
+
+@pytest.mark.parametrize("mixer", ["mom", "attention"])
+def test_left_padded_prompts_generate_like_single_prompts(mixer):
+    model = make(mixer=mixer)
+    a, b = ids(1, 9, seed=1), ids(1, 5, seed=2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    g = model.generate(batch, 4, attention_mask=mask)
+    assert torch.equal(g[0], model.generate(a, 4)[0])
+    assert torch.equal(g[1, 4:], model.generate(b, 4)[0])
+
+
+def test_loss_is_cross_entropy_plus_aux_and_aux_reaches_routers():
+    model = make().train()
+    x = ids(3, 10)
+    labels = x.clone()
+    labels[:, :3] = -100
+    out = model(x, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.ce_loss, ce)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, ce + out.aux_loss)
+    out.aux_loss.backward()
+    assert all(b.mixer.router.proj.weight.grad.abs().sum() > 0 for b in model.blocks)
+    assert len(out.routing) == 2 and all(r is not None for r in out.routing)
+
+
+def test_global_and_layerwise_balance():
+    x = ids(2, 10)
+    glob = make()
+    out = glob(x)
+    from momkit.routing import load_balancing_loss
+
+    expect = 0.01 * load_balancing_loss([a.balance for a in out.aux])
+    torch.testing.assert_close(out.aux_loss, expect)
+    per_layer = make()
+    per_layer.cfg.mom.layerwise_balance = True
+    out2 = per_layer(x)
+    torch.testing.assert_close(out2.aux_loss, sum(a.aux_loss for a in out2.aux) / 2)
+
+
+def test_sampling_respects_top_k_and_is_seeded():
+    model = make()
+    x = ids(2, 4)
+    a = model.generate(x, 6, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    b = model.generate(x, 6, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="top_k must be None or a positive int"):
+        model.generate(x, 2, top_k=0)
+
+
+def test_lm_config_errors_name_the_field():
+    base = LMConfig(vocab_size=10, hidden_size=16, mom=MoMConfig(hidden_size=None, num_heads=2))
+    cases = [
+        (dict(mixer="rnn"), r"mixer='rnn' is invalid: one of mom, single, attention"),
+        (dict(mom=MoMConfig(hidden_size=32)), r"mom.hidden_size=32 is invalid: must be null \(inherit\) or equal"),
+        (dict(mom=MoMConfig(hidden_size=None, topk=9)), r"mom.topk=9 is invalid"),
+        (dict(vocab_size=0), r"vocab_size=0 is invalid"),
+        (dict(mixer="attention", attention_heads=3), r"attention_heads=3 is invalid: must divide hidden_size=16"),
+        (dict(attention_every=-1), r"attention_every=-1 is invalid"),
+    ]
+    for change, msg in cases:
+        with pytest.raises(ConfigError, match=msg):
+            MoMLM(dataclasses.replace(base, **change))

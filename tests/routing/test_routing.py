@@ -1,0 +1,147 @@
+"""Routers, dispatch / combine, the load-balancing loss and telemetry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from momkit import MoMConfig, MoMLayer
+from momkit.routing import (
+    BalanceStats,
+    Dispatch,
+    RoutingPlan,
+    RoutingStats,
+    get_router,
+    load_balancing_loss,
+    router_names,
+    z_loss,
+)
+
+D, M = 12, 4
+
+
+def _plan(router: str, B=3, T=17, k=2, capacity=None, padded=True, seed=0):
+    torch.manual_seed(seed)
+    k = M if router == "dense" else k
+    layer = MoMLayer(MoMConfig(hidden_size=D, num_heads=2, num_memories=M, topk=k, router=router,
+                               capacity_factor=capacity)).double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        mask[1, :6] = False
+    ids = torch.randint(0, 500, (B, T))
+    return layer, x, mask, layer.route(x, mask, ids), ids
+
+
+@pytest.mark.parametrize("capacity", [None, 0.6])
+@pytest.mark.parametrize("router", router_names())
+def test_dispatch_then_combine_with_identity_memories_returns_the_input(router, capacity):
+    layer, x, mask, plan, _ = _plan(router, capacity=capacity)
+    for shared in (False, True):
+        layer.cfg.shared_memory = shared
+        if shared:
+            layer.shared = layer.memories[0]
+        disp = Dispatch.build(*layer._slots(plan, mask), M + shared)
+        y = disp.combine(disp.gather(x))
+        kept_weight = plan.weights.sum(-1, keepdim=True) + shared * mask[..., None]
+        torch.testing.assert_close(y, x * kept_weight)
+        tokens_with_a_slot = plan.kept.any(-1)
+        torch.testing.assert_close(plan.weights.sum(-1)[tokens_with_a_slot],
+                                   torch.ones(int(tokens_with_a_slot.sum()), dtype=torch.float64))
+        assert torch.all(y[~mask] == 0)
+        # rows sorted by (memory, sequence), time order kept inside a segment
+        seg = disp.segment
+        assert torch.all(seg[1:] >= seg[:-1])
+        t = disp.token % x.shape[1]
+        same = seg[1:] == seg[:-1]
+        assert torch.all(t[1:][same] > t[:-1][same])
+
+
+def test_load_balancing_loss_on_a_hand_made_routing():
+    # 4 tokens, 3 memories, top-2
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    indices = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]])
+    plan = RoutingPlan(indices[None], torch.ones(1, 4, 2), torch.ones(1, 4, 2, dtype=torch.bool), 3, probs[None])
+    stats = BalanceStats.from_plan(plan, torch.ones(1, 4, dtype=torch.bool))
+    f = torch.tensor([3, 3, 2]) / 4  # slots per memory / tokens
+    P = probs.mean(0)
+    expect = 3 * (f * P).sum()
+    torch.testing.assert_close(load_balancing_loss([stats]), expect)
+    # global over two layers = the same formula on the tokens of both
+    stats2 = BalanceStats.from_plan(plan, torch.tensor([[True, True, False, False]]))
+    f2 = (torch.tensor([3, 3, 2]) + torch.tensor([1, 2, 1])) / 6
+    P2 = (probs.sum(0) + probs[:2].sum(0)) / 6
+    torch.testing.assert_close(load_balancing_loss([stats, stats2]), 3 * (f2 * P2).sum())
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    logits = torch.randn(2, 5, 4)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    torch.testing.assert_close(z_loss(logits, mask), (torch.logsumexp(logits, -1)[mask] ** 2).mean())
+
+
+def test_topk_sigmoid_bias_balancing_reduces_imbalance():
+    torch.manual_seed(0)
+    router = get_router("topk_sigmoid")(D, M, 1, bias_update_rate=0.01).train()
+    with torch.no_grad():
+        router.proj.weight.normal_(0, 0.3)
+        router.proj.weight[0] += 0.4  # a deliberately skewed router: memory 0 wins almost every token
+    held_out = torch.randn(64, 32, D, generator=torch.Generator().manual_seed(5)).abs()
+    mask = torch.ones(64, 32, dtype=torch.bool)
+    pos = torch.arange(32).expand(64, 32)
+
+    def imbalance():
+        with torch.no_grad():
+            stats = RoutingStats.from_plan(router.eval()(held_out, mask, pos, None), mask)
+        router.train()
+        return stats.max_load - stats.min_load
+
+    before = imbalance()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):  # "training steps": route a fresh batch, then update the bias
+        router(torch.randn(8, 32, D, generator=gen).abs(), mask[:8], pos[:8], None)
+        router.update_bias()
+    after = imbalance()
+    assert before > 0.9 and after < 0.15, (before, after)
+    assert router.bias[0] < 0  # the overloaded memory was pushed down
+
+
+def test_round_robin_and_hash_assignments():
+    x = torch.randn(2, 7, D)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :2] = False
+    pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+    rr = get_router("round_robin")(D, M, 2)(x, mask, pos, None)
+    assert rr.indices[0, :, 0].tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert rr.indices[1, 2:, 0].tolist() == [0, 1, 2, 3, 0]  # counted from the first real token
+    assert rr.indices[0, :, 1].tolist() == [1, 2, 3, 0, 1, 2, 3]
+    assert torch.all(rr.weights[mask] == 0.5) and torch.all(rr.weights[~mask] == 0)
+    ids = torch.tensor([[5, 9, 5, 11, 9, 5, 2], [1, 2, 3, 4, 5, 6, 7]])
+    h = get_router("hash")(D, M, 1)(x, mask, pos, ids)
+    first = h.indices[0, :, 0]
+    assert first[0] == first[2] == first[5] and first[1] == first[4]  # same token -> same memory
+    counts = torch.bincount(get_router("hash")(D, M, 1)(x, mask, pos, torch.arange(4000).view(2, 2000)[:, :7])
+                            .indices.flatten(), minlength=M)
+    assert counts.min() > 0
+
+
+def test_dense_router_uses_every_memory_with_softmax_weights():
+    layer, x, mask, plan, _ = _plan("dense")
+    probs = layer.router.logits(x).softmax(-1)
+    assert torch.equal(plan.indices[0, 0], torch.arange(M))
+    torch.testing.assert_close(plan.weights[mask], probs[mask])
+
+
+def test_telemetry_reports_load_entropy_and_dead_memories():
+    layer, x, mask, plan, _ = _plan("topk_softmax", capacity=0.5)
+    stats = RoutingStats.from_plan(plan, mask)
+    assert abs(sum(stats.load) - 1) < 1e-9
+    assert stats.max_load == max(stats.load) and stats.min_load == min(stats.load)
+    assert 0 < stats.entropy <= torch.log(torch.tensor(float(M))) + 1e-9
+    assert stats.dropped_slots == plan.dropped > 0
+    # a router that never picks memory 3
+    with torch.no_grad():
+        layer.router.proj.weight[3] = -50.0
+    plan = layer.route(x.abs(), mask)
+    assert RoutingStats.from_plan(plan, mask).dead_memories >= 1
