@@ -174,3 +174,200 @@ class LMConfig:
         if self.attention_every and (layer + 1) % self.attention_every == 0:
             return "attention"
         return self.mixer
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine (or constant) decay; gradient clipping."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    max_steps: int = 1000
+
+    def validate(self, prefix: str = "optim.") -> OptimConfig:
+        p = prefix
+        for key in ("lr", "eps"):
+            _check(_is_num(getattr(self, key)) and getattr(self, key) > 0, p + key, getattr(self, key), "must be > 0")
+        for key in ("weight_decay", "grad_clip"):
+            _check(_is_num(getattr(self, key)) and getattr(self, key) >= 0, p + key, getattr(self, key),
+                   "must be >= 0 (0 disables it)")
+        _check(len(self.betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in self.betas), f"{p}betas",
+               list(self.betas), "two numbers in [0, 1)")
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, f"{p}warmup_steps", self.warmup_steps,
+               "must be an int >= 0")
+        _check(self.schedule in ("cosine", "constant"), f"{p}schedule", self.schedule, "one of cosine, constant")
+        _check(_is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, f"{p}min_lr_ratio", self.min_lr_ratio,
+               "must be in [0, 1]")
+        for key in ("batch_size", "max_steps"):
+            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 1, p + key, getattr(self, key),
+                   "must be a positive int")
+        return self
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run happens. ``dir`` defaults to ``runs/<name>``."""
+
+    name: str = "run"
+    dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    eval_every: int = 100
+    eval_batches: int | None = None  # None: the whole valid split
+    eval_batch_size: int | None = None  # None: optim.batch_size
+    log_every: int = 10
+    checkpoint_every: int = 100
+    target_accuracy: float | None = None  # early stop once valid accuracy reaches it
+    progress: bool = True
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+
+    def validate(self, prefix: str = "run.") -> RunConfig:
+        p = prefix
+        _check(isinstance(self.name, str) and self.name and "/" not in self.name, f"{p}name", self.name,
+               "a non-empty name without '/'")
+        _check(_is_int(self.seed) and self.seed >= 0, f"{p}seed", self.seed, "must be an int >= 0")
+        _check(self.device in DEVICES or str(self.device).startswith("cuda:"), f"{p}device", self.device,
+               "one of auto, cpu, cuda, cuda:N")
+        for key in ("eval_every", "log_every", "checkpoint_every"):
+            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 1, p + key, getattr(self, key),
+                   "must be a positive int")
+        for key in ("eval_batches", "eval_batch_size", "threads"):
+            val = getattr(self, key)
+            _check(val is None or (_is_int(val) and val >= 1), p + key, val, "must be null or a positive int")
+        _check(self.target_accuracy is None or (_is_num(self.target_accuracy) and 0 < self.target_accuracy <= 1),
+               f"{p}target_accuracy", self.target_accuracy, "must be null or in (0, 1]")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs: model, task (a mapping with ``name``, see momkit.tasks), optim, run."""
+
+    model: LMConfig = field(default_factory=LMConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "mqar"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        try:
+            self.model.validate()
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}") from None
+        self.optim.validate()
+        self.run.validate()
+        self.task_config()  # validates the task
+        return self
+
+    def task_config(self):
+        from momkit.tasks import task_from_dict
+
+        try:
+            return task_from_dict(dict(self.task))
+        except ConfigError as e:
+            msg = str(e)
+            if not msg.startswith("task"):
+                msg = f"task: {msg}" if msg.startswith("unknown key") else f"task.{msg}"
+            raise ConfigError(msg) from None
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir if self.run.dir is not None else f"runs/{self.run.name}"
+
+
+# ------------------------------------------------------------------------------------ loading (OmegaConf)
+def _packaged_configs() -> dict[str, Any]:
+    from importlib import resources
+
+    root = resources.files("momkit") / "configs"
+    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def config_names() -> list[str]:
+    """Names of the configs packaged in momkit/configs/."""
+    return sorted(_packaged_configs())
+
+
+def _read_source(source: str):
+    """A packaged config name or a YAML path -> (OmegaConf node, name)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    packaged = _packaged_configs()
+    if source in packaged:
+        text, name = packaged[source].read_text(), source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config {source!r} is neither a packaged config ({', '.join(sorted(packaged))}) "
+                              "nor an existing YAML file")
+        text, name = path.read_text(), path.stem
+    try:
+        node = OmegaConf.create(text)
+    except Exception as e:  # yaml errors
+        raise ConfigError(f"config {source!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return node, name
+
+
+def _omegaconf_error(e: Exception, base) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the key, the value and what is allowed."""
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, [str(v) for v in valid], n=1)
+        hint = f"; did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
+        return ConfigError(f"unknown key {key!r}{hint} (valid keys here: {', '.join(map(str, valid))})")
+    first = str(e).splitlines()[0]
+    return ConfigError(f"{key}: {first}")
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A TrainConfig from a packaged config name or a YAML path, plus ``key=value`` dotted overrides.
+
+    Unknown keys, wrong types and invalid values raise ConfigError (one line) before any work starts.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(TrainConfig)
+    layers = []
+    if source is not None:
+        node, name = _read_source(source)
+        layers += [OmegaConf.create({"run": {"name": name}}), node]
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. model.mom.num_memories=8)")
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r} could not be parsed: {str(e).splitlines()[0]}") from None
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, base) from None
+    return cfg.validate()
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from momkit.rules._chunking import gather_rows, scatter_rows
+
 Tensor = torch.Tensor
 
 
@@ -23,7 +25,8 @@ class Dispatch:
     batch: int
     seq_len: int
     num_segments_per_seq: int  # memories including the shared one
-    token: Tensor  # [N] flat token index b * T + t of each row (sorted)
+    slots: int  # slots per token k' (the shared memory included)
+    slot: Tensor  # [N] flat slot index (b * T + t) * k' + j of each row (sorted; no repeats)
     weight: Tensor  # [N] mixing weight of each row's read
     segment: Tensor  # [N] segment id m * B + b
     cu_seqlens: Tensor  # [S + 1] int64 offsets, S = num_segments_per_seq * B
@@ -34,6 +37,11 @@ class Dispatch:
         return self.token.numel()
 
     @property
+    def token(self) -> Tensor:
+        """[N] flat token index b * T + t of each row."""
+        return self.slot // self.slots
+
+    @property
     def position(self) -> Tensor:
         """[N] index of each row within its segment."""
         return torch.arange(self.num_rows, device=self.token.device) - self.cu_seqlens[self.segment]
@@ -42,9 +50,9 @@ class Dispatch:
     def build(indices: Tensor, weights: Tensor, kept: Tensor, num_memories: int) -> Dispatch:
         """indices, weights, kept [B, T, k'] (k' slots per token, the shared memory included as a slot
         with index == num_memories - 1 if present); num_memories counts the shared memory too."""
-        B, T, _ = indices.shape
+        B, T, k = indices.shape
         M = num_memories
-        token = torch.arange(B * T, device=indices.device).view(B, T, 1).expand_as(indices)
+        slot = torch.arange(B * T * k, device=indices.device).view(B, T, k)
         b = torch.arange(B, device=indices.device).view(B, 1, 1).expand_as(indices)
         seg = (indices * B + b)[kept]
         order = torch.argsort(seg, stable=True)
@@ -54,19 +62,21 @@ class Dispatch:
         cu[1:] = counts.cumsum(0)
         bounds = cu[:: B].tolist()
         return Dispatch(
-            batch=B, seq_len=T, num_segments_per_seq=M, token=token[kept][order], weight=weights[kept][order],
+            batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=slot[kept][order], weight=weights[kept][order],
             segment=seg, cu_seqlens=cu, memory_rows=list(itertools.pairwise(bounds)),
         )
 
     def gather(self, x: Tensor) -> Tensor:
-        """Per-token tensor [B, T, ...] -> rows [N, ...]."""
-        return x.flatten(0, 1).index_select(0, self.token)
+        """Per-token tensor [B, T, ...] -> rows [N, ...]. Through the slot grid, so that both
+        directions are gathers or copies (no scatter-add)."""
+        grid = x[:, :, None].expand(x.shape[0], x.shape[1], self.slots, *x.shape[2:])
+        return gather_rows(grid.reshape(-1, *x.shape[2:]), self.slot)
 
     def combine(self, rows: Tensor) -> Tensor:
         """Rows [N, ...] -> per-token weighted sum [B, T, ...] (tokens with no row get 0)."""
         w = self.weight.to(rows.dtype).view(-1, *[1] * (rows.dim() - 1))
-        out = rows.new_zeros(self.batch * self.seq_len, *rows.shape[1:])
-        return out.index_add(0, self.token, rows * w).view(self.batch, self.seq_len, *rows.shape[1:])
+        grid = scatter_rows(rows * w, self.slot, self.batch * self.seq_len * self.slots)
+        return grid.view(self.batch, self.seq_len, self.slots, *rows.shape[1:]).sum(2)
 
     def segment_tail(self, rows: Tensor, width: int) -> Tensor:
         """The last ``width`` rows of every segment, zero-padded in front: [S, width, ...]."""

@@ -34,7 +34,6 @@ class ChunkPlan:
     num_tokens: int
     order: Tensor  # [N] segment ids sorted by number of chunks, descending
     steps: list[tuple[int, int]]  # per chunk index j: (first row, number of rows)
-    src: Tensor  # [R * C] token index feeding each padded position (num_tokens = padding)
     dst: Tensor  # [num_tokens] padded position of each token
     valid: Tensor  # [R] number of real tokens in each row
     # (segments, length) when all segments have one length and follow each other: rows are then
@@ -77,10 +76,9 @@ def _make_plan(lengths: tuple[int, ...], starts: tuple[int, ...], chunk_size: in
     real = pos < L[:, None]
     tok = torch.tensor(starts, dtype=torch.long)[seg][:, None] + pos
     num_tokens = sum(lengths)
-    src = torch.where(real, tok, torch.full_like(tok, num_tokens)).reshape(-1)
-    flat = torch.arange(src.numel())
+    flat = torch.arange(real.numel()).view(real.shape)
     dst = torch.empty(num_tokens, dtype=torch.long)
-    dst[src[real.reshape(-1)]] = flat[real.reshape(-1)]
+    dst[tok[real]] = flat[real]
     valid = (L - offset).clamp(max=C)
     same = len(set(lengths)) == 1 and starts == tuple(i * lengths[0] for i in range(len(lengths)))
     return ChunkPlan(
@@ -88,11 +86,38 @@ def _make_plan(lengths: tuple[int, ...], starts: tuple[int, ...], chunk_size: in
         num_tokens=num_tokens,
         order=torch.tensor(order, dtype=torch.long, device=device),
         steps=steps,
-        src=src.to(device),
         dst=dst.to(device),
         valid=valid.to(device),
         regular=(len(lengths), lengths[0]) if same and lengths[0] > 0 else None,
     )
+
+
+class _InjectiveGather(torch.autograd.Function):
+    """``x.index_select(0, index)`` for an index without repeats: the backward is a copy into
+    zeros (a gather, parallel) instead of the scatter-add autograd would use."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``x[index]`` where ``index`` holds no repeats (a permutation or a selection)."""
+    return _InjectiveGather.apply(x, index)
+
+
+def scatter_rows(x: Tensor, index: Tensor, rows: int, fill: float = 0.0) -> Tensor:
+    """A ``[rows, ...]`` tensor filled with ``fill`` whose rows ``index`` (no repeats) are ``x``;
+    the inverse of ``gather_rows`` (its backward is a gather)."""
+    out = torch.full((rows, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return out.index_copy(0, index, x)
 
 
 def to_rows(x: Tensor, plan: ChunkPlan, neutral: float) -> Tensor:
@@ -107,8 +132,7 @@ def to_rows(x: Tensor, plan: ChunkPlan, neutral: float) -> Tensor:
             x = torch.cat([x, pad], 1)
         x = x.view(n_seg, n, C, *tail).transpose(0, 1)  # chunk-major rows: row = j * n_seg + segment
     else:
-        pad = torch.full((1, *tail), neutral, dtype=x.dtype, device=x.device)
-        x = torch.cat([x, pad]).index_select(0, plan.src).view(plan.num_rows, C, *tail)
+        x = scatter_rows(x, plan.dst, plan.num_rows * C, neutral).view(plan.num_rows, C, *tail)
     return x.reshape(plan.num_rows, C, *tail).transpose(1, 2).contiguous()
 
 
@@ -120,7 +144,7 @@ def from_rows(o: Tensor, plan: ChunkPlan) -> Tensor:
         n_seg, L = plan.regular
         o = o.reshape(R // n_seg, n_seg, C, H, V).transpose(0, 1).reshape(n_seg, -1, H, V)
         return o[:, :L].reshape(plan.num_tokens, H, V)
-    return o.reshape(R * C, H, V).index_select(0, plan.dst)
+    return gather_rows(o.reshape(R * C, H, V), plan.dst)
 
 
 def scan_chunks(
@@ -135,7 +159,7 @@ def scan_chunks(
     or ``S`` itself when the outputs are cheaper in one batch afterwards) and their next states.
     Returns ``y`` of all rows ``[R, ...]`` and the final state of every segment, in segment order.
     """
-    S = initial_state.index_select(0, plan.order)
+    S = gather_rows(initial_state, plan.order)
     pieces = [S[S.shape[0] - plan.num_never_active :]]
     S = S[: S.shape[0] - plan.num_never_active]
     ys = []
@@ -148,12 +172,28 @@ def scan_chunks(
     final_sorted = torch.cat(pieces[::-1])
     inverse = torch.empty_like(plan.order)
     inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
-    return torch.cat(ys), final_sorted.index_select(0, inverse)
+    return torch.cat(ys), gather_rows(final_sorted, inverse)
 
 
 def causal_mask(C: int, device: torch.device, strict: bool = False) -> Tensor:
     """``[C, C]`` boolean mask, True where the key index j may feed the query index i (j <= i)."""
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+# Decay factors below exp(-60) ~ 9e-27 are returned as exactly 0. The difference is below float64
+# resolution, and it keeps float32 arithmetic out of the denormal range, where x86 CPUs run many
+# times slower (a training step of a decaying rule was seen to take 80x longer).
+LOG_DECAY_FLOOR = -60.0
+
+
+def decay_exp(x: Tensor) -> Tensor:
+    """``exp(x)`` of a log decay, exactly 0 where ``x < LOG_DECAY_FLOOR``."""
+    return torch.where(x > LOG_DECAY_FLOOR, x, float("-inf")).exp()
+
+
+def flush_tiny(x: Tensor, floor: float = 1e-26) -> Tensor:
+    """Products of decays (cumulative products) with values below ``floor`` set to 0 (see decay_exp)."""
+    return torch.where(x.abs() < floor, torch.zeros_like(x), x)
 
 
 def decay_matrix(G: Tensor, strict: bool = False) -> Tensor:
@@ -164,4 +204,4 @@ def decay_matrix(G: Tensor, strict: bool = False) -> Tensor:
     C = G.shape[-1]
     diff = G[..., :, None] - G[..., None, :]
     keep = causal_mask(C, G.device, strict)
-    return diff.masked_fill(~keep, float("-inf")).exp()
+    return decay_exp(diff.masked_fill(~keep, float("-inf")))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from momkit.rules._chunking import ChunkPlan, decay_matrix, scan_chunks
+from momkit.rules._chunking import ChunkPlan, decay_exp, decay_matrix, scan_chunks
 
 Tensor = torch.Tensor
 
@@ -30,9 +30,9 @@ def gated_linear_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale:
     elif g.dim() == 3:
         G = g.cumsum(-1)  # log decay from the chunk start to i, inclusive
         o_intra = (q @ k.mT * decay_matrix(G)) @ v
-        qg = q * G.exp()[..., None]
-        kg = k * (G[..., -1:] - G).exp()[..., None]
-        dec = G[..., -1].exp()[..., None, None]  # [R, H, 1, 1]
+        qg = q * decay_exp(G)[..., None]
+        kg = k * decay_exp(G[..., -1:] - G)[..., None]
+        dec = decay_exp(G[..., -1])[..., None, None]  # [R, H, 1, 1]
     else:
         o_intra, qg, kg, dec = _per_channel_intra(q, k, v, g)
     kv = kg.mT @ v  # [R, H, K, V]: what each chunk adds to the decayed state
@@ -66,8 +66,8 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
     Gs = g.view(R, H, n, c, K).cumsum(-2)  # within each sub-chunk, inclusive
     step_dec = Gs[..., -1, :]  # [R, H, n, K]: log decay across each sub-chunk
     G_ref = step_dec.cumsum(2) - step_dec  # [R, H, n, K]: from the chunk start to each sub-chunk's start
-    qs = q.view(R, H, n, c, K) * Gs.exp()  # decay from the sub-chunk start to i, <= 1
-    ks = k.view(R, H, n, c, K) * (step_dec[..., None, :] - Gs).exp()  # decay from j to the sub-chunk end
+    qs = q.view(R, H, n, c, K) * decay_exp(Gs)  # decay from the sub-chunk start to i, <= 1
+    ks = k.view(R, H, n, c, K) * decay_exp(step_dec[..., None, :] - Gs)  # decay from j to the sub-chunk end
     vs = v.view(R, H, n, c, V)
 
     # diagonal sub-chunks, factorised around the middle token m
@@ -81,15 +81,15 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
     G_end = G_ref + step_dec
     outs = [A_diag[:, :, 0] @ vs[:, :, 0]]
     for a in range(1, n):
-        between = (G_ref[:, :, a, None] - G_end[:, :, :a]).exp()  # [R, H, a, K]
+        between = decay_exp(G_ref[:, :, a, None] - G_end[:, :, :a])  # [R, H, a, K]
         A_off = (qs[:, :, a, None] * between[..., None, :]) @ ks[:, :, :a].mT  # [R, H, a, c, c]
         outs.append(A_diag[:, :, a] @ vs[:, :, a] + (A_off @ vs[:, :, :a]).sum(2))
     o_intra = torch.stack(outs, 2).view(R, H, C, V)
 
     G_last = G_end[:, :, -1]  # [R, H, K]
-    qg = (qs * G_ref.exp()[..., None, :]).view(R, H, C, K)  # q exp(G), both factors <= 1
-    kg = (ks * (G_last[:, :, None] - G_end).exp()[..., None, :]).view(R, H, C, K)
-    dec = G_last.exp()[..., None]  # [R, H, K, 1]
+    qg = (qs * decay_exp(G_ref)[..., None, :]).view(R, H, C, K)  # q exp(G), both factors <= 1
+    kg = (ks * decay_exp(G_last[:, :, None] - G_end)[..., None, :]).view(R, H, C, K)
+    dec = decay_exp(G_last)[..., None]  # [R, H, K, 1]
     return o_intra, qg, kg, dec
 
 
@@ -104,10 +104,10 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
         G = g.cumsum(-1)
         L = k @ k.mT * beta[..., :, None] * decay_matrix(G, strict=True)
         A = q @ k.mT * decay_matrix(G)
-        gam = G.exp()[..., None]
+        gam = decay_exp(G)[..., None]
         qg, kgam = q * gam, k * gam
-        kd = k * (G[..., -1:] - G).exp()[..., None]
-        dec = G[..., -1].exp()[..., None, None]
+        kd = k * decay_exp(G[..., -1:] - G)[..., None]
+        dec = decay_exp(G[..., -1])[..., None, None]
     # L_ij = beta_i (k_i . k_j) gamma_i / gamma_j (j < i); U = u0 - W S_0 are the chunk's pseudo-values
     Tb = unit_lower_inverse(L) * beta[..., None, :]  # (I + L)^{-1} diag(beta)
     u0, W = flat_heads(Tb @ v), flat_heads(Tb @ kgam)

@@ -25,6 +25,8 @@ def unavailable_reason(rule_name: str, x: Tensor) -> str | None:
                 "(or TRITON_INTERPRET=1 for the CPU interpreter)")
     if x.is_cuda and interpret:
         return "TRITON_INTERPRET=1 is set, but the tensors are on a CUDA device"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the kernels take float32, float16 or bfloat16 inputs, got {x.dtype}"
     from momkit import kernels
 
     if rule_name not in kernels.supported_rules():

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from momkit.rules import register_rule
-from momkit.rules._chunking import causal_mask, scan_chunks
+from momkit.rules._chunking import causal_mask, flush_tiny, scan_chunks
 from momkit.rules._families import flat_heads, unit_lower_inverse
 from momkit.rules.base import GateSpec, Rule, outer, read
 from momkit.rules.gates import SigmoidGates
@@ -42,7 +42,7 @@ def decay_products(x: Tensor) -> Tensor:
     C = x.shape[-1]
     X = x[..., :, None].expand(*x.shape, C)  # X[t, s] = x_t
     X = torch.where(causal_mask(C, x.device, strict=True), X, torch.ones_like(X))
-    return X.cumprod(-2).masked_fill(~causal_mask(C, x.device), 0.0)
+    return flush_tiny(X.cumprod(-2)).masked_fill(~causal_mask(C, x.device), 0.0)
 
 
 class Titans(Rule):
@@ -93,7 +93,7 @@ class Titans(Rule):
         theta = gates["theta"]
         Pa = decay_products(1 - gates["alpha"])  # [R, H, C, C]
         Pe = decay_products(gates["eta"])
-        Ee = gates["eta"].cumprod(-1)  # [R, H, C]
+        Ee = flush_tiny(gates["eta"].cumprod(-1))  # [R, H, C]
         Aa = Pa[..., 0] * (1 - gates["alpha"][..., :1])  # prod_{r <= t} (1 - alpha_r)
         c = (Pa @ Ee[..., None])[..., 0]  # weight of the initial momentum in M_t
         D = Pa @ Pe  # weight of -theta_j u_j in M_t

@@ -1,0 +1,138 @@
+"""The ``momkit`` command (also ``python -m momkit``).
+
+    momkit train [CONFIG] [key=value ...] [--resume | --overwrite]
+    momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
+    momkit info
+
+Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
+prints one line naming the problem and exits with status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from momkit.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2 (argparse's own convention)
+        self.exit(2, f"momkit: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from momkit.config import config_names
+
+    p = _Parser(prog="momkit", description="A research kit for Mixture-of-Memories linear sequence models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a model from a config",
+                       description="Train from a packaged config name or a YAML path, with dotted overrides, e.g. "
+                                   "`momkit train mqar_tiny model.mom.num_memories=8`. Packaged configs: "
+                                   + ", ".join(config_names()) + ". See docs/training.md.")
+    t.add_argument("config", nargs="?", default=None, help="packaged config name or YAML path (default: built-ins)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    group = t.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in its run directory")
+    group.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="evaluate a trained run on its valid split",
+                       description="Evaluate the checkpoint of RUN_DIR on its task's valid split; prints JSON.")
+    e.add_argument("run_dir")
+    e.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    e.add_argument("--batch-size", type=int, default=None)
+    sub.add_parser("info", help="versions, device and which kernels run",
+                   description="Print library versions, the device and which update-rule paths run here.")
+    return p
+
+
+def _split_overrides(args) -> tuple[str | None, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `momkit train key=value` without a config
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from momkit.config import load_config
+    from momkit.runtime import tune_cpu_allocator
+    from momkit.train import train
+
+    config, overrides = _split_overrides(args)
+    cfg = load_config(config, overrides)
+    if args.no_progress:
+        cfg.run.progress = False
+    tune_cpu_allocator()
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    acc = result.final.get("valid/accuracy")
+    print(f"run {result.run_dir}: {result.steps} steps ({result.stopped}), valid accuracy "
+          f"{acc:.4f}" if acc is not None else f"run {result.run_dir}: {result.steps} steps ({result.stopped})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from momkit.train import evaluate, load_run
+
+    cfg, model = load_run(args.run_dir, args.checkpoint)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} is invalid: must be a positive int")
+    data = cfg.task_config().build()
+    metrics = evaluate(model, data, args.batch_size or cfg.run.eval_batch_size or cfg.optim.batch_size,
+                       torch.device("cpu"))
+    print(json.dumps({"run_dir": args.run_dir, "checkpoint": args.checkpoint, **metrics}, indent=1))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    import momkit
+    from momkit.rules import get_rule, rule_names
+
+    lines = [f"momkit {momkit.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+        x = torch.zeros(1, device="cuda")
+    else:
+        dev = f"cpu ({torch.get_num_threads()} threads)"
+        x = torch.zeros(1)
+    lines.append(f"device: {dev}")
+    for name in rule_names():
+        reason = get_rule(name).triton_unavailable_reason(x)
+        path = "triton" if reason is None and x.is_cuda else "chunked (PyTorch)"
+        lines.append(f"  {name:<16} impl=auto runs {path}" + (f"; triton: {reason}" if reason else ""))
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from momkit.train.loop import NonFiniteError
+
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+    except ConfigError as e:
+        print(f"momkit: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"momkit: training stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("momkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

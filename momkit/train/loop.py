@@ -1,0 +1,308 @@
+"""The training loop: ``train(cfg) -> RunResult``.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
+log / eval event), ``last.pt`` (model, optimizer, schedule, RNG states and data position, written
+atomically) and ``best.pt`` (model weights at the best validation accuracy). ``resume=True``
+continues from ``last.pt`` exactly: on CPU an interrupted and resumed run logs the same metrics as an
+uninterrupted one. A non-finite loss or gradient stops the run with an error naming the step and the
+quantity; the last good checkpoint is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from momkit.config import ConfigError, TrainConfig, config_to_yaml
+from momkit.models import MoMLM
+from momkit.tasks import SupervisedMetrics, TaskData
+from momkit.train.optim import make_optimizer
+
+Metrics = dict[str, float]
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or Inf; the message names the step and the first non-finite quantity."""
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    steps: int
+    stopped: str  # "max_steps" | "target_accuracy"
+    final: Metrics  # the last evaluation
+    best: Metrics  # the evaluation with the best valid accuracy
+    elapsed_s: float
+    history: list[dict] = field(default_factory=list)  # all metrics.jsonl events of this run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} is invalid: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def routing_summary(routing: list) -> Metrics:
+    """Mean over MoM layers of the routing telemetry (load imbalance = max - min load)."""
+    stats = [r for r in routing if r is not None]
+    if not stats:
+        return {}
+    n = len(stats)
+    return {
+        "load_imbalance": sum(s.max_load - s.min_load for s in stats) / n,
+        "router_entropy": sum(s.entropy for s in stats) / n,
+        "dead_memories": float(sum(s.dead_memories for s in stats)),
+        "dropped_fraction": sum(s.dropped_fraction for s in stats) / n,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: MoMLM, data: TaskData, batch_size: int, device: torch.device, max_batches: int | None = None,
+             amp: bool = False) -> Metrics:
+    """Loss and accuracy on the valid split (overall and per segment), plus routing telemetry."""
+    was_training = model.training
+    model.eval()
+    total, per_segment = SupervisedMetrics(), {}
+    loads: list[list[list[float]]] = []
+    routing_rows = []
+    for i, batch in enumerate(data.batches("valid", batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = model(inputs)
+        total.update(out.logits, labels)
+        name = data.valid[batch.segment].name
+        per_segment.setdefault(name, SupervisedMetrics()).update(out.logits, labels)
+        routing_rows.append(routing_summary(out.routing))
+        loads.append([r.load for r in out.routing if r is not None])
+    model.train(was_training)
+    result = {f"valid/{k}": v for k, v in total.compute().items()}
+    if len(per_segment) > 1:
+        for name, m in per_segment.items():
+            result[f"valid/accuracy/{name}"] = m.compute()["accuracy"]
+    if routing_rows and routing_rows[0]:
+        for key in routing_rows[0]:
+            result[f"valid/{key}"] = float(np.mean([r[key] for r in routing_rows]))
+        result["valid/load"] = np.mean(np.array(loads), 0).round(4).tolist()  # [layers, memories]
+    return result
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise ConfigError(f"cannot resume: {run_dir} has no checkpoint (last.pt)")
+        return run_dir
+    if exists and not overwrite:
+        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or "
+                          "--overwrite to start over (or set run.name / run.dir)")
+    if exists:
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """A resumed run must train the same model on the same task the same way (max_steps may grow)."""
+    from momkit.config import load_config
+
+    saved = load_config(str(run_dir / "config.yaml"))
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    a["optim"].pop("max_steps"), b["optim"].pop("max_steps")
+    diff = [f"{sec}.{k}" for sec in ("model", "task", "optim") for k in set(a[sec]) | set(b[sec])
+            if a[sec].get(k) != b[sec].get(k)]
+    if diff:
+        raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(sorted(diff))} changed")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          callback: Callable[[int, Metrics], None] | None = None) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.task``. ``callback(step, metrics)`` is called after every evaluation
+    (sweeps report to their pruner there; an exception from it stops the run)."""
+    cfg.validate()
+    device = resolve_device(cfg.run.device)
+    run_dir = _prepare_run_dir(cfg, resume, overwrite)
+    if resume:
+        _check_resume_config(cfg, run_dir)
+    data = cfg.task_config().build()
+    if cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the task needs at least "
+                          f"{data.vocab_size} (task.vocab_size)")
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    _seed_all(cfg.run.seed)
+    model = MoMLM(cfg.model).to(device).train()
+    opt, sched = make_optimizer(model, cfg.optim)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": {}, "final": {},
+             "accum": {"n": 0, "loss": 0.0, "ce": 0.0, "aux": 0.0, "correct": 0.0, "supervised": 0.0}}
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        sched.load_state_dict(ckpt["sched"])
+        state = ckpt["state"]
+        _set_rng_state(ckpt["rng"])
+        # drop events logged after the checkpoint: they will be produced again
+        kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    else:
+        metrics_path.write_text("")
+
+    amp = cfg.run.amp and device.type == "cuda"
+    eval_bs = cfg.run.eval_batch_size or cfg.optim.batch_size
+    history: list[dict] = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
+    t_start = time.perf_counter() - state.get("elapsed_s", 0.0)
+
+    def log(event: dict) -> None:
+        event = {"step": state["step"], **event, "elapsed_s": round(time.perf_counter() - t_start, 3)}
+        history.append(event)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def checkpoint() -> None:
+        state["elapsed_s"] = time.perf_counter() - t_start
+        _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                      "state": state, "rng": _rng_state()}, run_dir / "last.pt")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not cfg.run.progress, desc=cfg.run.name,
+               dynamic_ncols=True)
+    stopped = "max_steps"
+    acc = state["accum"]
+    try:
+        while state["step"] < cfg.optim.max_steps and stopped == "max_steps":
+            batches = data.batches("train", cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
+                                   epoch=state["epoch"], start=state["batch_in_epoch"])
+            for batch in batches:
+                inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(inputs, labels=labels)
+                step = state["step"] + 1
+                for name, val in (("loss", out.loss), ("cross-entropy", out.ce_loss), ("aux_loss", out.aux_loss)):
+                    if not torch.isfinite(val):
+                        raise NonFiniteError(f"step {step}: {name} is {val.item()} (training stopped; "
+                                             f"the last good checkpoint is {run_dir / 'last.pt'})")
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                for name, p in model.named_parameters():
+                    if p.grad is not None and not torch.isfinite(p.grad).all():
+                        raise NonFiniteError(f"step {step}: the gradient of {name} is not finite (training "
+                                             f"stopped; the last good checkpoint is {run_dir / 'last.pt'})")
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                sched.step()
+                model.update_routing_biases()
+                state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
+
+                with torch.no_grad():
+                    sup = labels != -100
+                    acc["n"] += 1
+                    acc["loss"] += out.loss.item()
+                    acc["ce"] += out.ce_loss.item()
+                    acc["aux"] += out.aux_loss.item()
+                    acc["correct"] += (out.logits.argmax(-1)[sup] == labels[sup]).sum().item()
+                    acc["supervised"] += sup.sum().item()
+                    acc.update({f"r/{k}": v for k, v in routing_summary(out.routing).items()})
+                if step % cfg.run.log_every == 0:
+                    n = acc["n"]
+                    event = {"split": "train", "loss": acc["loss"] / n, "ce_loss": acc["ce"] / n,
+                             "aux_loss": acc["aux"] / n, "accuracy": acc["correct"] / max(acc["supervised"], 1),
+                             "lr": sched.get_last_lr()[0],
+                             **{k[2:]: v for k, v in acc.items() if k.startswith("r/")}}
+                    log(event)
+                    bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['accuracy']:.3f}",
+                                    aux=f"{event['aux_loss']:.3g}", bal=f"{event.get('load_imbalance', 0):.2f}")
+                    acc.clear()
+                    acc.update({"n": 0, "loss": 0.0, "ce": 0.0, "aux": 0.0, "correct": 0.0, "supervised": 0.0})
+                bar.update(1)
+                last = step >= cfg.optim.max_steps
+                if step % cfg.run.eval_every == 0 or last:
+                    metrics = evaluate(model, data, eval_bs, device, cfg.run.eval_batches, amp)
+                    log({"split": "valid", **metrics})
+                    state["final"] = metrics
+                    if metrics.get("valid/accuracy", -1) > state["best"].get("valid/accuracy", -1):
+                        state["best"] = {"step": step, **metrics}
+                        _atomic_save({"model": model.state_dict(), "step": step}, run_dir / "best.pt")
+                    if callback is not None:
+                        callback(step, metrics)
+                    target = cfg.run.target_accuracy
+                    if target is not None and metrics.get("valid/accuracy", 0) >= target:
+                        stopped = "target_accuracy"
+                if step % cfg.run.checkpoint_every == 0 or last or stopped != "max_steps":
+                    checkpoint()
+                if last or stopped != "max_steps":
+                    break
+            else:  # the epoch ran out
+                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+    except NonFiniteError as e:
+        log({"event": "nonfinite", "message": str(e)})
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    log({"event": "end", "stopped": stopped})
+    return RunResult(str(run_dir), state["step"], stopped, state["final"], state["best"], elapsed, history)
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "last") -> tuple[TrainConfig, MoMLM]:
+    """The config and the trained model of a run directory (``checkpoint``: "last" or "best")."""
+    from momkit.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    path = run_dir / f"{checkpoint}.pt"
+    if checkpoint not in ("last", "best") or not path.is_file():
+        raise ConfigError(f"checkpoint={checkpoint!r} is invalid: {path} does not exist (use last or best)")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = MoMLM(cfg.model)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    return cfg, model.eval()

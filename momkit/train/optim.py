@@ -1,0 +1,39 @@
+"""AdamW with weight-decay groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from momkit.config import OptimConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """No weight decay on norms, biases and gate parameters (vectors, anything inside a rule's gate
+    module, and parameters marked ``_no_weight_decay`` such as A_log and dt_bias)."""
+    return param.dim() < 2 or getattr(param, "_no_weight_decay", False) or ".gates." in f".{name}."
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    def factor(step: int) -> float:  # multiplies lr; step = optimizer steps taken so far
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -1,0 +1,154 @@
+"""Training: learning on easy MQAR, exact resume, the NaN guard, run directories and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from momkit.config import ConfigError, load_config
+from momkit.train import NonFiniteError, load_run, train
+
+TINY = [
+    "run.progress=false", "model.hidden_size=32", "model.vocab_size=32", "model.mom.num_heads=2",
+    "model.mom.num_memories=3", "model.mom.chunk_size=16", "task.vocab_size=32",
+    "task.train=[{num_examples: 256, seq_len: 16, num_kv_pairs: 2}]",
+    "task.valid=[{num_examples: 64, seq_len: 16, num_kv_pairs: 2}]",
+    "optim.batch_size=32", "optim.max_steps=24", "optim.warmup_steps=4",
+    "run.eval_every=6", "run.log_every=3", "run.checkpoint_every=6",
+]
+
+
+def tiny(tmp_path, *extra):
+    return load_config("mqar_tiny", [*TINY, f"run.dir={tmp_path / 'run'}", *extra])
+
+
+def _without_time(events):
+    return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in events]
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path):
+    cfg = tiny(tmp_path)
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
+    saved = load_config(str(run / "config.yaml"))
+    assert saved == cfg
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if e.get("split") == "train"]
+    valid_events = [e for e in events if e.get("split") == "valid"]
+    assert [e["step"] for e in train_events] == list(range(3, 25, 3))
+    assert [e["step"] for e in valid_events] == [6, 12, 18, 24]
+    for e in train_events:
+        assert {"loss", "ce_loss", "aux_loss", "accuracy", "lr", "load_imbalance", "router_entropy"} <= set(e)
+    assert {"valid/loss", "valid/accuracy", "valid/load", "valid/load_imbalance"} <= set(valid_events[0])
+    assert result.steps == 24 and result.stopped == "max_steps"
+    assert result.final == {k: v for k, v in valid_events[-1].items() if k.startswith("valid/")}
+    # eval of the saved run reproduces the last evaluation
+    _, model = load_run(run)
+    from momkit.train import evaluate
+
+    again = evaluate(model, cfg.task_config().build(), cfg.optim.batch_size, torch.device("cpu"))
+    assert again["valid/accuracy"] == pytest.approx(result.final["valid/accuracy"])
+
+
+def test_resume_after_a_crash_mid_run_is_exact(tmp_path, monkeypatch):
+    """A run killed at step 12 (after its step-6 checkpoint) and resumed equals an uninterrupted one."""
+    ref = train(tiny(tmp_path / "ref"))
+    cfg = tiny(tmp_path / "crash")
+
+    def crash(step, metrics):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callback=crash)  # dies at the step-12 evaluation, before its step-12 checkpoint
+    resumed = train(cfg, resume=True)
+    ev_ref = [e for e in ref.history if "split" in e]
+    ev_res = [e for e in resumed.history if "split" in e]
+    assert _without_time(ev_ref) == _without_time(ev_res)
+    with pytest.raises(ConfigError, match=r"cannot resume .* different config: optim.lr changed"):
+        train(tiny(tmp_path / "crash", "optim.lr=0.5"), resume=True)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    import momkit.models.lm as lm
+
+    real_forward = lm.MoMLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 9:  # the 9th training step
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(lm.MoMLM, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 9: loss is nan"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 6  # the last good one, not overwritten
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "nonfinite" and "step 9" in last["message"]
+
+
+def test_nonfinite_gradient_names_the_parameter(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    import momkit.models.lm as lm
+
+    real_forward = lm.MoMLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            w = self.blocks[0].mixer.o_proj.weight
+            out.loss = out.loss + (w * torch.where(w.abs() >= 0, float("inf"), 0.0)).sum() * 0
+        return out
+
+    monkeypatch.setattr(lm.MoMLM, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 1: the gradient of blocks.0.mixer.o_proj.weight is not finite"):
+        train(cfg)
+
+
+def test_existing_run_directory_needs_resume_or_overwrite(tmp_path):
+    cfg = tiny(tmp_path, "optim.max_steps=3", "run.eval_every=3")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        train(cfg)
+    train(cfg, overwrite=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(tiny(tmp_path / "nothing"), resume=True)
+
+
+def test_model_vocabulary_must_cover_the_task(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.vocab_size=16 is invalid: the task needs at least 32"):
+        train(tiny(tmp_path, "model.vocab_size=16"))
+
+
+def test_weight_decay_groups_skip_norms_biases_and_gates():
+    from momkit import LMConfig, MoMConfig, MoMLM
+    from momkit.train import param_groups
+
+    model = MoMLM(LMConfig(vocab_size=16, hidden_size=16, mom=MoMConfig(hidden_size=None, num_heads=2)))
+    decay, keep = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for p in keep["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert any("A_log" in n for n in kept) and any("dt_bias" in n for n in kept)
+    assert any(n.endswith("norm1.weight") for n in kept)
+    assert any(".gates." in n and n.endswith("weight") for n in kept)  # gate projections
+    assert "embed.weight" in decayed and any("k_proj" in n for n in decayed)
+    assert keep["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+@pytest.mark.slow
+def test_tiny_mom_learns_easy_mqar(tmp_path):
+    """A tiny MoM model on easy MQAR reaches >= 0.9 valid accuracy on CPU."""
+    cfg = load_config("mqar_tiny", ["run.progress=false", f"run.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert result.best["valid/accuracy"] >= 0.9, result.best
