@@ -6,18 +6,107 @@ Entry points used by ``momkit.rules`` (which validate inputs first):
 * ``chunk(rule, q, k, v, gates, *, scale, initial_state, output_final_state, cu_seqlens, options)``
   -> ``(o, final_state)``: chunked forward, differentiable (autograd Functions).
 * ``step(rule, q, k, v, state, gates, *, scale, position, options)`` -> ``(o, state)``: one token.
+
+Families, one folder each with its derivation in ``README.md``:
+
+* ``gated_linear``: linear_attn (no gate), retnet and mamba2 (per-head decay; mamba2 scales keys by
+  ``dt``), gla (per-channel decay): one kernel set switched by constexpr flags.
+* ``delta``: deltanet and gated_deltanet, WY / UT form.
+* ``titans``: mini-batch gradient descent with momentum and forgetting.
+
+Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; gates ``[B, T, H]`` or ``[B, T, H, K]``; states
+``[N, H, K, V]`` (titans ``[N, H, 3, K, V]``) in float32. Inputs float32, float16 or bfloat16.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+# rule -> (family, gate kind); gate kinds of the gated linear family: 0 none, 1 per head, 2 per channel
+_RULES = {
+    "linear_attn": ("gated_linear", 0),
+    "retnet": ("gated_linear", 1),
+    "mamba2": ("gated_linear", 1),
+    "gla": ("gated_linear", 2),
+    "deltanet": ("delta", 0),
+    "gated_deltanet": ("delta", 1),
+    "titans": ("titans", 0),
+}
+
 
 def supported_rules() -> set[str]:
-    return set()
+    return set(_RULES)
 
 
-def chunk(rule, q, k, v, gates, *, scale, initial_state, output_final_state, cu_seqlens, options):
+def _family(rule: str) -> tuple[str, int]:
+    try:
+        return _RULES[rule]
+    except KeyError:
+        raise NotImplementedError(f"no Triton kernel for rule {rule!r}; supported: {sorted(_RULES)}") from None
+
+
+def chunk(rule: str, q: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor], *, scale: float,
+          initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None,
+          options: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    """Chunked forward (differentiable) of ``rule``; see the module docstring for shapes."""
+    from ._common import check_dtype, interpreter_compat
+
+    family, gate = _family(rule)
+    check_dtype(q, k, v)
+    interpreter_compat()
+    if family == "gated_linear":
+        from .gated_linear.chunk import chunk_gated_linear
+
+        return chunk_gated_linear(q, k, v, gates.get("g"), gates.get("dt"), gate=gate, scale=scale,
+                                  initial_state=initial_state, output_final_state=output_final_state,
+                                  cu_seqlens=cu_seqlens)
+    if family == "delta":
+        from .delta.chunk import chunk_delta
+
+        return chunk_delta(q, k, v, gates["beta"], gates.get("g"), scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if family == "titans":
+        from .titans.chunk import chunk_titans
+
+        return chunk_titans(q, k, v, gates["theta"], gates["alpha"], gates["eta"], scale=scale,
+                            mini_batch=options["mini_batch"], initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     raise NotImplementedError(f"no Triton kernel for rule {rule!r}")
 
 
-def step(rule, q, k, v, state, gates, *, scale, position, options):
-    raise NotImplementedError(f"no Triton kernel for rule {rule!r}")
+def step(rule: str, q: Tensor, k: Tensor, v: Tensor, state: Tensor, gates: dict[str, Tensor], *, scale: float,
+         position: int | Tensor | None, options: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """One decoding token: q, k ``[B, H, K]``, v ``[B, H, V]``, gates ``[B, H]`` / ``[B, H, K]``, state
+    float32; returns ``(o [B, H, V], new state)`` (the given state is not modified)."""
+    from ._common import check_dtype, interpreter_compat
+
+    family, gate = _family(rule)
+    check_dtype(q, k, v)
+    interpreter_compat()
+    q, k, v = q[:, None], k[:, None], v[:, None]
+    gates = {n: x[:, None] for n, x in gates.items()}
+    state = state.float()
+    if family == "gated_linear":
+        from .gated_linear.fused_recurrent import fused_recurrent_gated_linear
+
+        o, state = fused_recurrent_gated_linear(q, k, v, gates.get("g"), gates.get("dt"), state, gate=gate,
+                                                scale=scale)
+    elif family == "delta":
+        from .delta.fused_recurrent import fused_recurrent_delta
+
+        o, state = fused_recurrent_delta(q, k, v, gates["beta"], gates.get("g"), state, scale=scale)
+    else:
+        from .titans.fused_recurrent import fused_recurrent_titans
+
+        mb = options["mini_batch"]
+        if mb > 1 and position is None:
+            raise ValueError("titans.step with mini_batch > 1 needs position (the token's index in its sequence)")
+        pos = torch.as_tensor(0 if position is None else position, dtype=torch.int64, device=q.device)
+        pos = pos.reshape(-1).expand(q.shape[0]).contiguous()
+        o, state = fused_recurrent_titans(q, k, v, gates["theta"], gates["alpha"], gates["eta"], state, pos,
+                                          scale=scale, mini_batch=mb)
+    return o[:, 0], state

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from momkit.config import OptimConfig
 
@@ -24,7 +25,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
     def factor(step: int) -> float:  # multiplies lr; step = optimizer steps taken so far
@@ -36,4 +37,4 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opti
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, LambdaLR(opt, factor)
