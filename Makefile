@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch on this kind of machine; override for a CUDA build, e.g. TORCH=torch
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= all
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test venv clean bench-cpu
+.PHONY: demo test venv clean bench-cpu lab
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lab: venv
+	$(VENV)/bin/python -m ipykernel install --sys-prefix --name momkit --display-name "momkit (.venv)" >/dev/null
+	$(VENV)/bin/jupyter lab notebooks
 
 bench-cpu: venv
 	$(PY) -m benchmarks.cpu_rules --out benchmarks/results/cpu_rules_default.json

@@ -57,14 +57,12 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     from momkit.config import load_config
-    from momkit.runtime import tune_cpu_allocator
     from momkit.train import train
 
     config, overrides = _split_overrides(args)
     cfg = load_config(config, overrides)
     if args.no_progress:
         cfg.run.progress = False
-    tune_cpu_allocator()
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     acc = result.final.get("valid/accuracy")
     print(f"run {result.run_dir}: {result.steps} steps ({result.stopped}), valid accuracy "
@@ -118,9 +116,11 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from momkit.runtime import tune_cpu
     from momkit.train.loop import NonFiniteError
 
     args = _parser().parse_args(argv)
+    tune_cpu()  # before any tensor work: see momkit/runtime.py
     try:
         return {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
     except ConfigError as e:

@@ -103,11 +103,21 @@ def test_nonfinite_gradient_names_the_parameter(tmp_path, monkeypatch):
 
     real_forward = lm.MoMLM.forward
 
+    class InfiniteGradient(torch.autograd.Function):  # value 0, gradient inf
+        @staticmethod
+        def forward(ctx, w):
+            ctx.shape = w.shape
+            return w.sum() * 0
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full(ctx.shape, float("inf"))
+
     def poisoned(self, *args, **kwargs):
         out = real_forward(self, *args, **kwargs)
         if self.training:
             w = self.blocks[0].mixer.o_proj.weight
-            out.loss = out.loss + (w * torch.where(w.abs() >= 0, float("inf"), 0.0)).sum() * 0
+            out.loss = out.loss + InfiniteGradient.apply(w)
         return out
 
     monkeypatch.setattr(lm.MoMLM, "forward", poisoned)
