@@ -19,6 +19,10 @@ def pytest_configure(config):
     # Triton reads TRITON_INTERPRET when kernels are defined: set it before anything imports them.
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # pytest-xdist runs one process per core: one thread each, or OpenMP threads spinning at their
+    # barriers on an oversubscribed machine make small ops take milliseconds instead of microseconds.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,7 +2,8 @@
 
 ``forward_packed`` runs on packed rows ``[N, C]`` where ``position[i]`` is row i's index within its
 segment: tap ``s`` (the row ``s`` steps back) is used only if ``s <= position[i]``, so the convolution
-never mixes rows of different segments (memories, sequences) and never sees padding.
+never mixes rows of different segments (memories, sequences) and never sees padding. Both forms are
+W shifted multiply-adds (torch's depthwise conv1d backward is pathologically slow on CPU).
 ``forward_dense`` runs on ``[B, T, C]`` with zero history; ``step`` advances one token from a tail
 of the last ``W - 1`` inputs.
 """
@@ -14,8 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from momkit.rules._chunking import gather_rows, scatter_rows
 
 Tensor = torch.Tensor
 
@@ -30,20 +29,23 @@ class ShortConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward_packed(self, x: Tensor, position: Tensor) -> Tensor:
-        """x [N, C], position [N] -> [N, C]. Every segment gets W - 1 zero rows in front, so one
-        dense convolution over the gapped sequence sees no other segment."""
-        if x.shape[0] == 0:
-            return x
-        segments_so_far = (position == 0).long().cumsum(0)
-        gapped = torch.arange(x.shape[0], device=x.device) + (self.width - 1) * segments_so_far
-        length = x.shape[0] + (self.width - 1) * int(segments_so_far[-1])
-        y = self.forward_dense(scatter_rows(x, gapped, length)[None])[0]
-        return gather_rows(y, gapped)
+        """x [N, C], position [N] -> [N, C]. Tap s (s rows back) is used only where ``position >= s``."""
+        W = self.width
+        y = x * self.weight[:, W - 1]
+        for s in range(1, W):
+            shifted = F.pad(x[:-s], (0, 0, s, 0)) if s < x.shape[0] else torch.zeros_like(x)
+            y = y + shifted * (position >= s).to(x.dtype)[:, None] * self.weight[:, W - 1 - s]
+        return F.silu(y)
 
     def forward_dense(self, x: Tensor) -> Tensor:
         """x [B, T, C] (zero history) -> [B, T, C]."""
-        y = F.conv1d(F.pad(x.transpose(1, 2), (self.width - 1, 0)), self.weight[:, None, :], groups=self.channels)
-        return F.silu(y.transpose(1, 2))
+        # W shifted multiply-adds: torch's depthwise conv1d backward on CPU takes seconds on long inputs
+        W, T = self.width, x.shape[1]
+        xp = F.pad(x, (0, 0, W - 1, 0))
+        y = xp[:, :T] * self.weight[:, 0]
+        for j in range(1, W):
+            y = y + xp[:, j : j + T] * self.weight[:, j]
+        return F.silu(y)
 
     def step(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, C], tail [B, W - 1, C] (the last inputs, oldest first) -> (y [B, C], new tail)."""
