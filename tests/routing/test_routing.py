@@ -145,3 +145,20 @@ def test_telemetry_reports_load_entropy_and_dead_memories():
         layer.router.proj.weight[3] = -50.0
     plan = layer.route(x.abs(), mask)
     assert RoutingStats.from_plan(plan, mask).dead_memories >= 1
+
+
+def test_topk_softmax_noise_changes_selection_only_in_training():
+    torch.manual_seed(0)
+    router = get_router("topk_softmax")(D, M, 1, noise_std=5.0)
+    x = torch.randn(4, 64, D)
+    mask = torch.ones(4, 64, dtype=torch.bool)
+    pos = torch.arange(64).expand(4, 64)
+    router.eval()
+    a, b = router(x, mask, pos, None), router(x, mask, pos, None)
+    assert torch.equal(a.indices, b.indices)
+    router.train()
+    c = router(x, mask, pos, None)
+    assert (c.indices != a.indices).float().mean() > 0.2
+    # weights still come from the clean softmax (renormalised over the noisy selection)
+    assert torch.allclose(c.weights, torch.ones_like(c.weights))
+    torch.testing.assert_close(c.probs, router.logits(x).softmax(-1))

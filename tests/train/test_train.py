@@ -162,3 +162,4 @@ def test_tiny_mom_learns_easy_mqar(tmp_path):
     cfg = load_config("mqar_tiny", ["run.progress=false", f"run.dir={tmp_path / 'run'}"])
     result = train(cfg)
     assert result.best["valid/accuracy"] >= 0.9, result.best
+    assert result.stopped == "target_accuracy" and result.steps < cfg.optim.max_steps
