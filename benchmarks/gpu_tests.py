@@ -1,0 +1,83 @@
+"""Run the kernel test suite on a GPU and write the report (device, versions, commit, pytest summary).
+
+    python -m benchmarks.gpu_tests --out benchmarks/results/gpu_tests_<date>.txt [--workers 8] [--commit SHA]
+
+Runs ``pytest tests/kernels -m gpu`` (the GPU-marked tests: every interpreter test again on CUDA,
+plus the odd sizes and the 65,536-token sequences) in parallel workers, with a JUnit file from which
+it adds, per tensor kind, the largest precision margin the tests recorded: ``C_needed`` is
+``(max |kernel - ref64| - 2 max |ref_lowprec - ref64|) / (u max |ref64|)``, which the tests require
+to be at most C (8 for float16 / bfloat16, 16 for float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+
+from benchmarks._common import environment
+
+
+def margins(junit: str) -> list[str]:
+    worst: dict[str, tuple[float, str]] = defaultdict(lambda: (float("-inf"), ""))
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        for prop in case.iter("property"):
+            m = re.match(r"C_needed\[(.*)\|(.*)\]", prop.get("name", ""))
+            if m:
+                value = float(prop.get("value"))
+                key = f"{m.group(1)} ({m.group(2)})"
+                if value > worst[key][0]:
+                    worst[key] = (value, case.get("name"))
+    return [f"  {k:<40} {v:7.2f}  {name}" for k, (v, name) in sorted(worst.items())]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
+    ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("pytest_args", nargs="*")
+    args = ap.parse_args()
+    env = environment()
+    if args.commit:
+        env["commit"] = args.commit
+    junit = os.path.splitext(args.out)[0] + ".junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           f"-n{args.workers}", f"--junitxml={junit}", *args.pytest_args]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        output, status = proc.stdout + proc.stderr, f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired as e:
+        output = (e.stdout or b"").decode() + (e.stderr or b"").decode()
+        status = f"TIMED OUT after {args.timeout} s"
+    lines = [
+        "momkit kernel tests on GPU",
+        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *(f"{k}: {v}" for k, v in env.items()),
+        f"command: {' '.join(cmd[1:])}",
+        f"status: {status}, {time.time() - t0:.0f} s",
+        "",
+        "pytest output (summary):",
+        output[-20000:],
+    ]
+    if os.path.exists(junit):
+        try:
+            lines += ["", "largest recorded precision margin C_needed per tensor (limit: 8 half, 16 fp32):",
+                      *margins(junit)]
+        except ET.ParseError as e:
+            lines.append(f"(junit file unreadable: {e})")
+    text = "\n".join(lines) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text[-6000:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""GPU benchmark of the Triton kernels, side by side with fla-core 0.6.0 (timed only, never a reference).
+
+    python -m benchmarks.kernels --out benchmarks/results/kernels_<device>.json [--commit SHA] [--quick]
+
+bf16, B=4, T=4096, H=8, K=V=128, forward and forward+backward, the median of many runs
+(``triton.testing.do_bench``). Ratios are fla time / our time (targets >= 1.0):
+
+    linear_attn     vs chunk_linear_attn (normalize=False)
+    mamba2          vs chunk_simple_gla (g = dt * A folded, dt folded into v, outside the timing)
+    gla             vs chunk_gla
+    deltanet        vs chunk_delta_rule
+    gated_deltanet  vs chunk_gated_delta_rule
+    titans          (no fla kernel): target our titans <= 1.5x our gated_deltanet
+
+Also B=1 with T = 16k and 64k (linear scaling; fla there only with --fla-long, its first-call
+autotuning takes minutes per rule), peak memory of forward+backward, achieved TFLOP/s
+against a measured bf16 matmul and bandwidth against a measured device copy. The FLOP model counts
+the chunked algorithm's matrix products (chunk C = 64; per token and head, forward): gated linear
+``2C(K+V) + 4KV``, delta ``+ 4CK + 2CV + 2KV``, titans ``8CK + 4CV + 12KV``; forward+backward is
+counted as 3x the forward. Bytes are the inputs read once and the outputs written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from benchmarks._common import environment
+from momkit.rules import get_rule
+from momkit.testing import random_inputs
+
+C = 64
+PEERS = {"linear_attn": "chunk_linear_attn", "mamba2": "chunk_simple_gla", "gla": "chunk_gla",
+         "deltanet": "chunk_delta_rule", "gated_deltanet": "chunk_gated_delta_rule"}
+RULES = ["linear_attn", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "titans"]
+
+
+def flops_fwd(rule: str, B: int, T: int, H: int, K: int, V: int) -> float:
+    per = 2 * C * (K + V) + 4 * K * V
+    if rule in ("deltanet", "gated_deltanet"):
+        per += 4 * C * K + 2 * C * V + 2 * K * V
+    if rule == "titans":
+        per = 8 * C * K + 4 * C * V + 12 * K * V
+    return float(B * T * H * per)
+
+
+def bytes_min(B: int, T: int, H: int, K: int, V: int, backward: bool, elt: int = 2) -> float:
+    fwd = 2 * K + 2 * V  # q, k, v read, o written
+    bwd = (2 * K + 2 * V) + (2 * K + V)  # q, k, v, do read; dq, dk, dv written
+    return float(B * T * H * elt * (fwd + (bwd if backward else 0)))
+
+
+def ceilings(device) -> dict:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t_mm = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    x = torch.randn(2**28, device=device, dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    t_cp = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return {"bf16_matmul_tflops": 2 * n**3 / t_mm / 1e9, "copy_tb_per_s": 2 * x.numel() * 2 / t_cp / 1e9}
+
+
+def inputs(rule_name: str, B: int, T: int, H: int, K: int, V: int, device):
+    rule = get_rule(rule_name)
+    q, k, v, gates = random_inputs(rule, B, T, H, K, V, torch.bfloat16, seed=0, device="cpu")
+    return rule, q.to(device), k.to(device), v.to(device), {n: x.to(device) for n, x in gates.items()}
+
+
+def ours_fn(rule, q, k, v, gates, backward: bool):
+    opts = {"mini_batch": 16} if rule.name == "titans" else {}
+    leaves = [q, k, v, *gates.values()]
+    names = list(gates)
+    if backward:
+        leaves = [x.detach().requires_grad_(True) for x in leaves]
+        do = torch.randn_like(v)
+
+    def fn():
+        o, _ = rule.forward(leaves[0], leaves[1], leaves[2], impl="triton", **dict(zip(names, leaves[3:])), **opts)
+        if backward:
+            o.backward(do)
+    return fn
+
+
+def fla_fn(rule_name, q, k, v, gates, backward: bool):
+    import fla.ops.common.chunk_o
+
+    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True  # fla 0.6.0 refuses its gated backward on triton 3.6
+    from fla.ops.delta_rule import chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gla import chunk_gla
+    from fla.ops.linear_attn import chunk_linear_attn
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    if rule_name == "mamba2":  # fold dt into v, outside the timing; g is already dt * A
+        v = (v.float() * gates["dt"][..., None].float()).to(v.dtype)
+    args = {"linear_attn": lambda q, k, v: chunk_linear_attn(q, k, v, normalize=False),
+            "mamba2": lambda q, k, v: chunk_simple_gla(q, k, v, g=gates["g"]),
+            "gla": lambda q, k, v: chunk_gla(q, k, v, g=gates["g"]),
+            "deltanet": lambda q, k, v: chunk_delta_rule(q, k, v, gates["beta"]),
+            "gated_deltanet": lambda q, k, v: chunk_gated_delta_rule(q, k, v, gates["g"], gates["beta"])}[rule_name]
+    leaves = [q, k, v]
+    if backward:
+        leaves = [x.detach().requires_grad_(True) for x in leaves]
+        for n in gates:
+            gates[n] = gates[n].detach().requires_grad_(True)
+        do = torch.randn_like(v)
+
+    def fn():
+        o = args(*leaves)[0]
+        if backward:
+            o.backward(do)
+    return fn
+
+
+def bench(fn, rep_ms: int) -> float:
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def peak_memory(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time in ms")
+    ap.add_argument("--quick", action="store_true", help="main shape only")
+    ap.add_argument("--fla-long", action="store_true", help="time fla at T = 16k and 64k too")
+    ap.add_argument("--rules", default=",".join(RULES))
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    env = environment()
+    if args.commit:
+        env["commit"] = args.commit
+    try:
+        import fla
+
+        env["fla"] = fla.__version__
+    except ImportError:
+        env["fla"] = None
+    ceil = ceilings(device)
+    print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_tb_per_s']:.2f} TB/s")
+    shapes = [(4, 4096, 8, 128, 128)] + ([] if args.quick else [(1, 16384, 8, 128, 128), (1, 65536, 8, 128, 128)])
+    rows = []
+    for B, T, H, K, V in shapes:
+        for name in args.rules.split(","):
+            rule, q, k, v, gates = inputs(name, B, T, H, K, V, device)
+            row = {"rule": name, "B": B, "T": T, "H": H, "K": K, "V": V, "dtype": "bfloat16"}
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                fn = ours_fn(rule, q, k, v, gates, backward)
+                fn()
+                t = bench(fn, args.rep)
+                row[f"ours_{mode}_ms"] = t
+                fl = flops_fwd(name, B, T, H, K, V) * (3 if backward else 1)
+                row[f"ours_{mode}_tflops"] = fl / t / 1e9
+                row[f"ours_{mode}_tb_per_s"] = bytes_min(B, T, H, K, V, backward) / t / 1e9
+                if backward:
+                    row["ours_fwd_bwd_peak_mib"] = peak_memory(fn, device)
+                if name in PEERS and env["fla"] is not None and (T == 4096 or args.fla_long):
+                    try:
+                        ffn = fla_fn(name, q, k, v, dict(gates), backward)
+                        ffn()
+                        tf = bench(ffn, args.rep)
+                        row[f"fla_{mode}_ms"] = tf
+                        row[f"ratio_{mode}"] = tf / t
+                        if backward:
+                            row["fla_fwd_bwd_peak_mib"] = peak_memory(ffn, device)
+                    except Exception as e:  # report, don't hide: the row says why there is no ratio
+                        row[f"fla_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
+            with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
+                json.dump({"environment": env, "ceilings": ceil, "rows": rows}, f, indent=1)
+    main_rows = {r["rule"]: r for r in rows if r["T"] == 4096}
+    summary = {}
+    for name, r in main_rows.items():
+        if "ratio_fwd" in r:
+            summary[name] = {"fwd": r["ratio_fwd"], "fwd_bwd": r.get("ratio_fwd_bwd")}
+    if "titans" in main_rows and "gated_deltanet" in main_rows:
+        summary["titans_over_gated_deltanet"] = {
+            m: main_rows["titans"][f"ours_{m}_ms"] / main_rows["gated_deltanet"][f"ours_{m}_ms"]
+            for m in ("fwd", "fwd_bwd")}
+    result = {"environment": env, "ceilings": ceil, "flop_model": __doc__.split("The FLOP model")[1].strip(),
+              "summary": summary, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    print("\nsummary (fla time / our time; titans: our titans / our gated_deltanet):")
+    for name, s in summary.items():
+        print(f"  {name:<28} " + "  ".join(f"{m} {x:.2f}" for m, x in s.items() if x is not None))
+
+
+if __name__ == "__main__":
+    main()

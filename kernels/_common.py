@@ -1,0 +1,166 @@
+"""Helpers shared by every kernel family: the chunk layout of (packed) sequences, block sizes, dtypes.
+
+Every kernel sees its input as one packed sequence of tokens ``[1, Ttot, H, *]``: a batch ``[B, T]``
+is ``B`` segments of ``T`` tokens (``cu_seqlens = [0, T, 2T, ...]``). Each segment is cut into chunks
+of ``BT`` tokens starting at the segment's first token; the chunks of all segments, in segment order,
+are numbered ``0 .. NT-1`` (``chunk_indices[c] = (segment, chunk within the segment)``,
+``chunk_offsets[n]`` = the first chunk of segment ``n``). Per-chunk buffers (chunk states ``h``)
+are indexed by that global chunk number. Empty segments own no chunk.
+
+Axis letters: T tokens, H heads, K key dim, V value dim, N segments, NT chunks, BT chunk length.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+CHUNK = 64  # tokens per chunk (BT) for every chunked kernel
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    cu: Tensor  # [N + 1] int64 token offsets of the segments
+    chunk_indices: Tensor  # [NT, 2] int32: (segment, chunk within segment)
+    chunk_offsets: Tensor  # [N + 1] int32: first global chunk of each segment
+    num_segments: int
+    num_chunks: int
+    max_chunks: int  # chunks of the longest segment
+
+
+def chunk_meta(B: int, T: int, cu_seqlens: Tensor | None, BT: int, device: torch.device) -> ChunkMeta:
+    """The chunk layout for a batch ``[B, T]`` or a packed input with ``cu_seqlens`` (B = 1)."""
+    cu = tuple(range(0, B * T + 1, T)) if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    return _chunk_meta(cu, BT, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta:
+    lengths = [b - a for a, b in itertools.pairwise(cu)]
+    n_chunks = [(L + BT - 1) // BT for L in lengths]
+    indices = [(n, c) for n, nc in enumerate(n_chunks) for c in range(nc)]
+    offsets = [0]
+    for nc in n_chunks:
+        offsets.append(offsets[-1] + nc)
+    idx = torch.tensor(indices if indices else [(0, 0)], dtype=torch.int32).reshape(-1, 2)
+    return ChunkMeta(
+        cu=torch.tensor(cu, dtype=torch.int64, device=device),
+        chunk_indices=idx.to(device),
+        chunk_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
+        num_segments=len(lengths),
+        num_chunks=len(indices),
+        max_chunks=max(n_chunks, default=0),
+    )
+
+
+def pow2(x: int, at_least: int = 16) -> int:
+    """The block size covering ``x`` (a power of two, at least ``at_least``: ``tl.dot`` needs 16)."""
+    return max(at_least, triton.next_power_of_2(x))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact float32 products (``ieee``); half inputs only use float32 dots on
+    float32 intermediates, where tf32 is well below the inputs' own rounding."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Chunk buffers (states, pseudo-values): bfloat16 for bfloat16 inputs, float32 otherwise
+    (float16 states would overflow on long sums)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
+
+
+def dots(dtype: torch.dtype, inputs: bool = True) -> dict:
+    """Constexpr arguments fixing the matmul operands for inputs of ``dtype``: ``IT`` for products of
+    two inputs, ``WT`` for products involving intermediates, ``PREC`` for float32 operands, ``INTERP``
+    for the CPU interpreter (see ``mm``)."""
+    out = {"WT": _tl(work_dtype(dtype)), "INTERP": is_interpreting(), "PREC": dot_precision(dtype)}
+    if inputs:
+        out["IT"] = _tl(dtype)
+    return out
+
+
+@triton.jit
+def mm(a, b, T: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with both operands rounded to ``T``, accumulated in float32. Triton 3.6's CPU
+    interpreter multiplies bfloat16 operands as raw 16-bit integers, so there the rounded operands
+    are multiplied as float32: the interpreter then reproduces the GPU's rounding exactly."""
+    if INTERP:
+        return tl.dot(a.to(T).to(tl.float32), b.to(T).to(tl.float32))
+    else:
+        return tl.dot(a.to(T), b.to(T), input_precision=PREC)
+
+
+# Launch options (num_warps, num_stages) per kernel, on top of each launcher's defaults. Empty in
+# normal use; benchmarks/gpu_debug.py and tuning runs override entries to compare configurations.
+LAUNCH: dict[str, dict] = {}
+
+
+def launch(name: str, **defaults) -> dict:
+    return {**defaults, **LAUNCH.get(name, {})}
+
+
+def state_stages(BK: int, wdt: torch.dtype) -> int:
+    """Pipeline depth of the sequential state kernels: their tiles span all of K, and at K = 256 (or
+    K >= 128 in float32) two stages of them overflow Hopper's 227 KiB of shared memory."""
+    return 1 if BK >= 256 or (wdt == torch.float32 and BK >= 128) else 2
+
+
+def check_dtype(*xs: Tensor | None) -> None:
+    for x in xs:
+        if x is not None and x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"momkit.kernels takes float32, float16 or bfloat16 tensors, got {x.dtype}")
+
+
+def contiguous(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.contiguous()
+
+
+def is_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_interpreter_checked = False
+
+
+def interpreter_compat() -> None:
+    """Make Triton 3.6's CPU interpreter run data-dependent loops under NumPy >= 2.4.
+
+    The interpreter holds every scalar as a 1-element array and turns loop bounds into ints with
+    ``int(array)``, which NumPy 2.4 refuses for arrays of one dimension. Called before launches (not
+    at import); patches nothing unless interpreting and NumPy actually refuses.
+    """
+    global _interpreter_checked
+    if _interpreter_checked or not is_interpreting():
+        return
+    _interpreter_checked = True
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int64))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch

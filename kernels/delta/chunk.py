@@ -1,0 +1,517 @@
+"""Chunked forward and backward of the delta family (deltanet, gated_deltanet) in the WY / UT form.
+
+``S' = exp(g_t) S_{t-1};  S_t = S' + beta_t k_t (v_t - S'^T k_t)^T``, ``o_t = scale S_t^T q_t``
+(deltanet: g = 0, the constexpr ``GATED`` off). Per chunk, ``T = (I + A)^{-1}`` with
+``A_ij = beta_i (k_i . k_j) exp(G_i - G_j)`` (j < i); ``w = T diag(beta) (k ∘ gamma)``,
+``u = T diag(beta) v``; the state pass turns them into pseudo-values ``v_new = u - w h`` and the
+output is the gated linear family's output on ``v_new`` (``kernels/gated_linear``). The log-decay
+gradient comes from the identity ``dG_t = q_t . dq_t - v_t . dv_t``.
+
+Shapes (packed): q, k ``[Ttot, H, K]``, v ``[Ttot, H, V]``, beta, g ``[Ttot, H]``, ``T [Ttot, H, BT]``,
+states ``[N, H, K, V]`` float32. Derivation: ``kernels/delta/README.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import CHUNK, chunk_meta, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
+from ..gated_linear.chunk import _chunk_seq, _decay_matrix, bwd_dv, chunk_dg, fwd_o
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def unit_lower_inverse(b_A, BT: tl.constexpr, PREC: tl.constexpr):
+    """``(I + A)^{-1}`` for a strictly lower-triangular ``A [BT, BT]`` (float32, BT a multiple of 16).
+
+    Forward substitution inside the 16 x 16 diagonal blocks (all blocks at once, 15 steps), giving
+    ``D = (I + A_d)^{-1}``; then ``(I + A)^{-1} = (I + N)^{-1} D`` with ``N = D A_o`` block-strictly
+    lower, so ``(I + N)^{-1} = (I - N)(I + N^2)`` for up to 4 blocks (``N^4 = 0``).
+    """
+    NB: tl.constexpr = BT // 16
+    o_b = tl.arange(0, NB)
+    o_r = tl.arange(0, 16)
+    same = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]
+    b_A3 = tl.sum(tl.where(same, tl.reshape(b_A, (NB, 16, NB, 16)), 0.0), axis=2)  # [NB, 16, 16]
+    b_D3 = tl.zeros([NB, 16, 16], dtype=tl.float32) + tl.where(o_r[:, None] == o_r[None, :], 1.0, 0.0)[None, :, :]
+    for i in range(1, 16):
+        b_a = tl.sum(tl.where(o_r[None, :, None] == i, b_A3, 0.0), axis=1)  # [NB, 16]: row i of each block
+        b_new = tl.where(o_r[None, :] == i, 1.0, 0.0) - tl.sum(b_a[:, :, None] * b_D3, axis=1)
+        b_D3 = tl.where(o_r[None, :, None] == i, b_new[:, None, :], b_D3)
+    b_D = tl.reshape(tl.where(same, b_D3[:, :, None, :], 0.0), (BT, BT))
+    o_t = tl.arange(0, BT)
+    b_Ao = tl.where((o_t[:, None] // 16) != (o_t[None, :] // 16), b_A, 0.0)
+    b_N = tl.dot(b_D, b_Ao, input_precision=PREC)
+    eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    b_N2 = tl.dot(b_N, b_N, input_precision=PREC)
+    b_X = tl.dot(eye - b_N, eye + b_N2, input_precision=PREC)
+    return tl.dot(b_X, b_D, input_precision=PREC)
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, LOAD_T: tl.constexpr,
+                   U_OFF: tl.constexpr, IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
+                   PREC: tl.constexpr):
+    """``T = (I + A)^{-1}`` (stored unless LOAD_T, which reads it), ``w = T diag(beta)(k ∘ gamma)``,
+    ``u = T diag(beta) v`` of one chunk; with U_OFF also ``u`` without each token's own value
+    (the diagonal ``beta_t v_t``), for the decay gradient."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    tok = t0 + o_t
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_gam = tl.exp(tl.cumsum(b_g, axis=0))
+    p_T = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
+    if LOAD_T:
+        b_T = tl.load(Tm + p_T, mask=m_t[:, None], other=0.0)
+    else:
+        b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                           other=0.0)
+            b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+        b_A = b_KK * b_beta[:, None]
+        if GATED:
+            b_A *= _decay_matrix(b_g, BT)
+        b_A = tl.where(o_t[:, None] > o_t[None, :], b_A, 0.0)
+        b_T = unit_lower_inverse(b_A, BT, PREC)
+        tl.store(Tm + p_T, b_T, mask=m_t[:, None])
+    b_Tb = (b_T * b_beta[None, :]).to(WT)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        if GATED:
+            b_k *= b_gam[:, None]
+        b_w = mm(b_Tb, b_k, WT, INTERP, PREC)
+        tl.store(w + p_k, b_w.to(w.dtype.element_ty), mask=m_tk)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
+        b_u = mm(b_Tb, b_v, WT, INTERP, PREC)
+        tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_tv)
+        if U_OFF:
+            b_uo = mm(tl.where(o_t[:, None] == o_t[None, :], 0.0, b_Tb), b_v, WT, INTERP, PREC)
+            tl.store(u_off + p_v, b_uo.to(u_off.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
+                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
+                  WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """State pass over one segment (all of K, a block of V): ``v_new = u - w h`` per chunk, then
+    ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu + i_n)
+    L = tl.load(cu + i_n + 1) - bos
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(0, tl.cdiv(L, BT)):
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tok = bos + o_t
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_w = tl.load(w + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_wh = mm(b_w, b_h, WT, INTERP, PREC)
+        b_v = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - b_wh
+        tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if STORE_VR:
+            b_vr = tl.load(u_off + p_v, mask=m_tv, other=0.0).to(tl.float32) - b_wh
+            tl.store(vr + p_v, b_vr.to(vr.dtype.element_ty), mask=m_tv)
+        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)
+        if GATED:
+            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_h *= tl.exp(tl.sum(b_g, axis=0))
+            b_kT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
+        b_h += mm(b_kT, b_v, WT, INTERP, PREC)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dh_kernel(q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
+                   NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
+                   STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
+    gradient of the pseudo-values ``v_new``: local part + ``k_dec dh``. GATED: the local part comes
+    without its diagonal (added here), ``du_inter = k_dec dh`` is stored, and the decay gradient's
+    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block)."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu + i_n)
+    L = tl.load(cu + i_n + 1) - bos
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    NT = tl.cdiv(L, BT)
+    for ii in range(0, NT):
+        i_t = NT - 1 - ii
+        i_c = boh + i_t
+        tl.store(dh + (i_c * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tok = bos + o_t
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_kt = m_k[:, None] & m_t[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_wT = tl.load(w + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
+        if GATED:
+            b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_dv += (scale * tl.sum(b_q * b_k, axis=1))[:, None] * b_do.to(tl.float32)  # the diagonal of A
+            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_k *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+            b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
+            b_dui = mm(b_k, b_dh, WT, INTERP, PREC)
+            tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
+            tl.store(dv_tot + p_v, (b_dv + b_dui).to(dv_tot.dtype.element_ty), mask=m_tv)
+            b_wdui = mm(b_wT, b_dui, WT, INTERP, PREC)
+            b_dh *= tl.exp(tl.sum(b_g, axis=0))
+            b_hc = tl.load(h + (i_c * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+            tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, tl.sum(tl.sum((b_dh - b_wdui) * b_hc, axis=1), axis=0))
+            b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
+            b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC) + b_wdui
+        else:
+            b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+            tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
+            b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
+            b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dqkw_kernel(q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk, dw, a_part, cu, chunk_indices, scale, Ttot,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                     IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
+    of one chunk and key block; GATED: the per-token part ``q . dq`` of the decay gradient without
+    each token's pairing with its own value (through ``vr``, the pseudo-values without it)."""
+    i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    tok = t0 + o_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_h = (i_t * H + i_h).to(tl.int64) * K * V
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dovr = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_dv = tl.load(dv_tot + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_vT = tl.load(v_new + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
+                       other=0.0)
+        b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
+        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
+        b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
+        b_dw += mm(b_dv, b_hT, WT, INTERP, PREC)
+        b_dkT += mm(b_dh, b_vT, WT, INTERP, PREC)
+        if GATED:
+            b_vr = tl.load(vr + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_dovr += tl.sum(b_do.to(tl.float32) * b_vr, axis=1)
+    b_dA = b_dA * scale
+    b_dq = b_dq * scale
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_dq *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
+        b_dkT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
+        b_dA *= _decay_matrix(b_g, BT)
+    else:
+        b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
+    p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
+    if GATED:
+        # the diagonal of dA apart: a token's output reads its own value, a pairing that cancels in
+        # the decay gradient; there it is replaced by the rest of its pseudo-value (vr)
+        b_d = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_dA, 0.0), axis=1)
+        b_dA = tl.where(o_t[:, None] > o_t[None, :], b_dA, 0.0)
+        b_dq += mm(b_dA, b_k, WT, INTERP, PREC)
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_kf = b_k.to(tl.float32)
+        tl.store(a_part + (i_k * Ttot + tok) * H + i_h,
+                 tl.sum(b_q * b_dq, axis=1) + scale * tl.sum(b_q * b_kf, axis=1) * b_dovr, mask=m_t)
+        b_dq += b_d[:, None] * b_kf
+        b_dkT += mm(b_qT, b_dA, WT, INTERP, PREC) + b_d[None, :] * b_qT.to(tl.float32)
+    else:
+        b_dq += mm(b_dA, b_k, WT, INTERP, PREC)
+        b_dkT += mm(b_qT, b_dA, WT, INTERP, PREC)
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + tok[None, :] * H * K + i_h * K + o_k[:, None], b_dkT, mask=m_kt)
+    tl.store(dw + p_k, -b_dw, mask=m_tk)
+
+
+@triton.jit
+def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg, b_tok, scratch,
+                   cu, chunk_indices, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                   IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Back through ``w = T diag(beta)(k ∘ gamma)``, ``u = T diag(beta) v`` and ``T = (I + A)^{-1}``:
+    final dk, dv and dbeta of one chunk. ``dB^T`` goes through a per-chunk scratch tile in global
+    memory instead of transposing a matmul result in registers. ``du`` is the pseudo-values'
+    gradient; GATED: its local part without the diagonal of A (which is added here) and its part
+    from later chunks ``du_inter`` apart, for the decay gradient's per-token parts: ``a_neg = -v . dv``
+    without a token's pairing with its own output and without ``b = v . dv_inter``."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    tok = t0 + o_t
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_T = tl.load(Tm + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_TT = tl.load(Tm + tok[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
+    b_TbT = (b_TT * b_beta[:, None]).to(WT)  # (T diag(beta))^T
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_gam = tl.exp(tl.cumsum(b_g, axis=0))
+    b_dTb = tl.zeros([BT, BT], dtype=tl.float32)
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    b_qk = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        if GATED:
+            b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_qk += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), axis=1)
+        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_dw = tl.load(dw + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                       other=0.0)
+        b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+        b_kgT = b_kT.to(tl.float32)
+        if GATED:
+            b_kgT *= b_gam[None, :]
+        b_dTb += mm(b_dw, b_kgT, WT, INTERP, PREC)
+    b_xa = tl.zeros([BT], dtype=tl.float32)
+    b_xb = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_du = tl.load(du + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_vT = tl.load(v + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :], other=0.0)
+        if GATED:
+            b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_dl = b_du + (scale * b_qk)[:, None] * tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_dTb += mm(b_dl + b_dui, b_vT, WT, INTERP, PREC)
+            b_P1 = mm(tl.where(o_t[:, None] == o_t[None, :], 0.0, b_TbT), b_dl, WT, INTERP, PREC)
+            b_P2 = mm(b_TbT, b_dui, WT, INTERP, PREC)
+            b_dv = b_P1 + b_beta[:, None] * b_dl + b_P2
+            b_xa += tl.sum(b_v * b_P1, axis=1) + b_beta * tl.sum(b_v * b_du, axis=1)
+            b_xb += tl.sum(b_v * b_P2, axis=1)
+        else:
+            b_dTb += mm(b_du, b_vT, WT, INTERP, PREC)
+            b_dv = mm(b_TbT, b_du, WT, INTERP, PREC)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    b_dbeta = tl.sum(b_dTb * b_T, axis=0)  # Tb = T diag(beta): dbeta_j = sum_i dTb_ij T_ij
+    b_dT = b_dTb * b_beta[None, :]
+    b_dA = -tl.dot(tl.dot(b_TT, b_dT, input_precision=PREC), b_TT, input_precision=PREC)  # -T^T dT T^T
+    b_dA = tl.where(o_t[:, None] > o_t[None, :], b_dA, 0.0)
+    if GATED:
+        b_dA *= _decay_matrix(b_g, BT)
+    b_dbeta += tl.sum(b_dA * b_KK, axis=1)  # A_ij = beta_i (k_i . k_j) Γ_ij
+    b_dB = b_dA * b_beta[:, None]  # gradient of k_i . k_j (j < i)
+    p_s = (i_t * H + i_h).to(tl.int64) * BT * BT
+    tl.store(scratch + p_s + o_t[:, None] * BT + o_t[None, :], b_dB)
+    tl.debug_barrier()
+    b_dBT = tl.load(scratch + p_s + o_t[None, :] * BT + o_t[:, None])
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        b_dkw = mm(b_TbT, b_dw, WT, INTERP, PREC)
+        if GATED:
+            b_dkw *= b_gam[:, None]
+        b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0) + b_dkw
+        b_dk += mm((b_dB + b_dBT), b_k, WT, INTERP, PREC)
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
+    if GATED:
+        tl.store(a_neg + tok * H + i_h, -b_xa, mask=m_t)
+        tl.store(b_tok + tok * H + i_h, b_xb, mask=m_t)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _state_bv(BK: int, V: int) -> int:
+    return min(pow2(V), 64 if BK <= 64 else 32 if BK <= 128 else 16)
+
+
+def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
+    """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it."""
+    Ttot, H, K = k.shape
+    V = v.shape[-1]
+    wdt = work_dtype(k.dtype)
+    load = Tm is not None
+    if not load:
+        Tm = k.new_empty(Ttot, H, CHUNK, dtype=torch.float32)
+    w = k.new_empty(Ttot, H, K, dtype=wdt)
+    u = k.new_empty(Ttot, H, V, dtype=wdt)
+    uo = k.new_empty(Ttot, H, V, dtype=wdt) if u_off else None
+    _wy_fwd_kernel[(meta.num_chunks, H)](k, v, beta, g, Tm, w, u, uo, meta.cu, meta.chunk_indices, H=H, K=K, V=V,
+                                         BT=CHUNK, BK=min(64, pow2(K)), BV=min(64, pow2(V)), GATED=g is not None,
+                                         LOAD_T=load, U_OFF=u_off, **dots(k.dtype), **launch("delta.wy_fwd"))
+    return Tm, w, u, uo
+
+
+def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
+    """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``u_off``, the
+    pseudo-values without each token's own value ``vr``."""
+    H, K = k.shape[1:]
+    V = u.shape[-1]
+    N = meta.num_segments
+    BK = pow2(K)
+    BV = _state_bv(BK, V)
+    h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
+    v_new = torch.empty_like(u)
+    vr = None if u_off is None else torch.empty_like(u)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets,
+                                               H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATED=g is not None,
+                                               USE_H0=h0 is not None, STORE_HT=output_final_state,
+                                               STORE_VR=u_off is not None, **dots(k.dtype, False),
+                                                   **launch("delta.fwd_h", num_stages=state_stages(BK, u.dtype)))
+    return h, v_new, ht, vr
+
+
+class DeltaChunk(torch.autograd.Function):
+    """``(o, final_state)`` of deltanet / gated_deltanet on packed input ``[Ttot, H, *]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, h0, scale, output_final_state, meta):
+        Tm, w, u, _ = wy_fwd(k, v, beta, g, meta)
+        h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta)
+        o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
+        ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
+        ctx.scale, ctx.meta = scale, meta
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, h0, Tm = ctx.saved_tensors
+        scale, meta = ctx.scale, ctx.meta
+        Ttot, H, K = q.shape
+        V = v.shape[-1]
+        N, NT = meta.num_segments, meta.num_chunks
+        gated = g is not None
+        do = do.contiguous()
+        dht = contiguous(dht)
+        f32 = torch.float32
+        _, w, u, u_off = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
+        h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
+        # gated: the local part of the pseudo-values' gradient without the diagonal of A (README)
+        dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated)
+
+        BK = pow2(K)
+        BV = _state_bv(BK, V)
+        NV = triton.cdiv(V, BV)
+        dh = q.new_empty(NT, H, K, V, dtype=u.dtype)
+        dv_tot = torch.empty_like(u)
+        du_inter = torch.empty_like(u) if gated else None
+        s_part = q.new_zeros(NV, NT, H, 1, dtype=f32) if gated else None
+        dh0 = q.new_empty(N, H, K, V, dtype=f32) if h0 is not None else None
+        _bwd_dh_kernel[(N * H, NV)](q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
+                                    meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
+                                    GATED=gated, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
+                                    **dots(q.dtype, False),
+                                    # num_warps 4 and 8 fault at K = 256 on Hopper (Triton 3.6; 2 is right)
+                                    **launch("delta.bwd_dh", num_stages=state_stages(BK, u.dtype),
+                                             num_warps=2 if BK >= 256 else 4))
+
+        BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
+        NK = triton.cdiv(K, BKb)
+        dq = q.new_empty(q.shape)
+        dk_part = q.new_empty(Ttot, H, K, dtype=f32)
+        dw = q.new_empty(Ttot, H, K, dtype=f32)
+        a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
+        _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
+                                      meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
+                                      GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+        dk = k.new_empty(k.shape)
+        dv = v.new_empty(v.shape)
+        dbeta = beta.new_empty(beta.shape)
+        b_tok = q.new_empty(Ttot, H, dtype=f32) if gated else None
+        scratch = q.new_empty(NT, H, CHUNK, CHUNK, dtype=f32)
+        _wy_bwd_kernel[(NT, H)](q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part, dk,
+                                dv, dbeta, None if a_part is None else a_part[NK], b_tok, scratch, meta.cu,
+                                meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb, GATED=gated,
+                                **dots(q.dtype),
+                                **launch("delta.wy_bwd", num_warps=2))  # 4: NaN dk in bf16 on Hopper (Triton 3.6)
+        dg = None
+        if gated:
+            dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype,
+                          dots(q.dtype)["PREC"])[..., 0]
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+
+
+def chunk_delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, scale: float,
+                initial_state: Tensor | None, output_final_state: bool,
+                cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """deltanet (g None) / gated_deltanet. q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; beta, g ``[B, T, H]``;
+    initial_state ``[N, H, K, V]``. Returns ``(o [B, T, H, V], final_state [N, H, K, V] or None)``."""
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
+    meta = chunk_meta(B, T, cu_seqlens, CHUNK, q.device)
+
+    def flat(x):
+        return None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous()
+
+    o, ht = DeltaChunk.apply(flat(q), flat(k), flat(v), flat(beta), flat(g), contiguous(initial_state),
+                             float(scale), bool(output_final_state), meta)
+    return o.view(B, T, H, V), ht

@@ -1,0 +1,61 @@
+"""Fused recurrent kernel of the gated linear family (decoding: one token, or a few, per call).
+
+``S_t = Diag(exp g_t) S_{t-1} + (dt_t k_t) v_t^T``, ``o_t = scale S_t^T q_t`` token by token with the
+state in registers (all of K, a block of V per program). Forward only: decoding needs no gradient.
+q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, gates ``[B, T, H]`` / ``[B, T, H, K]``, state ``[B, H, K, V]`` float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import pow2
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _fused_recurrent_kernel(q, k, v, g, dt, s0, o, s1, scale, T,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr):
+    i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_h = tl.load(s0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for t in range(0, T):
+        tok = i_b.to(tl.int64) * T + t
+        b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (tok * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if GATE == 1:
+            b_h *= tl.exp(tl.load(g + tok * H + i_h).to(tl.float32))
+        if GATE == 2:
+            b_h *= tl.exp(tl.load(g + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32))[:, None]
+        if HAS_DT:
+            b_k *= tl.load(dt + tok * H + i_h).to(tl.float32)
+        b_h += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
+        tl.store(o + (tok * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    tl.store(s1 + p_s, b_h, mask=m_kv)
+
+
+def fused_recurrent_gated_linear(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, dt: Tensor | None,
+                                 state: Tensor, *, gate: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Returns ``(o [B, T, H, V], new state [B, H, K, V] float32)``; ``state`` is not modified."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BK = pow2(K, 1)
+    BV = min(pow2(V, 1), max(8, 8192 // BK))
+    o = v.new_empty(B, T, H, V)
+    s1 = state.new_empty(B, H, K, V, dtype=torch.float32)
+    args = [x.contiguous() if x is not None else None for x in (q, k, v, g, dt, state)]
+    _fused_recurrent_kernel[(B * H, triton.cdiv(V, BV))](*args, o, s1, float(scale), T, H=H, K=K, V=V, BK=BK, BV=BV,
+                                                         GATE=gate, HAS_DT=dt is not None)
+    return o, s1

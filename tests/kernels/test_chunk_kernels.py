@@ -1,0 +1,248 @@
+"""Triton kernels (``impl="triton"``) against the float64 token loop, forward and backward.
+
+Every check compares the kernel with ``rule.recurrent`` in float64 (never with another kernel):
+outputs, final states and the gradients of a random projection of both with respect to q, k, v,
+every gate and the initial state. Tolerance (flash-attention's rule), per tensor::
+
+    max |kernel - ref64| <= 2 * max |ref_lowprec - ref64| + C * u * max |ref64|
+
+``ref_lowprec`` is ``rule.recurrent`` on the same inputs in the kernel's dtype; ``u`` is that dtype's
+unit roundoff (2^-24, 2^-11, 2^-8). The kernels, like fla's, round chunk-level intermediates (chunk
+states, pseudo-values, scores) to the input dtype a few times along a gradient's path, which the
+token loop never does: ``C = 8`` for float16 / bfloat16 covers a handful of such roundings of the
+largest values; float32 sums in other orders over whole chunks: ``C = 16``.
+
+Inputs are drawn fresh for every test (seeded by the test's id, so a failure reproduces); fresh
+allocations are NaN (tests/conftest.py), so an element a kernel leaves unwritten fails.
+Devices: ``cpu`` runs the Triton interpreter (marker ``interpret``, small shapes), ``cuda`` a GPU
+(marker ``gpu``).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from momkit.rules import _triton, get_rule
+from momkit.testing import random_inputs
+
+F64 = torch.float64
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+C = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 8}
+
+VARIANTS = [("linear_attn", {}), ("retnet", {}), ("mamba2", {}), ("gla", {}), ("deltanet", {}),
+            ("gated_deltanet", {}), ("titans", {"mini_batch": 16}), ("titans", {"mini_batch": 1}),
+            ("titans", {"mini_batch": 4}), ("titans", {"mini_batch": 24}), ("titans", {"mini_batch": 100})]
+VARIANT_IDS = [name + "".join(f"-mb{v}" for v in opts.values()) for name, opts in VARIANTS]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
+           pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU interpreter runs where there is no CUDA device (TRITON_INTERPRET=1)")
+    return request.param
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """Fresh inputs per test, reproducible from the test id."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+def assert_matches(got, lowprec, ref, dtype, what, record=None):
+    """The tolerance rule of this module's docstring."""
+    assert got is not None, f"{what}: missing"
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten element is NaN)"
+    err = (got.double() - ref).abs().max().item()
+    lp_err = (lowprec.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    atol = C[dtype] * UNIT_ROUNDOFF[dtype] * scale
+    if record is not None:  # the margin, in units of u * max |ref64|, for the GPU report
+        margin = (err - 2 * lp_err) / max(UNIT_ROUNDOFF[dtype] * scale, 1e-300)
+        record(f"C_needed[{what}|{str(dtype).split('.')[-1]}]", round(margin, 3))
+    assert err <= 2 * lp_err + atol, (f"{what}: max error {err:.3e} > 2 * {lp_err:.3e} (reference in {dtype}) "
+                                      f"+ atol {atol:.3e} (max |ref| {scale:.3e})")
+
+
+def run(fn, leaves, weights, **kw):
+    """Outputs, final state and the gradients of ``sum(o * wo) + sum(S * ws)`` w.r.t. every leaf."""
+    xs = {n: x.detach().clone().requires_grad_(True) for n, x in leaves.items() if x is not None}
+    q, k, v = xs.pop("q"), xs.pop("k"), xs.pop("v")
+    S0 = xs.pop("initial_state", None)
+    want_state = weights[1] is not None
+    o, S = fn(q, k, v, initial_state=S0, output_final_state=want_state, **xs, **kw)
+    loss = (o.double() * weights[0]).sum()
+    if want_state:
+        loss = loss + (S.double() * weights[1]).sum()
+    loss.backward()
+    grads = {"q": q.grad, "k": k.grad, "v": v.grad, **{n: x.grad for n, x in xs.items()}}
+    if S0 is not None:
+        grads["initial_state"] = S0.grad
+    return o.detach(), (S.detach() if want_state else None), grads
+
+
+def check_against_reference(rule, opts, leaves, dtype, *, with_state=True, record=None, reference=None, **kw):
+    """Run the kernel, the float64 reference and the low-precision reference; assert the tolerance."""
+    reference = reference or rule.recurrent
+    gen = torch.Generator().manual_seed(7)
+    ref = {n: x.to(F64) for n, x in leaves.items()}
+    # weights of the random projection: drawn once, shared by the three runs
+    B, T, H, V = leaves["v"].shape
+    device = leaves["q"].device
+    wo = torch.randn(B, T, H, V, generator=gen, dtype=F64).to(device)
+    ws = None
+    if with_state:
+        ws = torch.randn(leaves["initial_state"].shape, generator=gen, dtype=F64).to(device)
+    o64, S64, g64 = run(reference, ref, (wo, ws), **opts, **kw)
+    olp, Slp, glp = run(reference, leaves, (wo, ws), **opts, **kw)
+    o, S, g = run(lambda *a, **k: rule.forward(*a, impl="triton", **k), leaves, (wo, ws), **opts, **kw)
+    assert o.dtype == leaves["v"].dtype
+    assert_matches(o, olp, o64, dtype, "output", record)
+    if with_state:
+        assert S.dtype == torch.float32
+        assert_matches(S, Slp, S64, dtype, "final state", record)
+    assert set(g) == set(g64)
+    for n in g64:
+        assert g[n] is not None and g[n].dtype == leaves[n].dtype, f"gradient of {n}: {g[n]}"
+        assert_matches(g[n], glp[n], g64[n], dtype, f"gradient of {n}", record)
+
+
+def make_leaves(rule, B, T, H, K, V, dtype, seed, device, N=None, regime="typical", with_state=True):
+    q, k, v, gates = random_inputs(rule, B, T, H, K, V, dtype, seed=seed, regime=regime)
+    leaves = {"q": q, "k": k, "v": v, **gates}
+    if with_state:
+        gen = torch.Generator().manual_seed(seed + 1)
+        leaves["initial_state"] = torch.randn(rule.state_shape(N or B, H, K, V), generator=gen)
+    return {n: x.to(device) for n, x in leaves.items()}
+
+
+# ---------------------------------------------------------------------------------------------- small shapes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_chunk_matches_reference(device, seed, name, opts, dtype, record_property):
+    """Two batch rows, 70 tokens (a full chunk and a partial one), K = 20 and V = 24 (not powers of two)."""
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 2, 70, 2, 20, 24, dtype, seed, device)
+    check_against_reference(rule, opts, leaves, dtype, record=record_property)
+
+
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_packed_segments_match_reference(device, seed, name, opts, record_property):
+    """Packed input (B = 1, cu_seqlens) with segments of 1, 0, 65, 4 and 70 tokens: the reference runs
+    every segment on its own from its own initial state."""
+    rule = get_rule(name)
+    cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
+    leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
+    check_against_reference(rule, opts, leaves, torch.float32, cu_seqlens=cu, record=record_property)
+
+
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_no_state_and_custom_scale(device, seed, name, opts, T):
+    """No initial state, no final state (so no gradient flows in from it), scale != K^-0.5."""
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 1, T, 2, 32, 16, torch.float32, seed, device, with_state=False)
+    check_against_reference(rule, opts, leaves, torch.float32, with_state=False, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_step_kernel_matches_reference(device, seed, name, opts, dtype):
+    """The fused recurrent decoding kernel, one token at a time from a random state; on CUDA through
+    ``rule.step`` (which uses it), under the interpreter through the binding directly."""
+    rule = get_rule(name)
+    B, T, H, K, V = 2, 6, 2, 20, 24
+    leaves = make_leaves(rule, B, T, H, K, V, dtype, seed, device)
+    q, k, v, S = leaves.pop("q"), leaves.pop("k"), leaves.pop("v"), leaves.pop("initial_state")
+    gates = leaves
+    o64, S64 = rule.recurrent(q.to(F64), k.to(F64), v.to(F64), initial_state=S.to(F64), output_final_state=True,
+                              **{n: x.to(F64) for n, x in gates.items()}, **opts)
+    olp, Slp = rule.recurrent(q, k, v, initial_state=S, output_final_state=True, **gates, **opts)
+    outs = []
+    for t in range(T):
+        args = (q[:, t], k[:, t], v[:, t], S)
+        g_t = {n: x[:, t] for n, x in gates.items()}
+        if device == "cuda":
+            o_t, S = rule.step(*args, position=t, **g_t, **opts)
+        else:
+            o_t, S = _triton.step(name, *args, g_t, K**-0.5, t, {**rule.options, **opts})
+        outs.append(o_t)
+    assert_matches(torch.stack(outs, 1), olp, o64, dtype, "step outputs")
+    assert_matches(S, Slp, S64, dtype, "step state")
+
+
+@pytest.mark.parametrize("case", ["titans_alpha1_eta0", "titans_eta1", "delta_beta1", "gla_strong_decay",
+                                  "mamba2_strong_decay", "gated_deltanet_strong_decay"])
+def test_gate_domain_edges(device, seed, case):
+    """Gates at the ends of their domains: exact zeros and ones (titans' cumulative products through
+    an exact zero), beta = 1, log decays around -8 per token."""
+    name = {"titans_alpha1_eta0": "titans", "titans_eta1": "titans", "delta_beta1": "gated_deltanet",
+            "gla_strong_decay": "gla", "mamba2_strong_decay": "mamba2",
+            "gated_deltanet_strong_decay": "gated_deltanet"}[case]
+    rule = get_rule(name)
+    regime = "strong_decay" if case.endswith("strong_decay") else "typical"
+    leaves = make_leaves(rule, 1, 70, 2, 16, 16, torch.float32, seed, device, regime=regime)
+    if case == "titans_alpha1_eta0":
+        gen = torch.Generator().manual_seed(seed)
+        pick = (torch.rand(leaves["alpha"].shape, generator=gen) < 0.2).to(device)
+        leaves["alpha"] = torch.where(pick, 1.0, leaves["alpha"])
+        leaves["eta"] = torch.where(pick.roll(3, 1), 0.0, leaves["eta"])
+    if case == "titans_eta1":
+        leaves["eta"] = torch.ones_like(leaves["eta"])
+        leaves["alpha"] = torch.zeros_like(leaves["alpha"])
+    if case == "delta_beta1":
+        leaves["beta"] = torch.ones_like(leaves["beta"])
+    opts = {"mini_batch": 4} if name == "titans" else {}
+    check_against_reference(rule, opts, leaves, torch.float32)
+
+
+def test_float64_is_refused_with_the_reason(device):
+    rule = get_rule("gated_deltanet")
+    q, k, v, g = random_inputs(rule, 1, 8, 2, 16, 16, F64)
+    q, k, v, g = q.to(device), k.to(device), v.to(device), {n: x.to(device) for n, x in g.items()}
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run.*float32, float16 or bfloat16.*float64"):
+        rule.forward(q, k, v, impl="triton", **g)
+    o, _ = rule.forward(q, k, v, impl="auto", **g)  # falls back to the chunked path, as documented
+    assert o.dtype == F64
+
+
+# ---------------------------------------------------------------------------------------------- GPU sizes
+SIZES = [  # (T, K, V, dtype)
+    (1, 32, 32, torch.bfloat16),
+    (63, 64, 64, torch.bfloat16),
+    (64, 128, 128, torch.bfloat16),
+    (65, 100, 100, torch.float32),
+    (65, 256, 32, torch.float16),
+    (130, 32, 256, torch.bfloat16),
+    (1000, 100, 64, torch.float16),
+    (1000, 256, 256, torch.bfloat16),
+]
+SIZE_IDS = [f"T{T}-K{K}-V{V}-{str(d).split('.')[-1]}" for T, K, V, d in SIZES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("T", "K", "V", "dtype"), SIZES, ids=SIZE_IDS)
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_odd_sizes_on_gpu(seed, name, opts, T, K, V, dtype, record_property):
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 2, T, 2, K, V, dtype, seed, "cuda")
+    check_against_reference(rule, opts, leaves, dtype, record=record_property)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "opts"), VARIANTS[:7], ids=VARIANT_IDS[:7])
+def test_long_sequence_on_gpu(seed, name, opts, record_property):
+    """T = 65,536 with strong decay (log decays around -8 per token; titans: alpha, theta and eta
+    around 0.9, strong forgetting) or, for deltanet, beta near 1: finite and matching the chunked
+    PyTorch path (float64 as the reference, the chunked path on the bfloat16 inputs as the
+    low-precision one)."""
+    rule = get_rule(name)
+    regime = "saturated" if name == "deltanet" else "strong_decay"
+    leaves = make_leaves(rule, 1, 65536, 2, 64, 64, torch.bfloat16, seed, "cuda", regime=regime)
+    check_against_reference(rule, opts, leaves, torch.bfloat16, record=record_property, reference=rule.chunked)
