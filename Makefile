@@ -1,5 +1,5 @@
 # momkit: two commands set everything up on a fresh machine.
-#   make demo   create .venv, install, run the main job
+#   make demo   create .venv, install, run the main job (the demo sweep, sweeps/demo.yaml)
 #   make test   create .venv, install, run ruff and the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,8 +9,10 @@ EXTRAS ?= all
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?= -n 2
+# worker processes of the demo sweep (it is sized for 2 CPU cores)
+DEMO_WORKERS ?= 2
 
-.PHONY: demo test venv clean bench-cpu lab
+.PHONY: demo rules-demo test venv clean bench-cpu lab
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +23,14 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml setup.py
 
 venv: $(VENV)/.installed-$(EXTRAS)
 
+# The demo sweep on the default SQLite storage (runs/sweeps.db; run again, it resumes), then its results table
+# and figures (runs/sweeps/demo/report/). See docs/sweeps.md.
 demo: venv
+	$(PY) -m momkit sweep sweeps/demo.yaml --workers $(DEMO_WORKERS)
+	$(PY) -m momkit sweep-report demo
+
+# Every update rule's chunk-parallel path against its token-loop reference: agreement and speed.
+rules-demo: venv
 	$(PY) -m momkit.demo
 
 test: venv

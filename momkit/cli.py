@@ -3,6 +3,8 @@
     momkit train [CONFIG] [key=value ...] [--resume | --overwrite]
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit info
+    momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--timeout S]
+    momkit sweep-report STUDY [--storage URL] [--out DIR]
 
 Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
 prints one line naming the problem and exits with status 2, before anything is written.
@@ -44,7 +46,37 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None)
     sub.add_parser("info", help="versions, device and which kernels run",
                    description="Print library versions, the device and which update-rule paths run here.")
+    _sweep_parsers(sub)
     return p
+
+
+def _sweep_parsers(sub) -> None:
+    from momkit.sweep.storage import DEFAULT_STORAGE
+
+    storage_help = (f"Optuna storage: a SQLAlchemy URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for "
+                    "workers on many machines) or journal:PATH")
+    s = sub.add_parser("sweep", help="run an Optuna sweep from a spec (sweeps/*.yaml)",
+                       description="Run the sweep SPEC: create or resume its study in the storage and run workers "
+                                   "until its queued trials are done. Every machine may run the same command "
+                                   "against the same storage. See docs/sweeps.md.")
+    s.add_argument("spec", help="sweep spec (YAML), e.g. sweeps/demo.yaml")
+    s.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help=storage_help)
+    s.add_argument("--study", default=None, metavar="NAME",
+                   help="study name (default: the spec's study, else its file name)")
+    s.add_argument("--n-trials", type=int, default=None, metavar="N",
+                   help="the study's trial budget (default: the spec's budget.trials, or the whole grid)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine, one GPU each where GPUs exist (default 1)")
+    s.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds after which a worker starts no new trial")
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
+    s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    r = sub.add_parser("sweep-report", help="export, plot and summarise a sweep's trials",
+                       description="Export every trial of STUDY to CSV and Parquet, draw the figures, print the "
+                                   "results table and write the best config as YAML.")
+    r.add_argument("study")
+    r.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help=storage_help)
+    r.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <runs_dir>/<study>/report)")
 
 
 def _split_overrides(args) -> tuple[str | None, list[str]]:
@@ -115,6 +147,45 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _quiet_optuna() -> None:
+    """The sweep commands print their own progress: Optuna's per-study info lines would interleave with it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cmd_sweep(args) -> int:
+    from momkit.sweep.runner import format_summary, run_sweep, run_worker
+    from momkit.sweep.spec import check_study_name, load_spec
+    from momkit.sweep.storage import check_url, describe
+
+    spec = load_spec(args.spec)
+    _quiet_optuna()
+    check_url(args.storage)
+    if args.worker_index is not None:  # one of the processes started by --workers
+        study = check_study_name(args.study or spec.study, "--study")
+        run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
+        return 0
+    summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
+                        timeout=args.timeout)
+    print(format_summary(spec, summary))
+    if summary.ran:
+        print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")
+    print(f"report: momkit sweep-report {summary.study} --storage {describe(args.storage)}")
+    return 1 if summary.worker_errors else 0
+
+
+def cmd_sweep_report(args) -> int:
+    import matplotlib
+
+    from momkit.sweep.report import write_report
+
+    matplotlib.use("Agg")  # files only, no window
+    _quiet_optuna()
+    write_report(args.study, args.storage, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from momkit.runtime import tune_cpu
     from momkit.train.loop import NonFiniteError
@@ -122,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_cpu()  # before any tensor work: see momkit/runtime.py
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "sweep": cmd_sweep,
+                    "sweep-report": cmd_sweep_report}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"momkit: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,359 @@
+"""``momkit sweep-report``: every trial of a study as a table, files and figures, read from the storage alone.
+
+Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
+
+* ``trials.csv``, ``trials.parquet`` — one row per trial: number, state, objective (mean over seeds) and its
+  standard deviation, the searched parameters, the main config values (rule, num_memories, topk,
+  shared_memory, router, aux_loss_scale, lr, ...), the evaluation metrics with the routing telemetry
+  (``valid/load_imbalance``, ``valid/router_entropy``, ``valid/dead_memories``, ...), steps, times, worker,
+  run directory, retry links and the error message of failed trials;
+* figures (seaborn): ``objective_vs_num_memories.png`` (faceted by topk, hue shared memory, a row per rule),
+  ``objective_by_rule.png``, ``objective_by_router.png`` (where those vary), ``param_importances.png`` and
+  ``learning_curves.png`` (the pruner's view);
+* ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``.
+
+Where a cell (e.g. one num_memories x topk x shared memory) has several trials because other parameters
+(a learning rate) were searched too, the figures show the best trial of the cell, with the spread over its
+seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from momkit.config import ConfigError
+from momkit.sweep.runner import BUDGET_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna, _short_names
+from momkit.sweep.storage import DEFAULT_STORAGE, describe, open_storage, study_names
+
+# config values every row carries (short name -> dotted key), whether searched or not
+CONFIG_COLUMNS = {
+    "mixer": "model.mixer", "rule": "model.mom.rule", "num_memories": "model.mom.num_memories",
+    "topk": "model.mom.topk", "shared_memory": "model.mom.shared_memory", "router": "model.mom.router",
+    "aux_loss_scale": "model.mom.aux_loss_scale", "lr": "optim.lr", "hidden_size": "model.hidden_size",
+    "num_layers": "model.num_layers", "max_steps": "optim.max_steps",
+}
+STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "SKIPPED": 2, "FAIL": 3, "RUNNING": 4, "WAITING": 5}
+
+
+@dataclass
+class Report:
+    study: str
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be drawn or written, and why
+    effects: dict[str, float] = field(default_factory=dict)  # main_effects of the searched parameters
+    table: str = ""
+
+
+def param_column(name: str) -> str:
+    """The column of a searched parameter: its name, unless a config column has that name (a bundle called
+    ``router``), then ``<name> (param)``."""
+    return f"{name} (param)" if name in CONFIG_COLUMNS else name
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def load_study(study_name: str, storage_url: str | None = None):
+    """The study, read-only: a missing SQLite or journal file is an error, never created."""
+    optuna = _optuna()
+    storage_url = storage_url or DEFAULT_STORAGE
+    storage = open_storage(storage_url, create=False)
+    names = study_names(storage)
+    if study_name not in names:
+        raise ConfigError(f"no study {study_name!r} in {describe(storage_url)} (studies there: "
+                          f"{', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def trials_frame(study):
+    """One row per trial (see the module docstring); pandas DataFrame."""
+    import pandas as pd
+    import yaml
+
+    fp = study.user_attrs.get(SPEC_ATTR, {})
+    space = list(fp.get("space", {}))
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {}
+    for t in trials:
+        for n in t.system_attrs.get("retry_history", []):
+            retried_as[n] = t.number
+    rows = []
+    for t in trials:
+        # a queued retry carries the attributes of the trial it replaces until it runs: not its own outcome
+        ua = {} if t.state.name == "WAITING" else t.user_attrs
+        state = "SKIPPED" if ua.get("skipped") else t.state.name
+        row: dict[str, Any] = {"number": t.number, "state": state,
+                               "objective": t.value if t.state.name == "COMPLETE" else None,
+                               "objective_std": ua.get("objective_std") if t.state.name == "COMPLETE" else None,
+                               "seeds": len(ua.get("seeds") or []) or None}
+        for name in space:
+            row[param_column(name)] = t.params.get(name)
+        cfg = yaml.safe_load(ua["config"]) if ua.get("config") else {}
+        for short, key in CONFIG_COLUMNS.items():
+            row[short] = _lookup(cfg, key)
+        for key, val in (ua.get("metrics") or {}).items():  # "step": the training step of that evaluation
+            row["eval_step" if key == "step" else key] = json.dumps(val) if isinstance(val, (list, dict)) else val
+        steps = ua.get("steps") or []
+        row["steps"] = max(steps) if steps else None
+        row["stopped"] = ",".join(ua.get("stopped") or []) or None
+        row["train_s"] = ua.get("train_s")
+        row["duration_s"] = ((t.datetime_complete - t.datetime_start).total_seconds()
+                             if t.datetime_complete and t.datetime_start else None)
+        row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
+        row["datetime_complete"] = t.datetime_complete.isoformat() if t.datetime_complete else None
+        row["last_step"] = max(t.intermediate_values) if t.intermediate_values else None
+        row["intermediate"] = json.dumps({str(k): v for k, v in sorted(t.intermediate_values.items())}) \
+            if t.intermediate_values else None
+        row["objective_per_seed"] = json.dumps(ua["objective_per_seed"]) if ua.get("objective_per_seed") else None
+        row["worker"] = ua.get("worker")
+        row["device"] = ua.get("device")
+        row["run_dir"] = ua.get("run_dir")
+        row["retry_of"] = ua.get("retry_of", t.system_attrs.get("failed_trial"))
+        row["retried_as"] = retried_as.get(t.number)
+        error = ua.get("error") or ua.get("skipped") or ua.get("pruned")
+        if t.state.name == "FAIL" and not error:
+            error = "worker died (no heartbeat)"
+        row["message"] = error
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return _arrow_safe(df)
+
+
+def _arrow_safe(df):
+    """Columns that mix Python types (a categorical of numbers and strings) become strings, so the frame
+    writes to Parquet; numbers stay numbers."""
+    for col in df.columns:
+        if df[col].dtype == object:
+            kinds = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len(kinds) > 1 and not kinds <= {int, float}:
+                df[col] = df[col].map(lambda v: None if v is None else str(v))
+    return df
+
+
+def _display_frame(df, metric: str, direction: str, space: list[str]):
+    import pandas as pd
+
+    names = _short_names(space)
+    show = pd.DataFrame({"trial": df["number"], "state": df["state"]})
+    seeds = df["seeds"].max() if "seeds" in df and df["seeds"].notna().any() else 1
+    obj = []
+    for val, std in zip(df["objective"], df["objective_std"]):
+        if val is None or (isinstance(val, float) and math.isnan(val)):
+            obj.append("")
+        else:
+            obj.append(f"{val:.4f}" + (f" ± {std:.4f}" if seeds and seeds > 1 and std == std else ""))
+    show[metric] = obj
+    for name in space:
+        show[names[name]] = df[name].map(lambda v: "" if v is None or v != v else
+                                         (f"{v:.3g}" if isinstance(v, float) else str(v)))
+    show["steps"] = df["steps"].map(lambda v: "" if v is None or v != v else str(int(v)))
+    show["time_s"] = df["duration_s"].map(lambda v: "" if v is None or v != v else f"{v:.0f}")
+    key_state = df["state"].map(STATE_ORDER).fillna(9)
+    sign = -1 if direction == "maximize" else 1
+    key_obj = df["objective"].map(lambda v: sign * v if v is not None and v == v else math.inf)
+    order = sorted(range(len(df)), key=lambda i: (key_state.iloc[i], key_obj.iloc[i], df["number"].iloc[i]))
+    return show.iloc[order]
+
+
+def _best_per_cell(df, cells: list[str], direction: str):
+    complete = df[df["state"] == "COMPLETE"].dropna(subset=["objective"])
+    if complete.empty:
+        return complete
+    idx = (complete.groupby(cells, dropna=False)["objective"].idxmax() if direction == "maximize"
+           else complete.groupby(cells, dropna=False)["objective"].idxmin())
+    return complete.loc[idx.values]
+
+
+def _per_seed(df, metric: str):
+    """One row per (trial, seed): the seed's objective under ``metric`` (for spread over seeds)."""
+    import pandas as pd
+
+    rows = []
+    for _, r in df.iterrows():
+        values = json.loads(r["objective_per_seed"]) if isinstance(r.get("objective_per_seed"), str) else \
+            [r["objective"]]
+        for v in values:
+            rows.append({**r.to_dict(), metric: v})
+    return pd.DataFrame(rows)
+
+
+def main_effects(df, space: list[str]) -> dict[str, float]:
+    """For each searched parameter, the share of the objective's variance over complete trials that its main
+    effect explains (eta squared: the variance of the per-value means over the total variance). A parameter
+    needs about two trials per value: numeric ones with more values are binned by quantiles (at most 4 bins),
+    categorical ones are left out. Interactions are not counted, so the shares need not sum to one. Empty with
+    fewer than 3 complete trials or a constant objective."""
+    import pandas as pd
+
+    complete = df[df["state"] == "COMPLETE"].dropna(subset=["objective"])
+    y = complete["objective"].astype(float)
+    if len(complete) < 3 or y.var(ddof=0) <= 0:
+        return {}
+    out = {}
+    n = len(complete)
+    for name in space:
+        x = complete[name]
+        if x.nunique(dropna=False) < 2:
+            continue
+        if x.nunique(dropna=False) > n // 2:  # values of one trial each explain everything: meaningless
+            if not pd.api.types.is_numeric_dtype(x) or n < 4:
+                continue
+            x = pd.qcut(x.astype(float), min(4, n // 2), duplicates="drop")
+        means = y.groupby(x.astype(str)).transform("mean")
+        out[name] = float(((means - y.mean()) ** 2).mean() / y.var(ddof=0))
+    return out
+
+
+def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: Path, report: Report) -> None:
+    import matplotlib.pyplot as plt  # the backend is the caller's (the command line uses Agg)
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    complete = df[df["state"] == "COMPLETE"]
+    seeds = int(df["seeds"].max()) if df["seeds"].notna().any() else 1
+    errorbar = "sd" if seeds > 1 else None
+    spread = f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""
+
+    def varies(col: str) -> bool:
+        return col in complete and complete[col].nunique(dropna=True) >= 2
+
+    def save(grid_or_fig, name: str, title: str) -> None:
+        fig = grid_or_fig.figure if hasattr(grid_or_fig, "figure") else grid_or_fig
+        fig.suptitle(title, y=1.02)
+        path = out_dir / name
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        report.files.append(path)
+
+    cell_keys = ["rule", "num_memories", "topk", "shared_memory"]
+    others = [p for p in space if not any(p.endswith(k) for k in cell_keys) and complete[p].nunique(dropna=True) > 1] \
+        if not complete.empty else []
+    over = f", best over {', '.join(_short_names(space)[p] for p in others)}" if others else ""
+    if varies("num_memories"):
+        data = _per_seed(_best_per_cell(df, cell_keys, direction), metric)
+        data["shared_memory"] = data["shared_memory"].map({True: "shared", False: "no shared"})
+        rows = "rule" if data["rule"].nunique() > 1 else None
+        n_hue = data["shared_memory"].nunique()
+        g = sns.catplot(data=data, kind="point", x="num_memories", y=metric, hue="shared_memory",
+                        col="topk", row=rows, errorbar=errorbar, dodge=0.25 if n_hue > 1 else False, height=3.2,
+                        aspect=1.0, order=sorted(data["num_memories"].unique()), markers=["o", "s"][:n_hue],
+                        linestyles=["-", "--"][:n_hue])
+        g.set_axis_labels("memories (num_memories)", metric)
+        save(g, "objective_vs_num_memories.png", f"{study.study_name}: {metric} vs memories{spread}{over}")
+    if varies("rule"):
+        data = _per_seed(_best_per_cell(df, ["rule", "num_memories"], direction), metric)
+        g = sns.catplot(data=data, kind="bar", x="rule", y=metric, hue="num_memories", errorbar=errorbar,
+                        height=3.5, aspect=1.6)
+        save(g, "objective_by_rule.png", f"{study.study_name}: {metric} per rule (best over other parameters)")
+    if varies("router"):
+        x = "aux_loss_scale" if varies("aux_loss_scale") else "num_memories"
+        data = _per_seed(_best_per_cell(df, ["router", x], direction), metric)
+        g = sns.catplot(data=data, kind="point", x=x, y=metric, hue="router", errorbar=errorbar, dodge=0.3,
+                        height=3.5, aspect=1.6)  # router varies: at least two hue levels
+        save(g, "objective_by_router.png", f"{study.study_name}: {metric} per router{spread}")
+    effects = main_effects(df, space)
+    if effects:
+        try:
+            optuna = _optuna()
+            importances = optuna.importance.get_param_importances(study)
+        except Exception as e:  # too few trials, or no parameter varies
+            report.notes.append(f"no Optuna importances: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            importances = {}
+        names = _short_names(space)
+        panels = [(effects, f"variance of {metric} explained\nby the parameter alone (eta squared)")]
+        if importances:
+            panels.append((importances, "Optuna's importance (its default\nevaluator, PED-ANOVA)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.8 + 0.45 * len(effects)),
+                                 squeeze=False, sharey=False)
+        for ax, (values, label) in zip(axes[0], panels):
+            order = sorted(values, key=values.get, reverse=True)
+            sns.barplot(x=[values[k] for k in order], y=[names.get(k, k) for k in order], ax=ax, color="C0")
+            ax.set_xlabel(label)
+            ax.set_xlim(0, 1)
+        save(fig, "param_importances.png", f"{study.study_name}: parameter importances")
+        report.effects = effects
+    curves = df[df["intermediate"].notna()]
+    if not curves.empty:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        colors = {"COMPLETE": "C0", "PRUNED": "C3", "FAIL": "C7", "RUNNING": "C2"}
+        for _, r in curves.iterrows():
+            pts = sorted((int(k), v) for k, v in json.loads(r["intermediate"]).items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(r["state"], "C7"), alpha=0.7, lw=1.2)
+        for state, color in colors.items():
+            if (curves["state"] == state).any():
+                ax.plot([], [], color=color, label=state.lower())
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric)
+        ax.legend()
+        save(fig, "learning_curves.png", f"{study.study_name}: learning curves (first seed)")
+
+
+def _best_config(study, df, direction: str, metric: str, out_dir: Path, report: Report) -> None:
+    import yaml
+
+    complete = df[df["state"] == "COMPLETE"].dropna(subset=["objective"])
+    if complete.empty:
+        report.notes.append("no complete trial: no best_config.yaml")
+        return
+    best = complete.loc[complete["objective"].idxmax() if direction == "maximize" else complete["objective"].idxmin()]
+    trial = study.trials[int(best["number"])]
+    cfg = yaml.safe_load(trial.user_attrs["config"])
+    cfg["run"].update({"name": f"{study.study_name}-best", "dir": None, "progress": True})
+    std = f" ± {best['objective_std']:.4f}" if best["seeds"] and best["seeds"] > 1 else ""
+    header = (f"# Best trial {trial.number} of study {study.study_name!r}: {metric} = {best['objective']:.4f}{std}\n"
+              f"# params: {json.dumps(trial.params)}\n# train it again: momkit train best_config.yaml\n")
+    path = out_dir / "best_config.yaml"
+    path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+    report.files.append(path)
+
+
+def write_report(study_name: str, storage_url: str | None = None, out_dir: str | Path | None = None, *,
+                 out: TextIO | None = None, figures: bool = True) -> Report:
+    """Export every trial of the study, draw the figures, print the table, write the best config."""
+    out = out or sys.stdout
+    study = load_study(study_name, storage_url)
+    fp = study.user_attrs.get(SPEC_ATTR, {})
+    metric = fp.get("objective", {}).get("metric", "objective")
+    direction = study.direction.name.lower()
+    space = [param_column(name) for name in fp.get("space", {})]
+    if out_dir is None:
+        out_dir = Path(study.user_attrs.get(RUNS_DIR_ATTR, "runs/sweeps")) / study_name / "report"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(study_name, out_dir)
+    df = trials_frame(study)
+    if df.empty:
+        raise ConfigError(f"study {study_name!r} has no trials yet")
+    df.to_csv(out_dir / "trials.csv", index=False)
+    df.to_parquet(out_dir / "trials.parquet", index=False)
+    report.files += [out_dir / "trials.csv", out_dir / "trials.parquet"]
+    if figures:
+        _figures(df, study, metric, direction, space, out_dir, report)
+    _best_config(study, df, direction, metric, out_dir, report)
+    table = _display_frame(df, metric, direction, space)
+    report.table = table.to_string(index=False)
+    counts = df["state"].value_counts()
+    budget = study.user_attrs.get(BUDGET_ATTR)
+    print(f"study {study_name!r} ({describe(storage_url or DEFAULT_STORAGE)}): {len(df)} trials"
+          + (f" (budget {budget})" if budget is not None else "") + ": "
+          + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()), file=out)
+    print(report.table, file=out)
+    if report.effects:
+        names = _short_names(space)
+        print(f"variance of {metric} explained by each parameter alone: " + ", ".join(
+            f"{names.get(k, k)} {v:.2f}" for k, v in sorted(report.effects.items(), key=lambda kv: -kv[1])), file=out)
+    for note in report.notes:
+        print(f"note: {note}", file=out)
+    print(f"wrote {', '.join(str(p) for p in report.files)}", file=out)
+    return report

@@ -1,0 +1,652 @@
+"""The sweep runner: a study of queued trials, workers that claim and run them, and a progress monitor.
+
+How a study is run, on one machine or many:
+
+* **The queue.** The process that creates the study (Optuna's unique study name decides which one) queues
+  the whole budget as WAITING trials: every valid grid point with its parameters fixed, or, for TPE and
+  random sampling, empty trials whose parameters are sampled when a worker claims them. A worker claims a
+  trial by moving it from WAITING to RUNNING, which the storage does atomically, so every queued trial runs
+  exactly once however many workers share the study, and a budget is never overrun.
+* **A trial.** Its parameters (suggested through Optuna, so samplers, pruners and optuna-dashboard see them)
+  become dotted overrides of the spec's base config; ``train()`` runs once per seed; the evaluation metrics
+  of the first seed are reported for pruning; the objective is the mean over seeds. The resolved config, the
+  run directory, the per-seed objectives, the metrics and routing telemetry are stored as user attributes;
+  a failed trial keeps its error message.
+* **Dead workers.** On SQL storages a running trial records a heartbeat every ``heartbeat.interval`` seconds;
+  a live worker fails trials whose heartbeat is older than ``heartbeat.grace_period`` and Optuna's retry
+  callback queues them again with the same parameters (at most ``heartbeat.max_retry`` times). Idle workers
+  wait while other trials are running, so a retried trial is picked up.
+* **Resuming.** Running the same command again continues the study: queued trials run, finished ones are
+  kept. A larger ``--n-trials`` queues more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from momkit.config import ConfigError
+from momkit.sweep.spec import SweepSpec, check_study_name
+from momkit.sweep.storage import DEFAULT_STORAGE, describe, heartbeat_enabled, open_storage, retry_callback
+
+SPEC_ATTR = "momkit_spec"
+BUDGET_ATTR = "momkit_budget"
+RUNS_DIR_ATTR = "momkit_runs_dir"
+_READY_WAIT_S = 60.0
+
+
+def _optuna():
+    import optuna
+
+    return optuna
+
+
+@contextlib.contextmanager
+def _quiet_experimental():
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
+def make_sampler(spec: SweepSpec, trial_number: int = 0):
+    """The spec's sampler, seeded per trial: trial n draws the same values whichever worker runs it."""
+    optuna = _optuna()
+    seed = (spec.sampler.seed * 1_000_003 + trial_number) % 2**32
+    if spec.sampler.name == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant_liar is experimental
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.startup_trials,
+                                              constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)  # random; grid trials have every parameter fixed
+
+
+def make_pruner(spec: SweepSpec):
+    optuna = _optuna()
+    p = spec.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps,
+                                           interval_steps=p.interval_steps)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def _normalise(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+# ------------------------------------------------------------------------------------------ the study
+def _queue(study, spec: SweepSpec, n: int) -> int:
+    """Queue ``n`` more trials: the grid points not in the study yet, or empty trials to be sampled."""
+    if n <= 0:
+        return 0
+    if spec.is_grid:
+        present = []
+        for t in study.get_trials(deepcopy=False):
+            present.append(_normalise(t.system_attrs.get("fixed_params") or t.params))
+        todo = [p for p in spec.grid if _normalise(p) not in present][:n]
+        for point in todo:
+            study.enqueue_trial(point)
+        return len(todo)
+    for _ in range(n):
+        study.enqueue_trial({})
+    return n
+
+
+def prepare_study(spec: SweepSpec, storage, study_name: str, n_trials: int | None = None) -> tuple[Any, str]:
+    """Create the study and queue its budget, or load it and check it was made from the same spec
+    (queueing more trials when the budget grew). Returns (study, a line saying what happened)."""
+    optuna = _optuna()
+    n = spec.n_trials(n_trials)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
+                                    load_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = None
+    if study is not None:  # this process created it: record the spec, queue the budget, then mark it ready
+        study.set_user_attr(SPEC_ATTR, _normalise(spec.fingerprint()))
+        study.set_user_attr(RUNS_DIR_ATTR, spec.runs_dir)
+        queued = _queue(study, spec, n)
+        study.set_user_attr(BUDGET_ATTR, queued)
+        return study, f"study {study_name!r}: created with {queued} queued trials"
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    start = time.monotonic()
+    while BUDGET_ATTR not in study.user_attrs:  # its creator is still queueing
+        waited = time.monotonic() - start
+        if waited > _READY_WAIT_S or (waited > 10 and SPEC_ATTR not in study.user_attrs):
+            raise ConfigError(f"study {study_name!r} exists in {describe(_url_of(storage))} but was not set up by "
+                              "momkit sweep (or its creator died while queueing); pick another --study or delete "
+                              f"it: optuna delete-study --study-name {study_name} --storage URL")
+        time.sleep(0.5)
+    stored = study.user_attrs[SPEC_ATTR]
+    mine = _normalise(spec.fingerprint())
+    if stored != mine:
+        changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        raise ConfigError(f"study {study_name!r} was created from a different spec ({', '.join(changed)} changed); "
+                          f"use --study NEW_NAME for a new study, or delete it: optuna delete-study --study-name "
+                          f"{study_name} --storage URL")
+    budget = study.user_attrs[BUDGET_ATTR]
+    if n > budget:
+        added = _queue(study, spec, n - budget)
+        study.set_user_attr(BUDGET_ATTR, budget + added)
+        return study, f"study {study_name!r}: resumed; budget {budget} -> {budget + added} trials"
+    return study, f"study {study_name!r}: resumed (budget {budget} trials)"
+
+
+def _url_of(storage) -> str:
+    url = getattr(storage, "url", None)
+    return url if isinstance(url, str) else type(storage).__name__
+
+
+# --------------------------------------------------------------------------------------------- a trial
+@dataclass
+class _Context:
+    spec: SweepSpec
+    study_name: str
+    threads: int | None
+    worker: str
+    retry: Any  # the retry callback: also queues a trial interrupted by Ctrl-C
+
+
+class _HeartbeatThread:
+    """Records the trial's heartbeat every ``interval`` seconds while the trial runs."""
+
+    def __init__(self, storage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{trial_id}")
+
+    def _beat(self):
+        interval = self.storage.get_heartbeat_interval()
+        while True:
+            # a transient database error must not kill the trial; the next beat retries
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(interval):
+                return
+
+    def __enter__(self):
+        if heartbeat_enabled(self.storage):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def _mean_metrics(evaluations: list[dict]) -> dict:
+    """Numeric metrics averaged over seeds; lists (``valid/load``) of the first seed."""
+    out = {}
+    for key, val in evaluations[0].items():
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            vals = [e[key] for e in evaluations if isinstance(e.get(key), (int, float))]
+            out[key] = sum(vals) / len(vals)
+        else:
+            out[key] = val
+    return out
+
+
+def _run_trial(ctx: _Context, study, trial, queued) -> str:
+    """Run one claimed trial to its end and tell the study; returns its final state's name. ``queued`` is the
+    FrozenTrial as it waited in the queue (a retry carries the attributes of the trial it replaces)."""
+    optuna = _optuna()
+    from momkit.config import config_to_yaml
+    from momkit.train import train
+
+    spec, number = ctx.spec, trial.number
+    # a retried trial inherits the user attributes of the one it replaces: reset its outcome
+    for key in ("error", "pruned", "skipped", "objective_per_seed", "metrics"):
+        if queued.user_attrs.get(key) is not None:
+            trial.set_user_attr(key, None)
+    trial.set_user_attr("worker", ctx.worker)
+    retry_of = queued.system_attrs.get("failed_trial")
+    if retry_of is not None:
+        trial.set_user_attr("retry_of", retry_of)
+    try:
+        params = {name: p.suggest(trial) for name, p in spec.space.items()}
+        try:
+            cfg = spec.trial_config(ctx.study_name, number, params, spec.seeds[0], ctx.threads)
+        except ConfigError as e:  # a sampled combination the config refuses: skip it, queue another
+            trial.set_user_attr("skipped", str(e))
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            _replace_skipped(study, spec)
+            return "SKIPPED"
+        trial.set_user_attr("config", config_to_yaml(cfg))
+        trial.set_user_attr("device", _device_label(cfg))
+        trial.set_user_attr("run_dir", spec.run_dir(ctx.study_name, number))
+        trial.set_user_attr("run_dirs", [spec.run_dir(ctx.study_name, number, s) for s in spec.seeds])
+        trial.set_user_attr("seeds", spec.seeds)
+
+        def report(step: int, metrics: dict) -> None:  # the first seed's learning curve goes to the pruner
+            value = metrics.get(spec.objective.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                trial.report(float(value), step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}: {spec.objective.metric}={value:.4g}")
+
+        values, evaluations, results = [], [], []
+        for i, seed in enumerate(spec.seeds):
+            if i:
+                cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
+            result = train(cfg, overwrite=True, callback=report if i == 0 else None)
+            values.append(spec.objective.read(result))
+            evaluations.append(result.best if spec.objective.source == "best" else result.final)
+            results.append(result)
+        mean = sum(values) / len(values)
+        if not math.isfinite(mean):
+            raise ValueError(f"objective {spec.objective.metric} is {mean} (per seed: {values}), not a finite number")
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        for key, val in {"objective_per_seed": values, "objective_std": std,
+                         "metrics": _mean_metrics(evaluations), "steps": [r.steps for r in results],
+                         "stopped": [r.stopped for r in results],
+                         "train_s": round(sum(r.elapsed_s for r in results), 2)}.items():
+            trial.set_user_attr(key, val)
+        study.tell(trial, mean)
+        return "COMPLETE"
+    except optuna.TrialPruned as e:
+        trial.set_user_attr("pruned", str(e))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return "PRUNED"
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted (Ctrl-C); queued again")
+        frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        with _quiet_experimental():
+            ctx.retry(study, frozen)
+        raise
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        trial.set_user_attr("error", message)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "FAIL"
+
+
+def _device_label(cfg) -> str:
+    """Where the trial trains, e.g. ``cuda:0 NVIDIA H100 (CUDA_VISIBLE_DEVICES=3)`` or ``cpu (2 threads)``."""
+    import torch
+
+    from momkit.train.loop import resolve_device
+
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}" + \
+            (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    threads = cfg.run.threads or torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def _replace_skipped(study, spec: SweepSpec) -> None:
+    """Queue a new trial for a skipped one, so the budget counts trials that trained (within a bound)."""
+    skipped = sum(bool(t.user_attrs.get("skipped")) for t in study.get_trials(deepcopy=False))
+    if skipped <= max(20, 2 * spec.n_trials()):
+        study.enqueue_trial({})
+
+
+def _claim(storage, study_id: int):
+    """Move one WAITING trial to RUNNING (atomic in the storage): (trial id, its FrozenTrial as queued), or None
+    if none is left."""
+    optuna = _optuna()
+    waiting = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    for t in waiting:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        if heartbeat_enabled(storage):  # beat before claiming: a claimed trial is never without a heartbeat
+            storage.record_heartbeat(trial_id)
+        try:
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING):
+                return trial_id, t
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: float | None = None,
+               threads: int | None = None) -> list[int]:
+    """Claim and run queued trials of the study until none is left (or ``timeout`` seconds have passed:
+    no trial starts after it). Returns the numbers of the trials this worker ran."""
+    start = time.monotonic()
+    optuna = _optuna()
+    from momkit.runtime import tune_cpu
+
+    tune_cpu()  # allocator thresholds and flush-to-zero, before any tensor work (see momkit/runtime.py)
+    retry = retry_callback(spec.heartbeat.max_retry)
+    storage = open_storage(storage_url, heartbeat=spec.heartbeat, retry_callback=retry)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"no study {study_name!r} in {describe(storage_url)}: a worker joins a study that "
+                          "`momkit sweep` created") from None
+    study_id = storage.get_study_id_from_name(study_name)
+    ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry)
+    beating = heartbeat_enabled(storage)
+    poll = min(5.0, spec.heartbeat.interval / 2)
+    ran: list[int] = []
+    while timeout is None or time.monotonic() - start < timeout:
+        if beating:
+            with _quiet_experimental():
+                optuna.storages.fail_stale_trials(study)
+        claimed = _claim(storage, study_id)
+        if claimed is None:
+            running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if beating and running:  # wait: a running trial whose worker dies is queued again
+                time.sleep(poll)
+                continue
+            break
+        trial_id, queued = claimed
+        number = queued.number
+        trial_study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, number),
+                                        pruner=make_pruner(spec))
+        trial_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))  # caches the claimed one
+        with _HeartbeatThread(storage, trial_id):
+            trial = optuna.trial.Trial(trial_study, trial_id)
+            _run_trial(ctx, trial_study, trial, queued)
+        ran.append(number)
+    return ran
+
+
+# --------------------------------------------------------------------------------------------- progress
+def _short_names(names: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each name that is unique among ``names``."""
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            short = ".".join(parts[i:])
+            if sum(n == short or n.endswith("." + short) for n in names) == 1:
+                out[name] = short
+                break
+        else:
+            out[name] = name
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_line(spec: SweepSpec, t, trials_by_retry: dict[int, int]) -> str:
+    """One line for a finished trial."""
+    metric = spec.objective.metric
+    names = _short_names(list(spec.space))
+    params = " ".join(f"{names[k]}={_fmt(v)}" for k, v in t.params.items() if k in names)
+    ua = t.user_attrs
+    state = t.state.name
+    if ua.get("skipped"):
+        state, what = "SKIPPED", ua["skipped"]
+    elif state == "COMPLETE":
+        std = ua.get("objective_std", 0.0)
+        what = f"{metric}={t.value:.4f}" + (f"±{std:.4f}" if len(spec.seeds) > 1 else "")
+    elif state == "PRUNED":
+        what = ua.get("pruned", "pruned")
+    else:
+        what = ua.get("error") or f"worker died (no heartbeat for {spec.heartbeat.grace_period} s)"
+        if t.number in trials_by_retry:
+            what += f"; retried as trial {trials_by_retry[t.number]}"
+    tail = ""
+    steps = ua.get("steps") or []
+    if state == "COMPLETE" and steps:
+        tail += f"  {max(steps)} steps"
+    if t.datetime_start and t.datetime_complete:
+        tail += f"  {(t.datetime_complete - t.datetime_start).total_seconds():.0f} s"
+    if state == "COMPLETE":
+        return f"trial {t.number:>3}  {state:<8}  {what}  {params}{tail}"
+    return f"trial {t.number:>3}  {state:<8}  {params}  {what}{tail}"
+
+
+class Monitor:
+    """Polls the study and prints one line per finished trial (every worker's, on every machine) under an
+    overall progress bar (shown on a terminal)."""
+
+    def __init__(self, spec: SweepSpec, storage_url: str, study_name: str, out: TextIO, interval: float = 1.0,
+                 bar: bool | None = None):
+        self.spec, self.url, self.study_name, self.out, self.interval = spec, storage_url, study_name, out, interval
+        self.storage = open_storage(storage_url)
+        self.study_id = self.storage.get_study_id_from_name(study_name)
+        # trials finished before this command (a resumed study) are counted, not printed again
+        self.seen: set[int] = {t.number for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                               if t.state.is_finished()}
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.show_bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = None  # drawn at the first poll, under the lines printed before
+
+    def poll(self) -> None:
+        trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(trials), initial=len(self.seen), desc=self.study_name, unit="trial",
+                            disable=not self.show_bar, dynamic_ncols=True, file=sys.stderr)
+        by_retry = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+        # the retried original keeps pointing at the newest retry
+        for t in trials:
+            for n in t.system_attrs.get("retry_history", []):
+                by_retry[n] = t.number
+        finished = [t for t in trials if t.state.is_finished()]
+        new = [t for t in finished if t.number not in self.seen]
+        for t in sorted(new, key=lambda t: t.datetime_complete or t.datetime_start or 0):
+            self.seen.add(t.number)
+            line = f"[{len(self.seen):>3}/{len(trials)}] " + trial_line(self.spec, t, by_retry)
+            self.bar.write(line, file=self.out)
+        self.bar.total = len(trials)
+        self.bar.n = len(finished)
+        self.bar.refresh()
+
+    def _loop(self):
+        while not self.stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a locked or busy database: try again at the next tick
+                self.poll()
+
+    def start(self) -> Monitor:
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="sweep-monitor")
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.poll()
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------- the command
+@dataclass
+class SweepSummary:
+    study: str
+    storage: str
+    counts: dict[str, int]
+    best: dict | None
+    ran: list[int] = field(default_factory=list)  # trials run by this process (workers=1)
+    worker_errors: list[str] = field(default_factory=list)
+
+
+def _devices() -> list[str]:
+    """GPU ids a worker can be pinned to (honouring CUDA_VISIBLE_DEVICES), or [] on a CPU machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_env(index: int, devices: list[str], threads: int | None) -> dict[str, str]:
+    """The environment of local worker ``index``: its own GPU (round robin over ``devices``), or on a CPU
+    machine its share of the cores."""
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+    elif threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def worker_command(spec_path: str, storage_url: str, study_name: str, index: int, threads: int | None,
+                   timeout: float | None) -> list[str]:
+    cmd = [sys.executable, "-m", "momkit", "sweep", spec_path, "--storage", storage_url, "--study", study_name,
+           "--worker-index", str(index)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    return cmd
+
+
+def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int], dict | None]:
+    optuna = _optuna()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        state = "SKIPPED" if t.user_attrs.get("skipped") else t.state.name
+        counts[state] = counts.get(state, 0) + 1
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    best = None
+    if complete:
+        pick = max if spec.objective.direction == "maximize" else min
+        b = pick(complete, key=lambda t: t.value)
+        best = {"number": b.number, "value": b.value, "params": b.params,
+                "std": b.user_attrs.get("objective_std", 0.0)}
+    return counts, best
+
+
+def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
+              n_trials: int | None = None, workers: int = 1, timeout: float | None = None,
+              out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
+    """Run a sweep from this machine: create or resume the study, then run ``workers`` workers here (in this
+    process when 1, else as child processes pinned to one GPU each, or sharing the CPU cores), printing one
+    line per finished trial. Other machines may run workers on the same study at the same time."""
+    out = out or sys.stdout
+    storage_url = storage_url or DEFAULT_STORAGE
+    study_name = check_study_name(study_name or spec.study, "--study")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"--workers={workers!r} is invalid: must be an int >= 1")
+    if timeout is None:
+        timeout = spec.budget.timeout
+    elif not timeout > 0:
+        raise ConfigError(f"--timeout={timeout!r} is invalid: must be seconds > 0")
+    if n_trials is not None and not (isinstance(n_trials, int) and n_trials >= 1):
+        raise ConfigError(f"--n-trials={n_trials!r} is invalid: must be an int >= 1")
+    if n_trials is not None and spec.is_grid and n_trials > len(spec.grid):
+        raise ConfigError(f"--n-trials={n_trials} is invalid: the grid of {spec.path} has {len(spec.grid)} valid "
+                          "points")
+    storage = open_storage(storage_url)
+    _, line = prepare_study(spec, storage, study_name, n_trials)
+    print(f"{line} in {describe(storage_url)}; runs in {spec.runs_dir}/{study_name}/", file=out, flush=True)
+    monitor = Monitor(spec, storage_url, study_name, out, bar=progress_bar)
+    ran: list[int] = []
+    errors: list[str] = []
+    optuna = _optuna()
+    open_states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if not storage.get_all_trials(monitor.study_id, deepcopy=False, states=open_states):
+        monitor.close()
+        print("nothing left to run", file=out, flush=True)
+    else:
+        devices = _devices()
+        threads = None if devices or workers == 1 else max(1, _cpu_count() // workers)
+        if devices:
+            where = ", ".join(f"worker {i} -> GPU {devices[i % len(devices)]}" for i in range(workers))
+        elif spec.sets("run.threads"):
+            where = "CPU, threads per worker from the spec's run.threads"
+        else:
+            where = f"CPU, {threads or 'all'} thread{'' if threads == 1 else 's'} per worker"
+        print(f"{workers} worker{'s' if workers > 1 else ''} here ({where})", file=out, flush=True)
+        if not isinstance(storage, optuna.storages.RDBStorage):
+            print("note: this storage has no heartbeats: a trial whose worker dies stays RUNNING and is not retried",
+                  file=out, flush=True)
+        if workers == 1:
+            monitor.start()
+            try:
+                ran = run_worker(spec, storage_url, study_name, timeout=timeout, threads=threads)
+            finally:
+                monitor.close()
+        else:
+            errors = _run_local_workers(spec, storage_url, study_name, workers, devices, threads, timeout, monitor)
+    counts, best = summarize(spec, storage, study_name)
+    return SweepSummary(study_name, describe(storage_url), counts, best, ran, errors)
+
+
+def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, workers: int, devices: list[str],
+                       threads: int | None, timeout: float | None, monitor: Monitor) -> list[str]:
+    """Start ``workers`` child processes (``momkit sweep ... --worker-index i``), each logging to
+    ``<runs_dir>/<study>/workers/worker-<i>.log``; poll the monitor until they end. Returns their errors."""
+    log_dir = Path(spec.runs_dir) / study_name / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, timeout),
+                                       env=worker_env(i, devices, threads), stdout=log, stderr=subprocess.STDOUT),
+                      log))
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            monitor.poll()
+            time.sleep(monitor.interval)
+    except KeyboardInterrupt:  # a terminal sends SIGINT to the children too; a parent killed alone passes it on
+        for p, _ in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p, _ in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for _, log in procs:
+            log.close()
+        monitor.close()
+    errors = []
+    for i, (p, _) in enumerate(procs):
+        if p.returncode != 0:
+            tail = (log_dir / f"worker-{i}.log").read_text().strip().splitlines()[-3:]
+            errors.append(f"worker {i} exited with status {p.returncode} ({log_dir}/worker-{i}.log): "
+                          + " | ".join(tail))
+    return errors
+
+
+def format_summary(spec: SweepSpec, s: SweepSummary) -> str:
+    counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s.counts.items()))
+    lines = [f"study {s.study!r} ({s.storage}): {counts or 'no trials'}"]
+    if s.best is not None:
+        names = _short_names(list(spec.space))
+        params = " ".join(f"{names.get(k, k)}={_fmt(v)}" for k, v in s.best["params"].items())
+        std = f" ± {s.best['std']:.4f}" if len(spec.seeds) > 1 else ""
+        lines.append(f"best: trial {s.best['number']}  {spec.objective.metric}={s.best['value']:.4f}{std}  {params}")
+    lines += s.worker_errors
+    return "\n".join(lines)
+
+
+__all__ = ["Monitor", "SweepSummary", "format_summary", "make_pruner", "make_sampler", "prepare_study",
+           "run_sweep", "run_worker", "summarize", "trial_line"]

@@ -1,0 +1,155 @@
+"""Sweep specs: the shipped ones load; bad ones raise one ConfigError naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from momkit.config import ConfigError
+from momkit.sweep import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_grid_is_every_valid_combination():
+    spec = load_spec(ROOT / "sweeps" / "demo.yaml")
+    points = {(p["model.mom.num_memories"], p["model.mom.topk"], p["model.mom.shared_memory"]) for p in spec.grid}
+    expected = {(m, k, s) for m in (1, 2, 4) for k in (1, 2) for s in (True, False) if k <= m}
+    assert points == expected and len(spec.grid) == 10  # topk=2 with one memory is left out, not failed
+    assert spec.n_trials() == 10
+    cfg = spec.trial_config("demo", 3, spec.grid[0], seed=0)
+    assert cfg.run.dir == "runs/sweeps/demo/trial-0003/seed-0" and cfg.run.progress is False
+    assert cfg.model.mom.num_memories == spec.grid[0]["model.mom.num_memories"]
+    assert cfg.optim.max_steps == 150 and cfg.model.vocab_size == 32
+
+
+@pytest.mark.parametrize("name", ["mqar_memories", "routers"])
+def test_shipped_specs_load(name):
+    spec = load_spec(ROOT / "sweeps" / f"{name}.yaml")
+    assert spec.study == name and spec.grid
+    for point in spec.grid[::7]:  # grid points are valid configs through load_config too (a sample of them)
+        spec.trial_config(name, 0, point, seed=spec.seeds[0])
+
+
+def test_mqar_memories_is_the_papers_ablation():
+    spec = load_spec(ROOT / "sweeps" / "mqar_memories.yaml")
+    cells = {(p["model.mom.num_memories"], p["model.mom.topk"], p["model.mom.shared_memory"], p["model.mom.rule"])
+             for p in spec.grid}
+    assert {c[0] for c in cells} == {1, 2, 4, 8}
+    assert {c[3] for c in cells} == {"gated_deltanet", "gla", "linear_attn"}
+    assert {c[2] for c in cells} == {True, False}
+    assert len({p["optim.lr"] for p in spec.grid}) >= 3  # a learning-rate search in every cell
+
+
+def test_routers_spec_covers_every_router(tmp_path):
+    from momkit.routing import router_names
+
+    spec = load_spec(ROOT / "sweeps" / "routers.yaml")
+    routers = {spec.trial_config("r", 0, p, 0).model.mom.router for p in spec.grid}
+    assert routers == set(router_names())
+    dense = [p for p in spec.grid if spec.trial_config("r", 0, p, 0).model.mom.router == "dense"]
+    assert all(spec.trial_config("r", 0, p, 0).model.mom.topk == 4 for p in dense)  # a bundle sets both keys
+
+
+def test_sampled_space_types(tmp_path, make_spec):
+    spec = load_spec(make_spec(tmp_path / "s.yaml", space={
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "model.num_layers": {"type": "int", "low": 1, "high": 3},
+        "model.mom.rule": ["gated_deltanet", "gla"],
+    }, sampler={"name": "tpe", "seed": 3}, budget={"trials": 5}, seeds=[0, 7]))
+    assert spec.grid is None and spec.n_trials() == 5 and spec.n_trials(9) == 9 and spec.seeds == [0, 7]
+    assert [spec.space[k].type for k in spec.space] == ["float", "int", "categorical"]
+    cfg = spec.trial_config("s", 1, {"optim.lr": 3e-3, "model.num_layers": 3, "model.mom.rule": "gla"}, seed=7)
+    assert (cfg.optim.lr, cfg.model.num_layers, cfg.model.mom.rule, cfg.run.seed) == (3e-3, 3, "gla", 7)
+
+
+BAD = [
+    ({"spcae": {}}, r"unknown key 'spcae'; did you mean 'space'\?"),
+    ({"space": {"model.mom.num_memory": [1, 2]}},
+     r"space.model.mom.num_memory: value 1: unknown key 'model.mom.num_memory'; did you mean 'model.mom.num_memories'"),
+    ({"space": {"task.seq_len": [8, 16]}}, r"space.task.seq_len: value 8 is invalid in every combination.*unknown key"),
+    ({"space": {"model.mom.num_memories": ["many"]}}, r"space.model.mom.num_memories: value 'many'.*Integer"),
+    ({"space": {"model.mom.num_memories": [1, 2], "model.mom.capacity_factor": [-1.0, 2.0]}},
+     r"space.model.mom.capacity_factor: value -1.0 is invalid in every combination.*must be None or > 0"),
+    ({"space": {"model.mom.num_memories": [1, 2], "model.mom.router": ["dense"]},
+      "overrides": {"model.mom.topk": 3}},
+     r"space.model.mom.num_memories: value 1 is invalid in every combination.*topk=3 is invalid: must be <= "
+     r"num_memories=1"),
+    ({"space": {"optim.lr": {"type": "float", "low": 1e-2, "high": 1e-3}}, "sampler": {"name": "random"},
+      "budget": {"trials": 2}}, r"space.optim.lr: low=0.01, high=0.001 is not a range"),
+    ({"space": {"optim.lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, "sampler": {"name": "random"},
+      "budget": {"trials": 2}}, r"space.optim.lr.low=0.0 is invalid: a log range needs low > 0"),
+    ({"space": {"model.num_layers": {"type": "int", "low": 1.5, "high": 3}}, "sampler": {"name": "random"},
+      "budget": {"trials": 2}}, r"space.model.num_layers.low=1.5 is invalid: must be an int"),
+    ({"space": {"optim.lr": {"type": "choice", "values": [1]}}}, r"space.optim.lr.type='choice' is invalid: one of"),
+    ({"space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}},
+     r"space.optim.lr: a float range cannot be enumerated by the grid sampler"),
+    ({"space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lgo": True}}, "sampler": {"name": "tpe"},
+      "budget": {"trials": 3}}, r"unknown key 'space.optim.lr.lgo'; did you mean .*\(valid keys of space.optim.lr: "
+     r"type, low, high, step, log\) for type float"),
+    ({"objective": {"metric": "valid/acc"}}, r"objective.metric='valid/acc' is invalid: one of valid/accuracy"),
+    ({"objective": {"direction": "up"}}, r"objective.direction='up' is invalid: one of maximize, minimize"),
+    ({"objective": {"from": "last"}}, r"objective.from='last' is invalid: best .* or final"),
+    ({"sampler": {"name": "bayes"}}, r"sampler.name='bayes' is invalid: one of tpe, random, grid"),
+    ({"sampler": {"name": "tpe"}}, r"budget.trials is required for sampler 'tpe'"),
+    ({"pruner": {"name": "median", "warmup": 3}}, r"unknown key 'pruner.warmup'; did you mean 'pruner.warmup_steps'"),
+    ({"pruner": {"name": "median"}, "objective": {"metric": "elapsed_s", "direction": "minimize"}},
+     r"pruner.name='median' is invalid with objective.metric='elapsed_s'"),
+    ({"budget": {"trials": 3}}, r"budget.trials=3 is invalid: the grid has 2 valid points"),
+    ({"budget": {"trials": 0}}, r"budget.trials=0 is invalid"),
+    ({"seeds": 0}, r"seeds=0 is invalid"),
+    ({"space": {"run.seed": [0, 1]}}, r"run.seed is set for every trial by the sweep; use the spec's 'seeds'"),
+    ({"overrides": {"run.dir": "x"}}, r"run.dir is set for every trial by the sweep; use the spec's 'runs_dir'"),
+    ({"overrides": {"model.mom.num_memories": 2}}, r"model.mom.num_memories is both in overrides and in space"),
+    ({"heartbeat": {"interval": 5, "grace_period": 5}}, r"heartbeat.grace_period=5 is invalid: must exceed"),
+    ({"base": "no_such_config"}, r"base: config 'no_such_config' is neither a packaged config"),
+    ({"study": "a/b"}, r"study='a/b' is invalid"),
+    ({"space": {"router": {"type": "bundle", "values": {"dense": {"model.mom.routr": "dense"}}}}},
+     r"space.router: value 'dense': unknown key 'model.mom.routr'; did you mean 'model.mom.router'"),
+]
+
+
+@pytest.mark.parametrize(("sections", "message"), BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_specs_name_the_key_the_value_and_what_is_allowed(tmp_path, make_spec, sections, message):
+    path = make_spec(tmp_path / "bad.yaml", **sections)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"sweep spec {path}:") and "\n" not in str(info.value)
+
+
+def test_the_example_spec_in_the_docs_loads(tmp_path):
+    text = (ROOT / "docs" / "sweeps.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.yaml").write_text(example)
+    spec = load_spec(tmp_path / "example.yaml")
+    assert spec.study == "mqar_lr" and list(spec.space) == ["layout", "model.mom.shared_memory", "optim.lr",
+                                                          "model.num_layers", "optim.batch_size"]
+    params = {"layout": "single", "model.mom.shared_memory": False, "optim.lr": 1e-3, "model.num_layers": 1,
+              "optim.batch_size": 32}
+    assert spec.trial_config("mqar_lr", 0, params, seed=0).model.mixer == "single"
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "e.yaml").write_text("base: mqar_tiny\nspace:\n  optim.lr: {type: float, low: 1e-4, high: 3E-2, "
+                                     "log: true}\n  optim.weight_decay: [0, 1e-2]\nsampler: {name: random}\n"
+                                     "budget: {trials: 2}\n")
+    spec = load_spec(tmp_path / "e.yaml")
+    assert (spec.space["optim.lr"].low, spec.space["optim.lr"].high) == (1e-4, 3e-2)
+    assert spec.space["optim.weight_decay"].values == [0, 0.01]
+
+
+def test_missing_and_unparsable_specs(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep spec '.*nope.yaml' does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("space: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(tmp_path / "broken.yaml")
+
+
+def test_base_path_is_relative_to_the_spec(tmp_path, make_spec):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("model:\n  mom: {topk: 1}\noptim:\n  lr: 0.005\n")
+    spec = load_spec(make_spec(tmp_path / "s.yaml", base="configs/mine.yaml"))
+    cfg = spec.trial_config("s", 0, spec.grid[0], seed=0)
+    assert cfg.optim.lr == 0.005 and spec.fingerprint()["base"] == "configs/mine.yaml"

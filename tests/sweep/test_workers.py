@@ -1,0 +1,96 @@
+"""Many workers on one study: two independent worker processes on a real PostgreSQL server (as on two machines)
+run every queued trial exactly once; a worker killed with SIGKILL mid-trial has its trial failed by the
+heartbeat and retried, and the study stays readable."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+
+from momkit.cli import main
+
+
+def _spawn(spec, url, cwd, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "momkit", "sweep", str(spec), "--storage", url, *extra], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ran(output: str) -> list[int]:
+    found = re.findall(r"this command ran trials? ([\d, ]+)", output)
+    return [int(n) for n in found[0].split(", ")] if found else []
+
+
+def test_two_workers_on_postgres_run_every_trial_exactly_once(tmp_path, make_spec, postgres_url):
+    spec = make_spec(tmp_path / "pg_two.yaml", space={"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2,
+                                                                   "log": True}},
+                     sampler={"name": "tpe", "seed": 0, "startup_trials": 2}, budget={"trials": 6})
+    workers = [_spawn(spec, postgres_url, tmp_path) for _ in range(2)]  # both race to create the study
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert sum("created with 6 queued trials" in o for o in outputs) == 1, outputs  # exactly one creator
+    ran = [_ran(o) for o in outputs]
+    assert sorted(ran[0] + ran[1]) == list(range(6)), outputs  # every trial once, none twice, none lost
+
+    study = optuna.load_study(study_name="pg_two", storage=postgres_url)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(6))
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.params["optim.lr"] for t in trials}) == 6
+    by_worker = {}
+    for t in trials:
+        by_worker.setdefault(t.user_attrs["worker"], []).append(t.number)
+    assert sorted(sorted(v) for v in by_worker.values()) == sorted(sorted(r) for r in ran if r)
+
+    assert main(["sweep-report", "pg_two", "--storage", postgres_url, "--out", str(tmp_path / "report")]) == 0
+    csv = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert sorted(csv["number"]) == list(range(6)) and set(csv["state"]) == {"COMPLETE"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_killed_worker_is_detected_by_heartbeat_and_its_trial_retried(tmp_path, make_spec, momkit_cmd, request,
+                                                                        capsys, backend):
+    url = f"sqlite:///{tmp_path / 'kill.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    study_name = f"kill_{backend}"
+    # one trial of 60 steps: long enough to be killed in the middle of it
+    spec = make_spec(tmp_path / "kill.yaml", study=study_name, space={"model.mom.num_memories": [2]},
+                     overrides={"optim.max_steps": 60, "run.eval_every": 5, "run.checkpoint_every": 60})
+    victim = _spawn(spec, url, tmp_path)
+    metrics = tmp_path / "runs" / study_name / "trial-0000" / "seed-0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and any('"valid"' in ln for ln in metrics.read_text().splitlines())):
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline, "the trial never started training"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # mid-trial: it has evaluated at least once, and runs to 60 steps
+    victim.wait()
+    events = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    assert not any(e.get("event") == "end" for e in events), "the victim finished before it was killed"
+    study = optuna.load_study(study_name=study_name, storage=url)
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]  # the dead worker could not say anything
+
+    # the same command again (another worker): it waits for the heartbeat to go stale, fails the trial, and the
+    # retry callback queues it again with the same parameters
+    out = momkit_cmd("sweep", spec, "--storage", url, cwd=tmp_path).stdout
+    assert "FAIL" in out and "worker died (no heartbeat for 2 s); retried as trial 1" in out, out
+    trials = optuna.load_study(study_name=study_name, storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["retry_of"] == 0
+    assert "error" not in trials[1].user_attrs or trials[1].user_attrs["error"] is None
+    assert _ran(out) == [1]
+
+    capsys.readouterr()
+    assert main(["sweep-report", study_name, "--storage", url, "--out", str(tmp_path / "rep")]) == 0
+    report = capsys.readouterr().out
+    assert re.search(r"2 trials \(budget 1\): 1 (complete|fail), 1 (fail|complete)", report), report
+    csv = pd.read_csv(tmp_path / "rep" / "trials.csv").set_index("number")
+    assert csv.loc[0, "state"] == "FAIL" and csv.loc[0, "message"] == "worker died (no heartbeat)"
+    assert csv.loc[0, "retried_as"] == 1 and csv.loc[1, "retry_of"] == 0
