@@ -229,6 +229,8 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     target_accuracy: float | None = None  # early stop once valid accuracy reaches it
+    best_metric: str = "valid/accuracy"  # which evaluation is "best" (best.pt, RunResult.best)
+    best_mode: str = "max"  # max or min
     progress: bool = True
     threads: int | None = None  # CPU threads for torch (None: torch's default)
 
@@ -247,6 +249,9 @@ class RunConfig:
             _check(val is None or (_is_int(val) and val >= 1), p + key, val, "must be null or a positive int")
         _check(self.target_accuracy is None or (_is_num(self.target_accuracy) and 0 < self.target_accuracy <= 1),
                f"{p}target_accuracy", self.target_accuracy, "must be null or in (0, 1]")
+        _check(isinstance(self.best_metric, str) and self.best_metric.startswith("valid/"), f"{p}best_metric",
+               self.best_metric, "a valid/... metric name, e.g. valid/accuracy or valid/loss")
+        _check(self.best_mode in ("max", "min"), f"{p}best_mode", self.best_mode, "one of max, min")
         return self
 
 

@@ -245,6 +245,8 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         for i, seed in enumerate(spec.seeds):
             if i:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
+            cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
+            cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
             result = train(cfg, overwrite=True, callback=report if i == 0 else None)
             values.append(spec.objective.read(result))
             evaluations.append(result.best if spec.objective.source == "best" else result.final)

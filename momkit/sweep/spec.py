@@ -120,7 +120,7 @@ class Param:
 class Objective:
     metric: str = "valid/accuracy"
     direction: str = "maximize"
-    source: str = "best"  # "best": RunResult.best (the evaluation with the best valid accuracy); "final": the last
+    source: str = "best"  # "best": RunResult.best (the best evaluation by the objective); "final": the last
 
     def read(self, result) -> float:
         """The objective of one ``RunResult``."""
@@ -443,7 +443,7 @@ def load_spec(path: str | Path) -> SweepSpec:
                                                                     m.startswith("valid/accuracy/")),
                    f"one of {', '.join(METRICS + RESULT_FIELDS)} or valid/accuracy/<segment>"),
         "direction": (lambda d: d in DIRECTIONS, f"one of {', '.join(DIRECTIONS)}"),
-        "source": (lambda s: s in SOURCES, "best (the evaluation with the best valid accuracy) or final"),
+        "source": (lambda s: s in SOURCES, "best (the best evaluation by the objective) or final"),
     }, aliases={"from": "source"})
     sampler = _section(raw, "sampler", SamplerSpec, spec, {
         "name": (lambda n: n in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),

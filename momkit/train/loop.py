@@ -41,7 +41,7 @@ class RunResult:
     steps: int
     stopped: str  # "max_steps" | "target_accuracy"
     final: Metrics  # the last evaluation
-    best: Metrics  # the evaluation with the best valid accuracy
+    best: Metrics  # the best evaluation by run.best_metric / run.best_mode
     elapsed_s: float
     history: list[dict] = field(default_factory=list)  # all metrics.jsonl events of this run
 
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     metrics = evaluate(model, data, eval_bs, device, cfg.run.eval_batches, amp)
                     log({"split": "valid", **metrics})
                     state["final"] = metrics
-                    if metrics.get("valid/accuracy", -1) > state["best"].get("valid/accuracy", -1):
+                    if _better(metrics, state["best"], cfg.run.best_metric, cfg.run.best_mode):
                         state["best"] = {"step": step, **metrics}
                         _atomic_save({"model": model.state_dict(), "step": step}, run_dir / "best.pt")
                     if callback is not None:
@@ -290,6 +290,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     elapsed = time.perf_counter() - t_start
     log({"event": "end", "stopped": stopped})
     return RunResult(str(run_dir), state["step"], stopped, state["final"], state["best"], elapsed, history)
+
+
+def _better(metrics: Metrics, best: Metrics, key: str, mode: str) -> bool:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or value != value:  # missing or NaN: never best
+        return False
+    if key not in best:
+        return True
+    return value > best[key] if mode == "max" else value < best[key]
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "last") -> tuple[TrainConfig, MoMLM]:

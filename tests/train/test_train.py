@@ -163,3 +163,11 @@ def test_tiny_mom_learns_easy_mqar(tmp_path):
     result = train(cfg)
     assert result.best["valid/accuracy"] >= 0.9, result.best
     assert result.stopped == "target_accuracy" and result.steps < cfg.optim.max_steps
+
+
+def test_best_evaluation_follows_best_metric_and_mode(tmp_path):
+    result = train(tiny(tmp_path, "run.best_metric=valid/loss", "run.best_mode=min"))
+    losses = [e["valid/loss"] for e in result.history if e.get("split") == "valid"]
+    assert result.best["valid/loss"] == min(losses)
+    with pytest.raises(ConfigError, match=r"run.best_mode='low' is invalid: one of max, min"):
+        tiny(tmp_path, "run.best_mode=low")
