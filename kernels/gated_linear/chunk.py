@@ -182,7 +182,8 @@ def _gla_fwd_A_kernel(q, k, g, A, cu, chunk_indices,
         b_E = tl.zeros([BC, BK], dtype=tl.float32)
         for jj in range(0, BC):
             j = BC - 1 - jj
-            m_row = m_k & (s + j < L)
+            # a vector test: a scalar one gives an int mask, which the Triton 3.9 interpreter rejects
+            m_row = m_k & ((s + j + 0 * o_k) < L)
             p_row = (t0 + s + j) * H * K + i_h * K + o_k
             b_kj = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
             b_val = tl.sum(b_q * b_kj[None, :] * tl.exp(tl.where(o_r[:, None] >= j, b_E, NEG_INF)), axis=1)
@@ -440,7 +441,7 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     b_E = tl.zeros([BC, BK], dtype=tl.float32)
     for jj in range(0, BC):
         j = BC - 1 - jj
-        m_row = m_k & (s + j < L)
+        m_row = m_k & ((s + j + 0 * o_k) < L)  # vector test (Triton 3.9 interpreter)
         p_row = (t0 + s + j) * H * K + i_h * K + o_k
         b_kr = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
         b_a = tl.load(dA + tok_i * H * BT + i_h * BT + s + j, mask=m_i & (o_r >= j), other=0.0)
@@ -451,12 +452,13 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     # diagonal sub-chunk: dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
     b_F = tl.zeros([BC, BK], dtype=tl.float32)
     for i in range(0, BC):
-        m_row = m_k & (s + i < L)
+        m_row = m_k & ((s + i + 0 * o_k) < L)
         p_row = (t0 + s + i) * H * K + i_h * K + o_k
         b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
         b_F += tl.where(o_r[:, None] < i, b_gr[None, :], 0.0)
         b_qr = tl.load(q + p_row, mask=m_row, other=0.0).to(tl.float32)
-        b_a = tl.load(dA + (t0 + s + i) * H * BT + i_h * BT + o_i, mask=m_i & (o_r <= i) & (s + i < L), other=0.0)
+        m_a = m_i & (o_r <= i) & ((s + i + 0 * o_r) < L)
+        b_a = tl.load(dA + (t0 + s + i) * H * BT + i_h * BT + o_i, mask=m_a, other=0.0)
         b_dk += b_a[:, None] * b_qr[None, :] * tl.exp(tl.where(o_r[:, None] < i, b_F, NEG_INF))
         b_dkd += tl.where(o_r[:, None] == i, b_a[:, None] * b_qr[None, :], 0.0)
     b_dq += tl.load(dq_inter + p_i, mask=m_ik, other=0.0)
