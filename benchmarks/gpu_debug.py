@@ -1,7 +1,21 @@
-"""Device diagnostic for the delta family's backward: which kernel goes wrong, under which launch options.
+"""Device diagnostics for the kernels: which kernel goes wrong under which launch options, and where the time goes.
 
     CUDA_LAUNCH_BLOCKING=1 python -m benchmarks.gpu_debug --rule deltanet --shape 70x32x32 \
         [--launch delta.wy_bwd:num_warps=2 ...]
+    python -m benchmarks.gpu_debug --profile gated_deltanet,mamba2 [--fla] [--launch ...]
+    python -m benchmarks.gpu_debug --check gated_deltanet [--launch ...]
+    python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--launch ...]     (no GPU needed)
+
+``--profile``: per-kernel GPU time (torch.profiler, CUDA activity) of forward and forward+backward at
+the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128), ours and, with ``--fla``, fla-core's peer,
+then every compiled kernel's registers, spills, warps and shared memory. ``--check``: the kernel
+tests' float64 comparison (tests/kernels) at a few shapes under the given launch options, and the
+forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
+``--resources``: runs on a machine without a GPU. Every kernel that a rule's forward and backward
+launch at the benchmark shape is compiled for sm_90 (Hopper) instead of launched, and its resource
+report is read from the compiler: registers per thread, spill stores and loads (ptxas -v), shared
+memory, and from the SASS the matrix instructions (HGMMA: Hopper's warpgroup MMA, needs >= 4 warps;
+HMMA: the older per-warp MMA) and local-memory accesses (LDL / STL: spills in the instruction stream).
 
 Runs the backward chain of ``DeltaChunk`` kernel by kernel on bf16 inputs and on float32 copies of
 them, synchronising after each kernel, and prints for every intermediate whether it is finite, its
@@ -73,17 +87,176 @@ def chain(q, k, v, beta, g, do, scale):
     sync("dq", dq)
     sync("dk_part", dk_part)
     sync("dw", dw)
-    dk, dv, dbeta = k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
-    b_tok = q.new_empty(Ttot, H, dtype=torch.float32) if gated else None
-    scratch = q.new_empty(NT, H, CHUNK, CHUNK, dtype=torch.float32)
-    dc._wy_bwd_kernel[(NT, H)](q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part, dk, dv,
-                               dbeta, None if a_part is None else a_part[NK], b_tok, scratch, meta.cu,
-                               meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb, GATED=gated,
-                               **dots(q.dtype), **launch("delta.wy_bwd"))
+    dk, dv, dbeta, _ = dc.wy_bwd(q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
+                                 None if a_part is None else a_part[NK], scale, meta)
     sync("dk", dk)
     sync("dv", dv)
     sync("dbeta", dbeta)
     return out
+
+
+def kernel_times(fn, iters: int = 10) -> dict[str, tuple[int, float]]:
+    """Per-kernel (launches per call, microseconds per call) of ``fn``, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            a = agg.setdefault(e.name, [0, 0.0])
+            a[0] += 1
+            a[1] += e.time_range.elapsed_us()
+    return {n: (c // iters, t / iters) for n, (c, t) in agg.items()}
+
+
+def compiled_kernels() -> list[str]:
+    """Registers, spills, warps, stages and shared memory of every compiled momkit kernel."""
+    import importlib
+
+    rows = []
+    for mod in ("gated_linear.chunk", "delta.chunk", "titans.chunk"):
+        m = importlib.import_module(f"momkit.kernels.{mod}")
+        for name, fn in vars(m).items():
+            caches = getattr(fn, "device_caches", None)
+            if not caches:
+                continue
+            for dev in list(caches):
+                for ck in caches[dev][0].values():
+                    md = ck.metadata
+                    rows.append(f"  {mod.split('.')[0]:<13}{name:<24} warps {md.num_warps} stages {md.num_stages} "
+                                f"regs {getattr(ck, 'n_regs', '?'):>3} spills {getattr(ck, 'n_spills', '?'):>5} "
+                                f"smem {md.shared:>6}")
+    return sorted(rows)
+
+
+def profile_rules(rules: list[str], with_fla: bool, iters: int = 10) -> None:
+    from benchmarks.kernels import PEERS, fla_fn, inputs, ours_fn
+
+    B, T, H, K, V = 4, 4096, 8, 128, 128
+    for name in rules:
+        rule, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cuda"))
+        who = ["ours"] + (["fla"] if with_fla and name in PEERS else [])
+        for tag in who:
+            for bwd in (False, True):
+                fn = ours_fn(rule, q, k, v, gates, bwd) if tag == "ours" else fla_fn(name, q, k, v, dict(gates), bwd)
+                times = kernel_times(fn, iters)
+                total = sum(t for _, t in times.values())
+                print(f"\n{name} {tag} {'fwd+bwd' if bwd else 'fwd'}: {total:8.1f} us of kernels per call")
+                for kname, (count, t) in sorted(times.items(), key=lambda x: -x[1][1]):
+                    if t >= 0.01 * total:
+                        print(f"  {t:8.1f} us {100 * t / total:5.1f}%  x{count:<3} {kname[:90]}")
+        torch.cuda.empty_cache()
+    print("\ncompiled kernels:")
+    print("\n".join(compiled_kernels()))
+
+
+def check_rule(name: str) -> None:
+    import importlib.util
+    import pathlib
+
+    from benchmarks.kernels import bench, inputs, ours_fn
+
+    path = pathlib.Path(__file__).parents[1] / "tests" / "kernels" / "test_chunk_kernels.py"
+    spec = importlib.util.spec_from_file_location("kernel_tests", path)
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    rule = get_rule(name)
+    opts = {"mini_batch": 16} if name == "titans" else {}
+    tag = " ".join(f"{k}:{v}" for k, v in _common.LAUNCH.items()) or "defaults"
+    for seed, (B, T, K, V, dtype) in enumerate([(2, 70, 20, 24, torch.bfloat16), (2, 70, 32, 32, torch.bfloat16),
+                                                (2, 300, 128, 128, torch.bfloat16), (2, 65, 100, 100, torch.float32),
+                                                (2, 130, 256, 64, torch.float16), (2, 200, 64, 64, torch.float32)]):
+        leaves = tests.make_leaves(rule, B, T, 2, K, V, dtype, 1000 + seed, "cuda")
+        try:
+            tests.check_against_reference(rule, opts, leaves, dtype)
+            verdict = "pass"
+        except AssertionError as e:
+            verdict = f"FAIL {str(e)[:150]}"
+        print(f"check {name} [{tag}] T{T} K{K} V{V} {str(dtype)[6:]}: {verdict}", flush=True)
+    rule, q, k, v, gates = inputs(name, 4, 4096, 8, 128, 128, torch.device("cuda"))
+    for bwd in (False, True):
+        fn = ours_fn(rule, q, k, v, gates, bwd)
+        fn()
+        print(f"time {name} [{tag}] {'fwd+bwd' if bwd else 'fwd'}: {bench(fn, 200):.3f} ms", flush=True)
+
+
+def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
+    """Compile (not run) the kernels of each rule's forward and backward for sm_90 on a machine without
+    a GPU (Triton is pointed at a stand-in driver that reports an sm_90 target), and print their
+    resource usage."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import jit
+    from triton.runtime.driver import driver
+
+    from benchmarks.kernels import inputs
+    from momkit import kernels
+
+    class _Sm90:  # enough of a driver for Triton to compile for sm_90 and stop before launching
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    previous = driver._active
+    driver.set_active(_Sm90())
+    seen: dict[tuple, object] = {}
+    run = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kw):
+        ck = run(self, *args, grid=grid, warmup=True, **kw)
+        seen.setdefault((self.fn.__name__, self.fn.__module__, ck.hash), ck)
+        return ck
+
+    jit.JITFunction.run = compile_only
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    B, T, H, K, V = shape
+    try:
+        for name in rules:
+            _, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cpu"))
+            leaves = [x.requires_grad_(True) for x in (q, k, v, *gates.values())]
+            opts = {"mini_batch": 16} if name == "titans" else {}
+            o, _ = kernels.chunk(name, *leaves[:3], dict(zip(gates, leaves[3:])), scale=K**-0.5,
+                                 initial_state=None, output_final_state=False, cu_seqlens=None, options=opts)
+            o.backward(torch.ones_like(o))
+    finally:
+        jit.JITFunction.run = run
+        driver._active = previous
+    print(f"{'kernel':<34}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL")
+    with tempfile.TemporaryDirectory() as tmp:
+        for (fname, module, _), ck in seen.items():
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(ck.asm["ptx"])
+            info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                                   os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            cubin = os.path.join(tmp, "t.cubin")
+            with open(cubin, "wb") as f:
+                f.write(ck.asm["cubin"])
+            sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                                  text=True).stdout
+            md = ck.metadata
+            print(f"{fname:<34}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "
+                  f"{regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>6}/"
+                  f"{spill.group(2) if spill else '?':<6} {md.shared / 1024:>8.1f} "
+                  f"{len(re.findall(r'HGMMA', sass)):>6} {len(re.findall(r' HMMA', sass)):>5} "
+                  f"{len(re.findall(r' (?:LDL|STL)', sass)):>8}", flush=True)
 
 
 def main() -> None:
@@ -91,11 +264,24 @@ def main() -> None:
     ap.add_argument("--rule", default="deltanet")
     ap.add_argument("--shape", default="70x32x32")
     ap.add_argument("--launch", nargs="*", default=[], help="kernel:option=value")
+    ap.add_argument("--profile", default=None, help="comma-separated rules to profile at the benchmark shape")
+    ap.add_argument("--fla", action="store_true", help="with --profile: fla-core's peers too")
+    ap.add_argument("--check", default=None, help="a rule: float64 checks and timing under --launch")
+    ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
     args = ap.parse_args()
     for item in args.launch:
         kern, opt = item.split(":")
         key, val = opt.split("=")
         _common.LAUNCH.setdefault(kern, {})[key] = int(val)
+    if args.profile:
+        profile_rules(args.profile.split(","), args.fla)
+        return
+    if args.check:
+        check_rule(args.check)
+        return
+    if args.resources:
+        resource_report(args.resources.split(","))
+        return
     T, K, V = (int(x) for x in args.shape.split("x"))
     rule = get_rule(args.rule)
     q, k, v, gates = random_inputs(rule, 1, T, 2, K, V, torch.bfloat16, seed=1)

@@ -299,42 +299,50 @@ def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, 
                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Back through ``w = T diag(beta)(k ∘ gamma)``, ``u = T diag(beta) v`` and ``T = (I + A)^{-1}``:
-    final dk, dv and dbeta of one chunk. ``dB^T`` goes through a per-chunk scratch tile in global
-    memory instead of transposing a matmul result in registers. ``du`` is the pseudo-values'
-    gradient; GATED: its local part without the diagonal of A (which is added here) and its part
-    from later chunks ``du_inter`` apart, for the decay gradient's per-token parts: ``a_neg = -v . dv``
-    without a token's pairing with its own output and without ``b = v . dv_inter``."""
+    final dk, dv and dbeta of one chunk. ``du`` is the pseudo-values' gradient; GATED: its local part
+    without the diagonal of A (which is added here) and its part from later chunks ``du_inter`` apart,
+    for the decay gradient's per-token parts: ``a_neg = -v . dv`` without a token's pairing with its
+    own output and without ``b = v . dv_inter``.
+
+    Written in three phases so that few ``[BT, BT]`` tiles are live at once: the kernel runs at two
+    warps (on Hopper with Triton 3.6, four warps miscompile this backward, as fla found for its own,
+    fla issue #984), where a float32 ``[64, 64]`` tile takes 64 registers per thread. Phase 1 holds
+    ``dTb`` and ``Tb^T``; phase 2 holds ``dA`` and the key Gram matrix; phase 3 reloads ``Tb^T``.
+    ``T`` and ``T^T`` are read from memory when needed rather than kept. ``dB^T`` goes through a
+    per-chunk scratch tile in global memory instead of transposing a matmul result in registers."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
+    p_T = tok[:, None] * H * BT + i_h * BT + o_t[None, :]  # T[i, j]
+    p_TT = tok[None, :] * H * BT + i_h * BT + o_t[:, None]  # T^T[i, j] = T[j, i]
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    b_T = tl.load(Tm + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    b_TT = tl.load(Tm + tok[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
-    b_TbT = (b_TT * b_beta[:, None]).to(WT)  # (T diag(beta))^T
     if GATED:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_gam = tl.exp(tl.cumsum(b_g, axis=0))
+    # ---- phase 1: dTb = dw (K ∘ gamma)^T + du V^T, dv = Tb^T du
     b_dTb = tl.zeros([BT, BT], dtype=tl.float32)
-    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     b_qk = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        if GATED:
-            b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
-            b_qk += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), axis=1)
-        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_dw = tl.load(dw + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                       other=0.0)
-        b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
-        b_kgT = b_kT.to(tl.float32)
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_kgT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                        other=0.0).to(tl.float32)
         if GATED:
             b_kgT *= b_gam[None, :]
+            p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+            b_qk += tl.sum(tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                           * tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32), axis=1)
+        b_dw = tl.load(dw + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
         b_dTb += mm(b_dw, b_kgT, WT, INTERP, PREC)
+    # (T diag(beta))^T; GATED: without its diagonal (beta, as T's diagonal is exactly 1), which is
+    # applied apart in float32, so a token's pairing with its own value stays out of the decay gradient
+    b_TbT = tl.load(Tm + p_TT, mask=m_t[None, :], other=0.0) * b_beta[:, None]
+    if GATED:
+        b_TbT = tl.where(o_t[:, None] == o_t[None, :], 0.0, b_TbT)
+    b_TbT = b_TbT.to(WT)
     b_xa = tl.zeros([BT], dtype=tl.float32)
     b_xb = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -346,46 +354,55 @@ def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, 
         b_vT = tl.load(v + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :], other=0.0)
         if GATED:
             b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_xa += b_beta * tl.sum(b_v * b_du, axis=1)
             b_dl = b_du + (scale * b_qk)[:, None] * tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
             b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
             b_dTb += mm(b_dl + b_dui, b_vT, WT, INTERP, PREC)
-            b_P1 = mm(tl.where(o_t[:, None] == o_t[None, :], 0.0, b_TbT), b_dl, WT, INTERP, PREC)
-            b_P2 = mm(b_TbT, b_dui, WT, INTERP, PREC)
-            b_dv = b_P1 + b_beta[:, None] * b_dl + b_P2
-            b_xa += tl.sum(b_v * b_P1, axis=1) + b_beta * tl.sum(b_v * b_du, axis=1)
+            b_P1 = mm(b_TbT, b_dl, WT, INTERP, PREC)  # off the diagonal
+            b_xa += tl.sum(b_v * b_P1, axis=1)
+            b_P2 = mm(b_TbT, b_dui, WT, INTERP, PREC) + b_beta[:, None] * b_dui
             b_xb += tl.sum(b_v * b_P2, axis=1)
+            b_dv = b_P1 + b_beta[:, None] * b_dl + b_P2
         else:
             b_dTb += mm(b_du, b_vT, WT, INTERP, PREC)
             b_dv = mm(b_TbT, b_du, WT, INTERP, PREC)
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-    b_dbeta = tl.sum(b_dTb * b_T, axis=0)  # Tb = T diag(beta): dbeta_j = sum_i dTb_ij T_ij
-    b_dT = b_dTb * b_beta[None, :]
-    b_dA = -tl.dot(tl.dot(b_TT, b_dT, input_precision=PREC), b_TT, input_precision=PREC)  # -T^T dT T^T
+    # ---- phase 2: dA = -T^T (dTb diag(beta)) T^T (strictly lower), dbeta
+    b_dbeta = tl.sum(b_dTb * tl.load(Tm + p_T, mask=m_t[:, None], other=0.0), axis=0)  # dbeta_j = sum_i dTb_ij T_ij
+    b_TT = tl.load(Tm + p_TT, mask=m_t[None, :], other=0.0)
+    b_dA = -tl.dot(tl.dot(b_TT, b_dTb * b_beta[None, :], input_precision=PREC), b_TT, input_precision=PREC)
     b_dA = tl.where(o_t[:, None] > o_t[None, :], b_dA, 0.0)
     if GATED:
         b_dA *= _decay_matrix(b_g, BT)
-    b_dbeta += tl.sum(b_dA * b_KK, axis=1)  # A_ij = beta_i (k_i . k_j) Γ_ij
-    b_dB = b_dA * b_beta[:, None]  # gradient of k_i . k_j (j < i)
-    p_s = (i_t * H + i_h).to(tl.int64) * BT * BT
-    tl.store(scratch + p_s + o_t[:, None] * BT + o_t[None, :], b_dB)
-    tl.debug_barrier()
-    b_dBT = tl.load(scratch + p_s + o_t[None, :] * BT + o_t[:, None])
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k[None, :] < K)
-        p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0)
-        b_dkw = mm(b_TbT, b_dw, WT, INTERP, PREC)
-        if GATED:
-            b_dkw *= b_gam[:, None]
-        b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0) + b_dkw
-        b_dk += mm((b_dB + b_dBT), b_k, WT, INTERP, PREC)
-        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        m_k = o_k < K
+        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+    b_dbeta += tl.sum(b_dA * b_KK, axis=1)  # A_ij = beta_i (k_i . k_j) Γ_ij
     tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
     if GATED:
         tl.store(a_neg + tok * H + i_h, -b_xa, mask=m_t)
         tl.store(b_tok + tok * H + i_h, b_xb, mask=m_t)
+    b_dB = b_dA * b_beta[:, None]  # gradient of k_i . k_j (j < i)
+    p_s = (i_t * H + i_h).to(tl.int64) * BT * BT
+    tl.store(scratch + p_s + o_t[:, None] * BT + o_t[None, :], b_dB)
+    tl.debug_barrier()
+    b_dBs = (b_dB + tl.load(scratch + p_s + o_t[None, :] * BT + o_t[:, None])).to(WT)  # dB + dB^T
+    # ---- phase 3: dk = dk_part + (Tb^T dw) ∘ gamma + (dB + dB^T) K
+    b_TbT = (tl.load(Tm + p_TT, mask=m_t[None, :], other=0.0) * b_beta[:, None]).to(WT)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+        b_dkw = mm(b_TbT, tl.load(dw + p_k, mask=m_tk, other=0.0), WT, INTERP, PREC)
+        if GATED:
+            b_dkw *= b_gam[:, None]
+        b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0) + b_dkw
+        b_dk += mm(b_dBs, tl.load(k + p_k, mask=m_tk, other=0.0), WT, INTERP, PREC)
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -428,6 +445,28 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
                                                STORE_VR=u_off is not None, **dots(k.dtype, False),
                                                    **launch("delta.fwd_h", num_stages=state_stages(BK, u.dtype)))
     return h, v_new, ht, vr
+
+
+def wy_bwd(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta):
+    """dk, dv, dbeta and (gated) the decay gradient's per-token part ``b_tok`` (``a_neg`` is written)
+    from the WY representation's gradients (``_wy_bwd_kernel``)."""
+    Ttot, H, K = k.shape
+    V = v.shape[-1]
+    gated = g is not None
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    dbeta = beta.new_empty(beta.shape)
+    b_tok = q.new_empty(Ttot, H, dtype=torch.float32) if gated else None
+    scratch = q.new_empty(meta.num_chunks, H, CHUNK, CHUNK, dtype=torch.float32)
+    # two warps: four give NaN dk / illegal accesses on Hopper with Triton 3.6 (fla issue #984). At two
+    # warps a [64, 64] float32 tile is 64 registers per thread, hence the narrow key and value blocks
+    # (32 and 16: the fewest spills in the sm_90 resource report, benchmarks/gpu_debug.py --resources).
+    opts = launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)
+    BK, BV = opts.pop("BK"), opts.pop("BV")
+    _wy_bwd_kernel[(meta.num_chunks, H)](q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg,
+                                         b_tok, scratch, meta.cu, meta.chunk_indices, scale, H=H, K=K, V=V,
+                                         BT=CHUNK, BK=BK, BV=BV, GATED=gated, **dots(q.dtype), **opts)
+    return dk, dv, dbeta, b_tok
 
 
 class DeltaChunk(torch.autograd.Function):
@@ -483,16 +522,8 @@ class DeltaChunk(torch.autograd.Function):
         _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
                                       meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
                                       GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
-        dk = k.new_empty(k.shape)
-        dv = v.new_empty(v.shape)
-        dbeta = beta.new_empty(beta.shape)
-        b_tok = q.new_empty(Ttot, H, dtype=f32) if gated else None
-        scratch = q.new_empty(NT, H, CHUNK, CHUNK, dtype=f32)
-        _wy_bwd_kernel[(NT, H)](q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part, dk,
-                                dv, dbeta, None if a_part is None else a_part[NK], b_tok, scratch, meta.cu,
-                                meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb, GATED=gated,
-                                **dots(q.dtype),
-                                **launch("delta.wy_bwd", num_warps=2))  # 4: NaN dk in bf16 on Hopper (Triton 3.6)
+        dk, dv, dbeta, b_tok = wy_bwd(q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
+                                      None if a_part is None else a_part[NK], scale, meta)
         dg = None
         if gated:
             dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype,
