@@ -6,7 +6,13 @@ Runs ``pytest tests/kernels -m gpu`` (the GPU-marked tests: every interpreter te
 plus the odd sizes and the 65,536-token sequences) in parallel workers, with a JUnit file from which
 it adds, per tensor kind, the largest precision margin the tests recorded: ``C_needed`` is
 ``(max |kernel - ref64| - 2 max |ref_lowprec - ref64|) / (u max |ref64|)``, which the tests require
-to be at most C (8 for float16 / bfloat16, 16 for float32).
+to be at most C (8 for float16 / bfloat16, 16 for float32); and the tests with the largest peak
+device memory and the longest run times.
+
+The workers share one GPU: ``--dist loadgroup`` runs the tests of the xdist group
+``large_reference`` (float64 references of several GiB) on one worker, one after the other, and each
+test hands its cached memory back when it ends (tests/kernels/conftest.py), so the suite's peak is
+about one large reference plus the small tests of the other workers.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ def margins(junit: str) -> list[str]:
     return [f"  {k:<40} {v:7.2f}  {name}" for k, (v, name) in sorted(worst.items())]
 
 
+def largest(junit: str, n: int = 8) -> list[str]:
+    """The tests with the largest peak device memory and the longest times."""
+    cases = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        peak = next((float(p.get("value")) for p in case.iter("property") if p.get("name") == "peak_cuda_mib"), 0.0)
+        cases.append((peak, float(case.get("time", 0.0)), case.get("name")))
+    out = ["", f"largest peak device memory (of {len(cases)} tests):"]
+    out += [f"  {p / 1024:7.2f} GiB  {t:7.1f} s  {name}" for p, t, name in sorted(cases, reverse=True)[:n]]
+    out += ["", "longest tests:"]
+    out += [f"  {t:7.1f} s  {p / 1024:7.2f} GiB  {name}" for p, t, name in sorted(cases, key=lambda c: -c[1])[:n]]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -49,7 +68,7 @@ def main() -> None:
         env["commit"] = args.commit
     junit = os.path.splitext(args.out)[0] + ".junit.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           f"-n{args.workers}", f"--junitxml={junit}", *args.pytest_args]
+           f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -70,7 +89,7 @@ def main() -> None:
     if os.path.exists(junit):
         try:
             lines += ["", "largest recorded precision margin C_needed per tensor (limit: 8 half, 16 fp32):",
-                      *margins(junit)]
+                      *margins(junit), *largest(junit)]
         except ET.ParseError as e:
             lines.append(f"(junit file unreadable: {e})")
     text = "\n".join(lines) + "\n"

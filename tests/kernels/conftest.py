@@ -1,10 +1,23 @@
 """The kernel tests' references are token loops of tiny tensor ops: intra-op threads only add
-overhead there (on a 2-core CI machine, about 100x per op), so these tests run single-threaded."""
+overhead there (on a 2-core CI machine, about 100x per op), so these tests run single-threaded.
+
+On a GPU each test records its peak device memory (``peak_cuda_mib`` in the JUnit report) and hands
+its cached blocks back to the device afterwards: the GPU suite runs several pytest-xdist workers on
+one card, and a worker's caching allocator would otherwise keep the peak of the largest test it ran
+(the float64 token-loop references with autograd are the large ones: about 10 GiB for titans at
+T = 1000, K = V = 256) out of reach of the others. The tests with the largest references share the
+xdist group ``large_reference``, which ``--dist loadgroup`` (benchmarks/gpu_tests.py) runs on one
+worker, one at a time.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that pytest-xdist runs on one worker")
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +26,15 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _device_memory(request):
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    request.node.user_properties.append(("peak_cuda_mib", round(peak, 1)))
+    torch.cuda.empty_cache()

@@ -224,10 +224,15 @@ SIZES = [  # (T, K, V, dtype)
     (1000, 256, 256, torch.bfloat16),
 ]
 SIZE_IDS = [f"T{T}-K{K}-V{V}-{str(d).split('.')[-1]}" for T, K, V, d in SIZES]
+# The float64 token loop keeps every step's state for autograd: at T = 1000, K = V = 256 that is 4-10 GiB
+# per test (titans the most). These run one at a time on one worker (tests/kernels/conftest.py).
+LARGE_REFERENCE = pytest.mark.xdist_group("large_reference")
+SIZE_PARAMS = [pytest.param(*s, id=i, marks=[LARGE_REFERENCE] if s[0] * s[1] * s[2] >= 2**24 else [])
+               for s, i in zip(SIZES, SIZE_IDS, strict=True)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("T", "K", "V", "dtype"), SIZES, ids=SIZE_IDS)
+@pytest.mark.parametrize(("T", "K", "V", "dtype"), SIZE_PARAMS)
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_odd_sizes_on_gpu(seed, name, opts, T, K, V, dtype, record_property):
     rule = get_rule(name)
@@ -236,6 +241,7 @@ def test_odd_sizes_on_gpu(seed, name, opts, T, K, V, dtype, record_property):
 
 
 @pytest.mark.gpu
+@LARGE_REFERENCE
 @pytest.mark.parametrize(("name", "opts"), VARIANTS[:7], ids=VARIANT_IDS[:7])
 def test_long_sequence_on_gpu(seed, name, opts, record_property):
     """T = 65,536 with strong decay (log decays around -8 per token; titans: alpha, theta and eta
