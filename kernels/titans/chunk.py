@@ -111,7 +111,9 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
         b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
         b_Dth = b_D * b_theta[None, :]
         sel = p[:, None] == o_t[None, :]
-        b_Lc = tl.dot(tl.where(sel, 1.0, 0.0), b_Dth, input_precision="ieee")  # rows p[j] of Dth (exact)
+        # rows p[j] of Dth, exactly: a masked sum (with a float32 "ieee" product with the 0/1 matrix
+        # the kernel spilled 1.8 KB per thread, 0.1 KB without; benchmarks/gpu_debug.py --resources)
+        b_Lc = tl.sum(tl.where(sel[:, :, None], b_Dth[None, :, :], 0.0), axis=1)
         b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
         b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
         b_KK = tl.zeros([BT, BT], dtype=tl.float32)
@@ -610,7 +612,9 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
     g_ap += tl.where(is_e, s_ap, 0.0)
     g_gp += tl.where(is_e, s_gp, 0.0)
     g_Dth += tl.where(row_e, g_wM[None, :], 0.0)
-    g_Dth += tl.dot(tl.where(sel_T, 1.0, 0.0), g_Lc, input_precision="ieee")  # Lc = rows p[j] of Dth
+    # Lc = rows p[j] of Dth: summed back by a masked sum, not a float32 product with the 0/1 matrix
+    # (with the product the kernel spilled 5.3 KB per thread, 1.7 KB without; gpu_debug --resources)
+    g_Dth += tl.sum(tl.where(sel_T[:, :, None], g_Lc[None, :, :], 0.0), axis=1)
     g_Dth = tl.where(lower, g_Dth, 0.0)
     g_Aa += tl.sum(tl.where(sel_T, g_ap[None, :], 0.0), axis=1) + tl.where(is_e, s_Aa, 0.0)
     g_c += tl.sum(tl.where(sel_T, g_gp[None, :], 0.0), axis=1) + tl.where(is_e, s_c, 0.0)
