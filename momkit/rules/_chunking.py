@@ -130,21 +130,24 @@ def to_rows(x: Tensor, plan: ChunkPlan, neutral: float) -> Tensor:
         if n * C != L:
             pad = torch.full((n_seg, n * C - L, *tail), neutral, dtype=x.dtype, device=x.device)
             x = torch.cat([x, pad], 1)
-        x = x.view(n_seg, n, C, *tail).transpose(0, 1)  # chunk-major rows: row = j * n_seg + segment
-    else:
-        x = scatter_rows(x, plan.dst, plan.num_rows * C, neutral).view(plan.num_rows, C, *tail)
-    return x.reshape(plan.num_rows, C, *tail).transpose(1, 2).contiguous()
+        # chunk-major rows (row = j * n_seg + segment), heads before tokens: one copy
+        extra = tuple(range(4, 3 + len(tail)))  # the dims after H
+        x = x.view(n_seg, n, C, *tail).permute(1, 0, 3, 2, *extra).contiguous()
+        return x.view(plan.num_rows, *x.shape[2:])
+    x = scatter_rows(x, plan.dst, plan.num_rows * C, neutral).view(plan.num_rows, C, *tail)
+    return x.transpose(1, 2).contiguous()
 
 
 def from_rows(o: Tensor, plan: ChunkPlan) -> Tensor:
     """Chunk rows ``[R, H, C, V]`` -> packed ``[num_tokens, H, V]``."""
     R, H, C, V = o.shape
-    o = o.transpose(1, 2)  # [R, C, H, V]
     if plan.regular is not None:
         n_seg, L = plan.regular
-        o = o.reshape(R // n_seg, n_seg, C, H, V).transpose(0, 1).reshape(n_seg, -1, H, V)
-        return o[:, :L].reshape(plan.num_tokens, H, V)
-    return gather_rows(o.reshape(R * C, H, V), plan.dst)
+        o = o.view(R // n_seg, n_seg, H, C, V).permute(1, 0, 3, 2, 4)  # [n_seg, chunks, C, H, V]
+        if o.shape[1] * C == L:
+            return o.reshape(plan.num_tokens, H, V)  # one copy
+        return o.reshape(n_seg, -1, H, V)[:, :L].reshape(plan.num_tokens, H, V)
+    return gather_rows(o.transpose(1, 2).reshape(R * C, H, V), plan.dst)
 
 
 def scan_chunks(
@@ -191,6 +194,11 @@ def decay_exp(x: Tensor) -> Tensor:
     return torch.where(x > LOG_DECAY_FLOOR, x, float("-inf")).exp()
 
 
+def decay_exp_(x: Tensor) -> Tensor:
+    """``decay_exp`` in place, for a fresh tensor that nothing else holds (one pass less)."""
+    return x.masked_fill_(x <= LOG_DECAY_FLOOR, float("-inf")).exp_()
+
+
 def flush_tiny(x: Tensor, floor: float = 1e-26) -> Tensor:
     """Products of decays (cumulative products) with values below ``floor`` set to 0 (see decay_exp)."""
     return torch.where(x.abs() < floor, torch.zeros_like(x), x)
@@ -202,6 +210,6 @@ def decay_matrix(G: Tensor, strict: bool = False) -> Tensor:
     The exponent is masked before ``exp`` so the unused upper triangle can never overflow.
     """
     C = G.shape[-1]
-    diff = G[..., :, None] - G[..., None, :]
-    keep = causal_mask(C, G.device, strict)
-    return decay_exp(diff.masked_fill(~keep, float("-inf")))
+    diff = G[..., :, None] - G[..., None, :]  # a fresh tensor: masked and exponentiated in place
+    drop = ~causal_mask(C, G.device, strict) | (diff <= LOG_DECAY_FLOOR)
+    return diff.masked_fill_(drop, float("-inf")).exp_()

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from momkit.rules._chunking import ChunkPlan, decay_exp, decay_matrix, scan_chunks
+from momkit.rules._chunking import ChunkPlan, decay_exp, decay_exp_, decay_matrix, scan_chunks
 
 Tensor = torch.Tensor
 
 # Per-channel log decays are floored here in the chunked path (see _per_channel_intra).
 _LOG_DECAY_FLOOR = -50.0
+# Largest |exponent| of a factor exp(+-Gd) computed in the input's own precision (see _per_channel_intra).
+_FACTOR_EXP_LIMIT = {torch.float32: 40.0, torch.float64: float("inf")}
 
 
 def gated_linear_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float,
@@ -67,14 +69,20 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
     step_dec = Gs[..., -1, :]  # [R, H, n, K]: log decay across each sub-chunk
     G_ref = step_dec.cumsum(2) - step_dec  # [R, H, n, K]: from the chunk start to each sub-chunk's start
     qs = q.view(R, H, n, c, K) * decay_exp(Gs)  # decay from the sub-chunk start to i, <= 1
-    ks = k.view(R, H, n, c, K) * decay_exp(step_dec[..., None, :] - Gs)  # decay from j to the sub-chunk end
+    ks = k.view(R, H, n, c, K) * decay_exp_(step_dec[..., None, :] - Gs)  # decay from j to the sub-chunk end
     vs = v.view(R, H, n, c, V)
 
-    # diagonal sub-chunks, factorised around the middle token m
+    # diagonal sub-chunks, factorised around the middle token m: exp(Gd_i) exp(-Gd_j) = exp(G_i - G_j).
+    # The factors reach exp(max |Gd|); in the input's precision while their products stay finite
+    # (float32: |Gd| <= 40, exp(80) < 3.4e38; each kept product is <= 1 and exact to rounding), else float64.
     mid = Gs[..., c // 2 : c // 2 + 1, :]
-    Gd = (Gs - mid).to(torch.float64)
-    qd = q.view(R, H, n, c, K).to(torch.float64) * Gd.exp()
-    kd = k.view(R, H, n, c, K).to(torch.float64) * (-Gd).exp()
+    Gd = Gs - mid
+    limit = _FACTOR_EXP_LIMIT.get(q.dtype, 0.0)
+    if limit < float("inf") and float(max(-Gd.detach().amin(), Gd.detach().amax())) > limit:
+        Gd = Gd.to(torch.float64)
+    e = Gd.exp()
+    qd = q.view(R, H, n, c, K).to(Gd.dtype) * e
+    kd = k.view(R, H, n, c, K).to(Gd.dtype) / e
     A_diag = (qd @ kd.mT).tril_().to(q.dtype)  # [R, H, n, c, c]
 
     # sub-chunk a reads sub-chunks b < a through exp(G_ref[a] - G_ref[b] - step_dec[b]) <= 1
@@ -102,8 +110,9 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
         qg, kgam, kd, dec = q, k, k, None
     else:
         G = g.cumsum(-1)
-        L = k @ k.mT * beta[..., :, None] * decay_matrix(G, strict=True)
-        A = q @ k.mT * decay_matrix(G)
+        D = decay_matrix(G)  # one decay matrix: L takes its strict lower part
+        L = (k @ k.mT * beta[..., :, None] * D).tril_(-1)
+        A = q @ k.mT * D
         gam = decay_exp(G)[..., None]
         qg, kgam = q * gam, k * gam
         kd = k * decay_exp(G[..., -1:] - G)[..., None]
