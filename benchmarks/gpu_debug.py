@@ -69,8 +69,10 @@ def chain(q, k, v, beta, g, do, scale):
     dv_tot = torch.empty_like(u)
     du_inter = torch.empty_like(u) if gated else None
     s_part = q.new_zeros(triton.cdiv(V, BV), NT, H, 1, dtype=torch.float32) if gated else None
+    qk = (q.float() * k.float()).sum(-1) if gated else None
     dc._bwd_dh_kernel[(H, triton.cdiv(V, BV))](
-        q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, None, None, s_part, meta.cu, meta.chunk_offsets, scale, NT,
+        q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, None, None, s_part, meta.cu, meta.chunk_offsets,
+        scale, NT,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATED=gated, USE_DHT=False, STORE_DH0=False, **dots(q.dtype, False),
         **launch("delta.bwd_dh", num_stages=_common.state_stages(BK, u.dtype)))
     sync("dh", dh)
@@ -87,7 +89,7 @@ def chain(q, k, v, beta, g, do, scale):
     sync("dq", dq)
     sync("dk_part", dk_part)
     sync("dw", dw)
-    dk, dv, dbeta, _ = dc.wy_bwd(q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
+    dk, dv, dbeta, _ = dc.wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
                                  None if a_part is None else a_part[NK], scale, meta)
     sync("dk", dk)
     sync("dv", dv)

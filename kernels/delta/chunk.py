@@ -158,14 +158,14 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
 
 
 @triton.jit
-def _bwd_dh_kernel(q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
+def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
                    NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
                    STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
     gradient of the pseudo-values ``v_new``: local part + ``k_dec dh``. GATED: the local part comes
     without its diagonal (added here), ``du_inter = k_dec dh`` is stored, and the decay gradient's
-    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block)."""
+    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n)
@@ -198,8 +198,8 @@ def _bwd_dh_kernel(q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, 
         b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_wT = tl.load(w + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
         if GATED:
-            b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_dv += (scale * tl.sum(b_q * b_k, axis=1))[:, None] * b_do.to(tl.float32)  # the diagonal of A
+            b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
+            b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
             b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
             b_k *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
             b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
@@ -294,7 +294,7 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk, dw, a_part, 
 
 
 @triton.jit
-def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg, b_tok, scratch,
+def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg, b_tok, scratch,
                    cu, chunk_indices, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
@@ -302,7 +302,7 @@ def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, 
     final dk, dv and dbeta of one chunk. ``du`` is the pseudo-values' gradient; GATED: its local part
     without the diagonal of A (which is added here) and its part from later chunks ``du_inter`` apart,
     for the decay gradient's per-token parts: ``a_neg = -v . dv`` without a token's pairing with its
-    own output and without ``b = v . dv_inter``.
+    own output and without ``b = v . dv_inter`` (``qk [Ttot, H]``: ``q_t . k_t``, for that pairing).
 
     Written in three phases so that few ``[BT, BT]`` tiles are live at once: the kernel runs at two
     warps (on Hopper with Triton 3.6, four warps miscompile this backward, as fla found for its own,
@@ -323,19 +323,15 @@ def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, 
         b_gam = tl.exp(tl.cumsum(b_g, axis=0))
     # ---- phase 1: dTb = dw (K ∘ gamma)^T + du V^T, dv = Tb^T du
     b_dTb = tl.zeros([BT, BT], dtype=tl.float32)
-    b_qk = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
         b_kgT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                         other=0.0).to(tl.float32)
         if GATED:
             b_kgT *= b_gam[None, :]
-            p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
-            b_qk += tl.sum(tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-                           * tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32), axis=1)
-        b_dw = tl.load(dw + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_dw = tl.load(dw + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                       other=0.0)
         b_dTb += mm(b_dw, b_kgT, WT, INTERP, PREC)
     # (T diag(beta))^T; GATED: without its diagonal (beta, as T's diagonal is exactly 1), which is
     # applied apart in float32, so a token's pairing with its own value stays out of the decay gradient
@@ -355,7 +351,8 @@ def _wy_bwd_kernel(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, 
         if GATED:
             b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
             b_xa += b_beta * tl.sum(b_v * b_du, axis=1)
-            b_dl = b_du + (scale * b_qk)[:, None] * tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_sqk = scale * tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
+            b_dl = b_du + b_sqk[:, None] * tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
             b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
             b_dTb += mm(b_dl + b_dui, b_vT, WT, INTERP, PREC)
             b_P1 = mm(b_TbT, b_dl, WT, INTERP, PREC)  # off the diagonal
@@ -447,7 +444,7 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     return h, v_new, ht, vr
 
 
-def wy_bwd(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta):
+def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta):
     """dk, dv, dbeta and (gated) the decay gradient's per-token part ``b_tok`` (``a_neg`` is written)
     from the WY representation's gradients (``_wy_bwd_kernel``)."""
     Ttot, H, K = k.shape
@@ -456,16 +453,16 @@ def wy_bwd(q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, me
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
     dbeta = beta.new_empty(beta.shape)
-    b_tok = q.new_empty(Ttot, H, dtype=torch.float32) if gated else None
-    scratch = q.new_empty(meta.num_chunks, H, CHUNK, CHUNK, dtype=torch.float32)
+    b_tok = k.new_empty(Ttot, H, dtype=torch.float32) if gated else None
+    scratch = k.new_empty(meta.num_chunks, H, CHUNK, CHUNK, dtype=torch.float32)
     # two warps: four give NaN dk / illegal accesses on Hopper with Triton 3.6 (fla issue #984). At two
     # warps a [64, 64] float32 tile is 64 registers per thread, hence the narrow key and value blocks
     # (32 and 16: the fewest spills in the sm_90 resource report, benchmarks/gpu_debug.py --resources).
     opts = launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)
     BK, BV = opts.pop("BK"), opts.pop("BV")
-    _wy_bwd_kernel[(meta.num_chunks, H)](q, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg,
+    _wy_bwd_kernel[(meta.num_chunks, H)](qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv, dbeta, a_neg,
                                          b_tok, scratch, meta.cu, meta.chunk_indices, scale, H=H, K=K, V=V,
-                                         BT=CHUNK, BK=BK, BV=BV, GATED=gated, **dots(q.dtype), **opts)
+                                         BT=CHUNK, BK=BK, BV=BV, GATED=gated, **dots(k.dtype), **opts)
     return dk, dv, dbeta, b_tok
 
 
@@ -505,7 +502,9 @@ class DeltaChunk(torch.autograd.Function):
         du_inter = torch.empty_like(u) if gated else None
         s_part = q.new_zeros(NV, NT, H, 1, dtype=f32) if gated else None
         dh0 = q.new_empty(N, H, K, V, dtype=f32) if h0 is not None else None
-        _bwd_dh_kernel[(N * H, NV)](q, k, w, g, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
+        # gated: q_t . k_t, the diagonal of the output scores (both state-pass kernels read it)
+        qk = (q.float() * k.float()).sum(-1) if gated else None
+        _bwd_dh_kernel[(N * H, NV)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
                                     meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
                                     GATED=gated, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
                                     **dots(q.dtype, False),
@@ -522,7 +521,7 @@ class DeltaChunk(torch.autograd.Function):
         _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
                                       meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
                                       GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
-        dk, dv, dbeta, b_tok = wy_bwd(q, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
+        dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
                                       None if a_part is None else a_part[NK], scale, meta)
         dg = None
         if gated:
