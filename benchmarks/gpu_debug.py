@@ -217,11 +217,12 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
     previous = driver._active
     driver.set_active(_Sm90())
     seen: dict[tuple, object] = {}
+    current = [""]
     run = jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kw):
         ck = run(self, *args, grid=grid, warmup=True, **kw)
-        seen.setdefault((self.fn.__name__, self.fn.__module__, ck.hash), ck)
+        seen.setdefault((current[0], self.fn.__name__, self.fn.__module__, ck.hash), ck)
         return ck
 
     jit.JITFunction.run = compile_only
@@ -229,6 +230,7 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
     B, T, H, K, V = shape
     try:
         for name in rules:
+            current[0] = name
             _, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cpu"))
             leaves = [x.requires_grad_(True) for x in (q, k, v, *gates.values())]
             opts = {"mini_batch": 16} if name == "titans" else {}
@@ -238,9 +240,9 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
     finally:
         jit.JITFunction.run = run
         driver._active = previous
-    print(f"{'kernel':<34}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL")
+    print(f"{'rule':<16}{'kernel':<24}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL")
     with tempfile.TemporaryDirectory() as tmp:
-        for (fname, module, _), ck in seen.items():
+        for (rule, fname, module, _), ck in seen.items():
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(ck.asm["ptx"])
@@ -254,7 +256,7 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
             sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True,
                                   text=True).stdout
             md = ck.metadata
-            print(f"{fname:<34}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "
+            print(f"{rule:<16}{fname:<24}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "
                   f"{regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>6}/"
                   f"{spill.group(2) if spill else '?':<6} {md.shared / 1024:>8.1f} "
                   f"{len(re.findall(r'HGMMA', sass)):>6} {len(re.findall(r' HMMA', sass)):>5} "
