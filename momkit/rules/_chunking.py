@@ -159,8 +159,9 @@ def scan_chunks(
 
     ``step(rows, S)`` gets the row slice of chunk index ``j`` and the states ``S`` of the segments
     active at ``j`` (in row order), and returns ``(y, S_next)``: anything per row (the rows' outputs,
-    or ``S`` itself when the outputs are cheaper in one batch afterwards) and their next states.
-    Returns ``y`` of all rows ``[R, ...]`` and the final state of every segment, in segment order.
+    or ``S`` itself when the outputs are cheaper in one batch afterwards; a tensor or a tuple of
+    tensors) and their next states. Returns ``y`` of all rows ``[R, ...]`` (a tuple if ``step``'s
+    is) and the final state of every segment, in segment order.
     """
     S = gather_rows(initial_state, plan.order)
     pieces = [S[S.shape[0] - plan.num_never_active :]]
@@ -175,7 +176,8 @@ def scan_chunks(
     final_sorted = torch.cat(pieces[::-1])
     inverse = torch.empty_like(plan.order)
     inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
-    return torch.cat(ys), gather_rows(final_sorted, inverse)
+    y = tuple(map(torch.cat, zip(*ys))) if ys and isinstance(ys[0], tuple) else torch.cat(ys)
+    return y, gather_rows(final_sorted, inverse)
 
 
 def causal_mask(C: int, device: torch.device, strict: bool = False) -> Tensor:

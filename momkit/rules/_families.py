@@ -120,18 +120,18 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
     # L_ij = beta_i (k_i . k_j) gamma_i / gamma_j (j < i); U = u0 - W S_0 are the chunk's pseudo-values
     Tb = unit_lower_inverse(L) * beta[..., None, :]  # (I + L)^{-1} diag(beta)
     u0, W = flat_heads(Tb @ v), flat_heads(Tb @ kgam)
-    qg, A, kdT = flat_heads(qg), flat_heads(A), flat_heads(kd.mT)
+    kdT = flat_heads(kd.mT)
     H = q.shape[1]
 
-    def step(rows: slice, S: Tensor) -> tuple[Tensor, Tensor]:
+    # the loop carries the state and the pseudo-values U; the outputs q S + A U come in one batch after
+    def step(rows: slice, S: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
         r, S3 = slice(rows.start * H, rows.stop * H), S.flatten(0, 1)
         U = torch.baddbmm(u0[r], W[r], S3, alpha=-1)
-        o = torch.baddbmm(qg[r] @ S3, A[r], U)
         S_next = torch.baddbmm(S3 if dec is None else (dec[rows] * S).flatten(0, 1), kdT[r], U)
-        return o.view(-1, H, *o.shape[1:]), S_next.view(S.shape)
+        return (S, U.view(-1, H, *U.shape[1:])), S_next.view(S.shape)
 
-    o, final = scan_chunks(plan, S0, step)
-    return scale * o, final
+    (S_start, U), final = scan_chunks(plan, S0, step)
+    return scale * (qg @ S_start + A @ U), final
 
 
 def flat_heads(x: Tensor) -> Tensor:
