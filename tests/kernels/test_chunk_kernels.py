@@ -142,6 +142,15 @@ def test_packed_segments_match_reference(device, seed, name, opts, record_proper
     check_against_reference(rule, opts, leaves, torch.float32, cu_seqlens=cu, record=record_property)
 
 
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_several_key_blocks(device, seed, name, opts):
+    """K = 72 and V = 40: the kernels' loops over key and value blocks run more than once (the other
+    small shapes fit in one block), including the 32-wide key blocks of the delta WY backward."""
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 1, 70, 2, 72, 40, torch.float32, seed, device)
+    check_against_reference(rule, opts, leaves, torch.float32)
+
+
 @pytest.mark.parametrize("T", [1, 64])
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_no_state_and_custom_scale(device, seed, name, opts, T):
