@@ -19,8 +19,9 @@ Tensor = torch.Tensor
 
 # Per-channel log decays are floored here in the chunked path (see _per_channel_intra).
 _LOG_DECAY_FLOOR = -50.0
-# Largest |exponent| of a factor exp(+-Gd) computed in the input's own precision (see _per_channel_intra).
-_FACTOR_EXP_LIMIT = {torch.float32: 40.0, torch.float64: float("inf")}
+# Fast path of _per_channel_intra: when no sub-chunk decays by more than this (log) amount in some
+# channel, exp(G) and exp(-G) inside a sub-chunk are finite and normal in the input's precision.
+_SUBCHUNK_DECAY_LIMIT = {torch.float32: 50.0, torch.float64: 500.0}
 
 
 def gated_linear_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float,
@@ -55,7 +56,8 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
 
     The chunk is split into sub-chunks of c tokens. Between sub-chunks b < a the decay factorises
     through the sub-chunk boundaries with every factor <= 1 (no overflow); inside a sub-chunk it is
-    factorised around the sub-chunk's middle token, in float64. Also returns the inter-chunk factors
+    factorised around the sub-chunk's start in the input's precision, or, under decays too strong for
+    that, around its middle token in float64. Also returns the inter-chunk factors
     ``q exp(G)``, ``k exp(G_C - G)`` and ``exp(G_C)``.
     """
     R, H, C, K = q.shape
@@ -68,22 +70,24 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
     Gs = g.view(R, H, n, c, K).cumsum(-2)  # within each sub-chunk, inclusive
     step_dec = Gs[..., -1, :]  # [R, H, n, K]: log decay across each sub-chunk
     G_ref = step_dec.cumsum(2) - step_dec  # [R, H, n, K]: from the chunk start to each sub-chunk's start
-    qs = q.view(R, H, n, c, K) * decay_exp(Gs)  # decay from the sub-chunk start to i, <= 1
-    ks = k.view(R, H, n, c, K) * decay_exp_(step_dec[..., None, :] - Gs)  # decay from j to the sub-chunk end
+    q5, k5 = q.view(R, H, n, c, K), k.view(R, H, n, c, K)
     vs = v.view(R, H, n, c, V)
-
-    # diagonal sub-chunks, factorised around the middle token m: exp(Gd_i) exp(-Gd_j) = exp(G_i - G_j).
-    # The factors reach exp(max |Gd|); in the input's precision while their products stay finite
-    # (float32: |Gd| <= 40, exp(80) < 3.4e38; each kept product is <= 1 and exact to rounding), else float64.
-    mid = Gs[..., c // 2 : c // 2 + 1, :]
-    Gd = Gs - mid
-    limit = _FACTOR_EXP_LIMIT.get(q.dtype, 0.0)
-    if limit < float("inf") and float(max(-Gd.detach().amin(), Gd.detach().amax())) > limit:
-        Gd = Gd.to(torch.float64)
-    e = Gd.exp()
-    qd = q.view(R, H, n, c, K).to(Gd.dtype) * e
-    kd = k.view(R, H, n, c, K).to(Gd.dtype) / e
-    A_diag = (qd @ kd.mT).tril_().to(q.dtype)  # [R, H, n, c, c]
+    if float(-step_dec.detach().amin()) <= _SUBCHUNK_DECAY_LIMIT.get(q.dtype, -1.0):
+        # fast path: 0 >= G >= -limit inside a sub-chunk, so q exp(G) and k exp(-G) factor exp(G_i - G_j)
+        # with finite, normal factors (products for j > i may be large but finite, and are masked)
+        qs = q5 * Gs.exp()  # decay from the sub-chunk start to i
+        k_inv = k5 * (-Gs).exp()
+        A_diag = (qs @ k_inv.mT).tril_()  # [R, H, n, c, c]
+        ks = k_inv * step_dec.exp()[..., None, :]  # decay from j to the sub-chunk end
+    else:
+        # strong decay: factorise around the sub-chunk's middle token m in float64, where the factors
+        # exp(+-(G - G_m)) reach at most exp((c / 2) * 50) = exp(400)
+        qs = q5 * decay_exp(Gs)
+        ks = k5 * decay_exp_(step_dec[..., None, :] - Gs)
+        Gd = (Gs - Gs[..., c // 2 : c // 2 + 1, :]).to(torch.float64)
+        qd = q5.to(torch.float64) * Gd.exp()
+        kd = k5.to(torch.float64) * (-Gd).exp()
+        A_diag = (qd @ kd.mT).tril_().to(q.dtype)
 
     # sub-chunk a reads sub-chunks b < a through exp(G_ref[a] - G_ref[b] - step_dec[b]) <= 1
     G_end = G_ref + step_dec
@@ -120,7 +124,7 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
     # L_ij = beta_i (k_i . k_j) gamma_i / gamma_j (j < i); U = u0 - W S_0 are the chunk's pseudo-values
     Tb = unit_lower_inverse(L) * beta[..., None, :]  # (I + L)^{-1} diag(beta)
     u0, W = flat_heads(Tb @ v), flat_heads(Tb @ kgam)
-    kdT = flat_heads(kd.mT)
+    kdT = flat_heads(kd).mT  # a transposed view: bmm reads it without a copy
     H = q.shape[1]
 
     # the loop carries the state and the pseudo-values U; the outputs q S + A U come in one batch after
@@ -131,7 +135,9 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
         return (S, U.view(-1, H, *U.shape[1:])), S_next.view(S.shape)
 
     (S_start, U), final = scan_chunks(plan, S0, step)
-    return scale * (qg @ S_start + A @ U), final
+    o = torch.baddbmm(flat_heads(qg) @ S_start.flatten(0, 1), A.flatten(0, 1), U.flatten(0, 1),
+                      beta=scale, alpha=scale)  # scale * (q S + A U)
+    return o.view(*A.shape[:-1], o.shape[-1]), final
 
 
 def flat_heads(x: Tensor) -> Tensor:
