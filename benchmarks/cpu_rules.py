@@ -50,8 +50,11 @@ def bench_rule(name: str, B: int, T: int, H: int, K: int, V: int, repeats: int) 
     inner = 5
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
         rec, chk = run("recurrent", backward), run("chunked", backward)
-        for _ in range(3):  # warm-up: the process's first calls pay one-time costs (thread pool, allocator)
-            rec(), chk()
+        # warm-up: a process's first calls pay one-time costs (thread pool; glibc raises its mmap threshold
+        # only after freeing large blocks, so until then every large allocation is a fresh mmap)
+        rec()
+        for _ in range(10):
+            chk()
         t_rec, t_chk, ratios = [], [], []
         for _ in range(repeats):
             tr = _once(rec)

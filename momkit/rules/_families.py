@@ -18,7 +18,7 @@ from momkit.rules._chunking import ChunkPlan, decay_exp, decay_exp_, decay_matri
 Tensor = torch.Tensor
 
 # Per-channel log decays are floored here in the chunked path (see _per_channel_intra).
-_LOG_DECAY_FLOOR = -50.0
+_LOG_DECAY_FLOOR = -40.0
 # Fast path of _per_channel_intra: when no sub-chunk decays by more than this (log) amount in some
 # channel, exp(G) and exp(-G) inside a sub-chunk are finite and normal in the input's precision.
 _SUBCHUNK_DECAY_LIMIT = {torch.float32: 50.0, torch.float64: 500.0}
@@ -48,7 +48,7 @@ def gated_linear_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale:
 
 
 def _subchunk(C: int) -> int:
-    return next(c for c in (16, 8, 4, 2, 1) if C % c == 0)
+    return next(c for c in (32, 16, 8, 4, 2, 1) if C % c == 0)  # 32 measured fastest on CPU (C = 64)
 
 
 def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -64,8 +64,8 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
     V = v.shape[-1]
     c = _subchunk(C)
     n = C // c
-    # exp(-50) ~ 2e-22 is below float64 resolution: the floor changes no result, and bounds the
-    # factorised exponents inside a sub-chunk by (c / 2) * 50 <= 400 (finite in float64).
+    # exp(-40) ~ 4e-18 is below float64 resolution: the floor changes no result, and bounds the
+    # factorised exponents of the strong-decay path by (c / 2) * 40 <= 640 (finite in float64).
     g = g.clamp(min=_LOG_DECAY_FLOOR)
     Gs = g.view(R, H, n, c, K).cumsum(-2)  # within each sub-chunk, inclusive
     step_dec = Gs[..., -1, :]  # [R, H, n, K]: log decay across each sub-chunk
@@ -81,7 +81,7 @@ def _per_channel_intra(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tens
         ks = k_inv * step_dec.exp()[..., None, :]  # decay from j to the sub-chunk end
     else:
         # strong decay: factorise around the sub-chunk's middle token m in float64, where the factors
-        # exp(+-(G - G_m)) reach at most exp((c / 2) * 50) = exp(400)
+        # exp(+-(G - G_m)) reach at most exp((c / 2) * 40) = exp(640)
         qs = q5 * decay_exp(Gs)
         ks = k5 * decay_exp_(step_dec[..., None, :] - Gs)
         Gd = (Gs - Gs[..., c // 2 : c // 2 + 1, :]).to(torch.float64)
