@@ -44,6 +44,8 @@ lab: venv
 bench-cpu: venv
 	$(PY) -m benchmarks.cpu_rules --out benchmarks/results/cpu_rules_default.json
 	$(PY) -m benchmarks.cpu_rules --allocator tuned --out benchmarks/results/cpu_rules_tuned.json
+	$(PY) -m benchmarks.cpu_layer --out benchmarks/results/cpu_layer_default.json
+	$(PY) -m benchmarks.cpu_layer --allocator tuned --out benchmarks/results/cpu_layer_tuned.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

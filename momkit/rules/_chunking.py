@@ -117,7 +117,7 @@ def scatter_rows(x: Tensor, index: Tensor, rows: int, fill: float = 0.0) -> Tens
     """A ``[rows, ...]`` tensor filled with ``fill`` whose rows ``index`` (no repeats) are ``x``;
     the inverse of ``gather_rows`` (its backward is a gather)."""
     out = torch.full((rows, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
-    return out.index_copy(0, index, x)
+    return out.index_copy_(0, index, x)  # in place on the fresh tensor: no second full-size copy
 
 
 def to_rows(x: Tensor, plan: ChunkPlan, neutral: float) -> Tensor:
