@@ -213,5 +213,4 @@ def decay_matrix(G: Tensor, strict: bool = False) -> Tensor:
     """
     C = G.shape[-1]
     diff = G[..., :, None] - G[..., None, :]  # a fresh tensor: masked and exponentiated in place
-    drop = ~causal_mask(C, G.device, strict) | (diff <= LOG_DECAY_FLOOR)
-    return diff.masked_fill_(drop, float("-inf")).exp_()
+    return decay_exp_(diff.masked_fill_(~causal_mask(C, G.device, strict), float("-inf")))
