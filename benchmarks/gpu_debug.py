@@ -4,13 +4,15 @@
         [--launch delta.wy_bwd:num_warps=2 ...]
     python -m benchmarks.gpu_debug --profile gated_deltanet,mamba2 [--fla] [--launch ...]
     python -m benchmarks.gpu_debug --check gated_deltanet [--launch ...]
-    python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--launch ...]     (no GPU needed)
+    python -m benchmarks.gpu_debug --tune mamba2:gl.fwd_h,titans:titans.prep [--budget 300]
+    python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--sass DIR]     (no GPU needed)
 
 ``--profile``: per-kernel GPU time (torch.profiler, CUDA activity) of forward and forward+backward at
 the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128), ours and, with ``--fla``, fla-core's peer,
 then every compiled kernel's registers, spills, warps and shared memory. ``--check``: the kernel
 tests' float64 comparison (tests/kernels) at a few shapes under the given launch options, and the
 forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
+``--tune``: one kernel's time under several (num_warps, num_stages), inside its rule's forward+backward.
 ``--resources``: runs on a machine without a GPU. Every kernel that a rule's forward and backward
 launch at the benchmark shape is compiled for sm_90 (Hopper) instead of launched, and its resource
 report is read from the compiler: registers per thread, spill stores and loads (ptxas -v), shared
@@ -158,6 +160,40 @@ def profile_rules(rules: list[str], with_fla: bool, iters: int = 10) -> None:
     print("\n".join(compiled_kernels()))
 
 
+def tune(items: list[str], budget_s: float, configs=((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (2, 2))) -> None:
+    """Per-kernel GPU time at the benchmark shape under other (num_warps, num_stages): ``items`` are
+    ``rule:launch_key`` (e.g. ``mamba2:gl.fwd_h``); the kernel is timed inside the rule's forward+backward
+    (torch.profiler). Timing only: a configuration goes into a launcher after the GPU suite passed with it."""
+    import time
+
+    from benchmarks.kernels import inputs, ours_fn
+
+    t_end = time.time() + budget_s
+    for item in items:
+        name, key = item.split(":")
+        kname = f"_{key.split('.')[1]}_kernel"
+        rule, q, k, v, gates = inputs(name, 4, 4096, 8, 128, 128, torch.device("cuda"))
+        fn = ours_fn(rule, q, k, v, gates, True)
+        saved = _common.LAUNCH.pop(key, None)
+        base = kernel_times(fn, 5).get(kname, (0, float("nan")))[1]
+        results = [f"default {base:7.1f}"]
+        for w, st in configs:
+            if time.time() > t_end:
+                results.append("(out of time)")
+                break
+            _common.LAUNCH[key] = {"num_warps": w, "num_stages": st}
+            try:
+                t = kernel_times(fn, 5).get(kname, (0, float("nan")))[1]
+                results.append(f"w{w}s{st} {t:7.1f}")
+            except Exception as e:  # out of shared memory or registers: report and go on
+                results.append(f"w{w}s{st} {type(e).__name__}")
+        _common.LAUNCH.pop(key, None)
+        if saved is not None:
+            _common.LAUNCH[key] = saved
+        print(f"tune {item:<28} us: " + "  ".join(results), flush=True)
+        torch.cuda.empty_cache()
+
+
 def check_rule(name: str) -> None:
     import importlib.util
     import pathlib
@@ -188,7 +224,7 @@ def check_rule(name: str) -> None:
         print(f"time {name} [{tag}] {'fwd+bwd' if bwd else 'fwd'}: {bench(fn, 200):.3f} ms", flush=True)
 
 
-def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
+def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: str | None = None) -> None:
     """Compile (not run) the kernels of each rule's forward and backward for sm_90 on a machine without
     a GPU (Triton is pointed at a stand-in driver that reports an sm_90 target), and print their
     resource usage."""
@@ -255,6 +291,10 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128)) -> None:
                 f.write(ck.asm["cubin"])
             sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True,
                                   text=True).stdout
+            if sass_dir:
+                os.makedirs(sass_dir, exist_ok=True)
+                with open(os.path.join(sass_dir, f"{rule}.{module.split('.')[-2]}.{fname}.sass"), "w") as f:
+                    f.write(sass)
             md = ck.metadata
             print(f"{rule:<16}{fname:<24}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "
                   f"{regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>6}/"
@@ -271,7 +311,10 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="comma-separated rules to profile at the benchmark shape")
     ap.add_argument("--fla", action="store_true", help="with --profile: fla-core's peers too")
     ap.add_argument("--check", default=None, help="a rule: float64 checks and timing under --launch")
+    ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
+    ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
     ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
+    ap.add_argument("--sass", default=None, help="with --resources: write each kernel's SASS into this folder")
     args = ap.parse_args()
     for item in args.launch:
         kern, opt = item.split(":")
@@ -283,8 +326,11 @@ def main() -> None:
     if args.check:
         check_rule(args.check)
         return
+    if args.tune:
+        tune(args.tune.split(","), args.budget)
+        return
     if args.resources:
-        resource_report(args.resources.split(","))
+        resource_report(args.resources.split(","), sass_dir=args.sass)
         return
     T, K, V = (int(x) for x in args.shape.split("x"))
     rule = get_rule(args.rule)

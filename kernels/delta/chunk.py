@@ -111,6 +111,42 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
 
 
 @triton.jit
+def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               GATED: tl.constexpr, U_OFF: tl.constexpr):
+    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
+    (else zeros), as stored, 0 outside the segment."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    tok = bos + o_t
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+    b_u = tl.load(u + p_v, mask=m_tv, other=0.0)
+    if U_OFF:
+        b_uo = tl.load(u_off + p_v, mask=m_tv, other=0.0)
+    else:
+        b_uo = tl.zeros([BT, 1], dtype=tl.float32)
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_u, b_uo, b_g
+
+
+@triton.jit
+def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """Chunk ``i_t``'s ``q . k`` and decays ``[BT]`` (GATED, else zeros), 0 outside the segment."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    if GATED:
+        b_qk = tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_qk = tl.zeros([BT], dtype=tl.float32)
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_qk, b_g
+
+
+@triton.jit
 def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
@@ -132,7 +168,12 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
+    # sequential loop: they are loaded one chunk ahead
+    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
     for i_t in range(0, tl.cdiv(L, BT)):
+        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
+        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
         tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -141,15 +182,15 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
         b_w = tl.load(w + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         b_wh = mm(b_w, b_h, WT, INTERP, PREC)
-        b_v = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - b_wh
+        b_v = b_u.to(tl.float32) - b_wh
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         if STORE_VR:
-            b_vr = tl.load(u_off + p_v, mask=m_tv, other=0.0).to(tl.float32) - b_wh
+            b_vr = b_uo.to(tl.float32) - b_wh
             tl.store(vr + p_v, b_vr.to(vr.dtype.element_ty), mask=m_tv)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
         if GATED:
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_g = b_g.to(tl.float32)
             b_h *= tl.exp(tl.sum(b_g, axis=0))
             b_kT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
         b_h += mm(b_kT, b_v, WT, INTERP, PREC)
@@ -181,8 +222,11 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(L, BT)
+    nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
+        b_qk, b_g = nx_qk, nx_g
+        nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
         i_c = boh + i_t
         tl.store(dh + (i_c * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
@@ -198,9 +242,8 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_wT = tl.load(w + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
         if GATED:
-            b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
             b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_g = b_g.to(tl.float32)
             b_k *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
             b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
             b_dui = mm(b_k, b_dh, WT, INTERP, PREC)

@@ -51,6 +51,30 @@ def _chunk_seq(chunk_indices, cu, i_t, BT: tl.constexpr):
     return bos + i_c * BT, eos - bos - i_c * BT
 
 
+@triton.jit
+def _chunk_gates(g, dt, bos, i_t, L, i_h, o_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                 GATE: tl.constexpr, HAS_DT: tl.constexpr):
+    """The gates of chunk ``i_t`` of a segment, as stored (GATE 1: ``[BT]``, GATE 2: ``[BK, BT]``, else
+    zeros; dt ``[BT]`` or zeros), 0 outside the segment. The state passes load them one chunk ahead:
+    they feed no ``tl.dot``, so Triton's pipeliner would leave each load's latency in the sequential
+    loop (sm_90 SASS: synchronous ``LDG`` between the loop's barriers)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    tok = bos + o_t
+    if GATE == 2:
+        b_g = tl.load(g + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=(o_k[:, None] < K) & m_t[None, :],
+                      other=0.0)
+    elif GATE == 1:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    if HAS_DT:
+        b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_dt = tl.zeros([BT], dtype=tl.float32)
+    return b_g, b_dt
+
+
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
@@ -71,7 +95,10 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    nx_g, nx_dt = _chunk_gates(g, dt, bos, 0, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
     for i_t in range(0, tl.cdiv(L, BT)):
+        b_g, b_dt = nx_g.to(tl.float32), nx_dt.to(tl.float32)
+        nx_g, nx_dt = _chunk_gates(g, dt, bos, i_t + 1, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
         tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -81,15 +108,13 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
         b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
                       other=0.0)
         if GATE == 1:
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
             b_h *= tl.exp(tl.sum(b_g, axis=0))
             b_kT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
         if GATE == 2:
-            b_gT = tl.load(g + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            b_h *= tl.exp(tl.sum(b_gT, axis=1))[:, None]
-            b_kT *= tl.exp(tl.cumsum(b_gT, axis=1, reverse=True) - b_gT)
+            b_h *= tl.exp(tl.sum(b_g, axis=1))[:, None]
+            b_kT *= tl.exp(tl.cumsum(b_g, axis=1, reverse=True) - b_g)
         if HAS_DT:
-            b_kT *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
+            b_kT *= b_dt[None, :]
         b_h += mm(b_kT, b_v, WT, INTERP, PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
@@ -215,8 +240,18 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(L, BT)
+    nx_g, _ = _chunk_gates(g, g, bos, NT - 1, L, i_h, o_k, H, K, BT, GATE, False)
+    if GATE != 0:  # the chunk states too are loaded one chunk ahead
+        nx_hc = tl.load(h + ((boh + NT - 1) * H + i_h) * K * V + p_kv, mask=m_kv & ((NT - 1 + 0 * p_kv) >= 0),
+                        other=0.0)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
+        b_g = nx_g.to(tl.float32)
+        nx_g, _ = _chunk_gates(g, g, bos, i_t - 1, L, i_h, o_k, H, K, BT, GATE, False)
+        if GATE != 0:
+            b_hc = nx_hc.to(tl.float32)
+            nx_hc = tl.load(h + ((boh + i_t - 1) * H + i_h) * K * V + p_kv,
+                            mask=m_kv & ((i_t - 1 + 0 * p_kv) >= 0), other=0.0)
         tl.store(dh + ((boh + i_t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -226,18 +261,14 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
         b_do = tl.load(do + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
                        other=0.0)
         i_c = boh + i_t
-        if GATE != 0:
-            b_hc = tl.load(h + (i_c * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         if GATE == 1:
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
             b_dh *= tl.exp(tl.sum(b_g, axis=0))
             b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
             tl.store(s_part + ((i_k * tl.num_programs(2) + i_v) * NTtot + i_c) * H + i_h,
                      tl.sum(tl.sum(b_dh * b_hc, axis=1), axis=0))
         if GATE == 2:
-            b_gT = tl.load(g + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            b_dh *= tl.exp(tl.sum(b_gT, axis=1))[:, None]
-            b_qT *= tl.exp(tl.cumsum(b_gT, axis=1))
+            b_dh *= tl.exp(tl.sum(b_g, axis=1))[:, None]
+            b_qT *= tl.exp(tl.cumsum(b_g, axis=1))
             tl.store(s_part + ((i_v * NTtot + i_c) * H + i_h) * K + o_k, tl.sum(b_dh * b_hc, axis=1), mask=o_k < K)
         b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
     if STORE_DH0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._common import mm
+
 TINY = tl.constexpr(1e-30)  # |gate factor| floor: products through an exact zero stay below float32 resolution
 
 
@@ -51,6 +53,49 @@ def _load_gates(theta, alpha, eta, tok, i_h, m_t, H: tl.constexpr):
     b_a = tl.where(tl.abs(b_a) < TINY, TINY, b_a)
     b_eta = tl.where(tl.abs(b_eta) < TINY, TINY, b_eta)
     return b_theta, b_a, b_eta
+
+
+@triton.jit
+def _select_rows(sel, x, INTERP: tl.constexpr):
+    """``sel @ x`` for a 0/1 matrix ``sel`` and float32 ``x``, to float32 accuracy, on tensor cores:
+    ``x`` is split exactly into three bfloat16 parts (8 significant bits each) whose products with
+    0/1 are exact. Gathers and scatter-adds of rows; the same as a ``[M, N, K]`` masked sum, which
+    needs M * N * K / threads values per thread, or a float32 "ieee" product, which spills."""
+    s = tl.where(sel, 1.0, 0.0).to(tl.bfloat16)
+    x_hi = x.to(tl.bfloat16)
+    r = x - x_hi.to(tl.float32)
+    x_mid = r.to(tl.bfloat16)
+    x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
+    return (mm(s, x_lo, tl.bfloat16, INTERP, "tf32") + mm(s, x_mid, tl.bfloat16, INTERP, "tf32")
+            + mm(s, x_hi, tl.bfloat16, INTERP, "tf32"))
+
+
+@triton.jit
+def _chunk_ahead(scal, Dth, Lc, wS, coef, i_c, bos, i_t, Lseg, i_h, H: tl.constexpr, BT: tl.constexpr,
+                 COEF: tl.constexpr):
+    """What the state passes read of chunk ``i_t`` (global chunk ``i_c``) besides its tiles: the 8
+    per-chunk scalars ``scal``; the rows of ``Dth`` and ``Lc`` at its last real token and ``wS``;
+    ``Aa`` and ``c`` (COEF, else zeros); zeros outside the segment. Loaded one chunk ahead: they feed no ``tl.dot``, so
+    Triton's pipeliner would leave each load's latency in the sequential loop."""
+    o_t = tl.arange(0, BT)
+    o_8 = tl.arange(0, 8)
+    L = Lseg - i_t * BT
+    ok = (i_t + 0 * o_t >= 0) & (o_t < L)
+    e = tl.minimum(L, BT) - 1
+    tok = bos + i_t * BT + o_t
+    b_s = tl.load(scal + (i_c * H + i_h) * 8 + o_8, mask=(i_t + 0 * o_8 >= 0) & (i_t * BT + 0 * o_8 < Lseg),
+                  other=0.0)
+    p_e = ((bos + i_t * BT + e) * H + i_h) * BT + o_t
+    b_wM = tl.load(Dth + p_e, mask=ok, other=0.0)
+    b_w0 = tl.load(Lc + p_e, mask=ok, other=0.0)
+    b_wS = tl.load(wS + tok * H + i_h, mask=ok, other=0.0)
+    if COEF:
+        b_Aa = tl.load(coef + (tok * H + i_h) * 4, mask=ok, other=0.0)
+        b_c = tl.load(coef + (tok * H + i_h) * 4 + 1, mask=ok, other=0.0)
+    else:
+        b_Aa = tl.zeros([BT], dtype=tl.float32)
+        b_c = tl.zeros([BT], dtype=tl.float32)
+    return b_s, b_wM, b_w0, b_wS, b_Aa, b_c
 
 
 @triton.jit

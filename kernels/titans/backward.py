@@ -9,7 +9,16 @@ import triton
 import triton.language as tl
 
 from .._common import mm
-from ._shared import _chunk_pos, _cumprod_matrix, _cumprod_matrix_t, _load_gates, _read_rows
+from ._shared import (
+    _chunk_ahead,
+    _chunk_pos,
+    _cumprod_matrix,
+    _cumprod_matrix_t,
+    _load_gates,
+    _pick,
+    _read_rows,
+    _select_rows,
+)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -68,8 +77,12 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
         b_dS += tl.load(dht + p_0 + K * V, mask=m_kv, other=0.0).to(tl.float32)
         b_dM0 += tl.load(dht + p_0 + 2 * K * V, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(Lseg, BT)
+    o_8 = tl.arange(0, 8)
+    nx = _chunk_ahead(scal, Dth, Lc, wS, coef, boh + NT - 1, bos, NT - 1, Lseg, i_h, H, BT, True)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
+        b_s, b_wM, b_w0, b_wS, b_Aa, b_c = nx
+        nx = _chunk_ahead(scal, Dth, Lc, wS, coef, boh + i_t - 1, bos, i_t - 1, Lseg, i_h, H, BT, True)
         i_c = boh + i_t
         p_h = (i_c * H + i_h) * K * V + p_kv
         tl.store(dhM + p_h, b_dM.to(dhM.dtype.element_ty), mask=m_kv)
@@ -78,16 +91,11 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
             tl.store(dhM0 + p_h, b_dM0.to(dhM0.dtype.element_ty), mask=m_kv)
         L = Lseg - i_t * BT
         m_t = o_t < L
-        e = tl.minimum(L, BT) - 1
         tok = bos + i_t * BT + o_t
         m_tk = m_t[:, None] & m_k[None, :]
         m_kt = m_k[:, None] & m_t[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
-        p_s = (i_c * H + i_h) * 8
-        p_e = ((bos + i_t * BT + e) * H + i_h) * BT + o_t
-        b_wM = tl.load(Dth + p_e, mask=m_t, other=0.0)
-        b_wS = tl.load(wS + tok * H + i_h, mask=m_t, other=0.0)
         b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
         b_r = tl.load(r + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_kdM = mm(b_k, b_dM, WT, INTERP, PREC)
@@ -102,7 +110,6 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
         else:
             has_m0 = ii >= 0
         if has_m0:
-            b_w0 = tl.load(Lc + p_e, mask=m_t, other=0.0)
             b_kdM0 = mm(b_k, b_dM0, WT, INTERP, PREC)
             b_dr -= b_w0[:, None] * b_kdM0
             tl.store(gpart + p_g + 2, -tl.sum(b_kdM0 * b_r, axis=1), mask=m_t)
@@ -120,20 +127,18 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
         tl.store(spart + p_sp + 4, tl.sum(tl.sum(b_dM0 * b_hS, axis=1), axis=0))
         # back to the chunk-start state
         b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-        b_Aa = tl.load(coef + (tok * H + i_h) * 4, mask=m_t, other=0.0)
-        b_c = tl.load(coef + (tok * H + i_h) * 4 + 1, mask=m_t, other=0.0)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         p_kT = tok[None, :] * H * K + i_h * K + o_k[:, None]
-        b_dMn = (tl.load(scal + p_s) * b_dM + tl.load(scal + p_s + 3) * b_dM0
+        b_dMn = (_pick(b_s, o_8, 0) * b_dM + _pick(b_s, o_8, 3) * b_dM0
                  + scale * mm(b_qT * b_Aa[None, :], b_do, WT, INTERP, PREC)
                  + mm(tl.load(Wm + p_kT, mask=m_kt, other=0.0), b_dr, WT, INTERP, PREC))
-        b_dSn = (tl.load(scal + p_s + 1) * b_dM + tl.load(scal + p_s + 2) * b_dS + tl.load(scal + p_s + 4) * b_dM0
+        b_dSn = (_pick(b_s, o_8, 1) * b_dM + _pick(b_s, o_8, 2) * b_dS + _pick(b_s, o_8, 4) * b_dM0
                  + scale * mm(b_qT * b_c[None, :], b_do, WT, INTERP, PREC)
                  + mm(tl.load(Ws + p_kT, mask=m_kt, other=0.0), b_dr, WT, INTERP, PREC))
         if ALIGNED:
             b_dM0 = tl.zeros([BK, BV], dtype=tl.float32)
         else:
-            b_dM0 = (tl.load(scal + p_s + 5) * b_dM0
+            b_dM0 = (_pick(b_s, o_8, 5) * b_dM0
                      + mm(tl.load(Wo + p_kT, mask=m_kt, other=0.0), b_dr, WT, INTERP, PREC))
         b_dM = b_dMn
         b_dS = b_dSn
@@ -296,13 +301,7 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
     b_theta, b_a, b_eta = _load_gates(theta, alpha, eta, tok, i_h, m_t, H)
     p = _read_rows(cpos, MB, BT)
     sel_T = o_t[:, None] == p[None, :]  # [p, j]: token j reads the memory at p
-    b_Pa = _cumprod_matrix(b_a, BT)
-    b_PaT = _cumprod_matrix_t(b_a, BT)
-    b_Pe = _cumprod_matrix(b_eta, BT)
-    b_PeT = _cumprod_matrix_t(b_eta, BT)
-    b_Aa = tl.cumprod(b_a, axis=0)
-    b_Ee = tl.cumprod(b_eta, axis=0)
-    b_D = tl.dot(b_Pa, b_Pe, input_precision=PREC)
+    # the [BT, BT] tiles are built where they are first needed, so that few are live at once
     b_QK = tl.zeros([BT, BT], dtype=tl.float32)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -353,19 +352,23 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
     g_ap += tl.where(is_e, s_ap, 0.0)
     g_gp += tl.where(is_e, s_gp, 0.0)
     g_Dth += tl.where(row_e, g_wM[None, :], 0.0)
-    # Lc = rows p[j] of Dth: summed back by a masked sum, not a float32 product with the 0/1 matrix
-    # (with the product the kernel spilled 5.3 KB per thread, 1.7 KB without; gpu_debug --resources)
-    g_Dth += tl.sum(tl.where(sel_T[:, :, None], g_Lc[None, :, :], 0.0), axis=1)
+    g_Dth += _select_rows(sel_T, g_Lc, INTERP)  # Lc = rows p[j] of Dth: summed back
     g_Dth = tl.where(lower, g_Dth, 0.0)
     g_Aa += tl.sum(tl.where(sel_T, g_ap[None, :], 0.0), axis=1) + tl.where(is_e, s_Aa, 0.0)
     g_c += tl.sum(tl.where(sel_T, g_gp[None, :], 0.0), axis=1) + tl.where(is_e, s_c, 0.0)
+    b_Aa = tl.cumprod(b_a, axis=0)
+    b_Ee = tl.cumprod(b_eta, axis=0)
     g_Ee = tl.where(is_e, s_Ee, 0.0)
+    b_Pa = _cumprod_matrix(b_a, BT)
+    b_Pe = _cumprod_matrix(b_eta, BT)
+    b_D = tl.dot(b_Pa, b_Pe, input_precision=PREC)
     b_Pe_e = tl.sum(tl.where(row_e, b_Pe, 0.0), axis=0)
     b_dtheta = tl.sum(g_Dth * b_D, axis=0) + g_wS * b_Pe_e
     g_D = g_Dth * b_theta[None, :]
-    g_Pe = tl.where(lower, tl.dot(b_PaT, g_D, input_precision=PREC), 0.0)
+    g_Pe = tl.where(lower, tl.dot(_cumprod_matrix_t(b_a, BT), g_D, input_precision=PREC), 0.0)
     g_Pe += tl.where(row_e, (g_wS * b_theta)[None, :], 0.0)
-    g_Pa = tl.where(lower, tl.dot(g_D, b_PeT, input_precision=PREC) + g_c[:, None] * b_Ee[None, :], 0.0)
+    g_Pa = tl.dot(g_D, _cumprod_matrix_t(b_eta, BT), input_precision=PREC)
+    g_Pa = tl.where(lower, g_Pa + g_c[:, None] * b_Ee[None, :], 0.0)
     g_Ee += tl.sum(b_Pa * g_c[:, None], axis=0)
     # d/dlog x_r of P[t, s] is P[t, s] for s < r <= t: rectangle sums of (gP ∘ P)
     # sum over s < r by a product with the strictly upper triangle: a prefix sum minus the current

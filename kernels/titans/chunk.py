@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._common import CHUNK, chunk_meta, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
 from ..delta.chunk import unit_lower_inverse
-from ._shared import _chunk_pos, _cumprod_matrix, _load_gates, _pick, _read_rows
+from ._shared import _chunk_ahead, _chunk_pos, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows
 from .backward import _bwd_dh_kernel, _bwd_dr_local_kernel, _bwd_k_kernel, _bwd_v_kernel, _coef_bwd_kernel
 
 Tensor = torch.Tensor
@@ -62,9 +62,7 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
         b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
         b_Dth = b_D * b_theta[None, :]
         sel = p[:, None] == o_t[None, :]
-        # rows p[j] of Dth, exactly: a masked sum (with a float32 "ieee" product with the 0/1 matrix
-        # the kernel spilled 1.8 KB per thread, 0.1 KB without; benchmarks/gpu_debug.py --resources)
-        b_Lc = tl.sum(tl.where(sel[:, :, None], b_Dth[None, :, :], 0.0), axis=1)
+        b_Lc = _select_rows(sel, b_Dth, INTERP)  # rows p[j] of Dth
         b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
         b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
         b_KK = tl.zeros([BT, BT], dtype=tl.float32)
@@ -139,7 +137,16 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
         b_S += tl.load(h0 + p_0 + K * V, mask=m_kv, other=0.0).to(tl.float32)
         b_M0 += tl.load(h0 + p_0 + 2 * K * V, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(Lseg, BT)
+    o_8 = tl.arange(0, 8)
+    nx = _chunk_ahead(scal, Dth, Lc, wS, scal, boh, bos, 0, Lseg, i_h, H, BT, False)
+    nx_u = tl.load(U0 + (bos + o_t[:, None]) * H * V + i_h * V + o_v[None, :],
+                   mask=(o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
     for i_t in range(0, NT):
+        b_s, b_wM, b_w0, b_wS, _, _ = nx
+        b_u = nx_u
+        nx = _chunk_ahead(scal, Dth, Lc, wS, scal, boh + i_t + 1, bos, i_t + 1, Lseg, i_h, H, BT, False)
+        p_n = (bos + (i_t + 1) * BT + o_t[:, None]) * H * V + i_h * V + o_v[None, :]
+        nx_u = tl.load(U0 + p_n, mask=((i_t + 1) * BT + o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
         i_c = boh + i_t
         p_h = (i_c * H + i_h) * K * V + p_kv
         tl.store(hM + p_h, b_M.to(hM.dtype.element_ty), mask=m_kv)
@@ -148,7 +155,6 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
             tl.store(hM0 + p_h, b_M0.to(hM0.dtype.element_ty), mask=m_kv)
         L = Lseg - i_t * BT
         m_t = o_t < L
-        e = tl.minimum(L, BT) - 1
         tok = bos + i_t * BT + o_t
         m_tk = m_t[:, None] & m_k[None, :]
         p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
@@ -158,15 +164,8 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
         b_r += mm(tl.load(Ws + p_k, mask=m_tk, other=0.0), b_S, WT, INTERP, PREC)
         if not ALIGNED:
             b_r += mm(tl.load(Wo + p_k, mask=m_tk, other=0.0), b_M0, WT, INTERP, PREC)
-        b_r -= tl.load(U0 + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_r -= b_u.to(tl.float32)
         tl.store(r + p_v, b_r.to(r.dtype.element_ty), mask=m_tv)
-        p_s = (i_c * H + i_h) * 8
-        s_Aa = tl.load(scal + p_s)
-        s_c = tl.load(scal + p_s + 1)
-        s_Ee = tl.load(scal + p_s + 2)
-        p_e = ((bos + i_t * BT + e) * H + i_h) * BT + o_t
-        b_wM = tl.load(Dth + p_e, mask=m_t, other=0.0)
-        b_wS = tl.load(wS + tok * H + i_h, mask=m_t, other=0.0)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
         if ALIGNED:
@@ -174,11 +173,10 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
         else:
             upd_m0 = i_t >= 0
         if upd_m0:
-            b_w0 = tl.load(Lc + p_e, mask=m_t, other=0.0)
-            b_M0 = (tl.load(scal + p_s + 3) * b_M + tl.load(scal + p_s + 4) * b_S + tl.load(scal + p_s + 5) * b_M0
+            b_M0 = (_pick(b_s, o_8, 3) * b_M + _pick(b_s, o_8, 4) * b_S + _pick(b_s, o_8, 5) * b_M0
                     - mm(b_kT * b_w0[None, :], b_r, WT, INTERP, PREC))
-        b_Mn = s_Aa * b_M + s_c * b_S - mm(b_kT * b_wM[None, :], b_r, WT, INTERP, PREC)
-        b_S = s_Ee * b_S - mm(b_kT * b_wS[None, :], b_r, WT, INTERP, PREC)
+        b_Mn = _pick(b_s, o_8, 0) * b_M + _pick(b_s, o_8, 1) * b_S - mm(b_kT * b_wM[None, :], b_r, WT, INTERP, PREC)
+        b_S = _pick(b_s, o_8, 2) * b_S - mm(b_kT * b_wS[None, :], b_r, WT, INTERP, PREC)
         b_M = b_Mn
     if STORE_HT:
         tl.store(ht + p_0, b_M, mask=m_kv)
