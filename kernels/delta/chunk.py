@@ -450,6 +450,12 @@ def _state_bv(BK: int, V: int) -> int:
     return min(pow2(V), 64 if BK <= 64 else 32 if BK <= 128 else 16)
 
 
+def _fwd_h_stages(BK: int, wdt: torch.dtype) -> int:
+    """Pipeline depth of the forward state pass: 3 for bfloat16 tiles up to K = 128 (245 us against
+    286 us at 2, H200, benchmark shape; ``gpu_debug --tune``), else the state kernels' default."""
+    return 3 if wdt == torch.bfloat16 and BK <= 128 else state_stages(BK, wdt)
+
+
 def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
     """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it."""
     Ttot, H, K = k.shape
@@ -483,7 +489,7 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
                                                H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATED=g is not None,
                                                USE_H0=h0 is not None, STORE_HT=output_final_state,
                                                STORE_VR=u_off is not None, **dots(k.dtype, False),
-                                                   **launch("delta.fwd_h", num_stages=state_stages(BK, u.dtype)))
+                                                   **launch("delta.fwd_h", num_stages=_fwd_h_stages(BK, u.dtype)))
     return h, v_new, ht, vr
 
 
