@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="main shape only")
     ap.add_argument("--fla-long", action="store_true", help="time fla at T = 16k and 64k too")
     ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--peers", default=",".join(PEERS), help="rules whose fla peer is timed (a rule timed in "
+                    "another run to compare against our own rules, such as gated_deltanet for titans, needs none)")
     args = ap.parse_args()
     device = torch.device("cuda")
     env = environment()
@@ -167,7 +169,8 @@ def main() -> None:
                 row[f"ours_{mode}_tb_per_s"] = bytes_min(B, T, H, K, V, backward) / t / 1e9
                 if backward:
                     row["ours_fwd_bwd_peak_mib"] = peak_memory(fn, device)
-                if name in PEERS and env["fla"] is not None and (T == 4096 or args.fla_long):
+                if name in args.peers.split(",") and name in PEERS and env["fla"] is not None and (
+                        T == 4096 or args.fla_long):
                     try:
                         ffn = fla_fn(name, q, k, v, dict(gates), backward)
                         ffn()
