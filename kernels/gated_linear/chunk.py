@@ -42,12 +42,6 @@ def _decay_matrix_t(b_g, BT: tl.constexpr):
 
 
 @triton.jit
-def _row(x, o_r, i):
-    """Row ``i`` of a tile ``x [R, C]`` (``o_r = arange(R)``), exactly: a masked sum."""
-    return tl.sum(tl.where(o_r[:, None] == i, x, 0.0), axis=0)
-
-
-@triton.jit
 def _chunk_seq(chunk_indices, cu, i_t, BT: tl.constexpr):
     """(first token of the chunk, tokens of the chunk's segment left from it) for global chunk i_t."""
     i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
@@ -209,16 +203,18 @@ def _gla_fwd_A_kernel(q, k, g, A, cu, chunk_indices,
             b_kf = b_kT * tl.exp(tl.where(m_kj, b_R, NEG_INF))
             b_qf = b_q * tl.exp(tl.cumsum(b_gi, axis=0))
             b_A += mm(b_qf, b_kf, WT, INTERP, PREC)
-        # diagonal sub-chunk, key j from last to first; b_E[i] = sum_{j < r <= i} g_r for i >= j. Its
-        # keys are rows of one tile loaded before the loop (row loads inside it wait on memory 16 times)
-        b_kd = tl.load(k + tok_i[:, None] * H * K + i_h * K + o_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+        # diagonal sub-chunk, key j from last to first; b_E[i] = sum_{j < r <= i} g_r for i >= j
         b_E = tl.zeros([BC, BK], dtype=tl.float32)
-        for jj in range(0, BC):
+        for jj in tl.static_range(BC):  # unrolled: the row loads do not wait on the loop
             j = BC - 1 - jj
-            b_kj = _row(b_kd, o_r, j)
+            # a vector test: a scalar one gives an int mask, which the Triton 3.9 interpreter rejects
+            m_row = m_k & ((s + j + 0 * o_k) < L)
+            p_row = (t0 + s + j) * H * K + i_h * K + o_k
+            b_kj = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
             b_val = tl.sum(b_q * b_kj[None, :] * tl.exp(tl.where(o_r[:, None] >= j, b_E, NEG_INF)), axis=1)
             b_A += tl.where(o_j[None, :] == s + j, b_val[:, None], 0.0)
-            b_E += tl.where(o_r[:, None] >= j, _row(b_gi, o_r, j)[None, :], 0.0)
+            b_gj = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
+            b_E += tl.where(o_r[:, None] >= j, b_gj[None, :], 0.0)
     tl.store(A + tok_i[:, None] * H * BT + i_h * BT + o_j[None, :], b_A, mask=m_i[:, None])
 
 
@@ -472,25 +468,28 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
         b_dAT = tl.load(dA + tok_j[None, :] * H * BT + i_h * BT + o_i[:, None],
                         mask=m_i[:, None] & m_hi[None, :], other=0.0)
         b_dk += tl.exp(tl.cumsum(b_gi, axis=0, reverse=True) - b_gi) * mm(b_dAT, b_qf, WT, INTERP, PREC)
-    # diagonal sub-chunk, from tiles loaded once (row loads inside the loops wait on memory 32 times):
-    # rows of b_k, b_q, b_gi and of the [BC, BC] diagonal block of dA (lower triangle)
-    b_dAd = tl.load(dA + tok_i[:, None] * H * BT + i_h * BT + s + o_r[None, :],
-                    mask=m_i[:, None] & (o_r[None, :] <= o_r[:, None]), other=0.0)
-    # dq from keys j (last to first), b_E[i] = sum_{j < r <= i} g_r for i >= j
+    # diagonal sub-chunk: dq from keys j (last to first), b_E[i] = sum_{j < r <= i} g_r for i >= j
     b_E = tl.zeros([BC, BK], dtype=tl.float32)
-    for jj in range(0, BC):
+    for jj in tl.static_range(BC):  # unrolled: the row loads do not wait on the loop
         j = BC - 1 - jj
-        b_kr = _row(b_k, o_r, j)
-        b_a = tl.sum(tl.where(o_r[None, :] == j, b_dAd, 0.0), axis=1)  # column j
+        m_row = m_k & ((s + j + 0 * o_k) < L)  # vector test (Triton 3.9 interpreter)
+        p_row = (t0 + s + j) * H * K + i_h * K + o_k
+        b_kr = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
+        b_a = tl.load(dA + tok_i * H * BT + i_h * BT + s + j, mask=m_i & (o_r >= j), other=0.0)
         b_dq += b_a[:, None] * b_kr[None, :] * tl.exp(tl.where(o_r[:, None] > j, b_E, NEG_INF))
         b_dqd += tl.where(o_r[:, None] == j, b_a[:, None] * b_kr[None, :], 0.0)
-        b_E += tl.where(o_r[:, None] >= j, _row(b_gi, o_r, j)[None, :], 0.0)
-    # dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
+        b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
+        b_E += tl.where(o_r[:, None] >= j, b_gr[None, :], 0.0)
+    # diagonal sub-chunk: dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
     b_F = tl.zeros([BC, BK], dtype=tl.float32)
-    for i in range(0, BC):
-        b_F += tl.where(o_r[:, None] < i, _row(b_gi, o_r, i)[None, :], 0.0)
-        b_qr = _row(b_q, o_r, i)
-        b_a = _row(b_dAd, o_r, i)
+    for i in tl.static_range(BC):
+        m_row = m_k & ((s + i + 0 * o_k) < L)
+        p_row = (t0 + s + i) * H * K + i_h * K + o_k
+        b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
+        b_F += tl.where(o_r[:, None] < i, b_gr[None, :], 0.0)
+        b_qr = tl.load(q + p_row, mask=m_row, other=0.0).to(tl.float32)
+        m_a = m_i & (o_r <= i) & ((s + i + 0 * o_r) < L)
+        b_a = tl.load(dA + (t0 + s + i) * H * BT + i_h * BT + o_i, mask=m_a, other=0.0)
         b_dk += b_a[:, None] * b_qr[None, :] * tl.exp(tl.where(o_r[:, None] < i, b_F, NEG_INF))
         b_dkd += tl.where(o_r[:, None] == i, b_a[:, None] * b_qr[None, :], 0.0)
     b_dq += tl.load(dq_inter + p_i, mask=m_ik, other=0.0)
