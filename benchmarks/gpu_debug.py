@@ -38,6 +38,7 @@ from momkit.kernels._common import CHUNK, chunk_meta, dots, launch, pow2
 from momkit.kernels.delta import chunk as dc
 from momkit.kernels.gated_linear.chunk import bwd_dv
 
+from benchmarks.kernels import kernel_times
 from momkit.rules import get_rule
 from momkit.testing import random_inputs
 
@@ -97,26 +98,6 @@ def chain(q, k, v, beta, g, do, scale):
     sync("dv", dv)
     sync("dbeta", dbeta)
     return out
-
-
-def kernel_times(fn, iters: int = 10) -> dict[str, tuple[int, float]]:
-    """Per-kernel (launches per call, microseconds per call) of ``fn``, from torch.profiler."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    agg: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            a = agg.setdefault(e.name, [0, 0.0])
-            a[0] += 1
-            a[1] += e.time_range.elapsed_us()
-    return {n: (c // iters, t / iters) for n, (c, t) in agg.items()}
 
 
 def compiled_kernels() -> list[str]:

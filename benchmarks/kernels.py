@@ -3,7 +3,9 @@
     python -m benchmarks.kernels --out benchmarks/results/kernels_<device>.json [--commit SHA] [--quick]
 
 bf16, B=4, T=4096, H=8, K=V=128, forward and forward+backward, the median of many runs
-(``triton.testing.do_bench``). Ratios are fla time / our time (targets >= 1.0):
+(``triton.testing.do_bench``: the time per call as a user sees it, host launch overhead included), and
+the GPU kernel time per call (torch.profiler, ``*_gpu_us``). Ratios are fla time / our time, for both
+(``ratio_*`` and ``ratio_*_gpu``; targets >= 1.0):
 
     linear_attn     vs chunk_linear_attn (normalize=False)
     mamba2          vs chunk_simple_gla (g = dt * A folded, dt folded into v, outside the timing)
@@ -117,6 +119,32 @@ def fla_fn(rule_name, q, k, v, gates, backward: bool):
     return fn
 
 
+def kernel_times(fn, iters: int = 10) -> dict[str, tuple[int, float]]:
+    """Per-kernel (launches per call, microseconds per call) of ``fn``, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            a = agg.setdefault(e.name, [0, 0.0])
+            a[0] += 1
+            a[1] += e.time_range.elapsed_us()
+    return {n: (c // iters, t / iters) for n, (c, t) in agg.items()}
+
+
+def gpu_us(fn, iters: int = 10) -> float:
+    """Microseconds of GPU kernel time per call (the sum over its kernels, torch.profiler): what the
+    call costs the GPU without the host's launch overhead, which ``bench`` includes."""
+    return sum(t for _, t in kernel_times(fn, iters).values())
+
+
 def bench(fn, rep_ms: int) -> float:
     return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
 
@@ -164,6 +192,7 @@ def main() -> None:
                 fn()
                 t = bench(fn, args.rep)
                 row[f"ours_{mode}_ms"] = t
+                row[f"ours_{mode}_gpu_us"] = gpu_us(fn)
                 fl = flops_fwd(name, B, T, H, K, V) * (3 if backward else 1)
                 row[f"ours_{mode}_tflops"] = fl / t / 1e9
                 row[f"ours_{mode}_tb_per_s"] = bytes_min(B, T, H, K, V, backward) / t / 1e9
@@ -177,6 +206,8 @@ def main() -> None:
                         tf = bench(ffn, args.rep)
                         row[f"fla_{mode}_ms"] = tf
                         row[f"ratio_{mode}"] = tf / t
+                        row[f"fla_{mode}_gpu_us"] = gpu_us(ffn)
+                        row[f"ratio_{mode}_gpu"] = row[f"fla_{mode}_gpu_us"] / row[f"ours_{mode}_gpu_us"]
                         if backward:
                             row["fla_fwd_bwd_peak_mib"] = peak_memory(ffn, device)
                     except Exception as e:  # report, don't hide: the row says why there is no ratio
@@ -190,11 +221,14 @@ def main() -> None:
     summary = {}
     for name, r in main_rows.items():
         if "ratio_fwd" in r:
-            summary[name] = {"fwd": r["ratio_fwd"], "fwd_bwd": r.get("ratio_fwd_bwd")}
+            summary[name] = {m: r.get(f"ratio_{m}") for m in ("fwd", "fwd_bwd", "fwd_gpu", "fwd_bwd_gpu")}
     if "titans" in main_rows and "gated_deltanet" in main_rows:
         summary["titans_over_gated_deltanet"] = {
             m: main_rows["titans"][f"ours_{m}_ms"] / main_rows["gated_deltanet"][f"ours_{m}_ms"]
             for m in ("fwd", "fwd_bwd")}
+        summary["titans_over_gated_deltanet"].update({
+            f"{m}_gpu": main_rows["titans"][f"ours_{m}_gpu_us"] / main_rows["gated_deltanet"][f"ours_{m}_gpu_us"]
+            for m in ("fwd", "fwd_bwd")})
     result = {"environment": env, "ceilings": ceil, "flop_model": __doc__.split("The FLOP model")[1].strip(),
               "summary": summary, "rows": rows}
     with open(args.out, "w") as f:

@@ -205,7 +205,7 @@ def _gla_fwd_A_kernel(q, k, g, A, cu, chunk_indices,
             b_A += mm(b_qf, b_kf, WT, INTERP, PREC)
         # diagonal sub-chunk, key j from last to first; b_E[i] = sum_{j < r <= i} g_r for i >= j
         b_E = tl.zeros([BC, BK], dtype=tl.float32)
-        for jj in tl.static_range(BC):  # unrolled: the row loads do not wait on the loop
+        for jj in range(0, BC):
             j = BC - 1 - jj
             # a vector test: a scalar one gives an int mask, which the Triton 3.9 interpreter rejects
             m_row = m_k & ((s + j + 0 * o_k) < L)
@@ -470,7 +470,7 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
         b_dk += tl.exp(tl.cumsum(b_gi, axis=0, reverse=True) - b_gi) * mm(b_dAT, b_qf, WT, INTERP, PREC)
     # diagonal sub-chunk: dq from keys j (last to first), b_E[i] = sum_{j < r <= i} g_r for i >= j
     b_E = tl.zeros([BC, BK], dtype=tl.float32)
-    for jj in tl.static_range(BC):  # unrolled: the row loads do not wait on the loop
+    for jj in range(0, BC):
         j = BC - 1 - jj
         m_row = m_k & ((s + j + 0 * o_k) < L)  # vector test (Triton 3.9 interpreter)
         p_row = (t0 + s + j) * H * K + i_h * K + o_k
@@ -482,7 +482,7 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
         b_E += tl.where(o_r[:, None] >= j, b_gr[None, :], 0.0)
     # diagonal sub-chunk: dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
     b_F = tl.zeros([BC, BK], dtype=tl.float32)
-    for i in tl.static_range(BC):
+    for i in range(0, BC):
         m_row = m_k & ((s + i + 0 * o_k) < L)
         p_row = (t0 + s + i) * H * K + i_h * K + o_k
         b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
