@@ -259,7 +259,7 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
         driver._active = previous
     print(f"{'rule':<16}{'kernel':<24}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL")
     with tempfile.TemporaryDirectory() as tmp:
-        for (rule, fname, module, _), ck in seen.items():
+        for n, ((rule, fname, module, _), ck) in enumerate(seen.items()):
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(ck.asm["ptx"])
@@ -274,7 +274,7 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                                   text=True).stdout
             if sass_dir:
                 os.makedirs(sass_dir, exist_ok=True)
-                with open(os.path.join(sass_dir, f"{rule}.{module.split('.')[-2]}.{fname}.sass"), "w") as f:
+                with open(os.path.join(sass_dir, f"{n:02d}.{rule}.{module.split('.')[-2]}.{fname}.sass"), "w") as f:
                     f.write(sass)
             md = ck.metadata
             print(f"{rule:<16}{fname:<24}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "

@@ -103,6 +103,17 @@ def mm(a, b, T: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(T), b.to(T), input_precision=PREC)
 
 
+@triton.jit
+def chunk_start(chunk_indices, cu, i_t, BT: tl.constexpr):
+    """Global chunk ``i_t``: (its first token, the tokens of its segment from there on, its first
+    token's position in the segment)."""
+    i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+    bos = tl.load(cu + i_n)
+    eos = tl.load(cu + i_n + 1)
+    return bos + i_c * BT, eos - bos - i_c * BT, i_c * BT
+
+
 # Launch options (num_warps, num_stages) per kernel, on top of each launcher's defaults. Empty in
 # normal use; benchmarks/gpu_debug.py and tuning runs override entries to compare configurations.
 LAUNCH: dict[str, dict] = {}

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
-from ..gated_linear.chunk import _chunk_seq, _decay_matrix, bwd_dv, chunk_dg, fwd_o
+from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
+from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
 
 Tensor = torch.Tensor
 
@@ -61,7 +61,7 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
     ``u = T diag(beta) v`` of one chunk; with U_OFF also ``u`` without each token's own value
     (the diagonal ``beta_t v_t``), for the decay gradient."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -273,7 +273,7 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk, dw, a_part, 
     of one chunk and key block; GATED: the per-token part ``q . dq`` of the decay gradient without
     each token's pairing with its own value (through ``vr``, the pseudo-values without it)."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -354,7 +354,7 @@ def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv,
     ``T`` and ``T^T`` are read from memory when needed rather than kept. ``dB^T`` goes through a
     per-chunk scratch tile in global memory instead of transposing a matmul result in registers."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, contiguous, dots, launch, mm, pow2, work_dtype
+from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, work_dtype
 
 Tensor = torch.Tensor
 NEG_INF = tl.constexpr(float("-inf"))
@@ -39,16 +39,6 @@ def _decay_matrix_t(b_g, BT: tl.constexpr):
     o = tl.arange(0, BT)
     b_s = tl.cumsum(tl.where(o[None, :] > o[:, None], b_g[None, :], 0.0), axis=1)
     return tl.exp(tl.where(o[None, :] >= o[:, None], b_s, NEG_INF))
-
-
-@triton.jit
-def _chunk_seq(chunk_indices, cu, i_t, BT: tl.constexpr):
-    """(first token of the chunk, tokens of the chunk's segment left from it) for global chunk i_t."""
-    i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n)
-    eos = tl.load(cu + i_n + 1)
-    return bos + i_c * BT, eos - bos - i_c * BT
 
 
 @triton.jit
@@ -128,7 +118,7 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
     """``o = scale * ((q ∘ gamma) h + (q k^T ∘ Γ ∘ M) v)`` per chunk; gla (GATE 2) reads the
     intra-chunk scores from ``A``."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -178,7 +168,7 @@ def _gla_fwd_A_kernel(q, k, g, A, cu, chunk_indices,
     NC: tl.constexpr = BT // BC
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     s = i_c * BC
     o_r = tl.arange(0, BC)
     o_i = s + o_r
@@ -284,7 +274,7 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
     diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient)."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -341,7 +331,7 @@ def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_p
     intra-chunk parts follow in ``_gla_bwd_intra_kernel``. GATE 1 also stores the per-token parts
     (this key block) of the decay gradient (``_chunk_dg_kernel``) and of ddt."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -426,7 +416,7 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     NC: tl.constexpr = BT // BC
     i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     s = i_c * BC
     e = s + BC - 1
     o_r = tl.arange(0, BC)
@@ -510,7 +500,7 @@ def _chunk_dg_kernel(a, b, s, out, cu, chunk_indices, Ttot, NTtot,
 
     a, b ``[NA | NB, Ttot, H, D]`` (parts summed), s ``[NS, NT, H, D]`` per chunk; D = 1 per-head."""
     i_t, i_h, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_seq(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D

@@ -11,16 +11,6 @@ TINY = tl.constexpr(1e-30)  # |gate factor| floor: products through an exact zer
 
 
 @triton.jit
-def _chunk_pos(chunk_indices, cu, i_t, BT: tl.constexpr):
-    """(first token, tokens left in the segment from it, position of the chunk in its segment)."""
-    i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n)
-    eos = tl.load(cu + i_n + 1)
-    return bos + i_c * BT, eos - bos - i_c * BT, i_c * BT
-
-
-@triton.jit
 def _read_rows(cpos, MB, BT: tl.constexpr):
     """p[j]: chunk-local index of the memory token j reads (-1: the chunk-start memory, < -1: the
     carried M0 of a mini-batch that began before the chunk)."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import mm
+from .._common import chunk_start, mm
 from ._shared import (
     _chunk_ahead,
-    _chunk_pos,
     _cumprod_matrix,
     _cumprod_matrix_t,
     _load_gates,
@@ -29,7 +28,7 @@ def _bwd_dr_local_kernel(q, k, Dth, do, dr_loc, cu, chunk_indices, scale,
                          PREC: tl.constexpr):
     """The outputs' part of the residuals' gradient: ``-scale (Q K^T ∘ Dth)^T do``."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L, _ = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -155,7 +154,7 @@ def _bwd_v_kernel(q, k, hM, hS, Tm, dr, do, dv, vpart, cu, chunk_indices, scale,
     """``dv = -T^T dr`` (= -lambda, the adjoint of the triangular system) and per-token partial sums
     (this V block) of the gradients of Aa, c, alpha', gamma'."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L, _ = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -205,7 +204,7 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
     transposed loads, never from transposing a matmul result."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    t0, L, cpos = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -291,7 +290,7 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
     theta, alpha and eta, in log space: the gradient of a cumulative product over ``(s, t]`` with
     respect to ``log x_r`` is the product itself for ``s < r <= t`` (README, "gate gradients")."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, L, cpos = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t

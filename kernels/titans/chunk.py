@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
+from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
 from ..delta.chunk import unit_lower_inverse
-from ._shared import _chunk_ahead, _chunk_pos, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows
+from ._shared import _chunk_ahead, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows
 from .backward import _bwd_dh_kernel, _bwd_dr_local_kernel, _bwd_k_kernel, _bwd_v_kernel, _coef_bwd_kernel
 
 Tensor = torch.Tensor
@@ -39,7 +39,7 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
     """The chunk's coefficients (unless LOAD, which reads them), the inverse ``T`` and
     ``W* = T diag(alpha' | gamma' | omega) K``, ``U0 = T V``."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, L, cpos = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -190,7 +190,7 @@ def _fwd_o_kernel(q, k, hM, hS, r, Dth, coef, o, cu, chunk_indices, scale,
                   BV: tl.constexpr, IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``o = scale (Aa ∘ Q M_s + c ∘ Q S_s - (Q K^T ∘ Dth) r)`` per chunk."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L, _ = _chunk_pos(chunk_indices, cu, i_t, BT)
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
