@@ -114,6 +114,13 @@ def chunk_start(chunk_indices, cu, i_t, BT: tl.constexpr):
     return bos + i_c * BT, eos - bos - i_c * BT, i_c * BT
 
 
+@triton.jit
+def segment_start(cu, chunk_offsets, i_n):
+    """Segment ``i_n``: (its first token, its length, its first global chunk)."""
+    bos = tl.load(cu + i_n)
+    return bos, tl.load(cu + i_n + 1) - bos, tl.load(chunk_offsets + i_n).to(tl.int64)
+
+
 # Launch options (num_warps, num_stages) per kernel, on top of each launcher's defaults. Empty in
 # normal use; benchmarks/gpu_debug.py and tuning runs override entries to compare configurations.
 LAUNCH: dict[str, dict] = {}

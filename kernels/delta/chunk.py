@@ -17,7 +17,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
+from .._common import (
+    CHUNK,
+    chunk_meta,
+    chunk_start,
+    contiguous,
+    dots,
+    launch,
+    mm,
+    pow2,
+    segment_start,
+    state_stages,
+    work_dtype,
+)
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
 
 Tensor = torch.Tensor
@@ -156,9 +168,7 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
     ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    L = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -209,9 +219,7 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
     per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    L = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, work_dtype
+from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, segment_start, work_dtype
 
 Tensor = torch.Tensor
 NEG_INF = tl.constexpr(float("-inf"))
@@ -75,9 +75,7 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
     """Carry the state through one segment's chunks; store the state before each chunk in ``h``."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    L = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -219,9 +217,7 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
     gradient, partial sums (this block) of ``<dh_{c+1}, exp(G_C) h_c>``, the pairs spanning the chunk."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    L = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)

@@ -11,6 +11,20 @@ TINY = tl.constexpr(1e-30)  # |gate factor| floor: products through an exact zer
 
 
 @triton.jit
+def _states(x, p_0, m_kv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOAD: tl.constexpr):
+    """The three ``[BK, BV]`` blocks (M, S, M0) of a state ``[3, K, V]`` at ``x + p_0`` in float32, or
+    zeros unless LOAD."""
+    b_M = tl.zeros([BK, BV], dtype=tl.float32)
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_M0 = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD:
+        b_M += tl.load(x + p_0, mask=m_kv, other=0.0).to(tl.float32)
+        b_S += tl.load(x + p_0 + K * V, mask=m_kv, other=0.0).to(tl.float32)
+        b_M0 += tl.load(x + p_0 + 2 * K * V, mask=m_kv, other=0.0).to(tl.float32)
+    return b_M, b_S, b_M0
+
+
+@triton.jit
 def _read_rows(cpos, MB, BT: tl.constexpr):
     """p[j]: chunk-local index of the memory token j reads (-1: the chunk-start memory, < -1: the
     carried M0 of a mini-batch that began before the chunk)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import chunk_start, mm
+from .._common import chunk_start, mm, segment_start
 from ._shared import (
     _chunk_ahead,
     _cumprod_matrix,
@@ -17,6 +17,7 @@ from ._shared import (
     _pick,
     _read_rows,
     _select_rows,
+    _states,
 )
 
 
@@ -57,9 +58,7 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
     chunk's end state, and per-token / per-chunk partial sums (this V block) for the coefficient backward."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    Lseg = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, Lseg, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -67,14 +66,8 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_kv = o_k[:, None] * V + o_v[None, :]
-    b_dM = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dM0 = tl.zeros([BK, BV], dtype=tl.float32)
     p_0 = i_nh.to(tl.int64) * 3 * K * V + p_kv
-    if USE_DHT:
-        b_dM += tl.load(dht + p_0, mask=m_kv, other=0.0).to(tl.float32)
-        b_dS += tl.load(dht + p_0 + K * V, mask=m_kv, other=0.0).to(tl.float32)
-        b_dM0 += tl.load(dht + p_0 + 2 * K * V, mask=m_kv, other=0.0).to(tl.float32)
+    b_dM, b_dS, b_dM0 = _states(dht, p_0, m_kv, K, V, BK, BV, USE_DHT)
     NT = tl.cdiv(Lseg, BT)
     o_8 = tl.arange(0, 8)
     nx = _chunk_ahead(scal, Dth, Lc, wS, coef, boh + NT - 1, bos, NT - 1, Lseg, i_h, H, BT, True)

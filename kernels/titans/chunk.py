@@ -22,9 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, state_stages, work_dtype
+from .._common import (
+    CHUNK,
+    chunk_meta,
+    chunk_start,
+    contiguous,
+    dots,
+    launch,
+    mm,
+    pow2,
+    segment_start,
+    state_stages,
+    work_dtype,
+)
 from ..delta.chunk import unit_lower_inverse
-from ._shared import _chunk_ahead, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows
+from ._shared import _chunk_ahead, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows, _states
 from .backward import _bwd_dh_kernel, _bwd_dr_local_kernel, _bwd_k_kernel, _bwd_v_kernel, _coef_bwd_kernel
 
 Tensor = torch.Tensor
@@ -118,9 +130,7 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
     chunk, then the state at the chunk's last real token. Stores the chunk-start states and ``r``."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu + i_n)
-    Lseg = tl.load(cu + i_n + 1) - bos
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, Lseg, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -128,14 +138,8 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_kv = o_k[:, None] * V + o_v[None, :]
-    b_M = tl.zeros([BK, BV], dtype=tl.float32)
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    b_M0 = tl.zeros([BK, BV], dtype=tl.float32)
     p_0 = i_nh.to(tl.int64) * 3 * K * V + p_kv
-    if USE_H0:
-        b_M += tl.load(h0 + p_0, mask=m_kv, other=0.0).to(tl.float32)
-        b_S += tl.load(h0 + p_0 + K * V, mask=m_kv, other=0.0).to(tl.float32)
-        b_M0 += tl.load(h0 + p_0 + 2 * K * V, mask=m_kv, other=0.0).to(tl.float32)
+    b_M, b_S, b_M0 = _states(h0, p_0, m_kv, K, V, BK, BV, USE_H0)
     NT = tl.cdiv(Lseg, BT)
     o_8 = tl.arange(0, 8)
     nx = _chunk_ahead(scal, Dth, Lc, wS, scal, boh, bos, 0, Lseg, i_h, H, BT, False)
