@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: the environment record written with every result."""
+"""Helpers shared by the benchmarks: the environment record written with every result, and the
+checks of their command-line arguments."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -29,3 +31,15 @@ def environment() -> dict:
         device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return {"device": device, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else "")}
+
+
+def name_list(ap: argparse.ArgumentParser, option: str, value: str, allowed) -> list[str]:
+    """The names of a comma-separated option, each one of ``allowed``; otherwise one argparse error
+    naming the option, the value and what is allowed."""
+    allowed = list(allowed)
+    names = [n for n in value.split(",") if n]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        ap.error(f"{option} {value!r}: {'unknown ' + ', '.join(bad) if bad else 'no names'}; "
+                 f"allowed: {', '.join(allowed)}")
+    return names

@@ -38,8 +38,9 @@ from momkit.kernels._common import CHUNK, chunk_meta, dots, launch, pow2
 from momkit.kernels.delta import chunk as dc
 from momkit.kernels.gated_linear.chunk import bwd_dv
 
+from benchmarks._common import name_list
 from benchmarks.kernels import kernel_times
-from momkit.rules import get_rule
+from momkit.rules import get_rule, rule_names
 from momkit.testing import random_inputs
 
 
@@ -141,17 +142,19 @@ def profile_rules(rules: list[str], with_fla: bool, iters: int = 10) -> None:
     print("\n".join(compiled_kernels()))
 
 
-def tune(items: list[str], budget_s: float, configs=((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (2, 2))) -> None:
+def tune(items: list[tuple[str, str]], budget_s: float,
+         configs=((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (2, 2))) -> None:
     """Per-kernel GPU time at the benchmark shape under other (num_warps, num_stages): ``items`` are
-    ``rule:launch_key`` (e.g. ``mamba2:gl.fwd_h``); the kernel is timed inside the rule's forward+backward
-    (torch.profiler). Timing only: a configuration goes into a launcher after the GPU suite passed with it."""
+    (rule, launch key), e.g. ``("mamba2", "gl.fwd_h")``; the kernel is timed inside the rule's
+    forward+backward (torch.profiler). Timing only: a configuration goes into a launcher after the GPU
+    suite passed with it."""
     import time
 
     from benchmarks.kernels import inputs, ours_fn
 
     t_end = time.time() + budget_s
-    for item in items:
-        name, key = item.split(":")
+    for name, key in items:
+        item = f"{name}:{key}"
         kname = f"_{key.split('.')[1]}_kernel"
         rule, q, k, v, gates = inputs(name, 4, 4096, 8, 128, 128, torch.device("cuda"))
         fn = ours_fn(rule, q, k, v, gates, True)
@@ -284,36 +287,77 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                   f"{len(re.findall(r' (?:LDL|STL)', sass)):>8}", flush=True)
 
 
-def main() -> None:
+def launch_keys() -> list[str]:
+    """The kernel names that ``momkit.kernels._common.LAUNCH`` takes (``family.kernel``), read from the
+    launchers' ``launch("...")`` calls."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(_common.__file__).parent
+    return sorted({m for f in root.glob("*/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", default="deltanet")
-    ap.add_argument("--shape", default="70x32x32")
-    ap.add_argument("--launch", nargs="*", default=[], help="kernel:option=value")
+    ap.add_argument("--shape", default="70x32x32", help="T x K x V")
+    ap.add_argument("--launch", nargs="*", default=[], help="kernel:option=value, e.g. delta.wy_bwd:num_warps=2")
     ap.add_argument("--profile", default=None, help="comma-separated rules to profile at the benchmark shape")
     ap.add_argument("--fla", action="store_true", help="with --profile: fla-core's peers too")
-    ap.add_argument("--check", default=None, help="a rule: float64 checks and timing under --launch")
+    ap.add_argument("--check", default=None, help="comma-separated rules: float64 checks and timing under --launch")
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
     ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
     ap.add_argument("--sass", default=None, help="with --resources: write each kernel's SASS into this folder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    rules, keys = rule_names(), launch_keys()
+    args.rule = name_list(ap, "--rule", args.rule, rules)[0]
+    for opt in ("profile", "resources", "check"):
+        if getattr(args, opt) is not None:
+            setattr(args, opt, name_list(ap, f"--{opt}", getattr(args, opt), rules))
+    shape = args.shape.split("x")
+    if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
+        ap.error(f"--shape {args.shape!r}: expected three positive integers T x K x V, e.g. 70x32x32")
+    args.shape = tuple(int(x) for x in shape)
+    launch = {}
     for item in args.launch:
-        kern, opt = item.split(":")
-        key, val = opt.split("=")
-        _common.LAUNCH.setdefault(kern, {})[key] = int(val)
+        kern, _, opt = item.partition(":")
+        key, _, val = opt.partition("=")
+        if kern not in keys or key not in ("num_warps", "num_stages") or not val.isdigit():
+            ap.error(f"--launch {item!r}: expected kernel:option=value with kernel one of {', '.join(keys)}, "
+                     "option num_warps or num_stages and a positive integer value")
+        launch.setdefault(kern, {})[key] = int(val)
+    args.launch = launch
+    if args.tune is not None:
+        items = []
+        for item in args.tune.split(","):
+            name, _, key = item.partition(":")
+            if name not in rules or key not in keys:
+                ap.error(f"--tune {item!r}: expected rule:kernel with rule one of {', '.join(rules)} "
+                         f"and kernel one of {', '.join(keys)}")
+            items.append((name, key))
+        args.tune = items
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    for kern, opts in args.launch.items():
+        _common.LAUNCH.setdefault(kern, {}).update(opts)
     if args.profile:
-        profile_rules(args.profile.split(","), args.fla)
+        profile_rules(args.profile, args.fla)
         return
     if args.check:
-        check_rule(args.check)
+        for name in args.check:
+            check_rule(name)
         return
     if args.tune:
-        tune(args.tune.split(","), args.budget)
+        tune(args.tune, args.budget)
         return
     if args.resources:
-        resource_report(args.resources.split(","), sass_dir=args.sass)
+        resource_report(args.resources, sass_dir=args.sass)
         return
-    T, K, V = (int(x) for x in args.shape.split("x"))
+    T, K, V = args.shape
     rule = get_rule(args.rule)
     q, k, v, gates = random_inputs(rule, 1, T, 2, K, V, torch.bfloat16, seed=1)
     do = torch.randn(1, T, 2, V).to(torch.bfloat16)
@@ -323,7 +367,7 @@ def main() -> None:
 
     args_b = [flat(x) for x in (q, k, v, gates["beta"])] + [flat(gates["g"]) if "g" in gates else None, flat(do)]
     args_f = [None if x is None else x.float() for x in args_b]
-    tag = f"{args.rule} {args.shape} {args.launch or 'baseline'}"
+    tag = f"{args.rule} {'x'.join(map(str, args.shape))} {args.launch or 'baseline'}"
     try:
         res_b = chain(*args_b, K**-0.5)
         res_f = chain(*args_f, K**-0.5)

@@ -31,7 +31,7 @@ import math
 import torch
 import triton
 
-from benchmarks._common import environment
+from benchmarks._common import environment, name_list
 from momkit.rules import get_rule
 from momkit.testing import random_inputs
 
@@ -158,7 +158,7 @@ def peak_memory(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
@@ -168,7 +168,14 @@ def main() -> None:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--peers", default=",".join(PEERS), help="rules whose fla peer is timed (a rule timed in "
                     "another run to compare against our own rules, such as gated_deltanet for titans, needs none)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.rules = name_list(ap, "--rules", args.rules, RULES)
+    args.peers = name_list(ap, "--peers", args.peers, PEERS)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda")
     env = environment()
     if args.commit:
@@ -184,7 +191,7 @@ def main() -> None:
     shapes = [(4, 4096, 8, 128, 128)] + ([] if args.quick else [(1, 16384, 8, 128, 128), (1, 65536, 8, 128, 128)])
     rows = []
     for B, T, H, K, V in shapes:
-        for name in args.rules.split(","):
+        for name in args.rules:
             rule, q, k, v, gates = inputs(name, B, T, H, K, V, device)
             row = {"rule": name, "B": B, "T": T, "H": H, "K": K, "V": V, "dtype": "bfloat16"}
             for mode, backward in (("fwd", False), ("fwd_bwd", True)):
@@ -198,7 +205,7 @@ def main() -> None:
                 row[f"ours_{mode}_tb_per_s"] = bytes_min(B, T, H, K, V, backward) / t / 1e9
                 if backward:
                     row["ours_fwd_bwd_peak_mib"] = peak_memory(fn, device)
-                if name in args.peers.split(",") and name in PEERS and env["fla"] is not None and (
+                if name in args.peers and env["fla"] is not None and (
                         T == 4096 or args.fla_long):
                     try:
                         ffn = fla_fn(name, q, k, v, dict(gates), backward)
