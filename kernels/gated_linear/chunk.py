@@ -226,14 +226,14 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(L, BT)
-    nx_g, _ = _chunk_gates(g, g, bos, NT - 1, L, i_h, o_k, H, K, BT, GATE, False)
+    nx_g, _ = _chunk_gates(g, None, bos, NT - 1, L, i_h, o_k, H, K, BT, GATE, False)
     if GATE != 0:  # the chunk states too are loaded one chunk ahead
         nx_hc = tl.load(h + ((boh + NT - 1) * H + i_h) * K * V + p_kv, mask=m_kv & ((NT - 1 + 0 * p_kv) >= 0),
                         other=0.0)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
         b_g = nx_g.to(tl.float32)
-        nx_g, _ = _chunk_gates(g, g, bos, i_t - 1, L, i_h, o_k, H, K, BT, GATE, False)
+        nx_g, _ = _chunk_gates(g, None, bos, i_t - 1, L, i_h, o_k, H, K, BT, GATE, False)
         if GATE != 0:
             b_hc = nx_hc.to(tl.float32)
             nx_hc = tl.load(h + ((boh + i_t - 1) * H + i_h) * K * V + p_kv,

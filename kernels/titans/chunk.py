@@ -142,13 +142,13 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
     b_M, b_S, b_M0 = _states(h0, p_0, m_kv, K, V, BK, BV, USE_H0)
     NT = tl.cdiv(Lseg, BT)
     o_8 = tl.arange(0, 8)
-    nx = _chunk_ahead(scal, Dth, Lc, wS, scal, boh, bos, 0, Lseg, i_h, H, BT, False)
+    nx = _chunk_ahead(scal, Dth, Lc, wS, None, boh, bos, 0, Lseg, i_h, H, BT, False)
     nx_u = tl.load(U0 + (bos + o_t[:, None]) * H * V + i_h * V + o_v[None, :],
                    mask=(o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
     for i_t in range(0, NT):
         b_s, b_wM, b_w0, b_wS, _, _ = nx
         b_u = nx_u
-        nx = _chunk_ahead(scal, Dth, Lc, wS, scal, boh + i_t + 1, bos, i_t + 1, Lseg, i_h, H, BT, False)
+        nx = _chunk_ahead(scal, Dth, Lc, wS, None, boh + i_t + 1, bos, i_t + 1, Lseg, i_h, H, BT, False)
         p_n = (bos + (i_t + 1) * BT + o_t[:, None]) * H * V + i_h * V + o_v[None, :]
         nx_u = tl.load(U0 + p_n, mask=((i_t + 1) * BT + o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
         i_c = boh + i_t
