@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, segment_start, work_dtype
+from .gla import gla_bwd_intra, gla_prep
 
 Tensor = torch.Tensor
 NEG_INF = tl.constexpr(float("-inf"))
@@ -42,18 +43,19 @@ def _decay_matrix_t(b_g, BT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_gates(g, dt, bos, i_t, L, i_h, o_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+def _chunk_gates(g, dt, bos, boh, i_t, L, i_h, o_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                  GATE: tl.constexpr, HAS_DT: tl.constexpr):
-    """The gates of chunk ``i_t`` of a segment, as stored (GATE 1: ``[BT]``, GATE 2: ``[BK, BT]``, else
-    zeros; dt ``[BT]`` or zeros), 0 outside the segment. The state passes load them one chunk ahead:
+    """The gates of chunk ``i_t`` of a segment (first token ``bos``, first global chunk ``boh``), as
+    stored: GATE 1 the log decays ``[BT]`` (0 outside the segment), GATE 2 the chunk decay ``gC``
+    ``[BK]`` (1 outside), else zeros; dt ``[BT]`` or zeros. The state passes load them one chunk ahead:
     they feed no ``tl.dot``, so Triton's pipeliner would leave each load's latency in the sequential
     loop (sm_90 SASS: synchronous ``LDG`` between the loop's barriers)."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t >= 0) & (o_t < L)
     tok = bos + o_t
     if GATE == 2:
-        b_g = tl.load(g + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=(o_k[:, None] < K) & m_t[None, :],
-                      other=0.0)
+        m_c = (o_k < K) & ((i_t + 0 * o_k) >= 0) & ((i_t * BT + 0 * o_k) < L)
+        b_g = tl.load(g + ((boh + i_t) * H + i_h) * K + o_k, mask=m_c, other=1.0)
     elif GATE == 1:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
     else:
@@ -72,7 +74,8 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """Carry the state through one segment's chunks; store the state before each chunk in ``h``."""
+    """Carry the state through one segment's chunks; store the state before each chunk in ``h``.
+    GATE 2 (gla) takes its keys decayed to the chunk end (``kg``) and ``g`` = the chunk decays ``gC``."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -83,24 +86,25 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    nx_g, nx_dt = _chunk_gates(g, dt, bos, 0, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
+    nx_g, nx_dt = _chunk_gates(g, dt, bos, boh, 0, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
     for i_t in range(0, tl.cdiv(L, BT)):
         b_g, b_dt = nx_g.to(tl.float32), nx_dt.to(tl.float32)
-        nx_g, nx_dt = _chunk_gates(g, dt, bos, i_t + 1, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
+        nx_g, nx_dt = _chunk_gates(g, dt, bos, boh, i_t + 1, L, i_h, o_k, H, K, BT, GATE, HAS_DT)
         tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
         tok = bos + o_t
         m_kt = (o_k[:, None] < K) & m_t[None, :]
-        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
         b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
                       other=0.0)
+        if GATE == 2:
+            b_h *= b_g[:, None]
+        else:
+            b_kT = b_kT.to(tl.float32)
         if GATE == 1:
             b_h *= tl.exp(tl.sum(b_g, axis=0))
             b_kT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
-        if GATE == 2:
-            b_h *= tl.exp(tl.sum(b_g, axis=1))[:, None]
-            b_kT *= tl.exp(tl.cumsum(b_g, axis=1, reverse=True) - b_g)
         if HAS_DT:
             b_kT *= b_dt[None, :]
         b_h += mm(b_kT, b_v, WT, INTERP, PREC)
@@ -113,8 +117,8 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                   IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """``o = scale * ((q ∘ gamma) h + (q k^T ∘ Γ ∘ M) v)`` per chunk; gla (GATE 2) reads the
-    intra-chunk scores from ``A``."""
+    """``o = scale * ((q ∘ gamma) h + (q k^T ∘ Γ ∘ M) v)`` per chunk; gla (GATE 2) takes ``q ∘ gamma``
+    (``qg``) for q and reads the intra-chunk scores from ``A`` (on and below the diagonal)."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -130,13 +134,8 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
         b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_h = tl.load(h + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if GATE == 2:
-            b_g = tl.load(g + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)
-            b_qg = b_q.to(tl.float32) * tl.exp(tl.cumsum(b_g, axis=0))
-            b_o += mm(b_qg, b_h, WT, INTERP, PREC)
-        else:
-            b_o += mm(b_q, b_h, WT, INTERP, PREC)
+        b_o += mm(b_q, b_h, WT, INTERP, PREC)
+        if GATE != 2:
             b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                            other=0.0)
             b_A += mm(b_q, b_kT, IT, INTERP, PREC)
@@ -147,63 +146,14 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
     if GATE == 0:
         b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
     if GATE == 2:
-        b_A = tl.load(A + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+        b_A = tl.load(A + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
+                      mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
     if HAS_DT:
         b_A *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
     b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_o = (b_o + mm(b_A, b_v, WT, INTERP, PREC)) * scale
     tl.store(o + tok[:, None] * H * V + i_h * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
-
-
-@triton.jit
-def _gla_fwd_A_kernel(q, k, g, A, cu, chunk_indices,
-                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """Per-channel decay scores ``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` (j <= i) of one
-    sub-chunk of BC query rows: earlier sub-chunks by one matmul through the sub-chunk start,
-    the diagonal sub-chunk token by token (README, "per-channel decay")."""
-    NC: tl.constexpr = BT // BC
-    i_tc, i_h = tl.program_id(0), tl.program_id(1)
-    i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
-    s = i_c * BC
-    o_r = tl.arange(0, BC)
-    o_i = s + o_r
-    m_i = o_i < L
-    o_j = tl.arange(0, BT)
-    m_j = (o_j < L) & (o_j < s)
-    tok_i = t0 + o_i
-    tok_j = t0 + o_j
-    b_A = tl.zeros([BC, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_ik = m_i[:, None] & m_k[None, :]
-        b_q = tl.load(q + tok_i[:, None] * H * K + i_h * K + o_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
-        b_gi = tl.load(g + tok_i[:, None] * H * K + i_h * K + o_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
-        if i_c > 0:
-            m_kj = m_k[:, None] & m_j[None, :]
-            b_gT = tl.load(g + tok_j[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kj, other=0.0).to(tl.float32)
-            b_kT = tl.load(k + tok_j[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kj, other=0.0).to(tl.float32)
-            # key j < s decays to the sub-chunk start by exp(sum_{j<r<s} g_r), query i from there by exp(G_i - G_{s-1})
-            b_R = tl.cumsum(b_gT, axis=1, reverse=True) - b_gT
-            b_kf = b_kT * tl.exp(tl.where(m_kj, b_R, NEG_INF))
-            b_qf = b_q * tl.exp(tl.cumsum(b_gi, axis=0))
-            b_A += mm(b_qf, b_kf, WT, INTERP, PREC)
-        # diagonal sub-chunk, key j from last to first; b_E[i] = sum_{j < r <= i} g_r for i >= j
-        b_E = tl.zeros([BC, BK], dtype=tl.float32)
-        for jj in range(0, BC):
-            j = BC - 1 - jj
-            # a vector test: a scalar one gives an int mask, which the Triton 3.9 interpreter rejects
-            m_row = m_k & ((s + j + 0 * o_k) < L)
-            p_row = (t0 + s + j) * H * K + i_h * K + o_k
-            b_kj = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
-            b_val = tl.sum(b_q * b_kj[None, :] * tl.exp(tl.where(o_r[:, None] >= j, b_E, NEG_INF)), axis=1)
-            b_A += tl.where(o_j[None, :] == s + j, b_val[:, None], 0.0)
-            b_gj = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
-            b_E += tl.where(o_r[:, None] >= j, b_gj[None, :], 0.0)
-    tl.store(A + tok_i[:, None] * H * BT + i_h * BT + o_j[None, :], b_A, mask=m_i[:, None])
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -214,7 +164,8 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                    WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: ``dh`` of each chunk is the gradient of the state after it. For the decay
-    gradient, partial sums (this block) of ``<dh_{c+1}, exp(G_C) h_c>``, the pairs spanning the chunk."""
+    gradient, partial sums (this block) of ``<dh_{c+1}, exp(G_C) h_c>``, the pairs spanning the chunk.
+    GATE 2 (gla) takes ``q ∘ gamma`` (``qg``) for q and the chunk decays ``gC`` for g."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -226,14 +177,14 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     NT = tl.cdiv(L, BT)
-    nx_g, _ = _chunk_gates(g, None, bos, NT - 1, L, i_h, o_k, H, K, BT, GATE, False)
+    nx_g, _ = _chunk_gates(g, None, bos, boh, NT - 1, L, i_h, o_k, H, K, BT, GATE, False)
     if GATE != 0:  # the chunk states too are loaded one chunk ahead
         nx_hc = tl.load(h + ((boh + NT - 1) * H + i_h) * K * V + p_kv, mask=m_kv & ((NT - 1 + 0 * p_kv) >= 0),
                         other=0.0)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
         b_g = nx_g.to(tl.float32)
-        nx_g, _ = _chunk_gates(g, None, bos, i_t - 1, L, i_h, o_k, H, K, BT, GATE, False)
+        nx_g, _ = _chunk_gates(g, None, bos, boh, i_t - 1, L, i_h, o_k, H, K, BT, GATE, False)
         if GATE != 0:
             b_hc = nx_hc.to(tl.float32)
             nx_hc = tl.load(h + ((boh + i_t - 1) * H + i_h) * K * V + p_kv,
@@ -243,18 +194,17 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
         m_t = o_t < L
         tok = bos + o_t
         m_kt = (o_k[:, None] < K) & m_t[None, :]
-        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
         b_do = tl.load(do + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
                        other=0.0)
         i_c = boh + i_t
         if GATE == 1:
             b_dh *= tl.exp(tl.sum(b_g, axis=0))
-            b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
+            b_qT = b_qT.to(tl.float32) * tl.exp(tl.cumsum(b_g, axis=0))[None, :]
             tl.store(s_part + ((i_k * tl.num_programs(2) + i_v) * NTtot + i_c) * H + i_h,
                      tl.sum(tl.sum(b_dh * b_hc, axis=1), axis=0))
         if GATE == 2:
-            b_dh *= tl.exp(tl.sum(b_g, axis=1))[:, None]
-            b_qT *= tl.exp(tl.cumsum(b_g, axis=1))
+            b_dh *= b_g[:, None]
             tl.store(s_part + ((i_v * NTtot + i_c) * H + i_h) * K + o_k, tl.sum(b_dh * b_hc, axis=1), mask=o_k < K)
         b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
     if STORE_DH0:
@@ -268,7 +218,8 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
                    USE_DH: tl.constexpr, NO_DIAG: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
-    diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient)."""
+    diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient). GATE 2
+    (gla) takes ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A``."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -290,12 +241,7 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
         if USE_DH:
             b_dh = tl.load(dh + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                            mask=m_k[:, None] & m_v[None, :], other=0.0)
-            if GATE == 2:
-                b_g = tl.load(g + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-                b_kd = b_k.to(tl.float32) * tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
-                b_dv += mm(b_kd, b_dh, WT, INTERP, PREC)
-            else:
-                b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+            b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
     if GATE == 1:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= _decay_matrix_t(b_g, BT)
@@ -306,7 +252,8 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
     if NO_DIAG:
         b_AT = tl.where(o_t[:, None] == o_t[None, :], 0.0, b_AT)
     if GATE == 2:
-        b_AT = tl.load(A + tok[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
+        b_AT = tl.load(A + tok[None, :] * H * BT + i_h * BT + o_t[:, None],
+                       mask=m_t[None, :] & (o_t[:, None] <= o_t[None, :]), other=0.0)
     if HAS_DT:
         b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= b_dt[:, None]
@@ -404,89 +351,6 @@ def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_p
 
 
 @triton.jit
-def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok, cu, chunk_indices,
-                          H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """gla: add the intra-chunk parts of dq, dk for one sub-chunk of BC rows and one key block, store
-    dq, dk and the per-token parts of the decay gradient (same factorisation as the forward)."""
-    NC: tl.constexpr = BT // BC
-    i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
-    s = i_c * BC
-    e = s + BC - 1
-    o_r = tl.arange(0, BC)
-    o_i = s + o_r
-    m_i = o_i < L
-    o_j = tl.arange(0, BT)
-    m_j = o_j < L
-    tok_i = t0 + o_i
-    tok_j = t0 + o_j
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    m_ik = m_i[:, None] & m_k[None, :]
-    p_i = tok_i[:, None] * H * K + i_h * K + o_k[None, :]
-    p_j = tok_j[:, None] * H * K + i_h * K + o_k[None, :]
-    b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
-    b_gi = tl.load(g + p_i, mask=m_ik, other=0.0).to(tl.float32)
-    # dq, dk without each token's pairing with itself (b_dqd, b_dkd): that pair cancels exactly in the
-    # decay gradient q ∘ dq - k ∘ dk, and summed in, it would swamp small gradients
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dqd = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dkd = tl.zeros([BC, BK], dtype=tl.float32)
-    # earlier sub-chunks (keys j < s) feed these queries through the sub-chunk start
-    if i_c > 0:
-        m_lo = m_j & (o_j < s)
-        b_gj = tl.load(g + p_j, mask=m_lo[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_kj = tl.load(k + p_j, mask=m_lo[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_kf = b_kj * tl.exp(tl.where(m_lo[:, None], tl.cumsum(b_gj, axis=0, reverse=True) - b_gj, NEG_INF))
-        b_dAi = tl.load(dA + tok_i[:, None] * H * BT + i_h * BT + o_j[None, :],
-                        mask=m_i[:, None] & m_lo[None, :], other=0.0)
-        b_dq += tl.exp(tl.cumsum(b_gi, axis=0)) * mm(b_dAi, b_kf, WT, INTERP, PREC)
-    # later sub-chunks (queries i > e) read these keys through the sub-chunk end
-    if i_c < NC - 1:
-        m_hi = m_j & (o_j > e)
-        b_gh = tl.load(g + p_j, mask=m_hi[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_qh = tl.load(q + p_j, mask=m_hi[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_qf = b_qh * tl.exp(tl.where(m_hi[:, None], tl.cumsum(b_gh, axis=0), NEG_INF))
-        b_dAT = tl.load(dA + tok_j[None, :] * H * BT + i_h * BT + o_i[:, None],
-                        mask=m_i[:, None] & m_hi[None, :], other=0.0)
-        b_dk += tl.exp(tl.cumsum(b_gi, axis=0, reverse=True) - b_gi) * mm(b_dAT, b_qf, WT, INTERP, PREC)
-    # diagonal sub-chunk: dq from keys j (last to first), b_E[i] = sum_{j < r <= i} g_r for i >= j
-    b_E = tl.zeros([BC, BK], dtype=tl.float32)
-    for jj in range(0, BC):
-        j = BC - 1 - jj
-        m_row = m_k & ((s + j + 0 * o_k) < L)  # vector test (Triton 3.9 interpreter)
-        p_row = (t0 + s + j) * H * K + i_h * K + o_k
-        b_kr = tl.load(k + p_row, mask=m_row, other=0.0).to(tl.float32)
-        b_a = tl.load(dA + tok_i * H * BT + i_h * BT + s + j, mask=m_i & (o_r >= j), other=0.0)
-        b_dq += b_a[:, None] * b_kr[None, :] * tl.exp(tl.where(o_r[:, None] > j, b_E, NEG_INF))
-        b_dqd += tl.where(o_r[:, None] == j, b_a[:, None] * b_kr[None, :], 0.0)
-        b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
-        b_E += tl.where(o_r[:, None] >= j, b_gr[None, :], 0.0)
-    # diagonal sub-chunk: dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
-    b_F = tl.zeros([BC, BK], dtype=tl.float32)
-    for i in range(0, BC):
-        m_row = m_k & ((s + i + 0 * o_k) < L)
-        p_row = (t0 + s + i) * H * K + i_h * K + o_k
-        b_gr = tl.load(g + p_row, mask=m_row, other=0.0).to(tl.float32)
-        b_F += tl.where(o_r[:, None] < i, b_gr[None, :], 0.0)
-        b_qr = tl.load(q + p_row, mask=m_row, other=0.0).to(tl.float32)
-        m_a = m_i & (o_r <= i) & ((s + i + 0 * o_r) < L)
-        b_a = tl.load(dA + (t0 + s + i) * H * BT + i_h * BT + o_i, mask=m_a, other=0.0)
-        b_dk += b_a[:, None] * b_qr[None, :] * tl.exp(tl.where(o_r[:, None] < i, b_F, NEG_INF))
-        b_dkd += tl.where(o_r[:, None] == i, b_a[:, None] * b_qr[None, :], 0.0)
-    b_dq += tl.load(dq_inter + p_i, mask=m_ik, other=0.0)
-    b_dki = tl.load(dk_inter + p_i, mask=m_ik, other=0.0)
-    tl.store(dq + p_i, (b_dq + b_dqd).to(dq.dtype.element_ty), mask=m_ik)
-    tl.store(dk + p_i, (b_dk + b_dki + b_dkd).to(dk.dtype.element_ty), mask=m_ik)
-    tl.store(a_tok + p_i, b_q * b_dq - b_k * b_dk, mask=m_ik)
-    tl.store(b_tok + p_i, b_k * b_dki, mask=m_ik)
-
-
-@triton.jit
 def _chunk_dg_kernel(a, b, s, out, cu, chunk_indices, Ttot, NTtot,
                      H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                      NA: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
@@ -524,44 +388,37 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
     return min(64, pow2(K)), min(64, pow2(V))
 
 
-def fwd_h(k, v, g, dt, gate, h0, output_final_state, meta, wdt=None):
-    """Chunk states ``h [NT, H, K, V]`` (before each chunk) and the final states (or None)."""
+def fwd_h(k, v, g, dt, gate, h0, output_final_state, meta, in_dtype=None):
+    """Chunk states ``h [NT, H, K, V]`` (before each chunk) and the final states (or None). ``in_dtype``:
+    the inputs' dtype where k is an intermediate (gla's ``kg``)."""
     _, H, K = k.shape
     V = v.shape[-1]
     N = meta.num_segments
-    wdt = wdt or work_dtype(k.dtype)
+    in_dtype = in_dtype or k.dtype
+    wdt = work_dtype(in_dtype)
     BK, BV = _state_blocks(K, V)
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=wdt)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = (N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
     _fwd_h_kernel[grid](k, v, g, dt, h, h0, ht, meta.cu, meta.chunk_offsets, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
                         GATE=gate, HAS_DT=dt is not None, USE_H0=h0 is not None, STORE_HT=output_final_state,
-                        **dots(k.dtype, False), **launch("gl.fwd_h", num_warps=8 if gate == 1 else 4))
+                        **dots(in_dtype, False), **launch("gl.fwd_h", num_warps=8 if gate == 1 else 4))
     return h, ht
 
 
-def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype):
+def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
     Ttot, H, K = q.shape
     V = v.shape[-1]
     BK, BV = min(64, pow2(K)), min(64, pow2(V))
     o = q.new_empty(Ttot, H, V, dtype=out_dtype)
     grid = (meta.num_chunks, H, triton.cdiv(V, BV))
     _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                        BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, **dots(q.dtype), **launch("gl.fwd_o"))
+                        BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
+                        **launch("gl.fwd_o"))
     return o
 
 
-def gla_fwd_A(q, k, g, meta):
-    Ttot, H, K = q.shape
-    BC = 16
-    A = q.new_empty(Ttot, H, CHUNK, dtype=torch.float32)
-    grid = (meta.num_chunks * (CHUNK // BC), H)
-    _gla_fwd_A_kernel[grid](q, k, g, A, meta.cu, meta.chunk_indices, H=H, K=K, BT=CHUNK, BC=BC,
-                            BK=min(64, pow2(K)), **dots(q.dtype, False), **launch("gl.gla_fwd_A"))
-    return A
-
-
-def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt):
+def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt, in_dtype=None):
     """Chunk-end state gradients ``dh``, the initial state's gradient and the decay gradient's
     per-chunk parts ``s`` (gate 1: ``[NK * NV, NT, H, 1]``, gate 2: ``[NV, NT, H, K]``)."""
     H = q.shape[1]
@@ -574,7 +431,7 @@ def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt):
          2: q.new_zeros(NV, NT, H, K, dtype=torch.float32)}[gate]
     _bwd_dh_kernel[(N * H, NK, NV)](q, g, do, h, dh, dht, dh0, s, meta.cu, meta.chunk_offsets, scale, NT, H=H, K=K,
                                     V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate, USE_DHT=dht is not None,
-                                    STORE_DH0=need_dh0, **dots(q.dtype, False), **launch("gl.bwd_dh"))
+                                    STORE_DH0=need_dh0, **dots(in_dtype or q.dtype, False), **launch("gl.bwd_dh"))
     return dh, dh0, s
 
 
@@ -606,26 +463,36 @@ class GatedLinearChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, dt, h0, scale, gate, output_final_state, meta):
-        h, ht = fwd_h(k, v, g, dt, gate, h0, output_final_state, meta)
-        A = gla_fwd_A(q, k, g, meta) if gate == 2 else None
-        o = fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, v.dtype)
-        ctx.save_for_backward(q, k, v, g, dt, h0)
+        if gate == 2:  # gla: the decays enter through A, qg, kg, gC (gla.py), kept for the backward
+            A, qg, kg, gC = gla_prep(q, k, g, meta)
+            h, ht = fwd_h(kg, v, gC, None, gate, h0, output_final_state, meta, in_dtype=q.dtype)
+            o = fwd_o(qg, k, v, None, None, h, A, gate, scale, meta, v.dtype, in_dtype=q.dtype)
+            ctx.save_for_backward(q, k, v, g, dt, h0, A, qg, kg, gC)
+        else:
+            h, ht = fwd_h(k, v, g, dt, gate, h0, output_final_state, meta)
+            o = fwd_o(q, k, v, g, dt, h, None, gate, scale, meta, v.dtype)
+            ctx.save_for_backward(q, k, v, g, dt, h0)
         ctx.scale, ctx.gate, ctx.meta = scale, gate, meta
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, dt, h0 = ctx.saved_tensors
         scale, gate, meta = ctx.scale, ctx.gate, ctx.meta
+        q, k, v, g, dt, h0 = ctx.saved_tensors[:6]
         Ttot, H, K = q.shape
         V = v.shape[-1]
         do = do.contiguous()
         dht = contiguous(dht)
         wdt = work_dtype(q.dtype)
-        h, _ = fwd_h(k, v, g, dt, gate, h0, False, meta)
-        dh, dh0, s = bwd_dh(q, g, do, h, dht, gate, scale, h0 is not None, meta, K, V, wdt)
-        A = gla_fwd_A(q, k, g, meta) if gate == 2 else None
-        dv = bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, v.dtype, V)
+        if gate == 2:
+            A, qg, kg, gC = ctx.saved_tensors[6:]
+            h, _ = fwd_h(kg, v, gC, None, gate, h0, False, meta, in_dtype=q.dtype)
+            dh, dh0, s = bwd_dh(qg, gC, do, h, dht, gate, scale, h0 is not None, meta, K, V, wdt, in_dtype=q.dtype)
+            dv = bwd_dv(q, kg, None, dt, A, do, dh, gate, scale, meta, v.dtype, V)
+        else:
+            h, _ = fwd_h(k, v, g, dt, gate, h0, False, meta)
+            dh, dh0, s = bwd_dh(q, g, do, h, dht, gate, scale, h0 is not None, meta, K, V, wdt)
+            dv = bwd_dv(q, k, g, dt, None, do, dh, gate, scale, meta, v.dtype, V)
 
         BK, BV = min(64, pow2(K)), min(64, pow2(V))
         NK = triton.cdiv(K, BK)
@@ -644,13 +511,7 @@ class GatedLinearChunk(torch.autograd.Function):
         dg = ddt = None
         prec = dots(q.dtype)["PREC"]
         if gate == 2:
-            dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)
-            a_tok, b_tok = (q.new_empty(Ttot, H, K, dtype=f32) for _ in range(2))
-            BC = 16
-            grid = (meta.num_chunks * (CHUNK // BC), H, NK)
-            _gla_bwd_intra_kernel[grid](q, k, g, dA, dq_i, dk_i, dq, dk, a_tok, b_tok, meta.cu, meta.chunk_indices,
-                                        H=H, K=K, BT=CHUNK, BC=BC, BK=BK, **dots(q.dtype, False),
-                                            **launch("gl.gla_bwd_intra"))
+            dq, dk, a_tok, b_tok = gla_bwd_intra(q, k, g, dA, dq_i, dk_i, meta)
             dg = chunk_dg(a_tok[None], b_tok[None], s, meta, g.dtype, prec)
         else:
             dq, dk = dq_i, dk_i
