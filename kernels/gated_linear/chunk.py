@@ -198,9 +198,11 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
         b_do = tl.load(do + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
                        other=0.0)
         i_c = boh + i_t
+        if GATE != 2:
+            b_qT = b_qT.to(tl.float32)
         if GATE == 1:
             b_dh *= tl.exp(tl.sum(b_g, axis=0))
-            b_qT = b_qT.to(tl.float32) * tl.exp(tl.cumsum(b_g, axis=0))[None, :]
+            b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
             tl.store(s_part + ((i_k * tl.num_programs(2) + i_v) * NTtot + i_c) * H + i_h,
                      tl.sum(tl.sum(b_dh * b_hc, axis=1), axis=0))
         if GATE == 2:

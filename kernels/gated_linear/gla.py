@@ -54,24 +54,28 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
     b_qf = b_q * tl.exp(b_P)
     # earlier sub-chunks b, nearest first: key j reaches s through exp(sum_{j < r < s} g_r), its own
     # sub-chunk's suffix plus b_D, the sum over the whole sub-chunks between b and this one
+    # (unrolled: as an scf.for loop, Triton 3.6 on Hopper computed every block after the first wrongly
+    # for float32 inputs with K >= 64 at most warp counts)
     b_D = tl.zeros([BK], dtype=tl.float32)
-    for ib in range(0, i_c):
-        o_j = (i_c - 1 - ib) * BC + o_r
-        p_jT = (t0 + o_j)[None, :] * H * K + i_h * K + o_k[:, None]
-        m_kj = m_k[:, None] & (o_j < L)[None, :]  # all rows, unless this sub-chunk lies past the segment end
-        b_kT = tl.load(k + p_jT, mask=m_kj, other=0.0).to(tl.float32)
-        b_gT = tl.load(g + p_jT, mask=m_kj, other=0.0).to(tl.float32)
-        b_kf = b_kT * tl.exp(tl.cumsum(b_gT, axis=1, reverse=True) - b_gT + b_D[:, None])
-        tl.store(A + p_A + o_j[None, :], mm(b_qf, b_kf, WT, INTERP, PREC), mask=m_i[:, None])
-        b_D += tl.sum(b_gT, axis=1)
+    for ib in tl.static_range(NC - 1):
+        if ib < i_c:
+            o_j = (i_c - 1 - ib) * BC + o_r
+            p_jT = (t0 + o_j)[None, :] * H * K + i_h * K + o_k[:, None]
+            m_kj = m_k[:, None] & (o_j < L)[None, :]  # all rows, unless this sub-chunk lies past the segment end
+            b_kT = tl.load(k + p_jT, mask=m_kj, other=0.0).to(tl.float32)
+            b_gT = tl.load(g + p_jT, mask=m_kj, other=0.0).to(tl.float32)
+            b_kf = b_kT * tl.exp(tl.cumsum(b_gT, axis=1, reverse=True) - b_gT + b_D[:, None])
+            tl.store(A + p_A + o_j[None, :], mm(b_qf, b_kf, WT, INTERP, PREC), mask=m_i[:, None])
+            b_D += tl.sum(b_gT, axis=1)
     tl.store(qg + p_i, (b_q * tl.exp(b_P + b_D[None, :])).to(qg.dtype.element_ty), mask=m_ik)
     # later sub-chunks: the keys' decay to the chunk end
     b_D = tl.zeros([BK], dtype=tl.float32)
-    for ia in range(i_c + 1, NC):
-        o_a = ia * BC + o_r
-        b_ga = tl.load(g + (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :],
-                       mask=(o_a < L)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_D += tl.sum(b_ga, axis=0)
+    for ia in tl.static_range(1, NC):
+        if ia > i_c:
+            o_a = ia * BC + o_r
+            b_ga = tl.load(g + (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :],
+                           mask=(o_a < L)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_D += tl.sum(b_ga, axis=0)
     b_kd = b_k * tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g + b_D[None, :])
     tl.store(kg + p_i, b_kd.to(kg.dtype.element_ty), mask=m_ik)
     if i_c == 0:
@@ -118,31 +122,33 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     # dq from keys of earlier sub-chunks (nearest first), through the sub-chunk start as in the forward
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     b_D = tl.zeros([BK], dtype=tl.float32)
-    for ib in range(0, i_c):
-        o_j = (i_c - 1 - ib) * BC + o_r
-        p_j = (t0 + o_j)[:, None] * H * K + i_h * K + o_k[None, :]
-        m_jk = (o_j < L)[:, None] & m_k[None, :]
-        b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
-        b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
-        b_kf = b_kj * tl.exp(tl.cumsum(b_gj, axis=0, reverse=True) - b_gj + b_D[None, :])
-        b_dAb = tl.load(dA + p_A[:, None] + o_j[None, :], mask=m_i[:, None], other=0.0)
-        b_dq += mm(b_dAb, b_kf, WT, INTERP, PREC)
-        b_D += tl.sum(b_gj, axis=0)
+    for ib in tl.static_range(NC - 1):  # unrolled, as in the forward
+        if ib < i_c:
+            o_j = (i_c - 1 - ib) * BC + o_r
+            p_j = (t0 + o_j)[:, None] * H * K + i_h * K + o_k[None, :]
+            m_jk = (o_j < L)[:, None] & m_k[None, :]
+            b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_kf = b_kj * tl.exp(tl.cumsum(b_gj, axis=0, reverse=True) - b_gj + b_D[None, :])
+            b_dAb = tl.load(dA + p_A[:, None] + o_j[None, :], mask=m_i[:, None], other=0.0)
+            b_dq += mm(b_dAb, b_kf, WT, INTERP, PREC)
+            b_D += tl.sum(b_gj, axis=0)
     b_dq *= tl.exp(tl.cumsum(b_g, axis=0))
     # dk from queries of later sub-chunks (nearest first), through the sub-chunk end
     b_dk = tl.zeros([BC, BK], dtype=tl.float32)
     b_D = tl.zeros([BK], dtype=tl.float32)
-    for ia in range(i_c + 1, NC):
-        o_a = ia * BC + o_r
-        m_a = o_a < L
-        p_a = (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :]
-        b_qa = tl.load(q + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_ga = tl.load(g + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_qf = b_qa * tl.exp(tl.cumsum(b_ga, axis=0) + b_D[None, :])
-        b_dAT = tl.load(dA + ((t0 + o_a) * H * BT + i_h * BT)[None, :] + o_i[:, None],
-                        mask=m_i[:, None] & m_a[None, :], other=0.0)
-        b_dk += mm(b_dAT, b_qf, WT, INTERP, PREC)
-        b_D += tl.sum(b_ga, axis=0)
+    for ia in tl.static_range(1, NC):
+        if ia > i_c:
+            o_a = ia * BC + o_r
+            m_a = o_a < L
+            p_a = (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :]
+            b_qa = tl.load(q + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_ga = tl.load(g + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qf = b_qa * tl.exp(tl.cumsum(b_ga, axis=0) + b_D[None, :])
+            b_dAT = tl.load(dA + ((t0 + o_a) * H * BT + i_h * BT)[None, :] + o_i[:, None],
+                            mask=m_i[:, None] & m_a[None, :], other=0.0)
+            b_dk += mm(b_dAT, b_qf, WT, INTERP, PREC)
+            b_D += tl.sum(b_ga, axis=0)
     b_dk *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
     # the diagonal sub-chunk without each token's pairing with itself: that pair cancels exactly in
     # the decay gradient q ∘ dq - k ∘ dk, and summed in, it would swamp small gradients.

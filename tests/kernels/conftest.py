@@ -12,8 +12,21 @@ worker, one at a time.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
+           pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """``cpu``: the Triton interpreter (marker ``interpret``); ``cuda``: a GPU (marker ``gpu``)."""
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU interpreter runs where there is no CUDA device (TRITON_INTERPRET=1)")
+    return request.param
 
 
 def pytest_configure(config):

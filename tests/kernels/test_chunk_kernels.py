@@ -20,7 +20,6 @@ Devices: ``cpu`` runs the Triton interpreter (marker ``interpret``, small shapes
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
@@ -37,17 +36,6 @@ VARIANTS = [("linear_attn", {}), ("retnet", {}), ("mamba2", {}), ("gla", {}), ("
             ("gated_deltanet", {}), ("titans", {"mini_batch": 16}), ("titans", {"mini_batch": 1}),
             ("titans", {"mini_batch": 4}), ("titans", {"mini_batch": 24}), ("titans", {"mini_batch": 100})]
 VARIANT_IDS = [name + "".join(f"-mb{v}" for v in opts.values()) for name, opts in VARIANTS]
-DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
-           pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the CPU interpreter runs where there is no CUDA device (TRITON_INTERPRET=1)")
-    return request.param
-
-
 @pytest.fixture
 def seed(request) -> int:
     """Fresh inputs per test, reproducible from the test id."""
