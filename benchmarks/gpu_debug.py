@@ -277,8 +277,11 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                                   text=True).stdout
             if sass_dir:
                 os.makedirs(sass_dir, exist_ok=True)
-                with open(os.path.join(sass_dir, f"{n:02d}.{rule}.{module.split('.')[-2]}.{fname}.sass"), "w") as f:
+                stem = os.path.join(sass_dir, f"{n:02d}.{rule}.{module.split('.')[-2]}.{fname}")
+                with open(stem + ".sass", "w") as f:
                     f.write(sass)
+                with open(stem + ".ttgir", "w") as f:  # Triton's GPU IR: layouts and their conversions
+                    f.write(ck.asm["ttgir"])
             md = ck.metadata
             print(f"{rule:<16}{fname:<24}{module.split('.')[-2]:<14}{md.num_warps:>5} {md.num_stages:>6} "
                   f"{regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>6}/"
@@ -308,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
     ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
-    ap.add_argument("--sass", default=None, help="with --resources: write each kernel's SASS into this folder")
+    ap.add_argument("--sass", default=None, help="with --resources: write each kernel's SASS and Triton GPU IR into this folder")
     args = ap.parse_args(argv)
     rules, keys = rule_names(), launch_keys()
     args.rule = name_list(ap, "--rule", args.rule, rules)[0]

@@ -104,6 +104,25 @@ def mm(a, b, T: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def select_rows(sel, x, INTERP: tl.constexpr, PARTS: tl.constexpr):
+    """``sel @ x`` for a 0/1 matrix ``sel`` and float32 ``x``, to float32 accuracy, on tensor cores:
+    ``x`` is split exactly into ``PARTS`` bfloat16 parts (8 significant bits each; 3 for any float32,
+    1 where ``x`` holds bfloat16 values) whose products with 0/1 are exact. Gathers, scatter-adds and
+    segment sums of rows; the same as a ``[M, N, K]`` masked sum, which needs M * N * K / threads
+    values per thread, or a float32 "ieee" product, which spills."""
+    s = tl.where(sel, 1.0, 0.0).to(tl.bfloat16)
+    x_hi = x.to(tl.bfloat16)
+    if PARTS == 1:
+        return mm(s, x_hi, tl.bfloat16, INTERP, "tf32")
+    else:
+        r = x - x_hi.to(tl.float32)
+        x_mid = r.to(tl.bfloat16)
+        x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
+        return (mm(s, x_lo, tl.bfloat16, INTERP, "tf32") + mm(s, x_mid, tl.bfloat16, INTERP, "tf32")
+                + mm(s, x_hi, tl.bfloat16, INTERP, "tf32"))
+
+
+@triton.jit
 def chunk_start(chunk_indices, cu, i_t, BT: tl.constexpr):
     """Global chunk ``i_t``: (its first token, the tokens of its segment from there on, its first
     token's position in the segment)."""

@@ -13,23 +13,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_start, dots, launch, mm, pow2, work_dtype
+from .._common import CHUNK, chunk_start, dots, launch, mm, pow2, select_rows, work_dtype
 
 Tensor = torch.Tensor
 SUB = 16  # rows per sub-chunk (BC)
 
 
 @triton.jit
-def _row(x, t0, r, L, i_h, o_k, H: tl.constexpr, K: tl.constexpr):
-    """Row ``r`` of the chunk starting at token ``t0`` (``[BK]``, 0 outside ``0 <= r < L``). The
-    token loops load their next row with this while working on the current one."""
-    r_k = r + 0 * o_k  # a vector test: a scalar one gives an int mask, which the Triton 3.9 interpreter rejects
-    return tl.load(x + (t0 + r) * H * K + i_h * K + o_k, mask=(o_k < K) & (r_k >= 0) & (r_k < L), other=0.0)
+def _level(b_g, lv, BC: tl.constexpr, PARTS: tl.constexpr, INTERP: tl.constexpr):
+    """Level ``lv`` of the diagonal sub-chunk (README, "per-channel decay"): the pairs ``j < i`` whose
+    row indices first differ in bit ``lv``. With blocks of ``2^lv`` rows, query i lies in an odd block
+    and key j in the even block before it; their decay passes the row between the two blocks.
+    Returns ``(Y, m_q, m_pair)``: ``Y`` ``[BC, BK]`` the log decay from a query's block start to it
+    (inclusive) on query rows, and from after a key to its block end on key rows, each summed exactly
+    over its own range (``select_rows``); ``m_q`` the query rows; ``m_pair`` ``[BC, BC]`` the pairs
+    of rows in the same two blocks."""
+    o = tl.arange(0, BC)
+    m_q = ((o >> lv) & 1) == 1
+    same = (o[:, None] >> lv) == (o[None, :] >> lv)
+    inside = tl.where(m_q[:, None], o[None, :] <= o[:, None], o[None, :] > o[:, None])
+    b_Y = select_rows(same & inside, b_g, INTERP, PARTS)
+    return b_Y, m_q, (o[:, None] >> (lv + 1)) == (o[None, :] >> (lv + 1))
 
 
 @triton.jit
 def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     LOG_BC: tl.constexpr, PARTS: tl.constexpr,
                      WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """One sub-chunk of BC rows, all of K. Stores its rows of ``A`` below and on the diagonal (above it
     nothing: readers mask), of ``qg = q ∘ exp(G)`` and ``kg = k ∘ exp(G_C - G)``, and (first
@@ -80,25 +90,21 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
     tl.store(kg + p_i, b_kd.to(kg.dtype.element_ty), mask=m_ik)
     if i_c == 0:
         tl.store(gC + (i_t * H + i_h) * K + o_k, tl.exp(tl.sum(b_g, axis=0) + b_D), mask=m_k)
-    # the diagonal sub-chunk, key j from last to first; b_E[i] = sum_{j < r <= i} g_r for i >= j
-    b_E = tl.zeros([BC, BK], dtype=tl.float32)
-    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
-    nx_k = _row(k, t0, s + BC - 1, L, i_h, o_k, H, K)
-    nx_g = _row(g, t0, s + BC - 1, L, i_h, o_k, H, K)
-    for jj in range(0, BC):
-        j = BC - 1 - jj
-        b_kj, b_gj = nx_k.to(tl.float32), nx_g.to(tl.float32)
-        nx_k = _row(k, t0, s + j - 1, L, i_h, o_k, H, K)  # after j = 0 unused
-        nx_g = _row(g, t0, s + j - 1, L, i_h, o_k, H, K)
-        b_val = tl.sum(b_q * b_kj[None, :] * tl.exp(b_E), axis=1)
-        b_Ad += tl.where((o_r[None, :] == j) & (o_r[:, None] >= j), b_val[:, None], 0.0)
-        b_E += tl.where(o_r[:, None] >= j, b_gj[None, :], 0.0)
+    # the diagonal sub-chunk: each token with itself, then one level per bit of the row index
+    b_Ad = tl.where(o_r[:, None] == o_r[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
+    for lv in tl.static_range(LOG_BC):
+        b_Y, m_q, m_pair = _level(b_g, lv, BC, PARTS, INTERP)
+        b_eY = tl.exp(b_Y)
+        b_qf = tl.where(m_q[:, None], b_q * b_eY, 0.0)
+        b_kf = tl.where(m_q[:, None], 0.0, b_k * b_eY)
+        b_Ad += tl.where(m_pair, mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), 0.0)
     tl.store(A + p_A + o_i[None, :], b_Ad, mask=m_i[:, None])
 
 
 @triton.jit
 def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok, cu, chunk_indices,
                           H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                          LOG_BC: tl.constexpr, PARTS: tl.constexpr,
                           WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Add the intra-chunk parts of dq, dk for one sub-chunk of BC rows and one key block; store dq,
     dk and the per-token parts of the decay gradient (README, "gate gradients"). ``dA`` holds the
@@ -150,36 +156,19 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
             b_dk += mm(b_dAT, b_qf, WT, INTERP, PREC)
             b_D += tl.sum(b_ga, axis=0)
     b_dk *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
-    # the diagonal sub-chunk without each token's pairing with itself: that pair cancels exactly in
-    # the decay gradient q ∘ dq - k ∘ dk, and summed in, it would swamp small gradients.
-    # dq from keys j (last to first), b_E[i] = sum_{j < r <= i} g_r for i >= j
-    b_E = tl.zeros([BC, BK], dtype=tl.float32)
-    nx_k = _row(k, t0, s + BC - 1, L, i_h, o_k, H, K)
-    nx_g = _row(g, t0, s + BC - 1, L, i_h, o_k, H, K)
-    nx_a = tl.zeros([BC], dtype=tl.float32)  # the last row pairs with no later row of the sub-chunk
-    for jj in range(0, BC):
-        j = BC - 1 - jj
-        b_kr, b_gr, b_a = nx_k.to(tl.float32), nx_g.to(tl.float32), nx_a
-        # the next key j - 1 (unused after j = 0), read by the rows after it
-        nx_k = _row(k, t0, s + j - 1, L, i_h, o_k, H, K)
-        nx_g = _row(g, t0, s + j - 1, L, i_h, o_k, H, K)
-        nx_a = tl.load(dA + p_A + s + j - 1, mask=m_i & (o_r >= j) & ((j + 0 * o_r) > 0), other=0.0)
-        b_dq += b_a[:, None] * b_kr[None, :] * tl.exp(b_E)
-        b_E += tl.where(o_r[:, None] >= j, b_gr[None, :], 0.0)
-    # dk from queries i (first to last), b_F[j] = sum_{j < r <= i} g_r for j <= i
-    b_F = tl.zeros([BC, BK], dtype=tl.float32)
-    nx_q = _row(q, t0, s, L, i_h, o_k, H, K)
-    nx_g = _row(g, t0, s, L, i_h, o_k, H, K)
-    nx_a = tl.zeros([BC], dtype=tl.float32)  # row s pairs with no earlier key of the sub-chunk
-    for i in range(0, BC):
-        b_qr, b_gr, b_a = nx_q.to(tl.float32), nx_g.to(tl.float32), nx_a
-        # the next query i + 1 (unused after i = BC - 1; always inside the segment), read by the keys before it
-        nx_q = _row(q, t0, s + i + 1, L, i_h, o_k, H, K)
-        nx_g = _row(g, t0, s + i + 1, L, i_h, o_k, H, K)
-        nx_a = tl.load(dA + (t0 + s + i + 1) * H * BT + i_h * BT + o_i,
-                       mask=m_i & (o_r <= i) & ((s + i + 1 + 0 * o_r) < L), other=0.0)
-        b_F += tl.where(o_r[:, None] < i, b_gr[None, :], 0.0)
-        b_dk += b_a[:, None] * b_qr[None, :] * tl.exp(b_F)
+    # the diagonal sub-chunk by levels (as in the forward), without each token's pairing with itself:
+    # that pair cancels exactly in the decay gradient q ∘ dq - k ∘ dk, and summed in, it would swamp
+    # small gradients. dA [i, j] and its transpose, loaded as such
+    m_ii = m_i[:, None] & m_i[None, :]
+    b_dAd = tl.load(dA + p_A[:, None] + o_i[None, :], mask=m_ii, other=0.0)
+    b_dAdT = tl.load(dA + p_A[None, :] + o_i[:, None], mask=m_ii, other=0.0)
+    for lv in tl.static_range(LOG_BC):
+        b_Y, m_q, m_pair = _level(b_g, lv, BC, PARTS, INTERP)
+        b_eY = tl.exp(b_Y)
+        b_kf = tl.where(m_q[:, None], 0.0, b_k * b_eY)
+        b_qf = tl.where(m_q[:, None], b_q * b_eY, 0.0)
+        b_dq += tl.where(m_q[:, None], b_eY, 0.0) * mm(tl.where(m_pair, b_dAd, 0.0), b_kf, WT, INTERP, PREC)
+        b_dk += tl.where(m_q[:, None], 0.0, b_eY) * mm(tl.where(m_pair, b_dAdT, 0.0), b_qf, WT, INTERP, PREC)
     # each token with itself
     b_dAd = tl.load(dA + p_A + o_i, mask=m_i, other=0.0)[:, None]
     b_dq += tl.load(dq_inter + p_i, mask=m_ik, other=0.0)
@@ -188,6 +177,11 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     tl.store(dk + p_i, (b_dk + b_dki + b_dAd * b_q).to(dk.dtype.element_ty), mask=m_ik)
     tl.store(a_tok + p_i, b_q * b_dq - b_k * b_dk, mask=m_ik)
     tl.store(b_tok + p_i, b_k * b_dki, mask=m_ik)
+
+
+def _levels(g: Tensor) -> dict:
+    """The diagonal sub-chunk's levels, and the bfloat16 parts of the log decays' exact sums."""
+    return {"LOG_BC": SUB.bit_length() - 1, "PARTS": 1 if g.dtype == torch.bfloat16 else 3}
 
 
 def gla_prep(q: Tensor, k: Tensor, g: Tensor, meta) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -199,7 +193,7 @@ def gla_prep(q: Tensor, k: Tensor, g: Tensor, meta) -> tuple[Tensor, Tensor, Ten
     gC = q.new_empty(meta.num_chunks, H, K, dtype=torch.float32)
     grid = (meta.num_chunks * (CHUNK // SUB), H)
     _gla_prep_kernel[grid](q, k, g, A, qg, kg, gC, meta.cu, meta.chunk_indices, H=H, K=K, BT=CHUNK, BC=SUB,
-                           BK=pow2(K), **dots(q.dtype, False), **launch("gl.gla_prep"))
+                           BK=pow2(K), **_levels(g), **dots(q.dtype, False), **launch("gl.gla_prep"))
     return A, qg, kg, gC
 
 
@@ -211,6 +205,6 @@ def gla_bwd_intra(q, k, g, dA, dq_inter, dk_inter, meta) -> tuple[Tensor, Tensor
     a_tok, b_tok = (q.new_empty(Ttot, H, K, dtype=torch.float32) for _ in range(2))
     grid = (meta.num_chunks * (CHUNK // SUB), H, triton.cdiv(K, BK))
     _gla_bwd_intra_kernel[grid](q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok, meta.cu, meta.chunk_indices,
-                                H=H, K=K, BT=CHUNK, BC=SUB, BK=BK, **dots(q.dtype, False),
+                                H=H, K=K, BT=CHUNK, BC=SUB, BK=BK, **_levels(g), **dots(q.dtype, False),
                                 **launch("gl.gla_bwd_intra"))
     return dq, dk, a_tok, b_tok

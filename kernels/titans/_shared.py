@@ -5,8 +5,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import mm
-
 TINY = tl.constexpr(1e-30)  # |gate factor| floor: products through an exact zero stay below float32 resolution
 
 
@@ -57,21 +55,6 @@ def _load_gates(theta, alpha, eta, tok, i_h, m_t, H: tl.constexpr):
     b_a = tl.where(tl.abs(b_a) < TINY, TINY, b_a)
     b_eta = tl.where(tl.abs(b_eta) < TINY, TINY, b_eta)
     return b_theta, b_a, b_eta
-
-
-@triton.jit
-def _select_rows(sel, x, INTERP: tl.constexpr):
-    """``sel @ x`` for a 0/1 matrix ``sel`` and float32 ``x``, to float32 accuracy, on tensor cores:
-    ``x`` is split exactly into three bfloat16 parts (8 significant bits each) whose products with
-    0/1 are exact. Gathers and scatter-adds of rows; the same as a ``[M, N, K]`` masked sum, which
-    needs M * N * K / threads values per thread, or a float32 "ieee" product, which spills."""
-    s = tl.where(sel, 1.0, 0.0).to(tl.bfloat16)
-    x_hi = x.to(tl.bfloat16)
-    r = x - x_hi.to(tl.float32)
-    x_mid = r.to(tl.bfloat16)
-    x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
-    return (mm(s, x_lo, tl.bfloat16, INTERP, "tf32") + mm(s, x_mid, tl.bfloat16, INTERP, "tf32")
-            + mm(s, x_hi, tl.bfloat16, INTERP, "tf32"))
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import chunk_start, mm, segment_start
+from .._common import chunk_start, mm, segment_start, select_rows
 from ._shared import (
     _chunk_ahead,
     _cumprod_matrix,
@@ -16,7 +16,6 @@ from ._shared import (
     _load_gates,
     _pick,
     _read_rows,
-    _select_rows,
     _states,
 )
 
@@ -344,7 +343,7 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
     g_ap += tl.where(is_e, s_ap, 0.0)
     g_gp += tl.where(is_e, s_gp, 0.0)
     g_Dth += tl.where(row_e, g_wM[None, :], 0.0)
-    g_Dth += _select_rows(sel_T, g_Lc, INTERP)  # Lc = rows p[j] of Dth: summed back
+    g_Dth += select_rows(sel_T, g_Lc, INTERP, 3)  # Lc = rows p[j] of Dth: summed back
     g_Dth = tl.where(lower, g_Dth, 0.0)
     g_Aa += tl.sum(tl.where(sel_T, g_ap[None, :], 0.0), axis=1) + tl.where(is_e, s_Aa, 0.0)
     g_c += tl.sum(tl.where(sel_T, g_gp[None, :], 0.0), axis=1) + tl.where(is_e, s_c, 0.0)

@@ -32,11 +32,12 @@ from .._common import (
     mm,
     pow2,
     segment_start,
+    select_rows,
     state_stages,
     work_dtype,
 )
 from ..delta.chunk import unit_lower_inverse
-from ._shared import _chunk_ahead, _cumprod_matrix, _load_gates, _pick, _read_rows, _select_rows, _states
+from ._shared import _chunk_ahead, _cumprod_matrix, _load_gates, _pick, _read_rows, _states
 from .backward import _bwd_dh_kernel, _bwd_dr_local_kernel, _bwd_k_kernel, _bwd_v_kernel, _coef_bwd_kernel
 
 Tensor = torch.Tensor
@@ -74,7 +75,7 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
         b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
         b_Dth = b_D * b_theta[None, :]
         sel = p[:, None] == o_t[None, :]
-        b_Lc = _select_rows(sel, b_Dth, INTERP)  # rows p[j] of Dth
+        b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
         b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
         b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
         b_KK = tl.zeros([BT, BT], dtype=tl.float32)
