@@ -113,12 +113,13 @@ def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
 
 
 @triton.jit
-def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale, sA,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NA: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                   IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``o = scale * ((q ∘ gamma) h + (q k^T ∘ Γ ∘ M) v)`` per chunk; gla (GATE 2) takes ``q ∘ gamma``
-    (``qg``) for q and reads the intra-chunk scores from ``A`` (on and below the diagonal)."""
+    (``qg``) for q and reads the intra-chunk scores from ``A`` (on and below the diagonal; the sum of NA
+    parts ``sA`` apart)."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -146,8 +147,9 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale,
     if GATE == 0:
         b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
     if GATE == 2:
-        b_A = tl.load(A + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
-                      mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
+        for i_a in tl.static_range(NA):
+            b_A += tl.load(A + i_a * sA + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
+                           mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
     if HAS_DT:
         b_A *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
     b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
@@ -214,14 +216,14 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
 
 
 @triton.jit
-def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale, sA,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NA: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                    USE_DH: tl.constexpr, NO_DIAG: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
     diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient). GATE 2
-    (gla) takes ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A``."""
+    (gla) takes ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts)."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -254,8 +256,9 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale,
     if NO_DIAG:
         b_AT = tl.where(o_t[:, None] == o_t[None, :], 0.0, b_AT)
     if GATE == 2:
-        b_AT = tl.load(A + tok[None, :] * H * BT + i_h * BT + o_t[:, None],
-                       mask=m_t[None, :] & (o_t[:, None] <= o_t[None, :]), other=0.0)
+        for i_a in tl.static_range(NA):
+            b_AT += tl.load(A + i_a * sA + tok[None, :] * H * BT + i_h * BT + o_t[:, None],
+                            mask=m_t[None, :] & (o_t[:, None] <= o_t[None, :]), other=0.0)
     if HAS_DT:
         b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= b_dt[:, None]
@@ -408,14 +411,19 @@ def fwd_h(k, v, g, dt, gate, h0, output_final_state, meta, in_dtype=None):
     return h, ht
 
 
+def _a_parts(A: Tensor | None) -> dict:
+    """gla's scores ``A [NA, Ttot, H, C]``: the parts' stride and number; no parts otherwise."""
+    return {"sA": 0, "NA": 0} if A is None else {"sA": A.stride(0), "NA": A.shape[0]}
+
+
 def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
     Ttot, H, K = q.shape
     V = v.shape[-1]
     BK, BV = min(64, pow2(K)), min(64, pow2(V))
     o = q.new_empty(Ttot, H, V, dtype=out_dtype)
     grid = (meta.num_chunks, H, triton.cdiv(V, BV))
-    _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                        BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
+    _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K, V=V,
+                        BT=CHUNK, BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
                         **launch("gl.fwd_o"))
     return o
 
@@ -442,9 +450,9 @@ def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=Fals
     BK, BV = min(64, pow2(K)), min(64, pow2(V))
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
     grid = (meta.num_chunks, H, triton.cdiv(V, BV))
-    _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, meta.cu, meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                         BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None, NO_DIAG=no_diag,
-                         **dots(q.dtype), **launch("gl.bwd_dv"))
+    _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K,
+                         V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None,
+                         NO_DIAG=no_diag, **dots(q.dtype), **launch("gl.bwd_dv"))
     return dv
 
 

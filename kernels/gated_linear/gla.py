@@ -37,31 +37,41 @@ def _level(b_g, lv, BC: tl.constexpr, PARTS: tl.constexpr, INTERP: tl.constexpr)
 
 
 @triton.jit
-def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
+def _sub_sums(b_g, BC: tl.constexpr, PARTS: tl.constexpr, INTERP: tl.constexpr):
+    """``(P, X)`` of a sub-chunk's log decays ``[BC, BK]``: ``P_i = sum_{r <= i} g_r`` (from the
+    sub-chunk start, inclusive), ``X_i = sum_{r > i} g_r`` (to its end), exact sums on tensor cores."""
+    o = tl.arange(0, BC)
+    return (select_rows(o[None, :] <= o[:, None], b_g, INTERP, PARTS),
+            select_rows(o[None, :] > o[:, None], b_g, INTERP, PARTS))
+
+
+@triton.jit
+def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices, Ttot,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      LOG_BC: tl.constexpr, PARTS: tl.constexpr,
                      WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """One sub-chunk of BC rows, all of K. Stores its rows of ``A`` below and on the diagonal (above it
-    nothing: readers mask), of ``qg = q ∘ exp(G)`` and ``kg = k ∘ exp(G_C - G)``, and (first
-    sub-chunk) the chunk decay ``gC = exp(G_C)``. Every exponent is a sum over its own range."""
+    """One sub-chunk of BC rows and one key block. Stores this block's part of the sub-chunk's rows of
+    ``A`` (``A [NK, Ttot, H, BT]``, summed by the readers) below and on the diagonal (above it nothing:
+    readers mask), its columns of ``qg = q ∘ exp(G)`` and ``kg = k ∘ exp(G_C - G)``, and (first
+    sub-chunk) of the chunk decay ``gC = exp(G_C)``. Every exponent is a sum over its own range."""
     NC: tl.constexpr = BT // BC
-    i_tc, i_h = tl.program_id(0), tl.program_id(1)
+    i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_c = i_tc // NC, i_tc % NC
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     s = i_c * BC
     o_r = tl.arange(0, BC)
     o_i = s + o_r
     m_i = o_i < L
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_ik = m_i[:, None] & m_k[None, :]
     p_i = (t0 + o_i)[:, None] * H * K + i_h * K + o_k[None, :]
-    p_A = (t0 + o_i)[:, None] * H * BT + i_h * BT
+    p_A = A + i_k * Ttot * H * BT + (t0 + o_i)[:, None] * H * BT + i_h * BT
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_g = tl.load(g + p_i, mask=m_ik, other=0.0).to(tl.float32)
-    b_P = tl.cumsum(b_g, axis=0)  # query i's decay from the sub-chunk start: sum_{s <= r <= i}
-    b_qf = b_q * tl.exp(b_P)
+    b_P, b_X = _sub_sums(b_g, BC, PARTS, INTERP)
+    b_qf = b_q * tl.exp(b_P)  # query i decays from the sub-chunk start
     # earlier sub-chunks b, nearest first: key j reaches s through exp(sum_{j < r < s} g_r), its own
     # sub-chunk's suffix plus b_D, the sum over the whole sub-chunks between b and this one
     # (unrolled: as an scf.for loop, Triton 3.6 on Hopper computed every block after the first wrongly
@@ -70,13 +80,13 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
     for ib in tl.static_range(NC - 1):
         if ib < i_c:
             o_j = (i_c - 1 - ib) * BC + o_r
-            p_jT = (t0 + o_j)[None, :] * H * K + i_h * K + o_k[:, None]
-            m_kj = m_k[:, None] & (o_j < L)[None, :]  # all rows, unless this sub-chunk lies past the segment end
-            b_kT = tl.load(k + p_jT, mask=m_kj, other=0.0).to(tl.float32)
-            b_gT = tl.load(g + p_jT, mask=m_kj, other=0.0).to(tl.float32)
-            b_kf = b_kT * tl.exp(tl.cumsum(b_gT, axis=1, reverse=True) - b_gT + b_D[:, None])
-            tl.store(A + p_A + o_j[None, :], mm(b_qf, b_kf, WT, INTERP, PREC), mask=m_i[:, None])
-            b_D += tl.sum(b_gT, axis=1)
+            p_j = (t0 + o_j)[:, None] * H * K + i_h * K + o_k[None, :]
+            m_jk = (o_j < L)[:, None] & m_k[None, :]  # all rows, unless this sub-chunk lies past the segment end
+            b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_kf = b_kj * tl.exp(_sub_sums(b_gj, BC, PARTS, INTERP)[1] + b_D[None, :])
+            tl.store(p_A + o_j[None, :], mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), mask=m_i[:, None])
+            b_D += tl.sum(b_gj, axis=0)
     tl.store(qg + p_i, (b_q * tl.exp(b_P + b_D[None, :])).to(qg.dtype.element_ty), mask=m_ik)
     # later sub-chunks: the keys' decay to the chunk end
     b_D = tl.zeros([BK], dtype=tl.float32)
@@ -86,8 +96,7 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
             b_ga = tl.load(g + (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :],
                            mask=(o_a < L)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_D += tl.sum(b_ga, axis=0)
-    b_kd = b_k * tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g + b_D[None, :])
-    tl.store(kg + p_i, b_kd.to(kg.dtype.element_ty), mask=m_ik)
+    tl.store(kg + p_i, (b_k * tl.exp(b_X + b_D[None, :])).to(kg.dtype.element_ty), mask=m_ik)
     if i_c == 0:
         tl.store(gC + (i_t * H + i_h) * K + o_k, tl.exp(tl.sum(b_g, axis=0) + b_D), mask=m_k)
     # the diagonal sub-chunk: each token with itself, then one level per bit of the row index
@@ -98,7 +107,7 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices,
         b_qf = tl.where(m_q[:, None], b_q * b_eY, 0.0)
         b_kf = tl.where(m_q[:, None], 0.0, b_k * b_eY)
         b_Ad += tl.where(m_pair, mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), 0.0)
-    tl.store(A + p_A + o_i[None, :], b_Ad, mask=m_i[:, None])
+    tl.store(p_A + o_i[None, :], b_Ad, mask=m_i[:, None])
 
 
 @triton.jit
@@ -135,11 +144,12 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
             m_jk = (o_j < L)[:, None] & m_k[None, :]
             b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
             b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
-            b_kf = b_kj * tl.exp(tl.cumsum(b_gj, axis=0, reverse=True) - b_gj + b_D[None, :])
+            b_kf = b_kj * tl.exp(_sub_sums(b_gj, BC, PARTS, INTERP)[1] + b_D[None, :])
             b_dAb = tl.load(dA + p_A[:, None] + o_j[None, :], mask=m_i[:, None], other=0.0)
             b_dq += mm(b_dAb, b_kf, WT, INTERP, PREC)
             b_D += tl.sum(b_gj, axis=0)
-    b_dq *= tl.exp(tl.cumsum(b_g, axis=0))
+    b_P, b_X = _sub_sums(b_g, BC, PARTS, INTERP)
+    b_dq *= tl.exp(b_P)
     # dk from queries of later sub-chunks (nearest first), through the sub-chunk end
     b_dk = tl.zeros([BC, BK], dtype=tl.float32)
     b_D = tl.zeros([BK], dtype=tl.float32)
@@ -150,12 +160,12 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
             p_a = (t0 + o_a)[:, None] * H * K + i_h * K + o_k[None, :]
             b_qa = tl.load(q + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_ga = tl.load(g + p_a, mask=m_a[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_qf = b_qa * tl.exp(tl.cumsum(b_ga, axis=0) + b_D[None, :])
+            b_qf = b_qa * tl.exp(_sub_sums(b_ga, BC, PARTS, INTERP)[0] + b_D[None, :])
             b_dAT = tl.load(dA + ((t0 + o_a) * H * BT + i_h * BT)[None, :] + o_i[:, None],
                             mask=m_i[:, None] & m_a[None, :], other=0.0)
             b_dk += mm(b_dAT, b_qf, WT, INTERP, PREC)
             b_D += tl.sum(b_ga, axis=0)
-    b_dk *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
+    b_dk *= tl.exp(b_X)
     # the diagonal sub-chunk by levels (as in the forward), without each token's pairing with itself:
     # that pair cancels exactly in the decay gradient q ∘ dq - k ∘ dk, and summed in, it would swamp
     # small gradients. dA [i, j] and its transpose, loaded as such
@@ -185,15 +195,18 @@ def _levels(g: Tensor) -> dict:
 
 
 def gla_prep(q: Tensor, k: Tensor, g: Tensor, meta) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(A [Ttot, H, C] float32, qg, kg [Ttot, H, K] in the work dtype, gC [NT, H, K] float32)``."""
+    """``(A [NK, Ttot, H, C] float32 (summed over NK by the readers), qg, kg [Ttot, H, K] in the work
+    dtype, gC [NT, H, K] float32)``."""
     Ttot, H, K = q.shape
+    BK = min(64, pow2(K))
+    NK = triton.cdiv(K, BK)
     wdt = work_dtype(q.dtype)
-    A = q.new_empty(Ttot, H, CHUNK, dtype=torch.float32)
+    A = q.new_empty(NK, Ttot, H, CHUNK, dtype=torch.float32)
     qg, kg = q.new_empty(q.shape, dtype=wdt), q.new_empty(q.shape, dtype=wdt)
     gC = q.new_empty(meta.num_chunks, H, K, dtype=torch.float32)
-    grid = (meta.num_chunks * (CHUNK // SUB), H)
-    _gla_prep_kernel[grid](q, k, g, A, qg, kg, gC, meta.cu, meta.chunk_indices, H=H, K=K, BT=CHUNK, BC=SUB,
-                           BK=pow2(K), **_levels(g), **dots(q.dtype, False), **launch("gl.gla_prep"))
+    grid = (meta.num_chunks * (CHUNK // SUB), H, NK)
+    _gla_prep_kernel[grid](q, k, g, A, qg, kg, gC, meta.cu, meta.chunk_indices, Ttot, H=H, K=K, BT=CHUNK, BC=SUB,
+                           BK=BK, **_levels(g), **dots(q.dtype, False), **launch("gl.gla_prep"))
     return A, qg, kg, gC
 
 
