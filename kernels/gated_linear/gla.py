@@ -198,26 +198,29 @@ def gla_prep(q: Tensor, k: Tensor, g: Tensor, meta) -> tuple[Tensor, Tensor, Ten
     """``(A [NK, Ttot, H, C] float32 (summed over NK by the readers), qg, kg [Ttot, H, K] in the work
     dtype, gC [NT, H, K] float32)``."""
     Ttot, H, K = q.shape
-    BK = min(64, pow2(K))
-    NK = triton.cdiv(K, BK)
+    # one warp: the kernel is a chain of small products, each waiting on its operands' trip through
+    # shared memory; fewer warps per program wait less (H200, benchmark shape: 347 us at one warp, 472 at
+    # two, 778 at four; 32-wide key blocks took 263 us but cost the readers of A 115 us more)
+    opts = launch("gl.gla_prep", BK=min(64, pow2(K)), num_warps=1)
+    NK = triton.cdiv(K, opts["BK"])
     wdt = work_dtype(q.dtype)
     A = q.new_empty(NK, Ttot, H, CHUNK, dtype=torch.float32)
     qg, kg = q.new_empty(q.shape, dtype=wdt), q.new_empty(q.shape, dtype=wdt)
     gC = q.new_empty(meta.num_chunks, H, K, dtype=torch.float32)
     grid = (meta.num_chunks * (CHUNK // SUB), H, NK)
     _gla_prep_kernel[grid](q, k, g, A, qg, kg, gC, meta.cu, meta.chunk_indices, Ttot, H=H, K=K, BT=CHUNK, BC=SUB,
-                           BK=BK, **_levels(g), **dots(q.dtype, False), **launch("gl.gla_prep"))
+                           **_levels(g), **dots(q.dtype, False), **opts)
     return A, qg, kg, gC
 
 
 def gla_bwd_intra(q, k, g, dA, dq_inter, dk_inter, meta) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, a_tok, b_tok)``: the gradients and the decay gradient's per-token parts."""
     Ttot, H, K = q.shape
-    BK = min(64, pow2(K))
+    # two warps (H200: 436 us; 455 at four, 761 at one)
+    opts = launch("gl.gla_bwd_intra", BK=min(64, pow2(K)), num_warps=2)
     dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)
     a_tok, b_tok = (q.new_empty(Ttot, H, K, dtype=torch.float32) for _ in range(2))
-    grid = (meta.num_chunks * (CHUNK // SUB), H, triton.cdiv(K, BK))
+    grid = (meta.num_chunks * (CHUNK // SUB), H, triton.cdiv(K, opts["BK"]))
     _gla_bwd_intra_kernel[grid](q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok, meta.cu, meta.chunk_indices,
-                                H=H, K=K, BT=CHUNK, BC=SUB, BK=BK, **_levels(g), **dots(q.dtype, False),
-                                **launch("gl.gla_bwd_intra"))
+                                H=H, K=K, BT=CHUNK, BC=SUB, **_levels(g), **dots(q.dtype, False), **opts)
     return dq, dk, a_tok, b_tok
