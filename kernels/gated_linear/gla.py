@@ -67,11 +67,27 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices, Ttot,
     m_ik = m_i[:, None] & m_k[None, :]
     p_i = (t0 + o_i)[:, None] * H * K + i_h * K + o_k[None, :]
     p_A = A + i_k * Ttot * H * BT + (t0 + o_i)[:, None] * H * BT + i_h * BT
-    # (in this order so that few [BC, BK] tiles are live at once)
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_g = tl.load(g + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_P, b_X = _sub_sums(b_g, BC, PARTS, INTERP)
+    b_qf = b_q * tl.exp(b_P)  # query i decays from the sub-chunk start
+    # earlier sub-chunks b, nearest first: key j reaches s through exp(sum_{j < r < s} g_r), its own
+    # sub-chunk's suffix plus b_D, the sum over the whole sub-chunks between b and this one
+    # (unrolled: as an scf.for loop, Triton 3.6 on Hopper computed every block after the first wrongly
+    # for float32 inputs with K >= 64 at most warp counts)
+    b_D = tl.zeros([BK], dtype=tl.float32)
+    for ib in tl.static_range(NC - 1):
+        if ib < i_c:
+            o_j = (i_c - 1 - ib) * BC + o_r
+            p_j = (t0 + o_j)[:, None] * H * K + i_h * K + o_k[None, :]
+            m_jk = (o_j < L)[:, None] & m_k[None, :]  # all rows, unless this sub-chunk lies past the segment end
+            b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_kf = b_kj * tl.exp(_sub_sums(b_gj, BC, PARTS, INTERP)[1] + b_D[None, :])
+            tl.store(p_A + o_j[None, :], mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), mask=m_i[:, None])
+            b_D += tl.sum(b_gj, axis=0)
+    tl.store(qg + p_i, (b_q * tl.exp(b_P + b_D[None, :])).to(qg.dtype.element_ty), mask=m_ik)
     # later sub-chunks: the keys' decay to the chunk end
     b_D = tl.zeros([BK], dtype=tl.float32)
     for ia in tl.static_range(1, NC):
@@ -92,23 +108,6 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices, Ttot,
         b_kf = tl.where(m_q[:, None], 0.0, b_k * b_eY)
         b_Ad += tl.where(m_pair, mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), 0.0)
     tl.store(p_A + o_i[None, :], b_Ad, mask=m_i[:, None])
-    # earlier sub-chunks b, nearest first: key j reaches s through exp(sum_{j < r < s} g_r), its own
-    # sub-chunk's suffix plus b_D, the sum over the whole sub-chunks between b and this one
-    # (unrolled: as an scf.for loop, Triton 3.6 on Hopper computed every block after the first wrongly
-    # for float32 inputs with K >= 64 at most warp counts)
-    b_qf = b_q * tl.exp(b_P)  # query i decays from the sub-chunk start
-    b_D = tl.zeros([BK], dtype=tl.float32)
-    for ib in tl.static_range(NC - 1):
-        if ib < i_c:
-            o_j = (i_c - 1 - ib) * BC + o_r
-            p_j = (t0 + o_j)[:, None] * H * K + i_h * K + o_k[None, :]
-            m_jk = (o_j < L)[:, None] & m_k[None, :]  # all rows, unless this sub-chunk lies past the segment end
-            b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
-            b_gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
-            b_kf = b_kj * tl.exp(_sub_sums(b_gj, BC, PARTS, INTERP)[1] + b_D[None, :])
-            tl.store(p_A + o_j[None, :], mm(b_qf, tl.trans(b_kf), WT, INTERP, PREC), mask=m_i[:, None])
-            b_D += tl.sum(b_gj, axis=0)
-    tl.store(qg + p_i, (b_q * tl.exp(b_P + b_D[None, :])).to(qg.dtype.element_ty), mask=m_ik)
 
 
 @triton.jit
