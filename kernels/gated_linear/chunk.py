@@ -1,7 +1,8 @@
 """Chunked forward and backward of the gated linear family: ``S_t = Diag(a_t) S_{t-1} + k_t v_t^T``.
 
 One kernel set for every gate, switched by the constexpr ``GATE``: 0 no gate (linear_attn),
-1 per-head log decay ``g [T, H]`` (retnet, mamba2), 2 per-channel log decay ``g [T, H, K]`` (gla);
+1 per-head log decay ``g [T, H]`` (retnet, mamba2), 2 per-channel log decay (gla: ``gla.py`` applies it
+once, and these kernels take its decayed operands);
 ``HAS_DT`` multiplies each key by a per-head step ``dt [T, H]`` (mamba2: ``k <- dt k``).
 The output and local-dv kernels are shared with the delta family (``kernels/delta``), which runs
 them on its pseudo-values.
