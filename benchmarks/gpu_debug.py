@@ -311,7 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
     ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
-    ap.add_argument("--sass", default=None, help="with --resources: write each kernel's SASS and Triton GPU IR into this folder")
+    ap.add_argument("--sass", default=None,
+                    help="with --resources: write each kernel's SASS and Triton GPU IR into this folder")
     args = ap.parse_args(argv)
     rules, keys = rule_names(), launch_keys()
     args.rule = name_list(ap, "--rule", args.rule, rules)[0]
@@ -328,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         key, _, val = opt.partition("=")
         if kern not in keys or key not in ("num_warps", "num_stages", "BK") or not val.isdigit():
             ap.error(f"--launch {item!r}: expected kernel:option=value with kernel one of {', '.join(keys)}, "
-                     "option num_warps, num_stages or BK (the launchers that take it: gla) and a positive integer value")
+                     "option num_warps, num_stages or BK (the launchers that take it: gla) and a positive "
+                     "integer value")
         launch.setdefault(kern, {})[key] = int(val)
     args.launch = launch
     if args.tune is not None:
