@@ -46,6 +46,25 @@ def _sub_sums(b_g, BC: tl.constexpr, PARTS: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _sub_chunk(cu, chunk_indices, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr):
+    """This program's sub-chunk of BC rows and key block (grid: chunks x sub-chunks, heads, key blocks):
+    chunk, sub-chunk, head, key block, the chunk's first token, the tokens from there to the segment
+    end, the sub-chunk's rows (from 0, from the chunk start, mask), key offsets and mask,
+    and the offsets of its ``[BC, BK]`` tile in a ``[Ttot, H, K]`` tensor."""
+    NC: tl.constexpr = BT // BC
+    i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_c = i_tc // NC, i_tc % NC
+    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
+    s = i_c * BC
+    o_r = tl.arange(0, BC)
+    o_i = s + o_r
+    o_k = i_k * BK + tl.arange(0, BK)
+    p_i = (t0 + o_i)[:, None] * H * K + i_h * K + o_k[None, :]
+    return i_t, i_c, i_h, i_k, t0, L, o_r, o_i, o_i < L, o_k, o_k < K, p_i
+
+
+@triton.jit
 def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices, Ttot,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      LOG_BC: tl.constexpr, PARTS: tl.constexpr,
@@ -55,17 +74,8 @@ def _gla_prep_kernel(q, k, g, A, qg, kg, gC, cu, chunk_indices, Ttot,
     readers mask), its columns of ``qg = q ∘ exp(G)`` and ``kg = k ∘ exp(G_C - G)``, and (first
     sub-chunk) of the chunk decay ``gC = exp(G_C)``. Every exponent is a sum over its own range."""
     NC: tl.constexpr = BT // BC
-    i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
-    s = i_c * BC
-    o_r = tl.arange(0, BC)
-    o_i = s + o_r
-    m_i = o_i < L
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
+    i_t, i_c, i_h, i_k, t0, L, o_r, o_i, m_i, o_k, m_k, p_i = _sub_chunk(cu, chunk_indices, H, K, BT, BC, BK)
     m_ik = m_i[:, None] & m_k[None, :]
-    p_i = (t0 + o_i)[:, None] * H * K + i_h * K + o_k[None, :]
     p_A = A + i_k * Ttot * H * BT + (t0 + o_i)[:, None] * H * BT + i_h * BT
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
@@ -119,17 +129,8 @@ def _gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dq, dk, a_tok, b_tok,
     dk and the per-token parts of the decay gradient (README, "gate gradients"). ``dA`` holds the
     score gradients on and below the diagonal."""
     NC: tl.constexpr = BT // BC
-    i_tc, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_c = i_tc // NC, i_tc % NC
-    t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
-    s = i_c * BC
-    o_r = tl.arange(0, BC)
-    o_i = s + o_r
-    m_i = o_i < L
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
+    _, i_c, i_h, _, t0, L, o_r, o_i, m_i, o_k, m_k, p_i = _sub_chunk(cu, chunk_indices, H, K, BT, BC, BK)
     m_ik = m_i[:, None] & m_k[None, :]
-    p_i = (t0 + o_i)[:, None] * H * K + i_h * K + o_k[None, :]
     p_A = (t0 + o_i) * H * BT + i_h * BT  # dA rows of this sub-chunk
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
