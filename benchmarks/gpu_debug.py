@@ -327,9 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.launch:
         kern, _, opt = item.partition(":")
         key, _, val = opt.partition("=")
-        if kern not in keys or key not in ("num_warps", "num_stages", "BK") or not val.isdigit():
+        if kern not in keys or key not in ("num_warps", "num_stages", "BK", "BV") or not val.isdigit():
             ap.error(f"--launch {item!r}: expected kernel:option=value with kernel one of {', '.join(keys)}, "
-                     "option num_warps, num_stages or BK (the launchers that take it: gla) and a positive "
+                     "option num_warps, num_stages, BK (gla prep and intra) or BV (gl.fwd_o, gl.bwd_dv) and a positive "
                      "integer value")
         launch.setdefault(kern, {})[key] = int(val)
     args.launch = launch

@@ -420,12 +420,12 @@ def _a_parts(A: Tensor | None) -> dict:
 def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = min(64, pow2(K)), min(64, pow2(V))
+    opts = launch("gl.fwd_o", BV=min(64, pow2(V)))
     o = q.new_empty(Ttot, H, V, dtype=out_dtype)
-    grid = (meta.num_chunks, H, triton.cdiv(V, BV))
+    grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
     _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K, V=V,
-                        BT=CHUNK, BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
-                        **launch("gl.fwd_o"))
+                        BT=CHUNK, BK=min(64, pow2(K)), GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
+                        **opts)
     return o
 
 
@@ -448,12 +448,12 @@ def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt, in_dtype=No
 
 def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=False):
     Ttot, H, K = q.shape
-    BK, BV = min(64, pow2(K)), min(64, pow2(V))
+    opts = launch("gl.bwd_dv", BV=min(64, pow2(V)))
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
-    grid = (meta.num_chunks, H, triton.cdiv(V, BV))
+    grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
     _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K,
-                         V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None,
-                         NO_DIAG=no_diag, **dots(q.dtype), **launch("gl.bwd_dv"))
+                         V=V, BT=CHUNK, BK=min(64, pow2(K)), GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None,
+                         NO_DIAG=no_diag, **dots(q.dtype), **opts)
     return dv
 
 
