@@ -199,10 +199,11 @@ def gla_prep(q: Tensor, k: Tensor, g: Tensor, meta) -> tuple[Tensor, Tensor, Ten
     """``(A [NK, Ttot, H, C] float32 (summed over NK by the readers), qg, kg [Ttot, H, K] in the work
     dtype, gC [NT, H, K] float32)``."""
     Ttot, H, K = q.shape
-    # one warp: the kernel is a chain of small products, each waiting on its operands' trip through
-    # shared memory; fewer warps per program wait less (H200, benchmark shape: 347 us at one warp, 472 at
-    # two, 778 at four; 32-wide key blocks took 263 us but cost the readers of A 115 us more)
-    opts = launch("gl.gla_prep", BK=min(64, pow2(K)), num_warps=1)
+    # one warp and 32-wide key blocks: the kernel is a chain of small products, each waiting on its
+    # operands' trip through shared memory; smaller programs wait less (H200, benchmark shape, 64-wide
+    # blocks: 347 us at one warp, 472 at two, 778 at four; 32-wide at one warp: 263 us). The readers of
+    # A add its parts; with 128-wide value blocks they read them once (chunk.py, _value_block)
+    opts = launch("gl.gla_prep", BK=min(32, pow2(K)), num_warps=1)
     NK = triton.cdiv(K, opts["BK"])
     wdt = work_dtype(q.dtype)
     A = q.new_empty(NK, Ttot, H, CHUNK, dtype=torch.float32)
