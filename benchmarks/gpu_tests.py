@@ -67,8 +67,9 @@ def main() -> None:
     if args.commit:
         env["commit"] = args.commit
     junit = os.path.splitext(args.out)[0] + ".junit.xml"
+    # pytest-benchmark (in the device image) warns once per worker that xdist disables it: not loaded
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
+           "-p", "no:benchmark", f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
