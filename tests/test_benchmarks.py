@@ -41,6 +41,7 @@ def test_launch_keys_are_the_launchers_names():
     (["--tune", "nope:gl.fwd_h"], "--tune 'nope:gl.fwd_h': expected rule:kernel"),
     (["--launch", "delta.wy_bwd:warps=2"], "--launch 'delta.wy_bwd:warps=2': expected kernel:option=value"),
     (["--launch", "delta.wy_bwd:num_warps=x"], "--launch 'delta.wy_bwd:num_warps=x'"),
+    (["--launch", "gl.fwd_o:BX=128"], "option num_warps, num_stages, BK (gla prep and intra) or BV"),
     (["--profile", "gla,nope"], "--profile 'gla,nope': unknown nope"),
     (["--resources", "titan"], "--resources 'titan': unknown titan"),
     (["--shape", "70x32"], "--shape '70x32': expected three positive integers"),
@@ -51,7 +52,9 @@ def test_gpu_debug_names_bad_arguments(argv, expected, capsys):
 
 def test_gpu_debug_parses_items():
     args = gpu_debug.parse_args(["--tune", "mamba2:gl.fwd_h,titans:titans.prep", "--launch",
-                                 "delta.wy_bwd:num_warps=2", "delta.wy_bwd:num_stages=1", "--shape", "65x100x64"])
+                                 "delta.wy_bwd:num_warps=2", "delta.wy_bwd:num_stages=1", "gl.gla_prep:BK=32",
+                                 "gl.fwd_o:BV=128", "--shape", "65x100x64"])
     assert args.tune == [("mamba2", "gl.fwd_h"), ("titans", "titans.prep")]
-    assert args.launch == {"delta.wy_bwd": {"num_warps": 2, "num_stages": 1}}
+    assert args.launch == {"delta.wy_bwd": {"num_warps": 2, "num_stages": 1}, "gl.gla_prep": {"BK": 32},
+                           "gl.fwd_o": {"BV": 128}}
     assert args.shape == (65, 100, 64)

@@ -17,6 +17,7 @@ import zlib
 
 import pytest
 import torch
+from momkit.kernels import _common
 from momkit.kernels._common import CHUNK, chunk_meta, interpreter_compat
 from momkit.kernels.gated_linear.gla import gla_prep
 
@@ -44,11 +45,15 @@ def reference(q, k, g, cu):
     return A, qg, kg, torch.stack(gC)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("K", [20, 72])
-def test_gla_prep_matches_definition(device, dtype, K, request):
+@pytest.mark.parametrize(("dtype", "K", "BK"), [
+    (torch.float32, 20, None), (torch.float32, 72, None), (torch.bfloat16, 20, None), (torch.bfloat16, 72, None),
+    (torch.float32, 72, 16),  # a launch option (gpu_debug --launch gl.gla_prep:BK=16): five parts of A
+], ids=["fp32-20", "fp32-72", "bf16-20", "bf16-72", "fp32-72-BK16"])
+def test_gla_prep_matches_definition(device, dtype, K, BK, request, monkeypatch):
     """Segments of 1, 70 and 130 tokens (full chunks, partial chunks, partial sub-chunks), mild decays
     (the differences of prefix sums in the float64 reference stay exact enough)."""
+    if BK is not None:
+        monkeypatch.setitem(_common.LAUNCH, "gl.gla_prep", {"BK": BK})
     gen = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
     cu = torch.tensor([0, 1, 71, 201])
     Ttot, H = int(cu[-1]), 2
@@ -58,6 +63,8 @@ def test_gla_prep_matches_definition(device, dtype, K, request):
     meta = chunk_meta(1, Ttot, cu, CHUNK, torch.device(device))
     interpreter_compat()  # as the binding does before a launch
     got = gla_prep(q.to(device), k.to(device), g.to(device), meta)
+    if BK is not None:
+        assert got[0].shape[0] == -(-K // BK), "the key block launch option is not honoured"
     ref = reference(q, k, g, cu)
     bf16 = dtype == torch.bfloat16
     rounding = {"A": 2 * 2.0**-7 * reference(q.abs(), k.abs(), g, cu)[0], "qg": 2.0**-7 * ref[1].abs(),
