@@ -48,13 +48,16 @@ def _bwd_dr_local_kernel(q, k, Dth, do, dr_loc, cu, chunk_indices, scale,
 
 
 @triton.jit
-def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, scal, dhM, dhS, dhM0, dr, dht, dh0,
-                   gpart, spart, cu, chunk_offsets, scale, Ttot, NTtot,
+def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, coef, Dth, Lc, wS, scal, dhM, dhS, dhM0, dr, dht, dh0,
+                   gpart, cu, chunk_offsets, scale, Ttot,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, ALIGNED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                    WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: the full residual gradient ``dr`` of each chunk, the gradients of each
-    chunk's end state, and per-token / per-chunk partial sums (this V block) for the coefficient backward."""
+    chunk's end state (float32: ``_bwd_k_kernel`` takes their Frobenius products with the chunk-start
+    states), and per-token partial sums (this V block) for the coefficient backward. Only the chain
+    through the states runs here: every product with a chunk's inputs feeds a ``tl.dot`` straight from
+    its load (scalings go on the [BT, BV] side)."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Lseg, boh = segment_start(cu, chunk_offsets, i_n)
@@ -107,24 +110,15 @@ def _bwd_dh_kernel(q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, s
         else:
             tl.store(gpart + p_g + 2, tl.zeros([BT], dtype=tl.float32), mask=m_t)
         tl.store(dr + p_v, b_dr.to(dr.dtype.element_ty), mask=m_tv)
-        # Frobenius products of the end-state gradients with the chunk-start states
-        b_hM = tl.load(hM + p_h, mask=m_kv, other=0.0).to(tl.float32)
-        b_hS = tl.load(hS + p_h, mask=m_kv, other=0.0).to(tl.float32)
-        p_sp = ((i_v * NTtot + i_c) * H + i_h) * 8
-        tl.store(spart + p_sp, tl.sum(tl.sum(b_dM * b_hM, axis=1), axis=0))
-        tl.store(spart + p_sp + 1, tl.sum(tl.sum(b_dM * b_hS, axis=1), axis=0))
-        tl.store(spart + p_sp + 2, tl.sum(tl.sum(b_dS * b_hS, axis=1), axis=0))
-        tl.store(spart + p_sp + 3, tl.sum(tl.sum(b_dM0 * b_hM, axis=1), axis=0))
-        tl.store(spart + p_sp + 4, tl.sum(tl.sum(b_dM0 * b_hS, axis=1), axis=0))
-        # back to the chunk-start state
-        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        # back to the chunk-start state: (Q ∘ Aa)^T dO as Q^T (Aa ∘ dO)
         p_kT = tok[None, :] * H * K + i_h * K + o_k[:, None]
+        b_qT = tl.load(q + p_kT, mask=m_kt, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
         b_dMn = (_pick(b_s, o_8, 0) * b_dM + _pick(b_s, o_8, 3) * b_dM0
-                 + scale * mm(b_qT * b_Aa[None, :], b_do, WT, INTERP, PREC)
+                 + mm(b_qT, b_do * b_Aa[:, None], WT, INTERP, PREC)
                  + mm(tl.load(Wm + p_kT, mask=m_kt, other=0.0), b_dr, WT, INTERP, PREC))
         b_dSn = (_pick(b_s, o_8, 1) * b_dM + _pick(b_s, o_8, 2) * b_dS + _pick(b_s, o_8, 4) * b_dM0
-                 + scale * mm(b_qT * b_c[None, :], b_do, WT, INTERP, PREC)
+                 + mm(b_qT, b_do * b_c[:, None], WT, INTERP, PREC)
                  + mm(tl.load(Ws + p_kT, mask=m_kt, other=0.0), b_dr, WT, INTERP, PREC))
         if ALIGNED:
             b_dM0 = tl.zeros([BK, BV], dtype=tl.float32)
@@ -186,14 +180,16 @@ def _bwd_v_kernel(q, k, hM, hS, Tm, dr, do, dv, vpart, cu, chunk_indices, scale,
 
 
 @triton.jit
-def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, Lc, wS, dq, dk, dR, dL,
-                  cu, chunk_indices, scale, MB,
+def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, Lc, wS, dq, dk, dR, dL, spart,
+                  cu, chunk_indices, scale, MB, NTtot,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, ALIGNED: tl.constexpr, USE_DHT: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq and dk of one chunk and key block; ``dR = do r^T`` and ``dL = dv r^T`` (the gradient of the
-    triangular system's matrix) for the coefficient backward. Transposed products come from
-    transposed loads, never from transposing a matmul result."""
+    triangular system's matrix) for the coefficient backward, and this key block's part of the
+    Frobenius products of the end-state gradients with the chunk-start states (``spart``: <dM, M>,
+    <dM, S>, <dS, S>, <dM0, M>, <dM0, S>), from the tiles loaded for dq and dk. Transposed products come
+    from transposed loads, never from transposing a matmul result."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
     t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
@@ -221,6 +217,11 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
     b_dRT = tl.zeros([BT, BT], dtype=tl.float32)
     b_dL = tl.zeros([BT, BT], dtype=tl.float32)
     b_dLT = tl.zeros([BT, BT], dtype=tl.float32)
+    f_MM = tl.zeros([BV, BK], dtype=tl.float32)
+    f_MS = tl.zeros([BV, BK], dtype=tl.float32)
+    f_SS = tl.zeros([BV, BK], dtype=tl.float32)
+    f_0M = tl.zeros([BV, BK], dtype=tl.float32)
+    f_0S = tl.zeros([BV, BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -236,19 +237,30 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
         b_dvT = tl.load(dv + p_vT, mask=m_vt, other=0.0)
         p_hT = p_h + o_k[None, :] * V + o_v[:, None]
         m_vk = m_v[:, None] & m_k[None, :]
-        b_hMT = tl.load(hM + p_hT, mask=m_vk, other=0.0)
-        b_hST = tl.load(hS + p_hT, mask=m_vk, other=0.0)
+        b_hMT = tl.load(hM + p_hT, mask=m_vk, other=0.0).to(tl.float32)
+        b_hST = tl.load(hS + p_hT, mask=m_vk, other=0.0).to(tl.float32)
+        b_dhMT = tl.load(dhM + p_hT, mask=m_vk, other=0.0).to(tl.float32)
+        b_dhST = tl.load(dhS + p_hT, mask=m_vk, other=0.0).to(tl.float32)
+        f_MM += b_dhMT * b_hMT
+        f_MS += b_dhMT * b_hST
+        f_SS += b_dhST * b_hST
         b_dq += mm(b_do * b_Aa[:, None], b_hMT, WT, INTERP, PREC) + mm(b_do * b_c[:, None], b_hST, WT, INTERP, PREC)
         b_dk -= mm(b_dv * b_ap[:, None], b_hMT, WT, INTERP, PREC) + mm(b_dv * b_gp[:, None], b_hST, WT, INTERP, PREC)
-        b_dk -= mm(b_r * b_wM[:, None], tl.load(dhM + p_hT, mask=m_vk, other=0.0), WT, INTERP, PREC)
-        b_dk -= mm(b_r * b_wS[:, None], tl.load(dhS + p_hT, mask=m_vk, other=0.0), WT, INTERP, PREC)
+        b_dk -= mm(b_r * b_wM[:, None], b_dhMT, WT, INTERP, PREC)
+        b_dk -= mm(b_r * b_wS[:, None], b_dhST, WT, INTERP, PREC)
         if not ALIGNED:
+            b_dhM0T = tl.load(dhM0 + p_hT, mask=m_vk, other=0.0).to(tl.float32)
+            f_0M += b_dhM0T * b_hMT
+            f_0S += b_dhM0T * b_hST
             b_dk -= mm(b_dv * b_om[:, None], tl.load(hM0 + p_hT, mask=m_vk, other=0.0), WT, INTERP, PREC)
-            b_dk -= mm(b_r * b_w0[:, None], tl.load(dhM0 + p_hT, mask=m_vk, other=0.0), WT, INTERP, PREC)
+            b_dk -= mm(b_r * b_w0[:, None], b_dhM0T, WT, INTERP, PREC)
         if ALIGNED and USE_DHT:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if L <= BT:  # aligned: only the segment's last chunk sees the final state's dM0
                 p_dT = (i_n * H + i_h) * 3 * K * V + 2 * K * V + o_k[None, :] * V + o_v[:, None]
-                b_dk -= mm(b_r * b_w0[:, None], tl.load(dht + p_dT, mask=m_vk, other=0.0), WT, INTERP, PREC)
+                b_dhM0T = tl.load(dht + p_dT, mask=m_vk, other=0.0)
+                f_0M += b_dhM0T * b_hMT
+                f_0S += b_dhM0T * b_hST
+                b_dk -= mm(b_r * b_w0[:, None], b_dhM0T, WT, INTERP, PREC)
         b_dR += mm(b_do, b_rT, WT, INTERP, PREC)
         b_dRT += mm(b_r, b_doT, WT, INTERP, PREC)
         b_dL += mm(b_dv, b_rT, WT, INTERP, PREC)
@@ -271,13 +283,19 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
     if i_k == 0:
         tl.store(dR + p_row, b_dR, mask=m_t[:, None])
         tl.store(dL + p_row, b_dL, mask=m_t[:, None])
+    p_sp = ((i_k * NTtot + i_t) * H + i_h) * 8
+    tl.store(spart + p_sp, tl.sum(tl.sum(f_MM, axis=1), axis=0))
+    tl.store(spart + p_sp + 1, tl.sum(tl.sum(f_MS, axis=1), axis=0))
+    tl.store(spart + p_sp + 2, tl.sum(tl.sum(f_SS, axis=1), axis=0))
+    tl.store(spart + p_sp + 3, tl.sum(tl.sum(f_0M, axis=1), axis=0))
+    tl.store(spart + p_sp + 4, tl.sum(tl.sum(f_0S, axis=1), axis=0))
 
 
 @triton.jit
 def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dtheta, dalpha, deta,
                      cu, chunk_indices, scale, MB, Ttot, NTtot,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NVP: tl.constexpr,
-                     NVS: tl.constexpr, IT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+                     NVS: tl.constexpr, NKS: tl.constexpr, IT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Back from the chunk's coefficients (Dth, Lc, Aa, c, alpha', gamma', the end-state weights) to
     theta, alpha and eta, in log space: the gradient of a cumulative product over ``(s, t]`` with
     respect to ``log x_r`` is the product itself for ``s < r <= t`` (README, "gate gradients")."""
@@ -327,12 +345,13 @@ def _coef_bwd_kernel(q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dthet
         g_c += tl.load(vpart + p_vp + 1, mask=m_t, other=0.0)
         g_ap += tl.load(vpart + p_vp + 2, mask=m_t, other=0.0)
         g_gp += tl.load(vpart + p_vp + 3, mask=m_t, other=0.0)
-    for i_v in tl.static_range(NVS):  # per-token and per-chunk parts of _bwd_dh_kernel
+    for i_v in tl.static_range(NVS):  # per-token parts of _bwd_dh_kernel
         p_gp = ((i_v * Ttot + tok) * H + i_h) * 3
         g_wM += tl.load(gpart + p_gp, mask=m_t, other=0.0)
         g_wS += tl.load(gpart + p_gp + 1, mask=m_t, other=0.0)
         g_w0 += tl.load(gpart + p_gp + 2, mask=m_t, other=0.0)
-        p_sp = ((i_v * NTtot + i_t) * H + i_h) * 8
+    for i_k in tl.static_range(NKS):  # per-chunk parts of _bwd_k_kernel
+        p_sp = ((i_k * NTtot + i_t) * H + i_h) * 8
         s_Aa += tl.load(spart + p_sp)
         s_c += tl.load(spart + p_sp + 1)
         s_Ee += tl.load(spart + p_sp + 2)

@@ -78,18 +78,7 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
         b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
         b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
         b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
-        b_KK = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
-            b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0)
-            b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
-        b_L = tl.where(o_t[:, None] > o_t[None, :], b_Lc * b_KK, 0.0)
-        b_T = unit_lower_inverse(b_L, BT, PREC)
-        tl.store(Tm + p_row, b_T, mask=m_t[:, None])
+        # everything but Lc is stored before the inverse, so that few [BT, BT] tiles live through it
         tl.store(Dth + p_row, b_Dth, mask=m_t[:, None])
         tl.store(Lc + p_row, b_Lc, mask=m_t[:, None])
         tl.store(coef + p_coef, b_Aa, mask=m_t)
@@ -105,6 +94,18 @@ def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, W
         tl.store(scal + p_s + 3, _pick(b_ap, o_t, e))
         tl.store(scal + p_s + 4, _pick(b_gp, o_t, e))
         tl.store(scal + p_s + 5, _pick(b_om, o_t, e))
+        b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                           other=0.0)
+            b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+        b_L = tl.where(o_t[:, None] > o_t[None, :], b_Lc * b_KK, 0.0)
+        b_T = unit_lower_inverse(b_L, BT, PREC)
+        tl.store(Tm + p_row, b_T, mask=m_t[:, None])
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -128,7 +129,9 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
                   BV: tl.constexpr, ALIGNED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (all of K, a block of V): residuals ``r = W [M; S; M0] - U0`` per
-    chunk, then the state at the chunk's last real token. Stores the chunk-start states and ``r``."""
+    chunk, then the state at the chunk's last real token. Stores the chunk-start states and ``r``.
+    The updates ``(K ∘ w)^T r`` are taken as ``K^T (w ∘ r)``: the key tile feeds the product straight from
+    its load and the scaling goes on the smaller [BT, BV] side."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Lseg, boh = segment_start(cu, chunk_offsets, i_n)
@@ -172,16 +175,16 @@ def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, 
         b_r -= b_u.to(tl.float32)
         tl.store(r + p_v, b_r.to(r.dtype.element_ty), mask=m_tv)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                       other=0.0).to(tl.float32)
+                       other=0.0)
         if ALIGNED:
             upd_m0 = i_t == NT - 1  # aligned: M0 is only read back from the final state
         else:
             upd_m0 = i_t >= 0
         if upd_m0:
             b_M0 = (_pick(b_s, o_8, 3) * b_M + _pick(b_s, o_8, 4) * b_S + _pick(b_s, o_8, 5) * b_M0
-                    - mm(b_kT * b_w0[None, :], b_r, WT, INTERP, PREC))
-        b_Mn = _pick(b_s, o_8, 0) * b_M + _pick(b_s, o_8, 1) * b_S - mm(b_kT * b_wM[None, :], b_r, WT, INTERP, PREC)
-        b_S = _pick(b_s, o_8, 2) * b_S - mm(b_kT * b_wS[None, :], b_r, WT, INTERP, PREC)
+                    - mm(b_kT, b_r * b_w0[:, None], WT, INTERP, PREC))
+        b_Mn = _pick(b_s, o_8, 0) * b_M + _pick(b_s, o_8, 1) * b_S - mm(b_kT, b_r * b_wM[:, None], WT, INTERP, PREC)
+        b_S = _pick(b_s, o_8, 2) * b_S - mm(b_kT, b_r * b_wS[:, None], WT, INTERP, PREC)
         b_M = b_Mn
     if STORE_HT:
         tl.store(ht + p_0, b_M, mask=m_kv)
@@ -325,14 +328,14 @@ class TitansChunk(torch.autograd.Function):
         BK = pow2(K)
         BV = _state_bv(BK, V)
         NV = triton.cdiv(V, BV)
-        dhM, dhS = (q.new_empty(NT, H, K, V, dtype=U0.dtype) for _ in range(2))
-        dhM0 = None if aligned else q.new_empty(NT, H, K, V, dtype=U0.dtype)
+        # end-state gradients in float32, like the states: _bwd_k_kernel takes their Frobenius products
+        dhM, dhS = (q.new_empty(NT, H, K, V, dtype=f32) for _ in range(2))
+        dhM0 = None if aligned else q.new_empty(NT, H, K, V, dtype=f32)
         dr = torch.empty_like(U0)
         dh0 = q.new_empty(N, H, 3, K, V, dtype=f32) if h0 is not None else None
         gpart = q.new_empty(NV, Ttot, H, 3, dtype=f32)
-        spart = q.new_zeros(NV, NT, H, 8, dtype=f32)
-        _bwd_dh_kernel[(N * H, NV)](q, k, Wm, Ws, Wo, r, do, dr_loc, hM, hS, coef, Dth, Lc, wS, scal, dhM, dhS, dhM0,
-                                    dr, dht, dh0, gpart, spart, meta.cu, meta.chunk_offsets, scale, Ttot, NT, BK=BK,
+        _bwd_dh_kernel[(N * H, NV)](q, k, Wm, Ws, Wo, r, do, dr_loc, coef, Dth, Lc, wS, scal, dhM, dhS, dhM0,
+                                    dr, dht, dh0, gpart, meta.cu, meta.chunk_offsets, scale, Ttot, BK=BK,
                                     BV=BV, ALIGNED=aligned, USE_DHT=dht is not None, STORE_DH0=h0 is not None, **kw,
                                     **dots(q.dtype, False),
                                         **launch("titans.bwd_dh", num_stages=state_stages(BK, U0.dtype)))
@@ -346,15 +349,17 @@ class TitansChunk(torch.autograd.Function):
         dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)
         dR, dL = (q.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(2))
         stages = 3 if U0.dtype == torch.bfloat16 else 1  # 490 us against 916 us at 1 (H200, gpu_debug --tune)
-        _bwd_k_kernel[(NT, H, triton.cdiv(K, BKc))](q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, Lc,
-                                                    wS, dq, dk, dR, dL, meta.cu, meta.chunk_indices, scale, mb,
-                                                    BK=BKc, BV=min(32, BVc), ALIGNED=aligned,
-                                                    USE_DHT=dht is not None, **kw, **dots(q.dtype, False),
-                                                    **launch("titans.bwd_k", num_warps=8, num_stages=stages))
+        NKc = triton.cdiv(K, BKc)
+        spart = q.new_empty(NKc, NT, H, 8, dtype=f32)
+        _bwd_k_kernel[(NT, H, NKc)](q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, Lc, wS, dq, dk, dR,
+                                    dL, spart, meta.cu, meta.chunk_indices, scale, mb, NT, BK=BKc, BV=min(32, BVc),
+                                    ALIGNED=aligned, USE_DHT=dht is not None, **kw, **dots(q.dtype, False),
+                                    **launch("titans.bwd_k", num_warps=8, num_stages=stages))
 
         dtheta, dalpha, deta = (x.new_empty(x.shape) for x in (theta, alpha, eta))
         _coef_bwd_kernel[(NT, H)](q, k, theta, alpha, eta, dR, dL, vpart, gpart, spart, dtheta, dalpha, deta, meta.cu,
                                   meta.chunk_indices, scale, mb, Ttot, NT, H=H, K=K, BT=CHUNK, BK=BKc, NVP=NVc, NVS=NV,
+                                  NKS=NKc,
                                   **{n: x for n, x in dots(q.dtype).items() if n != "WT"},
                                       **launch("titans.coef_bwd", num_warps=2, num_stages=2))
         return dq, dk, dv, dtheta, dalpha, deta, dh0, None, None, None, None
