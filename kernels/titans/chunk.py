@@ -27,7 +27,9 @@ from .._common import (
     chunk_meta,
     chunk_start,
     contiguous,
+    dot_precision,
     dots,
+    is_interpreting,
     launch,
     mm,
     pow2,
@@ -45,76 +47,85 @@ Tensor = torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _prep_kernel(k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, ALIGNED: tl.constexpr, LOAD: tl.constexpr,
-                 IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """The chunk's coefficients (unless LOAD, which reads them), the inverse ``T`` and
-    ``W* = T diag(alpha' | gamma' | omega) K``, ``U0 = T V``."""
+def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, MB,
+                 H: tl.constexpr, BT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """The chunk's coefficients, from the gates alone: ``Dth``, ``Lc``, ``coef``, ``wS`` and the
+    per-chunk scalars ``scal`` (a kernel of its own: only [BT, BT] tiles, no key or value loads)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
+    e = tl.minimum(L, BT) - 1
     p = _read_rows(cpos, MB, BT)
-    b_om = tl.where(p < -1, 1.0, 0.0)
     p_row = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
     p_coef = (tok * H + i_h) * 4
-    if LOAD:
-        b_T = tl.load(Tm + p_row, mask=m_t[:, None], other=0.0)
-        b_ap = tl.load(coef + p_coef + 2, mask=m_t, other=0.0)
-        b_gp = tl.load(coef + p_coef + 3, mask=m_t, other=0.0)
-    else:
-        e = tl.minimum(L, BT) - 1
-        b_theta, b_a, b_eta = _load_gates(theta, alpha, eta, tok, i_h, m_t, H)
-        b_Pa = _cumprod_matrix(b_a, BT)
-        b_Pe = _cumprod_matrix(b_eta, BT)
-        b_Aa = tl.cumprod(b_a, axis=0)
-        b_Ee = tl.cumprod(b_eta, axis=0)
-        b_D = tl.dot(b_Pa, b_Pe, input_precision=PREC)
-        b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
-        b_Dth = b_D * b_theta[None, :]
-        sel = p[:, None] == o_t[None, :]
-        b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
-        b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
-        b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
-        # everything but Lc is stored before the inverse, so that few [BT, BT] tiles live through it
-        tl.store(Dth + p_row, b_Dth, mask=m_t[:, None])
-        tl.store(Lc + p_row, b_Lc, mask=m_t[:, None])
-        tl.store(coef + p_coef, b_Aa, mask=m_t)
-        tl.store(coef + p_coef + 1, b_c, mask=m_t)
-        tl.store(coef + p_coef + 2, b_ap, mask=m_t)
-        tl.store(coef + p_coef + 3, b_gp, mask=m_t)
-        b_Pe_e = tl.sum(tl.where(o_t[:, None] == e, b_Pe, 0.0), axis=0)
-        tl.store(wS + tok * H + i_h, b_Pe_e * b_theta, mask=m_t)
-        p_s = (i_t * H + i_h).to(tl.int64) * 8
-        tl.store(scal + p_s, _pick(b_Aa, o_t, e))
-        tl.store(scal + p_s + 1, _pick(b_c, o_t, e))
-        tl.store(scal + p_s + 2, _pick(b_Ee, o_t, e))
-        tl.store(scal + p_s + 3, _pick(b_ap, o_t, e))
-        tl.store(scal + p_s + 4, _pick(b_gp, o_t, e))
-        tl.store(scal + p_s + 5, _pick(b_om, o_t, e))
-        b_KK = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
-            b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0)
-            b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
-        b_L = tl.where(o_t[:, None] > o_t[None, :], b_Lc * b_KK, 0.0)
-        b_T = unit_lower_inverse(b_L, BT, PREC)
-        tl.store(Tm + p_row, b_T, mask=m_t[:, None])
+    b_theta, b_a, b_eta = _load_gates(theta, alpha, eta, tok, i_h, m_t, H)
+    b_Pa = _cumprod_matrix(b_a, BT)
+    b_Pe = _cumprod_matrix(b_eta, BT)
+    b_Aa = tl.cumprod(b_a, axis=0)
+    b_Ee = tl.cumprod(b_eta, axis=0)
+    b_D = tl.dot(b_Pa, b_Pe, input_precision=PREC)
+    b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
+    b_Dth = b_D * b_theta[None, :]
+    sel = p[:, None] == o_t[None, :]
+    b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
+    b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
+    b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
+    tl.store(Dth + p_row, b_Dth, mask=m_t[:, None])
+    tl.store(Lc + p_row, b_Lc, mask=m_t[:, None])
+    tl.store(coef + p_coef, b_Aa, mask=m_t)
+    tl.store(coef + p_coef + 1, b_c, mask=m_t)
+    tl.store(coef + p_coef + 2, b_ap, mask=m_t)
+    tl.store(coef + p_coef + 3, b_gp, mask=m_t)
+    b_Pe_e = tl.sum(tl.where(o_t[:, None] == e, b_Pe, 0.0), axis=0)
+    tl.store(wS + tok * H + i_h, b_Pe_e * b_theta, mask=m_t)
+    p_s = (i_t * H + i_h).to(tl.int64) * 8
+    tl.store(scal + p_s, _pick(b_Aa, o_t, e))
+    tl.store(scal + p_s + 1, _pick(b_c, o_t, e))
+    tl.store(scal + p_s + 2, _pick(b_Ee, o_t, e))
+    tl.store(scal + p_s + 3, _pick(b_ap, o_t, e))
+    tl.store(scal + p_s + 4, _pick(b_gp, o_t, e))
+    tl.store(scal + p_s + 5, _pick(tl.where(p < -1, 1.0, 0.0), o_t, e))
+
+
+@triton.jit
+def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, ALIGNED: tl.constexpr,
+                 IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """The inverse ``T = (I + Lc ∘ K K^T)^{-1}``, ``W* = T diag(alpha' | gamma' | omega) K`` and
+    ``U0 = T V`` of one chunk (the delta rule's UT form, with the coefficients of ``_coef_kernel``)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    tok = t0 + o_t
+    p_row = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+    b_L = tl.where(o_t[:, None] > o_t[None, :], tl.load(Lc + p_row, mask=m_t[:, None], other=0.0) * b_KK, 0.0)
+    b_T = unit_lower_inverse(b_L, BT, PREC)
+    tl.store(Tm + p_row, b_T, mask=m_t[:, None])
+    # T diag(x) K as (T ∘ x^T) K: the key tile feeds the product straight from its load
+    p_coef = (tok * H + i_h) * 4
+    b_Ta = b_T * tl.load(coef + p_coef + 2, mask=m_t, other=0.0)[None, :]
+    b_Tg = b_T * tl.load(coef + p_coef + 3, mask=m_t, other=0.0)[None, :]
+    b_To = b_T * tl.where(_read_rows(cpos, MB, BT) < -1, 1.0, 0.0)[None, :]
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
         p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        tl.store(Wm + p_k, mm(b_T, b_k * b_ap[:, None], WT, INTERP, PREC).to(Wm.dtype.element_ty), mask=m_tk)
-        tl.store(Ws + p_k, mm(b_T, b_k * b_gp[:, None], WT, INTERP, PREC).to(Ws.dtype.element_ty), mask=m_tk)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        tl.store(Wm + p_k, mm(b_Ta, b_k, WT, INTERP, PREC).to(Wm.dtype.element_ty), mask=m_tk)
+        tl.store(Ws + p_k, mm(b_Tg, b_k, WT, INTERP, PREC).to(Ws.dtype.element_ty), mask=m_tk)
         if not ALIGNED:
-            tl.store(Wo + p_k, mm(b_T, b_k * b_om[:, None], WT, INTERP, PREC).to(Wo.dtype.element_ty), mask=m_tk)
+            tl.store(Wo + p_k, mm(b_To, b_k, WT, INTERP, PREC).to(Wo.dtype.element_ty), mask=m_tk)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
@@ -229,25 +240,25 @@ def _fwd_o_kernel(q, k, hM, hS, r, Dth, coef, o, cu, chunk_indices, scale,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _prep(k, v, theta, alpha, eta, mb, meta, saved=None):
+def _prep(k, v, theta, alpha, eta, mb, meta):
+    """The chunk coefficients ``(Tm, Dth, Lc, coef, wS, scal)`` and ``(Wm, Ws, Wo, U0)``."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     f32 = torch.float32
     wdt = work_dtype(k.dtype)
     aligned = CHUNK % mb == 0
-    if saved is None:
-        Tm, Dth, Lc = (k.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(3))
-        coef = k.new_empty(Ttot, H, 4, dtype=f32)
-        wS = k.new_empty(Ttot, H, dtype=f32)
-        scal = k.new_zeros(meta.num_chunks, H, 8, dtype=f32)
-    else:
-        Tm, Dth, Lc, coef, wS, scal = saved
+    Tm, Dth, Lc = (k.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(3))
+    coef = k.new_empty(Ttot, H, 4, dtype=f32)
+    wS = k.new_empty(Ttot, H, dtype=f32)
+    scal = k.new_zeros(meta.num_chunks, H, 8, dtype=f32)
+    _coef_kernel[(meta.num_chunks, H)](theta, alpha, eta, Dth, Lc, coef, wS, scal, meta.cu, meta.chunk_indices, mb,
+                                       H=H, BT=CHUNK, INTERP=is_interpreting(), PREC=dot_precision(k.dtype),
+                                       **launch("titans.coef", num_warps=4))
     Wm, Ws = k.new_empty(Ttot, H, K, dtype=wdt), k.new_empty(Ttot, H, K, dtype=wdt)
     Wo = None if aligned else k.new_empty(Ttot, H, K, dtype=wdt)
     U0 = k.new_empty(Ttot, H, V, dtype=wdt)
-    _prep_kernel[(meta.num_chunks, H)](k, v, theta, alpha, eta, Tm, Dth, Lc, coef, wS, scal, Wm, Ws, Wo, U0, meta.cu,
-                                       meta.chunk_indices, mb, H=H, K=K, V=V, BT=CHUNK, BK=min(64, pow2(K)),
-                                       BV=min(64, pow2(V)), ALIGNED=aligned, LOAD=saved is not None,
+    _prep_kernel[(meta.num_chunks, H)](k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, meta.cu, meta.chunk_indices, mb, H=H, K=K,
+                                       V=V, BT=CHUNK, BK=min(64, pow2(K)), BV=min(64, pow2(V)), ALIGNED=aligned,
                                        **dots(k.dtype), **launch("titans.prep", num_warps=4))
     return (Tm, Dth, Lc, coef, wS, scal), (Wm, Ws, Wo, U0)
 
@@ -296,13 +307,15 @@ class TitansChunk(torch.autograd.Function):
                                                                 meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
                                                                 BK=min(64, pow2(K)), BV=BV, **dots(q.dtype),
                                                                     **launch("titans.fwd_o"))
-        ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs)
+        # W and U0 are kept for the backward (bf16 at bf16 inputs), which then only recomputes the states
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs, *W)
         ctx.scale, ctx.mb, ctx.meta = scale, mb, meta
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, theta, alpha, eta, h0, *coefs = ctx.saved_tensors
+        q, k, v, theta, alpha, eta, h0, *saved = ctx.saved_tensors
+        coefs, W = tuple(saved[:6]), tuple(saved[6:])
         scale, mb, meta = ctx.scale, ctx.mb, ctx.meta
         Ttot, H, K = q.shape
         V = v.shape[-1]
@@ -310,7 +323,6 @@ class TitansChunk(torch.autograd.Function):
         f32 = torch.float32
         do = do.contiguous()
         dht = contiguous(dht)
-        coefs, W = _prep(k, v, theta, alpha, eta, mb, meta, saved=coefs)
         # chunk states in float32: the gate gradients take Frobenius products <dM_e, M_s> of them, sums
         # of K * V terms that bf16 states would swamp when the memory grows (no forgetting, eta ~ 1)
         hM, hS, hM0, r, _ = _fwd_h(k, W, coefs, h0, False, mb, meta, state_dtype=torch.float32)
