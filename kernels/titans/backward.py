@@ -217,11 +217,11 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
     b_dRT = tl.zeros([BT, BT], dtype=tl.float32)
     b_dL = tl.zeros([BT, BT], dtype=tl.float32)
     b_dLT = tl.zeros([BT, BT], dtype=tl.float32)
-    f_MM = tl.zeros([BV, BK], dtype=tl.float32)
-    f_MS = tl.zeros([BV, BK], dtype=tl.float32)
-    f_SS = tl.zeros([BV, BK], dtype=tl.float32)
-    f_0M = tl.zeros([BV, BK], dtype=tl.float32)
-    f_0S = tl.zeros([BV, BK], dtype=tl.float32)
+    f_MM = tl.zeros([BK], dtype=tl.float32)
+    f_MS = tl.zeros([BK], dtype=tl.float32)
+    f_SS = tl.zeros([BK], dtype=tl.float32)
+    f_0M = tl.zeros([BK], dtype=tl.float32)
+    f_0S = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -241,25 +241,25 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
         b_hST = tl.load(hS + p_hT, mask=m_vk, other=0.0).to(tl.float32)
         b_dhMT = tl.load(dhM + p_hT, mask=m_vk, other=0.0).to(tl.float32)
         b_dhST = tl.load(dhS + p_hT, mask=m_vk, other=0.0).to(tl.float32)
-        f_MM += b_dhMT * b_hMT
-        f_MS += b_dhMT * b_hST
-        f_SS += b_dhST * b_hST
+        f_MM += tl.sum(b_dhMT * b_hMT, axis=0)
+        f_MS += tl.sum(b_dhMT * b_hST, axis=0)
+        f_SS += tl.sum(b_dhST * b_hST, axis=0)
         b_dq += mm(b_do * b_Aa[:, None], b_hMT, WT, INTERP, PREC) + mm(b_do * b_c[:, None], b_hST, WT, INTERP, PREC)
         b_dk -= mm(b_dv * b_ap[:, None], b_hMT, WT, INTERP, PREC) + mm(b_dv * b_gp[:, None], b_hST, WT, INTERP, PREC)
         b_dk -= mm(b_r * b_wM[:, None], b_dhMT, WT, INTERP, PREC)
         b_dk -= mm(b_r * b_wS[:, None], b_dhST, WT, INTERP, PREC)
         if not ALIGNED:
             b_dhM0T = tl.load(dhM0 + p_hT, mask=m_vk, other=0.0).to(tl.float32)
-            f_0M += b_dhM0T * b_hMT
-            f_0S += b_dhM0T * b_hST
+            f_0M += tl.sum(b_dhM0T * b_hMT, axis=0)
+            f_0S += tl.sum(b_dhM0T * b_hST, axis=0)
             b_dk -= mm(b_dv * b_om[:, None], tl.load(hM0 + p_hT, mask=m_vk, other=0.0), WT, INTERP, PREC)
             b_dk -= mm(b_r * b_w0[:, None], b_dhM0T, WT, INTERP, PREC)
         if ALIGNED and USE_DHT:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if L <= BT:  # aligned: only the segment's last chunk sees the final state's dM0
                 p_dT = (i_n * H + i_h) * 3 * K * V + 2 * K * V + o_k[None, :] * V + o_v[:, None]
                 b_dhM0T = tl.load(dht + p_dT, mask=m_vk, other=0.0)
-                f_0M += b_dhM0T * b_hMT
-                f_0S += b_dhM0T * b_hST
+                f_0M += tl.sum(b_dhM0T * b_hMT, axis=0)
+                f_0S += tl.sum(b_dhM0T * b_hST, axis=0)
                 b_dk -= mm(b_r * b_w0[:, None], b_dhM0T, WT, INTERP, PREC)
         b_dR += mm(b_do, b_rT, WT, INTERP, PREC)
         b_dRT += mm(b_r, b_doT, WT, INTERP, PREC)
@@ -284,11 +284,11 @@ def _bwd_k_kernel(q, k, r, do, dv, hM, hS, hM0, dhM, dhS, dhM0, dht, coef, Dth, 
         tl.store(dR + p_row, b_dR, mask=m_t[:, None])
         tl.store(dL + p_row, b_dL, mask=m_t[:, None])
     p_sp = ((i_k * NTtot + i_t) * H + i_h) * 8
-    tl.store(spart + p_sp, tl.sum(tl.sum(f_MM, axis=1), axis=0))
-    tl.store(spart + p_sp + 1, tl.sum(tl.sum(f_MS, axis=1), axis=0))
-    tl.store(spart + p_sp + 2, tl.sum(tl.sum(f_SS, axis=1), axis=0))
-    tl.store(spart + p_sp + 3, tl.sum(tl.sum(f_0M, axis=1), axis=0))
-    tl.store(spart + p_sp + 4, tl.sum(tl.sum(f_0S, axis=1), axis=0))
+    tl.store(spart + p_sp, tl.sum(f_MM, axis=0))
+    tl.store(spart + p_sp + 1, tl.sum(f_MS, axis=0))
+    tl.store(spart + p_sp + 2, tl.sum(f_SS, axis=0))
+    tl.store(spart + p_sp + 3, tl.sum(f_0M, axis=0))
+    tl.store(spart + p_sp + 4, tl.sum(f_0S, axis=0))
 
 
 @triton.jit

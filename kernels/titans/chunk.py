@@ -61,13 +61,13 @@ def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, 
     p_row = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
     p_coef = (tok * H + i_h) * 4
     b_theta, b_a, b_eta = _load_gates(theta, alpha, eta, tok, i_h, m_t, H)
-    b_Pa = _cumprod_matrix(b_a, BT)
-    b_Pe = _cumprod_matrix(b_eta, BT)
     b_Aa = tl.cumprod(b_a, axis=0)
     b_Ee = tl.cumprod(b_eta, axis=0)
-    b_D = tl.dot(b_Pa, b_Pe, input_precision=PREC)
+    b_Pe = _cumprod_matrix(b_eta, BT)
+    tl.store(wS + tok * H + i_h, tl.sum(tl.where(o_t[:, None] == e, b_Pe, 0.0), axis=0) * b_theta, mask=m_t)
+    b_Pa = _cumprod_matrix(b_a, BT)
     b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
-    b_Dth = b_D * b_theta[None, :]
+    b_Dth = tl.dot(b_Pa, b_Pe, input_precision=PREC) * b_theta[None, :]
     sel = p[:, None] == o_t[None, :]
     b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
     b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
@@ -78,8 +78,6 @@ def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, 
     tl.store(coef + p_coef + 1, b_c, mask=m_t)
     tl.store(coef + p_coef + 2, b_ap, mask=m_t)
     tl.store(coef + p_coef + 3, b_gp, mask=m_t)
-    b_Pe_e = tl.sum(tl.where(o_t[:, None] == e, b_Pe, 0.0), axis=0)
-    tl.store(wS + tok * H + i_h, b_Pe_e * b_theta, mask=m_t)
     p_s = (i_t * H + i_h).to(tl.int64) * 8
     tl.store(scal + p_s, _pick(b_Aa, o_t, e))
     tl.store(scal + p_s + 1, _pick(b_c, o_t, e))
@@ -112,11 +110,14 @@ def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
     b_L = tl.where(o_t[:, None] > o_t[None, :], tl.load(Lc + p_row, mask=m_t[:, None], other=0.0) * b_KK, 0.0)
     b_T = unit_lower_inverse(b_L, BT, PREC)
     tl.store(Tm + p_row, b_T, mask=m_t[:, None])
-    # T diag(x) K as (T ∘ x^T) K: the key tile feeds the product straight from its load
+    # T diag(x) K as (T ∘ x^T) K: the key tile feeds the product straight from its load, and the
+    # scaled inverses are kept in the work dtype (the products round them to it anyway)
     p_coef = (tok * H + i_h) * 4
-    b_Ta = b_T * tl.load(coef + p_coef + 2, mask=m_t, other=0.0)[None, :]
-    b_Tg = b_T * tl.load(coef + p_coef + 3, mask=m_t, other=0.0)[None, :]
-    b_To = b_T * tl.where(_read_rows(cpos, MB, BT) < -1, 1.0, 0.0)[None, :]
+    b_Ta = (b_T * tl.load(coef + p_coef + 2, mask=m_t, other=0.0)[None, :]).to(WT)
+    b_Tg = (b_T * tl.load(coef + p_coef + 3, mask=m_t, other=0.0)[None, :]).to(WT)
+    if not ALIGNED:
+        b_To = (b_T * tl.where(_read_rows(cpos, MB, BT) < -1, 1.0, 0.0)[None, :]).to(WT)
+    b_T = b_T.to(WT)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -302,7 +303,9 @@ class TitansChunk(torch.autograd.Function):
         hM, hS, _, r, ht = _fwd_h(k, W, coefs, h0, output_final_state, mb, meta)
         _, Dth, _, coef, _, _ = coefs
         o = v.new_empty(Ttot, H, V)
-        BV = min(64, pow2(V))
+        # bf16: 128-wide value blocks, Q K^T and Dth once per chunk (151 -> 128 us, H100); float32
+        # states would take three stages of such tiles past Hopper's shared memory
+        BV = min(128 if hM.dtype == torch.bfloat16 else 64, pow2(V))
         _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, hM, hS, r, Dth, coef, o, meta.cu,
                                                                 meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
                                                                 BK=min(64, pow2(K)), BV=BV, **dots(q.dtype),
