@@ -47,12 +47,10 @@ Tensor = torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, MB,
-                 H: tl.constexpr, BT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """The chunk's coefficients, from the gates alone: ``Dth``, ``Lc``, ``coef``, ``wS`` and the
-    per-chunk scalars ``scal`` (a kernel of its own: only [BT, BT] tiles, no key or value loads)."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
+def _coefficients(theta, alpha, eta, Dth, Lc, coef, wS, scal, i_t, i_h, t0, L, cpos, MB,
+                  H: tl.constexpr, BT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Stores the chunk's coefficients, from the gates alone: ``Dth``, ``Lc``, ``coef``, ``wS`` and the
+    per-chunk scalars ``scal``. Returns ``(Lc, alpha', gamma')``, what the inverse and ``W*`` need."""
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
@@ -85,21 +83,40 @@ def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, 
     tl.store(scal + p_s + 3, _pick(b_ap, o_t, e))
     tl.store(scal + p_s + 4, _pick(b_gp, o_t, e))
     tl.store(scal + p_s + 5, _pick(tl.where(p < -1, 1.0, 0.0), o_t, e))
+    return b_Lc, b_ap, b_gp
 
 
 @triton.jit
-def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
+def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, MB,
+                 H: tl.constexpr, BT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """``_coefficients`` of one chunk, as a kernel of its own (only [BT, BT] tiles, no key loads)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
+    _coefficients(theta, alpha, eta, Dth, Lc, coef, wS, scal, i_t, i_h, t0, L, cpos, MB, H, BT, INTERP, PREC)
+
+
+@triton.jit
+def _prep_kernel(k, v, theta, alpha, eta, Dth, Lc, coef, wS, scal, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, ALIGNED: tl.constexpr,
+                 BV: tl.constexpr, ALIGNED: tl.constexpr, COEF: tl.constexpr,
                  IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """The inverse ``T = (I + Lc ∘ K K^T)^{-1}``, ``W* = T diag(alpha' | gamma' | omega) K`` and
-    ``U0 = T V`` of one chunk (the delta rule's UT form, with the coefficients of ``_coef_kernel``)."""
+    ``U0 = T V`` of one chunk (the delta rule's UT form); with COEF the coefficients first
+    (``_coefficients``), else those that ``_coef_kernel`` stored."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
     p_row = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
+    p_coef = (tok * H + i_h) * 4
+    if COEF:
+        b_Lc, b_ap, b_gp = _coefficients(theta, alpha, eta, Dth, Lc, coef, wS, scal, i_t, i_h, t0, L, cpos, MB, H, BT,
+                                         INTERP, PREC)
+    else:
+        b_Lc = tl.load(Lc + p_row, mask=m_t[:, None], other=0.0)
+        b_ap = tl.load(coef + p_coef + 2, mask=m_t, other=0.0)
+        b_gp = tl.load(coef + p_coef + 3, mask=m_t, other=0.0)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -107,17 +124,16 @@ def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
         b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
         b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
-    b_L = tl.where(o_t[:, None] > o_t[None, :], tl.load(Lc + p_row, mask=m_t[:, None], other=0.0) * b_KK, 0.0)
+    b_L = tl.where(o_t[:, None] > o_t[None, :], b_Lc * b_KK, 0.0)
     b_T = unit_lower_inverse(b_L, BT, PREC)
-    tl.store(Tm + p_row, b_T, mask=m_t[:, None])
     # T diag(x) K as (T ∘ x^T) K: the key tile feeds the product straight from its load, and the
     # scaled inverses are kept in the work dtype (the products round them to it anyway)
-    p_coef = (tok * H + i_h) * 4
-    b_Ta = (b_T * tl.load(coef + p_coef + 2, mask=m_t, other=0.0)[None, :]).to(WT)
-    b_Tg = (b_T * tl.load(coef + p_coef + 3, mask=m_t, other=0.0)[None, :]).to(WT)
+    b_Ta = (b_T * b_ap[None, :]).to(WT)
+    b_Tg = (b_T * b_gp[None, :]).to(WT)
     if not ALIGNED:
         b_To = (b_T * tl.where(_read_rows(cpos, MB, BT) < -1, 1.0, 0.0)[None, :]).to(WT)
     b_T = b_T.to(WT)
+    tl.store(Tm + p_row, b_T, mask=m_t[:, None])  # in the work dtype: its one reader, dv = -T^T dr, rounds it to that
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -248,18 +264,22 @@ def _prep(k, v, theta, alpha, eta, mb, meta):
     f32 = torch.float32
     wdt = work_dtype(k.dtype)
     aligned = CHUNK % mb == 0
-    Tm, Dth, Lc = (k.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(3))
+    Dth, Lc = (k.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(2))
+    Tm = k.new_empty(Ttot, H, CHUNK, dtype=wdt)
     coef = k.new_empty(Ttot, H, 4, dtype=f32)
     wS = k.new_empty(Ttot, H, dtype=f32)
     scal = k.new_zeros(meta.num_chunks, H, 8, dtype=f32)
-    _coef_kernel[(meta.num_chunks, H)](theta, alpha, eta, Dth, Lc, coef, wS, scal, meta.cu, meta.chunk_indices, mb,
-                                       H=H, BT=CHUNK, INTERP=is_interpreting(), PREC=dot_precision(k.dtype),
-                                       **launch("titans.coef", num_warps=4))
+    fused = False
+    if not fused:
+        _coef_kernel[(meta.num_chunks, H)](theta, alpha, eta, Dth, Lc, coef, wS, scal, meta.cu, meta.chunk_indices,
+                                           mb, H=H, BT=CHUNK, INTERP=is_interpreting(), PREC=dot_precision(k.dtype),
+                                           **launch("titans.coef", num_warps=4))
     Wm, Ws = k.new_empty(Ttot, H, K, dtype=wdt), k.new_empty(Ttot, H, K, dtype=wdt)
     Wo = None if aligned else k.new_empty(Ttot, H, K, dtype=wdt)
     U0 = k.new_empty(Ttot, H, V, dtype=wdt)
-    _prep_kernel[(meta.num_chunks, H)](k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, meta.cu, meta.chunk_indices, mb, H=H, K=K,
-                                       V=V, BT=CHUNK, BK=min(64, pow2(K)), BV=min(64, pow2(V)), ALIGNED=aligned,
+    _prep_kernel[(meta.num_chunks, H)](k, v, theta, alpha, eta, Dth, Lc, coef, wS, scal, Tm, Wm, Ws, Wo, U0, meta.cu,
+                                       meta.chunk_indices, mb, H=H, K=K, V=V, BT=CHUNK, BK=min(64, pow2(K)),
+                                       BV=min(64, pow2(V)), ALIGNED=aligned, COEF=fused,
                                        **dots(k.dtype), **launch("titans.prep", num_warps=4))
     return (Tm, Dth, Lc, coef, wS, scal), (Wm, Ws, Wo, U0)
 
