@@ -140,14 +140,12 @@ def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
 
 
 @triton.jit
-def _fwd_h_kernel(q, k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, coef, hM, hS, hM0, r, oi, h0, ht, cu, chunk_offsets,
+def _fwd_h_kernel(k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, cu, chunk_offsets,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, ALIGNED: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                  OUT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+                  WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (all of K, a block of V): residuals ``r = W [M; S; M0] - U0`` per
-    chunk, then the state at the chunk's last real token. Stores ``r`` and, with OUT (the forward), the
-    outputs' part from the chunk-start states, ``oi = Aa ∘ Q M_s + c ∘ Q S_s`` (its products share the
-    staged states with ``r``'s); else (the backward's recompute) the chunk-start states.
+    chunk, then the state at the chunk's last real token. Stores the chunk-start states and ``r``.
     The updates ``(K ∘ w)^T r`` are taken as ``K^T (w ∘ r)``: the key tile feeds the product straight from
     its load and the scaling goes on the smaller [BT, BV] side."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
@@ -164,22 +162,21 @@ def _fwd_h_kernel(q, k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, coef, hM, hS, hM0, r,
     b_M, b_S, b_M0 = _states(h0, p_0, m_kv, K, V, BK, BV, USE_H0)
     NT = tl.cdiv(Lseg, BT)
     o_8 = tl.arange(0, 8)
-    nx = _chunk_ahead(scal, Dth, Lc, wS, coef, boh, bos, 0, Lseg, i_h, H, BT, OUT)
+    nx = _chunk_ahead(scal, Dth, Lc, wS, None, boh, bos, 0, Lseg, i_h, H, BT, False)
     nx_u = tl.load(U0 + (bos + o_t[:, None]) * H * V + i_h * V + o_v[None, :],
                    mask=(o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
     for i_t in range(0, NT):
-        b_s, b_wM, b_w0, b_wS, b_Aa, b_c = nx
+        b_s, b_wM, b_w0, b_wS, _, _ = nx
         b_u = nx_u
-        nx = _chunk_ahead(scal, Dth, Lc, wS, coef, boh + i_t + 1, bos, i_t + 1, Lseg, i_h, H, BT, OUT)
+        nx = _chunk_ahead(scal, Dth, Lc, wS, None, boh + i_t + 1, bos, i_t + 1, Lseg, i_h, H, BT, False)
         p_n = (bos + (i_t + 1) * BT + o_t[:, None]) * H * V + i_h * V + o_v[None, :]
         nx_u = tl.load(U0 + p_n, mask=((i_t + 1) * BT + o_t[:, None] < Lseg) & m_v[None, :], other=0.0)
         i_c = boh + i_t
-        if not OUT:
-            p_h = (i_c * H + i_h) * K * V + p_kv
-            tl.store(hM + p_h, b_M.to(hM.dtype.element_ty), mask=m_kv)
-            tl.store(hS + p_h, b_S.to(hS.dtype.element_ty), mask=m_kv)
-            if not ALIGNED:
-                tl.store(hM0 + p_h, b_M0.to(hM0.dtype.element_ty), mask=m_kv)
+        p_h = (i_c * H + i_h) * K * V + p_kv
+        tl.store(hM + p_h, b_M.to(hM.dtype.element_ty), mask=m_kv)
+        tl.store(hS + p_h, b_S.to(hS.dtype.element_ty), mask=m_kv)
+        if not ALIGNED:
+            tl.store(hM0 + p_h, b_M0.to(hM0.dtype.element_ty), mask=m_kv)
         L = Lseg - i_t * BT
         m_t = o_t < L
         tok = bos + i_t * BT + o_t
@@ -193,10 +190,6 @@ def _fwd_h_kernel(q, k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, coef, hM, hS, hM0, r,
             b_r += mm(tl.load(Wo + p_k, mask=m_tk, other=0.0), b_M0, WT, INTERP, PREC)
         b_r -= b_u.to(tl.float32)
         tl.store(r + p_v, b_r.to(r.dtype.element_ty), mask=m_tv)
-        if OUT:
-            b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-            b_oi = b_Aa[:, None] * mm(b_q, b_M, WT, INTERP, PREC) + b_c[:, None] * mm(b_q, b_S, WT, INTERP, PREC)
-            tl.store(oi + p_v, b_oi.to(oi.dtype.element_ty), mask=m_tv)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0)
         if ALIGNED:
@@ -216,10 +209,10 @@ def _fwd_h_kernel(q, k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, coef, hM, hS, hM0, r,
 
 
 @triton.jit
-def _fwd_o_kernel(q, k, oi, r, Dth, o, cu, chunk_indices, scale,
+def _fwd_o_kernel(q, k, hM, hS, r, Dth, coef, o, cu, chunk_indices, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """``o = scale (oi - (Q K^T ∘ Dth) r)`` per chunk, ``oi`` the chunk-start states' part from the state pass."""
+    """``o = scale (Aa ∘ Q M_s + c ∘ Q S_s - (Q K^T ∘ Dth) r)`` per chunk."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -227,18 +220,27 @@ def _fwd_o_kernel(q, k, oi, r, Dth, o, cu, chunk_indices, scale,
     tok = t0 + o_t
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    b_oM = tl.zeros([BT, BV], dtype=tl.float32)
+    b_oS = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    p_h = (i_t * H + i_h).to(tl.int64) * K * V
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_q = tl.load(q + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        p_kv = p_h + o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_oM += mm(b_q, tl.load(hM + p_kv, mask=m_kv, other=0.0), WT, INTERP, PREC)
+        b_oS += mm(b_q, tl.load(hS + p_kv, mask=m_kv, other=0.0), WT, INTERP, PREC)
         b_A += mm(b_q, b_kT, IT, INTERP, PREC)
+    b_Aa = tl.load(coef + (tok * H + i_h) * 4, mask=m_t, other=0.0)
+    b_c = tl.load(coef + (tok * H + i_h) * 4 + 1, mask=m_t, other=0.0)
     b_A *= tl.load(Dth + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
-    b_o = tl.load(oi + p_v, mask=m_tv, other=0.0).to(tl.float32) - mm(b_A, tl.load(r + p_v, mask=m_tv, other=0.0),
-                                                                      WT, INTERP, PREC)
+    b_r = tl.load(r + p_v, mask=m_tv, other=0.0)
+    b_o = b_Aa[:, None] * b_oM + b_c[:, None] * b_oS - mm(b_A, b_r, WT, INTERP, PREC)
     tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -271,34 +273,28 @@ def _state_bv(BK: int, V: int) -> int:
     return min(pow2(V), 32 if BK <= 64 else 16)
 
 
-def _fwd_h(k, W, coefs, h0, output_final_state, meta, q=None):
-    """Residuals, the final state and either (the forward, ``q`` given) the outputs' part from the
-    chunk-start states ``oi`` (work dtype) or (the backward) the chunk-start states in float32: the gate
-    gradients take Frobenius products <dM_e, M_s> of them, sums of K * V terms that bf16 states would
-    swamp when the memory grows (no forgetting, eta ~ 1). Returns ``(hM, hS, hM0, r, ht, oi)``."""
+def _fwd_h(k, W, coefs, h0, output_final_state, mb, meta, state_dtype=None):
+    """Chunk-start states, residuals and the final state. ``state_dtype``: of the stored chunk states
+    (default the work dtype; the backward keeps them in float32, see below)."""
     Wm, Ws, Wo, U0 = W
-    _, Dth, Lc, coef, wS, scal = coefs
+    _, Dth, Lc, _, wS, scal = coefs
     H, K = k.shape[1:]
     V = U0.shape[-1]
     N = meta.num_segments
     aligned = Wo is None
-    out = q is not None
     BK = pow2(K)
     BV = _state_bv(BK, V)
-    hM = hS = hM0 = oi = None
-    if out:
-        oi = torch.empty_like(U0)
-    else:
-        hM, hS = (k.new_empty(meta.num_chunks, H, K, V, dtype=torch.float32) for _ in range(2))
-        hM0 = None if aligned else k.new_empty(meta.num_chunks, H, K, V, dtype=torch.float32)
+    sdt = state_dtype or U0.dtype
+    hM, hS = (k.new_empty(meta.num_chunks, H, K, V, dtype=sdt) for _ in range(2))
+    hM0 = None if aligned else k.new_empty(meta.num_chunks, H, K, V, dtype=sdt)
     r = torch.empty_like(U0)
     ht = k.new_empty(N, H, 3, K, V, dtype=torch.float32) if output_final_state else None
-    _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](q, k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, coef, hM, hS, hM0, r, oi, h0,
-                                               ht, meta.cu, meta.chunk_offsets, H=H, K=K, V=V, BT=CHUNK, BK=BK,
-                                               BV=BV, ALIGNED=aligned, USE_H0=h0 is not None,
-                                               STORE_HT=output_final_state, OUT=out, **dots(k.dtype, False),
-                                               **launch("titans.fwd_h", num_stages=state_stages(BK, U0.dtype)))
-    return hM, hS, hM0, r, ht, oi
+    _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](k, Wm, Ws, Wo, U0, Dth, Lc, wS, scal, hM, hS, hM0, r, h0, ht, meta.cu,
+                                               meta.chunk_offsets, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
+                                               ALIGNED=aligned, USE_H0=h0 is not None,
+                                               STORE_HT=output_final_state, **dots(k.dtype, False),
+                                                   **launch("titans.fwd_h", num_stages=state_stages(BK, U0.dtype)))
+    return hM, hS, hM0, r, ht
 
 
 class TitansChunk(torch.autograd.Function):
@@ -309,15 +305,16 @@ class TitansChunk(torch.autograd.Function):
         Ttot, H, K = q.shape
         V = v.shape[-1]
         coefs, W = _prep(k, v, theta, alpha, eta, mb, meta)
-        _, _, _, r, ht, oi = _fwd_h(k, W, coefs, h0, output_final_state, meta, q=q)
-        Dth = coefs[1]
+        hM, hS, _, r, ht = _fwd_h(k, W, coefs, h0, output_final_state, mb, meta)
+        _, Dth, _, coef, _, _ = coefs
         o = v.new_empty(Ttot, H, V)
-        # bf16: 128-wide blocks, so Q K^T and Dth are taken once per chunk
-        wide = 128 if q.dtype == torch.bfloat16 else 64
-        BV = min(wide, pow2(V))
-        _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, oi, r, Dth, o, meta.cu, meta.chunk_indices,
-                                                                scale, H=H, K=K, V=V, BT=CHUNK, BK=min(wide, pow2(K)),
-                                                                BV=BV, **dots(q.dtype), **launch("titans.fwd_o"))
+        # bf16: 128-wide value blocks, Q K^T and Dth once per chunk (151 -> 128 us, H100); float32
+        # states would take three stages of such tiles past Hopper's shared memory
+        BV = min(128 if hM.dtype == torch.bfloat16 else 64, pow2(V))
+        _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, hM, hS, r, Dth, coef, o, meta.cu,
+                                                                meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
+                                                                BK=min(64, pow2(K)), BV=BV, **dots(q.dtype),
+                                                                    **launch("titans.fwd_o"))
         # W and U0 are kept for the backward (bf16 at bf16 inputs), which then only recomputes the states
         ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs, *W)
         ctx.scale, ctx.mb, ctx.meta = scale, mb, meta
@@ -334,7 +331,10 @@ class TitansChunk(torch.autograd.Function):
         f32 = torch.float32
         do = do.contiguous()
         dht = contiguous(dht)
-        hM, hS, hM0, r, _, _ = _fwd_h(k, W, coefs, h0, False, meta)  # chunk states in float32
+        # chunk states in float32: the gate gradients take Frobenius products <dM_e, M_s> of them, sums
+        # of K * V terms that bf16 states would swamp when the memory grows (no forgetting, eta ~ 1)
+        hM, hS, hM0, r, _ = _fwd_h(k, W, coefs, h0, False, mb, meta, state_dtype=torch.float32)
+
         Tm, Dth, Lc, coef, wS, scal = coefs
         Wm, Ws, Wo, U0 = W
         aligned = Wo is None
