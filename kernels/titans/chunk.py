@@ -34,7 +34,6 @@ from .._common import (
     mm,
     pow2,
     segment_start,
-    select_rows,
     state_stages,
     work_dtype,
 )
@@ -70,7 +69,8 @@ def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, 
     b_c = tl.sum(b_Pa * b_Ee[None, :], axis=1)
     b_Dth = tl.dot(b_Pa, b_Pe, input_precision=PREC) * b_theta[None, :]
     sel = p[:, None] == o_t[None, :]
-    b_Lc = select_rows(sel, b_Dth, INTERP, 3)  # rows p[j] of Dth
+    idx = tl.maximum(p, 0)[:, None] + 0 * o_t[None, :]
+    b_Lc = tl.where((p >= 0)[:, None], tl.gather(b_Dth, idx, axis=0), 0.0)  # rows p[j] of Dth
     b_ap = tl.sum(tl.where(sel, b_Aa[None, :], 0.0), axis=1) + tl.where(p == -1, 1.0, 0.0)
     b_gp = tl.sum(tl.where(sel, b_c[None, :], 0.0), axis=1)
     tl.store(Dth + p_row, b_Dth, mask=m_t[:, None])
@@ -311,9 +311,10 @@ class TitansChunk(torch.autograd.Function):
         # bf16: 128-wide value blocks, Q K^T and Dth once per chunk (151 -> 128 us, H100); float32
         # states would take three stages of such tiles past Hopper's shared memory
         BV = min(128 if hM.dtype == torch.bfloat16 else 64, pow2(V))
+        BKo = pow2(K) if BV == 128 and K <= 128 else min(64, pow2(K))  # one key block: 127 -> 119 us (H100)
         _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, hM, hS, r, Dth, coef, o, meta.cu,
                                                                 meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                                                                BK=min(64, pow2(K)), BV=BV, **dots(q.dtype),
+                                                                BK=BKo, BV=BV, **dots(q.dtype),
                                                                     **launch("titans.fwd_o"))
         # W and U0 are kept for the backward (bf16 at bf16 inputs), which then only recomputes the states
         ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs, *W)
