@@ -91,10 +91,11 @@ def _coef_kernel(theta, alpha, eta, Dth, Lc, coef, wS, scal, cu, chunk_indices, 
 @triton.jit
 def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, ALIGNED: tl.constexpr,
+                 BV: tl.constexpr, ALIGNED: tl.constexpr, STORE_T: tl.constexpr,
                  IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """The inverse ``T = (I + Lc ∘ K K^T)^{-1}``, ``W* = T diag(alpha' | gamma' | omega) K`` and
-    ``U0 = T V`` of one chunk (the delta rule's UT form), from the coefficients of ``_coef_kernel``."""
+    ``U0 = T V`` of one chunk (the delta rule's UT form), from the coefficients of ``_coef_kernel``.
+    ``T`` itself is stored only for the backward (STORE_T)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L, cpos = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -121,7 +122,8 @@ def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
     if not ALIGNED:
         b_To = (b_T * tl.where(_read_rows(cpos, MB, BT) < -1, 1.0, 0.0)[None, :]).to(WT)
     b_T = b_T.to(WT)
-    tl.store(Tm + p_row, b_T, mask=m_t[:, None])  # in the work dtype: its one reader, dv = -T^T dr, rounds it to that
+    if STORE_T:  # in the work dtype: its one reader, dv = -T^T dr, rounds it to that
+        tl.store(Tm + p_row, b_T, mask=m_t[:, None])
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -245,15 +247,16 @@ def _fwd_o_kernel(q, k, hM, hS, r, Dth, coef, o, cu, chunk_indices, scale,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _prep(k, v, theta, alpha, eta, mb, meta):
-    """The chunk coefficients ``(Tm, Dth, Lc, coef, wS, scal)`` and ``(Wm, Ws, Wo, U0)``."""
+def _prep(k, v, theta, alpha, eta, mb, meta, store_t):
+    """The chunk coefficients ``(Tm, Dth, Lc, coef, wS, scal)`` and ``(Wm, Ws, Wo, U0)``; ``Tm`` (the
+    inverse, read only by the backward) is None unless ``store_t``."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     f32 = torch.float32
     wdt = work_dtype(k.dtype)
     aligned = CHUNK % mb == 0
     Dth, Lc = (k.new_empty(Ttot, H, CHUNK, dtype=f32) for _ in range(2))
-    Tm = k.new_empty(Ttot, H, CHUNK, dtype=wdt)
+    Tm = k.new_empty(Ttot, H, CHUNK, dtype=wdt) if store_t else None
     coef = k.new_empty(Ttot, H, 4, dtype=f32)
     wS = k.new_empty(Ttot, H, dtype=f32)
     scal = k.new_zeros(meta.num_chunks, H, 8, dtype=f32)
@@ -265,7 +268,7 @@ def _prep(k, v, theta, alpha, eta, mb, meta):
     U0 = k.new_empty(Ttot, H, V, dtype=wdt)
     _prep_kernel[(meta.num_chunks, H)](k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, meta.cu, meta.chunk_indices, mb, H=H, K=K,
                                        V=V, BT=CHUNK, BK=min(64, pow2(K)), BV=min(64, pow2(V)), ALIGNED=aligned,
-                                       **dots(k.dtype), **launch("titans.prep", num_warps=4))
+                                       STORE_T=store_t, **dots(k.dtype), **launch("titans.prep", num_warps=4))
     return (Tm, Dth, Lc, coef, wS, scal), (Wm, Ws, Wo, U0)
 
 
@@ -304,7 +307,7 @@ class TitansChunk(torch.autograd.Function):
     def forward(ctx, q, k, v, theta, alpha, eta, h0, scale, mb, output_final_state, meta):
         Ttot, H, K = q.shape
         V = v.shape[-1]
-        coefs, W = _prep(k, v, theta, alpha, eta, mb, meta)
+        coefs, W = _prep(k, v, theta, alpha, eta, mb, meta, store_t=any(ctx.needs_input_grad))
         hM, hS, _, r, ht = _fwd_h(k, W, coefs, h0, output_final_state, mb, meta)
         _, Dth, _, coef, _, _ = coefs
         o = v.new_empty(Ttot, H, V)

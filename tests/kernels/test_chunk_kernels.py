@@ -131,6 +131,24 @@ def test_packed_segments_match_reference(device, seed, name, opts, record_proper
 
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
+def test_forward_without_gradients(device, seed, name, opts):
+    """Inputs that need no gradient (inference): the forward may skip what only the backward reads
+    (titans does not store its inverses). Outputs and final state against the float64 token loop."""
+    rule = get_rule(name)
+    dtype = torch.bfloat16
+    leaves = make_leaves(rule, 2, 70, 2, 20, 24, dtype, seed, device)
+    q, k, v, S0 = (leaves.pop(n) for n in ("q", "k", "v", "initial_state"))
+    with torch.no_grad():
+        o, S = rule.forward(q, k, v, impl="triton", initial_state=S0, output_final_state=True, **leaves, **opts)
+        kw = dict(initial_state=S0, output_final_state=True, **leaves, **opts)
+        kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+        o64, S64 = rule.recurrent(q.double(), k.double(), v.double(), **kw64)
+        olp, Slp = rule.recurrent(q, k, v, **kw)
+    assert_matches(o, olp, o64, dtype, "output")
+    assert_matches(S, Slp, S64, dtype, "final state")
+
+
+@pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_several_key_blocks(device, seed, name, opts):
     """K = 72 and V = 40: the kernels' loops over key and value blocks run more than once (the other
     small shapes fit in one block), including the 32-wide key blocks of the delta WY backward."""
