@@ -58,3 +58,63 @@ def test_gpu_debug_parses_items():
     assert args.launch == {"delta.wy_bwd": {"num_warps": 2, "num_stages": 1}, "gl.gla_prep": {"BK": 32},
                            "gl.fwd_o": {"BV": 128}}
     assert args.shape == (65, 100, 64)
+
+
+# ---------------------------------------------------------------------------------------------- kernel_variants
+def test_kernel_variants_build_applies_each_edit_once(tmp_path):
+    from benchmarks import kernel_variants as kv
+
+    root = tmp_path / "src"
+    (root / "fam").mkdir(parents=True)
+    (root / "fam" / "a.py").write_text("x = 1\ny = 2\ny = 2\n")
+    out = kv.build("v1", [("fam/a.py", "x = 1", "x = 3")], tmp_path / "out", root=root)
+    assert (out / "fam" / "a.py").read_text() == "x = 3\ny = 2\ny = 2\n"
+    assert (root / "fam" / "a.py").read_text().startswith("x = 1")  # the source is untouched
+    with pytest.raises(ValueError, match=r"variant v2: fam/a.py: 2 occurrences of 'y = 2' \(need exactly 1\)"):
+        kv.build("v2", [("fam/a.py", "y = 2", "y = 0")], tmp_path / "out", root=root)
+    with pytest.raises(ValueError, match="0 occurrences of 'z'"):
+        kv.build("v3", [("fam/a.py", "z", "w")], tmp_path / "out", root=root)
+    with pytest.raises(ValueError, match="variant v4: no file 'fam/b.py'"):
+        kv.build("v4", [("fam/b.py", "x", "y")], tmp_path / "out", root=root)
+
+
+def test_kernel_variants_default_root_is_the_kernels_package(tmp_path):
+    from benchmarks import kernel_variants as kv
+
+    out = kv.build("base", [("titans/chunk.py", "def _prep(", "def _prep(")], tmp_path)
+    assert (out / "titans" / "chunk.py").is_file() and (out / "__init__.py").is_file()
+    assert not list(out.rglob("__pycache__"))
+
+
+def test_kernel_variants_command_line_names_bad_specs(tmp_path, capsys):
+    from benchmarks import kernel_variants as kv
+
+    err = _error(kv.parse_args, ["--spec", str(tmp_path / "none.py")], capsys)
+    assert "--spec" in err and "no such file" in err
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    assert "defines no VARIANTS dict" in _error(kv.parse_args, ["--spec", str(empty)], capsys)
+    bad = tmp_path / "bad.py"
+    bad.write_text("VARIANTS = {'a': [('f.py', 'x')]}\n")
+    assert "variant 'a' must be an identifier mapped to a list of (file, old, new)" in _error(
+        kv.parse_args, ["--spec", str(bad)], capsys)
+    good = tmp_path / "good.py"
+    good.write_text("VARIANTS = {'base': [], 'nostore': [('titans/chunk.py', 'a', 'b')]}\n")
+    assert "--only 'nope': unknown nope" in _error(kv.parse_args, ["--spec", str(good), "--only", "nope"], capsys)
+    assert "--rules 'nope'" in _error(kv.parse_args, ["--spec", str(good), "--rules", "nope"], capsys)
+    args = kv.parse_args(["--spec", str(good), "--only", "nostore", "--rules", "titans,gated_deltanet"])
+    assert list(args.variants) == ["nostore"] and args.rules == ["titans", "gated_deltanet"]
+
+
+def test_committed_variant_specs_apply_to_the_current_kernels(tmp_path):
+    """Every edit of the spec files under benchmarks/variants still finds its text exactly once."""
+    import runpy
+    from pathlib import Path
+
+    from benchmarks import kernel_variants as kv
+
+    specs = sorted((Path(kv.__file__).parent / "variants").glob("*.py"))
+    assert specs
+    for spec in specs:
+        for name, edits in runpy.run_path(str(spec))["VARIANTS"].items():
+            kv.build(name, edits, tmp_path / spec.stem)
