@@ -104,6 +104,21 @@ def mm(a, b, T: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def chunk_gram(a, b, tok, i_h, m_t, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               IT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """``A B^T [BT, BT]`` of one chunk's rows ``tok`` of two ``[Ttot, H, K]`` inputs, in float32, over key
+    blocks of BK (``B`` loaded transposed, so no product result is transposed)."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_a = tl.load(a + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_bT = tl.load(b + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        acc += mm(b_a, b_bT, IT, INTERP, PREC)
+    return acc
+
+
+@triton.jit
 def select_rows(sel, x, INTERP: tl.constexpr, PARTS: tl.constexpr):
     """``sel @ x`` for a 0/1 matrix ``sel`` and float32 ``x``, to float32 accuracy, on tensor cores:
     ``x`` is split exactly into ``PARTS`` bfloat16 parts (8 significant bits each; 3 for any float32,

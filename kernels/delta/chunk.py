@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .._common import (
     CHUNK,
+    chunk_gram,
     chunk_meta,
     chunk_start,
     contiguous,
@@ -85,16 +86,7 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
     if LOAD_T:
         b_T = tl.load(Tm + p_T, mask=m_t[:, None], other=0.0)
     else:
-        b_KK = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
-            b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0)
-            b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
-        b_A = b_KK * b_beta[:, None]
+        b_A = chunk_gram(k, k, tok, i_h, m_t, H, K, BT, BK, IT, INTERP, PREC) * b_beta[:, None]
         if GATED:
             b_A *= _decay_matrix(b_g, BT)
         b_A = tl.where(o_t[:, None] > o_t[None, :], b_A, 0.0)
@@ -422,6 +414,8 @@ def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv,
     b_dA = tl.where(o_t[:, None] > o_t[None, :], b_dA, 0.0)
     if GATED:
         b_dA *= _decay_matrix(b_g, BT)
+    # the Gram loop written out here (not chunk_gram): this kernel's sm_90 code is kept as tested at two
+    # warps, the configuration that avoids the Hopper miscompile (fla issue #640)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)

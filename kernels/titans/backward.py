@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import chunk_start, mm, segment_start, select_rows
+from .._common import chunk_gram, chunk_start, mm, segment_start, select_rows
 from ._shared import (
     _chunk_ahead,
     _cumprod_matrix,
@@ -33,13 +33,7 @@ def _bwd_dr_local_kernel(q, k, Dth, do, dr_loc, cu, chunk_indices, scale,
     m_t = o_t < L
     tok = t0 + o_t
     o_v = i_v * BV + tl.arange(0, BV)
-    b_AT = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_AT += mm(b_k, b_qT, IT, INTERP, PREC)
+    b_AT = chunk_gram(k, q, tok, i_h, m_t, H, K, BT, BK, IT, INTERP, PREC)
     b_AT *= tl.load(Dth + tok[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
     p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
     m_tv = m_t[:, None] & (o_v[None, :] < V)

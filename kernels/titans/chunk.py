@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .._common import (
     CHUNK,
+    chunk_gram,
     chunk_meta,
     chunk_start,
     contiguous,
@@ -106,13 +107,7 @@ def _prep_kernel(k, v, Lc, coef, Tm, Wm, Ws, Wo, U0, cu, chunk_indices, MB,
     b_Lc = tl.load(Lc + p_row, mask=m_t[:, None], other=0.0)
     b_ap = tl.load(coef + p_coef + 2, mask=m_t, other=0.0)
     b_gp = tl.load(coef + p_coef + 3, mask=m_t, other=0.0)
-    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_KK += mm(b_k, b_kT, IT, INTERP, PREC)
+    b_KK = chunk_gram(k, k, tok, i_h, m_t, H, K, BT, BK, IT, INTERP, PREC)
     b_L = tl.where(o_t[:, None] > o_t[None, :], b_Lc * b_KK, 0.0)
     b_T = unit_lower_inverse(b_L, BT, PREC)
     # T diag(x) K as (T ∘ x^T) K: the key tile feeds the product straight from its load, and the
