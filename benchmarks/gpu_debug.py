@@ -39,7 +39,7 @@ from momkit.kernels.delta import chunk as dc
 from momkit.kernels.gated_linear.chunk import bwd_dv
 
 from benchmarks._common import name_list
-from benchmarks.kernels import kernel_times
+from benchmarks.kernels import kernel_times, rule_options
 from momkit.rules import get_rule, rule_names
 from momkit.testing import random_inputs
 
@@ -189,7 +189,7 @@ def check_rule(name: str) -> None:
     tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tests)
     rule = get_rule(name)
-    opts = {"mini_batch": 16} if name == "titans" else {}
+    opts = rule_options(name)
     tag = " ".join(f"{k}:{v}" for k, v in _common.LAUNCH.items()) or "defaults"
     for seed, (B, T, K, V, dtype) in enumerate([(2, 70, 20, 24, torch.bfloat16), (2, 70, 32, 32, torch.bfloat16),
                                                 (2, 300, 128, 128, torch.bfloat16), (2, 65, 100, 100, torch.float32),
@@ -253,7 +253,7 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
             current[0] = name
             _, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cpu"))
             leaves = [x.requires_grad_(True) for x in (q, k, v, *gates.values())]
-            opts = {"mini_batch": 16} if name == "titans" else {}
+            opts = rule_options(name)
             o, _ = kernels.chunk(name, *leaves[:3], dict(zip(gates, leaves[3:])), scale=K**-0.5,
                                  initial_state=None, output_final_state=False, cu_seqlens=None, options=opts)
             o.backward(torch.ones_like(o))

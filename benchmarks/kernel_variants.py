@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     import torch
 
-    from benchmarks.kernels import inputs, kernel_times
+    from benchmarks.kernels import inputs, kernel_times, rule_options
 
     args = parse_args()
     dest = Path(args.dest)
@@ -100,7 +100,7 @@ def main() -> None:
             print(f"{variant}: FAILED to build: {type(e).__name__}: {e}", flush=True)
             continue
         for name, (_, q, k, v, gates) in data.items():
-            opts = {"mini_batch": 16} if name == "titans" else {}
+            opts = rule_options(name)
             for mode in ("fwd", "fwd_bwd"):
                 def fn(mode=mode, name=name, q=q, k=k, v=v, gates=gates, opts=opts, pkg=pkg):
                     xs = [x.detach().requires_grad_(mode == "fwd_bwd") for x in (q, k, v, *gates.values())]

@@ -73,8 +73,13 @@ def inputs(rule_name: str, B: int, T: int, H: int, K: int, V: int, device):
     return rule, q.to(device), k.to(device), v.to(device), {n: x.to(device) for n, x in gates.items()}
 
 
+def rule_options(name: str) -> dict:
+    """The rule options every benchmark and diagnostic runs with (titans: mini-batches of 16 tokens)."""
+    return {"mini_batch": 16} if name == "titans" else {}
+
+
 def ours_fn(rule, q, k, v, gates, backward: bool):
-    opts = {"mini_batch": 16} if rule.name == "titans" else {}
+    opts = rule_options(rule.name)
     leaves = [q, k, v, *gates.values()]
     names = list(gates)
     if backward:

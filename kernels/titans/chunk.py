@@ -333,7 +333,6 @@ class TitansChunk(torch.autograd.Function):
         # chunk states in float32: the gate gradients take Frobenius products <dM_e, M_s> of them, sums
         # of K * V terms that bf16 states would swamp when the memory grows (no forgetting, eta ~ 1)
         hM, hS, hM0, r, _ = _fwd_h(k, W, coefs, h0, False, mb, meta, state_dtype=torch.float32)
-
         Tm, Dth, Lc, coef, wS, scal = coefs
         Wm, Ws, Wo, U0 = W
         aligned = Wo is None
