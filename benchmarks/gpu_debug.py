@@ -66,19 +66,9 @@ def chain(q, k, v, beta, g, do, scale):
     sync("v_new", v_new)
     dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated)
     sync("dv_local", dv_local)
-    BK = pow2(K)
-    BV = dc._state_bv(BK, V)
     NT = meta.num_chunks
-    dh = q.new_empty(NT, H, K, V, dtype=u.dtype)
-    dv_tot = torch.empty_like(u)
-    du_inter = torch.empty_like(u) if gated else None
-    s_part = q.new_zeros(triton.cdiv(V, BV), NT, H, 1, dtype=torch.float32) if gated else None
     qk = (q.float() * k.float()).sum(-1) if gated else None
-    dc._bwd_dh_kernel[(H, triton.cdiv(V, BV))](
-        q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, None, None, s_part, meta.cu, meta.chunk_offsets,
-        scale, NT,
-        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATED=gated, USE_DHT=False, STORE_DH0=False, **dots(q.dtype, False),
-        **launch("delta.bwd_dh", num_stages=_common.state_stages(BK, u.dtype)))
+    dh, dv_tot, du_inter, _, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, None, False, scale, meta)
     sync("dh", dh)
     sync("dv_tot", dv_tot)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))

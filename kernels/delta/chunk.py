@@ -201,26 +201,92 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
 
 
 @triton.jit
+def _key_block(x, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, TRANS: tl.constexpr):
+    """Key block ``i_k`` of one chunk's rows ``tok`` of ``x [Ttot, H, K]``: ``[BT, BK]``, or ``[BK, BT]``
+    with TRANS (0 outside the chunk and past K)."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    if TRANS:
+        return tl.load(x + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+    else:
+        return tl.load(x + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+
+
+@triton.jit
+def _state_block(x, base, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Pointers and mask of the ``[BK, BV]`` block ``i_k`` of the ``[K, V]`` state at ``x + base``."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    return x + base + o_k[:, None] * V + o_v[None, :], (o_k[:, None] < K) & m_v[None, :]
+
+
+@triton.jit
+def _dh_init(dht, i_nh, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, USE_DHT: tl.constexpr):
+    if USE_DHT:
+        p, m = _state_block(dht, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
+        return tl.load(p, mask=m, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BK, o_v.shape[0]], dtype=tl.float32)
+
+
+@triton.jit
+def _dh_read(b_dh, k, tok, m_t, i_h, i_k, b_kdec, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+             GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k``'s part of ``(K ∘ gamma_C / gamma) dh``: ``[BT, BV]``."""
+    b_k = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, False)
+    if GATED:
+        b_k = b_k.to(tl.float32) * b_kdec[:, None]
+    return mm(b_k, b_dh, WT, INTERP, PREC)
+
+
+@triton.jit
+def _dh_update(b_dh, q, w, h, dh, base, tok, m_t, i_h, i_k, o_v, m_v, b_qdec, b_gC, b_do, b_dv, b_dui, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
+               WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k`` of one chunk of the reverse pass: stores ``dh_{c+1}`` there, returns ``dh_c`` and,
+    GATED, the block's part of the decay gradient's per-chunk term (else 0)."""
+    p_dh, m_dh = _state_block(dh, base, i_k, o_v, m_v, K, V, BK)
+    tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_dh)
+    b_qT = _key_block(q, tok, m_t, i_h, i_k, H, K, BK, True)
+    b_wT = _key_block(w, tok, m_t, i_h, i_k, H, K, BK, True)
+    s = 0.0
+    if GATED:
+        b_qT = b_qT.to(tl.float32) * b_qdec[None, :]
+        b_wdui = mm(b_wT, b_dui, WT, INTERP, PREC)
+        b_dh *= b_gC
+        p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
+        b_hc = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
+        s = tl.sum(tl.sum((b_dh - b_wdui) * b_hc, axis=1), axis=0)
+        b_dh -= b_wdui
+    b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
+    b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC)
+    return b_dh, s
+
+
+@triton.jit
 def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
                    NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
+                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
                    STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
     gradient of the pseudo-values ``v_new``: local part + ``k_dec dh``. GATED: the local part comes
     without its diagonal (added here), ``du_inter = k_dec dh`` is stored, and the decay gradient's
-    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``."""
+    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``.
+
+    The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
+    arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
+    needs ``[BT, K]`` operands whose float32 copies do not fit in registers at K >= 128."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
     m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_dh0 = _dh_init(dht, i_nh, 0, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 1:
+        b_dh1 = _dh_init(dht, i_nh, 1, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 2:
+        b_dh2 = _dh_init(dht, i_nh, 2, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 3:
+        b_dh3 = _dh_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
     NT = tl.cdiv(L, BT)
     nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
     for ii in range(0, NT):
@@ -228,40 +294,61 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         b_qk, b_g = nx_qk, nx_g
         nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
         i_c = boh + i_t
-        tl.store(dh + (i_c * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        base = (i_c * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
         tok = bos + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_kt = m_k[:, None] & m_t[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_wT = tl.load(w + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
+        b_g = b_g.to(tl.float32)
+        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
+        b_qdec = tl.exp(tl.cumsum(b_g, axis=0))
+        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_dui = _dh_read(b_dh0, k, tok, m_t, i_h, 0, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 1:
+            b_dui += _dh_read(b_dh1, k, tok, m_t, i_h, 1, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 2:
+            b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 3:
+            b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
         if GATED:
             b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
-            b_g = b_g.to(tl.float32)
-            b_k *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
-            b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
-            b_dui = mm(b_k, b_dh, WT, INTERP, PREC)
             tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
             tl.store(dv_tot + p_v, (b_dv + b_dui).to(dv_tot.dtype.element_ty), mask=m_tv)
-            b_wdui = mm(b_wT, b_dui, WT, INTERP, PREC)
-            b_dh *= tl.exp(tl.sum(b_g, axis=0))
-            b_hc = tl.load(h + (i_c * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-            tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, tl.sum(tl.sum((b_dh - b_wdui) * b_hc, axis=1), axis=0))
-            b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
-            b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC) + b_wdui
         else:
-            b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+            b_dv += b_dui
             tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
-            b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
-            b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC)
+        b_dh0, s = _dh_update(b_dh0, q, w, h, dh, base, tok, m_t, i_h, 0, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                              b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+        if NK > 1:
+            b_dh1, s1 = _dh_update(b_dh1, q, w, h, dh, base, tok, m_t, i_h, 1, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s1
+        if NK > 2:
+            b_dh2, s2 = _dh_update(b_dh2, q, w, h, dh, base, tok, m_t, i_h, 2, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s2
+        if NK > 3:
+            b_dh3, s3 = _dh_update(b_dh3, q, w, h, dh, base, tok, m_t, i_h, 3, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s3
+        if GATED:
+            tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, s)
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+        base0 = i_nh.to(tl.int64) * K * V
+        p, m = _state_block(dh0, base0, 0, o_v, m_v, K, V, BK)
+        tl.store(p, b_dh0, mask=m)
+        if NK > 1:
+            p, m = _state_block(dh0, base0, 1, o_v, m_v, K, V, BK)
+            tl.store(p, b_dh1, mask=m)
+        if NK > 2:
+            p, m = _state_block(dh0, base0, 2, o_v, m_v, K, V, BK)
+            tl.store(p, b_dh2, mask=m)
+        if NK > 3:
+            p, m = _state_block(dh0, base0, 3, o_v, m_v, K, V, BK)
+            tl.store(p, b_dh3, mask=m)
 
 
 @triton.jit
@@ -495,6 +582,38 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     return h, v_new, ht, vr
 
 
+def _bwd_dh_blocks(K: int, V: int) -> tuple[int, int, int]:
+    """(BK, NK, BV) of the reverse state pass: the state's K rows in NK <= 4 blocks of BK (64 up to
+    K = 256), and value blocks of BV such that the state is 4K float32 values per program (32 registers
+    per thread at four warps; 8K spill in the gated kernel's sm_90 code at K = 128 and 256)."""
+    BK = max(min(64, pow2(K)), pow2(K) // 4)
+    NK = triton.cdiv(K, BK)
+    return BK, NK, min(pow2(V), 64, max(16, 4096 // (NK * BK)))
+
+
+def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
+    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, s_part, dh0)``; the last
+    three None where not needed (ungated; no initial state)."""
+    H, K = q.shape[1:]
+    V = do.shape[-1]
+    N, NT = meta.num_segments, meta.num_chunks
+    gated = g is not None
+    BK, NK, BV = _bwd_dh_blocks(K, V)
+    opts = launch("delta.bwd_dh", num_warps=4, num_stages=2, BV=BV)
+    BV = opts.pop("BV")
+    NV = triton.cdiv(V, BV)
+    dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
+    dv_tot = torch.empty_like(dv_local)
+    du_inter = torch.empty_like(dv_local) if gated else None
+    s_part = q.new_zeros(NV, NT, H, 1, dtype=torch.float32) if gated else None
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
+    _bwd_dh_kernel[(N * H, NV)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
+                                meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV,
+                                GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
+                                **dots(q.dtype, False), **opts)
+    return dh, dv_tot, du_inter, s_part, dh0
+
+
 def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta):
     """dk, dv, dbeta and (gated) the decay gradient's per-token part ``b_tok`` (``a_neg`` is written)
     from the WY representation's gradients (``_wy_bwd_kernel``)."""
@@ -535,7 +654,7 @@ class DeltaChunk(torch.autograd.Function):
         scale, meta = ctx.scale, ctx.meta
         Ttot, H, K = q.shape
         V = v.shape[-1]
-        N, NT = meta.num_segments, meta.num_chunks
+        NT = meta.num_chunks
         gated = g is not None
         do = do.contiguous()
         dht = contiguous(dht)
@@ -545,23 +664,10 @@ class DeltaChunk(torch.autograd.Function):
         # gated: the local part of the pseudo-values' gradient without the diagonal of A (README)
         dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated)
 
-        BK = pow2(K)
-        BV = _state_bv(BK, V)
-        NV = triton.cdiv(V, BV)
-        dh = q.new_empty(NT, H, K, V, dtype=u.dtype)
-        dv_tot = torch.empty_like(u)
-        du_inter = torch.empty_like(u) if gated else None
-        s_part = q.new_zeros(NV, NT, H, 1, dtype=f32) if gated else None
-        dh0 = q.new_empty(N, H, K, V, dtype=f32) if h0 is not None else None
         # gated: q_t . k_t, the diagonal of the output scores (both state-pass kernels read it)
         qk = (q.float() * k.float()).sum(-1) if gated else None
-        _bwd_dh_kernel[(N * H, NV)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
-                                    meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
-                                    GATED=gated, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
-                                    **dots(q.dtype, False),
-                                    # num_warps 4 and 8 fault at K = 256 on Hopper (Triton 3.6; 2 is right)
-                                    **launch("delta.bwd_dh", num_stages=state_stages(BK, u.dtype),
-                                             num_warps=2 if BK >= 256 else 4))
+        dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
+                                                          meta)
 
         BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
         NK = triton.cdiv(K, BKb)

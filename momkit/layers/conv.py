@@ -5,7 +5,8 @@ segment: tap ``s`` (the row ``s`` steps back) is used only if ``s <= position[i]
 never mixes rows of different segments (memories, sequences) and never sees padding. Both forms are
 W shifted multiply-adds (torch's depthwise conv1d backward is pathologically slow on CPU).
 ``forward_dense`` runs on ``[B, T, C]`` with zero history; ``step`` advances one token from a tail
-of the last ``W - 1`` inputs.
+of the last ``W - 1`` inputs. With ``fused=True`` both run as one Triton kernel (``momkit.kernels.short_conv``:
+one launch forward, two backward, instead of about 4 W elementwise passes), the layers' GPU path.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ class ShortConv(nn.Module):
         bound = 1 / math.sqrt(width)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward_packed(self, x: Tensor, position: Tensor) -> Tensor:
+    def forward_packed(self, x: Tensor, position: Tensor, fused: bool = False) -> Tensor:
         """x [N, C], position [N] -> [N, C]. Tap s (s rows back) is used only where ``position >= s``."""
+        if fused:
+            from momkit.kernels.short_conv import short_conv
+
+            return short_conv(x, self.weight, position)
         W = self.width
         y = x * self.weight[:, W - 1]
         for s in range(1, W):
@@ -37,8 +42,12 @@ class ShortConv(nn.Module):
             y = y + shifted * (position >= s).to(x.dtype)[:, None] * self.weight[:, W - 1 - s]
         return F.silu(y)
 
-    def forward_dense(self, x: Tensor) -> Tensor:
+    def forward_dense(self, x: Tensor, fused: bool = False) -> Tensor:
         """x [B, T, C] (zero history) -> [B, T, C]."""
+        if fused:
+            B, T, C = x.shape
+            position = torch.arange(T, device=x.device).repeat(B)
+            return self.forward_packed(x.reshape(B * T, C), position, fused=True).view(B, T, C)
         # W shifted multiply-adds: torch's depthwise conv1d backward on CPU takes seconds on long inputs
         W, T = self.width, x.shape[1]
         xp = F.pad(x, (0, 0, W - 1, 0))

@@ -27,6 +27,13 @@ from momkit.rules import get_rule
 Tensor = torch.Tensor
 
 
+def fused_ops(impl: str, x: Tensor) -> bool:
+    """The layers' elementwise ops (short convolutions, q/k normalisation, the output norm) run as fused
+    Triton kernels where the rule runs its Triton kernels: ``impl`` "triton", or "auto" on a CUDA device;
+    elsewhere as torch ops."""
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
+
+
 @dataclass
 class MoMCache:
     """Decoding state of one layer: every memory's state and convolution tails, per sequence."""
@@ -132,9 +139,10 @@ class MoMLayer(nn.Module):
         disp = Dispatch.build(*self._slots(plan, mask), len(self.all_memories))
         pos = disp.position
 
+        fused = fused_ops(cfg.impl, x)
         x_rows = disp.gather(x)
         q_in = disp.gather(self.q_proj(x))
-        q = self.q_conv.forward_packed(q_in, pos) if cfg.short_conv else q_in
+        q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in
         k_in, v_in, ks, vs, gates = [], [], [], [], {}
         for mem, (a, b) in zip(self.all_memories, disp.memory_rows):
             if a == b:
@@ -144,13 +152,14 @@ class MoMLayer(nn.Module):
             k_in.append(km)
             v_in.append(vm)
             if cfg.short_conv:
-                km, vm = mem.k_conv.forward_packed(km, pos[a:b]), mem.v_conv.forward_packed(vm, pos[a:b])
+                km = mem.k_conv.forward_packed(km, pos[a:b], fused)
+                vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
             ks.append(km)
             vs.append(vm)
             for n, g in mem.gates(xm[None]).items():
                 gates.setdefault(n, []).append(g)
         N = disp.num_rows
-        q, k = self.rule.prepare_qk(q.view(1, N, H, K), torch.cat(ks).view(1, N, H, K))
+        q, k = self.rule.prepare_qk(q.view(1, N, H, K), torch.cat(ks).view(1, N, H, K), fused)
         v = torch.cat(vs).view(1, N, H, V)
         gates = {n: torch.cat(g, 1) for n, g in gates.items()}
         o_rows, final = self.rule.forward(
@@ -158,7 +167,7 @@ class MoMLayer(nn.Module):
             output_final_state=use_cache, **gates, **cfg.rule_options,
         )
         o = disp.combine(o_rows[0])  # [B, T, H, V]
-        y = self._output(x, o)
+        y = self._output(x, o, fused)
 
         balance = BalanceStats.from_plan(plan, mask)
         zero = x.new_zeros((), dtype=torch.float32)
@@ -169,10 +178,10 @@ class MoMLayer(nn.Module):
             aux.cache = self._prefill_cache(disp, final, q_in, torch.cat(k_in), torch.cat(v_in), mask)
         return y, aux
 
-    def _output(self, x: Tensor, o: Tensor) -> Tensor:
+    def _output(self, x: Tensor, o: Tensor, fused: bool = False) -> Tensor:
         cfg = self.cfg
         gate = self.g_proj(x).view(*x.shape[:-1], cfg.num_heads, cfg.value_dim)
-        return self.o_proj(self.o_norm(o.to(x.dtype), gate).flatten(-2))
+        return self.o_proj(self.o_norm(o.to(x.dtype), gate, fused).flatten(-2))
 
     # ----------------------------------------------------------------------------------- decoding
     def _prefill_cache(self, disp: Dispatch, final: Tensor, q_in, k_in, v_in, mask: Tensor) -> MoMCache:

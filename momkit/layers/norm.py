@@ -25,5 +25,10 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(RMSNorm):
     """``RMSNorm(o) * silu(gate)`` over the last axis (one head's value channels)."""
 
-    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, gate: Tensor, fused: bool = False) -> Tensor:  # type: ignore[override]
+        """``fused``: one Triton kernel forward and one backward (``momkit.kernels.norms``)."""
+        if fused:
+            from momkit.kernels.norms import gated_rms_norm
+
+            return gated_rms_norm(x, gate, self.weight, self.eps)
         return super().forward(x) * F.silu(gate)

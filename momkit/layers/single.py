@@ -15,7 +15,7 @@ from torch import nn
 
 from momkit.config import MoMConfig
 from momkit.layers.conv import ShortConv
-from momkit.layers.mom import MemoryProjections
+from momkit.layers.mom import MemoryProjections, fused_ops
 from momkit.layers.norm import GatedRMSNorm
 from momkit.rules import get_rule
 
@@ -56,9 +56,10 @@ class SingleMemoryLayer(nn.Module):
         # padded positions (left padding) feed zeros: the same as a fresh start for the convolution
         q_in, k_in, v_in = (p(x) * keep for p in (self.q_proj, mem.k_proj, mem.v_proj))
         q, k, v = q_in, k_in, v_in
+        f = fused_ops(cfg.impl, x)
         if cfg.short_conv:
-            q, k, v = self.q_conv.forward_dense(q), mem.k_conv.forward_dense(k), mem.v_conv.forward_dense(v)
-        q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K))
+            q, k, v = (c.forward_dense(t, f) for c, t in ((self.q_conv, q), (mem.k_conv, k), (mem.v_conv, v)))
+        q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K), f)
         v = v.view(B, T, H, V)
         gates = mem.gates(x)
         kw = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, output_final_state=use_cache, **cfg.rule_options)
@@ -74,7 +75,7 @@ class SingleMemoryLayer(nn.Module):
             o = o_p.new_zeros(B, T, H, V)
             o[mask] = o_p[0]
         gate = self.g_proj(x).view(B, T, H, V)
-        y = self.o_proj(self.o_norm(o.to(x.dtype), gate).flatten(-2))
+        y = self.o_proj(self.o_norm(o.to(x.dtype), gate, f).flatten(-2))
         cache = None
         if use_cache:
             W = cfg.conv_size

@@ -85,9 +85,14 @@ class Rule:
         """The ``[N, H, K, V]`` matrix that queries read (``state`` itself, or its slot 0)."""
         return state if self.state_slots is None else state[:, :, 0]
 
-    def prepare_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """The rule's query/key treatment, applied by layers before the rule runs."""
+    def prepare_qk(self, q: Tensor, k: Tensor, fused: bool = False) -> tuple[Tensor, Tensor]:
+        """The rule's query/key treatment, applied by layers before the rule runs; ``fused``: as one
+        Triton kernel each (``momkit.kernels.norms``), the layers' GPU path."""
         if self.normalize_qk:
+            if fused:
+                from momkit.kernels.norms import l2_norm
+
+                return l2_norm(q), l2_norm(k)
             return l2_normalize(q), l2_normalize(k)
         return q, k
 

@@ -157,6 +157,16 @@ def test_several_key_blocks(device, seed, name, opts):
     check_against_reference(rule, opts, leaves, torch.float32)
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_four_key_blocks_of_the_state(device, seed, name):
+    """K = 200: the delta reverse state pass holds its state as four 64-row key blocks, the last one
+    partly past K; two segments, one with a partial chunk."""
+    rule = get_rule(name)
+    cu = torch.tensor([0, 64, 134], device=device)
+    leaves = make_leaves(rule, 1, 134, 1, 200, 24, torch.float32, seed, device, N=2)
+    check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("T", [1, 64])
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_no_state_and_custom_scale(device, seed, name, opts, T):

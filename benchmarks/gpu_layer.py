@@ -1,0 +1,195 @@
+"""GPU benchmark of the MoM layer and the single-memory layer, side by side with fla 0.6.0's layers.
+
+    python -m benchmarks.gpu_layer --out benchmarks/results/gpu_layer_<device>.json [--commit SHA]
+        [--cases mom_b4_t2048_m4,...] [--no-fla] [--top 25]
+
+Public classes as a user builds them, bf16 parameters and inputs, training mode: ``momkit.MoMLayer``
+against fla's ``MomAttention`` and ``momkit.SingleMemoryLayer`` against fla's ``GatedDeltaNet``, with
+D = 1024, 4 heads of K = V = 256, gated_deltanet, top-2 routing with a shared memory (the MoM paper's
+layer). For each case, forward and forward+backward (the backward of ``y`` against a fixed random
+cotangent; parameter gradients are cleared before every call, as an optimizer step would):
+
+* wall time per call (median of ``triton.testing.do_bench``; what a user waits, host overhead included),
+* GPU time per call (the sum of the kernel times in torch.profiler: what the kernels cost),
+* peak memory of one forward+backward above what was allocated before it,
+* ratios fla / ours (> 1: ours is faster or smaller),
+
+and a per-kernel breakdown (launches and microseconds per call) of our forward+backward. fla is only
+timed, never used as a reference; fla 0.6.0 refuses its gated backward on Triton < 3.7.1 (fla issue
+#640), which the benchmark switches off for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from benchmarks._common import environment, name_list
+from benchmarks.kernels import bench, kernel_times
+
+D, H, HEAD = 1024, 4, 256
+# name -> (layer kind, B, T, memories)
+CASES = {
+    "mom_b4_t2048_m4": ("mom", 4, 2048, 4),
+    "mom_b4_t2048_m8": ("mom", 4, 2048, 8),
+    "mom_b1_t8192_m4": ("mom", 1, 8192, 4),
+    "mom_b16_t2048_m4": ("mom", 16, 2048, 4),
+    "single_b4_t2048": ("single", 4, 2048, 1),
+}
+
+
+def ours(kind: str, M: int, device) -> torch.nn.Module:
+    from momkit import MoMLayer, SingleMemoryLayer
+    from momkit.config import MoMConfig
+
+    cfg = MoMConfig(hidden_size=D, num_heads=H, head_dim=HEAD, rule="gated_deltanet", num_memories=M, topk=2,
+                    shared_memory=True)
+    layer = MoMLayer(cfg) if kind == "mom" else SingleMemoryLayer(cfg)
+    return layer.to(device=device, dtype=torch.bfloat16).train()
+
+
+def fla_layer(kind: str, M: int, device) -> torch.nn.Module:
+    import fla.ops.common.chunk_o
+
+    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True  # fla 0.6.0 refuses its gated backward on triton 3.6
+    if kind == "mom":
+        from fla.layers.mom import MomAttention
+
+        layer = MomAttention(hidden_size=D, head_dim=HEAD, num_heads=H, expand_v=1, num_memories=M, topk=2,
+                             shared_mem=True)
+    else:
+        from fla.layers.gated_deltanet import GatedDeltaNet
+
+        layer = GatedDeltaNet(hidden_size=D, head_dim=HEAD, num_heads=H, expand_v=1)
+    return layer.to(device=device, dtype=torch.bfloat16).train()
+
+
+def step_fn(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward: bool):
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def fn():
+        if not backward:
+            with torch.no_grad():
+                layer(x)
+            return
+        for p in params:
+            p.grad = None
+        y = layer(x)[0]
+        y.backward(dy)
+    return fn
+
+
+def peak_mib(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure(fn, device, rep_ms: int, backward: bool) -> dict:
+    fn()
+    out = {"ms": bench(fn, rep_ms)}
+    kt = kernel_times(fn, 5)
+    out["gpu_us"] = sum(t for _, t in kt.values())
+    out["launches"] = sum(c for c, _ in kt.values())
+    if backward:
+        out["peak_mib"] = peak_mib(fn, device)
+    return out, kt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time in ms")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--no-fla", action="store_true", help="time ours only")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per breakdown")
+    args = ap.parse_args(argv)
+    args.cases = name_list(ap, "--cases", args.cases, CASES)
+    if args.top < 1:
+        ap.error(f"--top {args.top}: must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda")
+    env = environment()
+    if args.commit:
+        env["commit"] = args.commit
+    try:
+        import fla
+
+        env["fla"] = None if args.no_fla else fla.__version__
+    except ImportError:
+        env["fla"] = None
+    rows, breakdowns = [], {}
+    for name in args.cases:
+        kind, B, T, M = CASES[name]
+        torch.manual_seed(0)
+        x = torch.randn(B, T, D, device=device, dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        row = {"case": name, "layer": kind, "B": B, "T": T, "D": D, "H": H, "K": HEAD, "V": HEAD, "M": M,
+               "topk": 2, "shared": True, "rule": "gated_deltanet", "dtype": "bfloat16"}
+        layers = {"ours": ours(kind, M, device)}
+        if env["fla"] is not None:
+            layers["fla"] = fla_layer(kind, M, device)
+        for who, layer in layers.items():
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                try:
+                    res, kt = measure(step_fn(layer, x, dy, backward), device, args.rep, backward)
+                except Exception as e:  # report, don't hide: the row says why a number is missing
+                    row[f"{who}_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    continue
+                row.update({f"{who}_{mode}_{k}": v for k, v in res.items()})
+                if who == "ours" and backward:
+                    top = sorted(kt.items(), key=lambda kv: -kv[1][1])
+                    breakdowns[name] = [{"kernel": n, "launches": c, "us": round(t, 1)} for n, (c, t) in top]
+            del layer
+            torch.cuda.empty_cache()
+        for mode in ("fwd", "fwd_bwd"):
+            for k, key in (("ms", "wall"), ("gpu_us", "gpu")):
+                a, b = row.get(f"fla_{mode}_{k}"), row.get(f"ours_{mode}_{k}")
+                if a is not None and b:
+                    row[f"ratio_{mode}_{key}"] = a / b
+        if row.get("fla_fwd_bwd_peak_mib") and row.get("ours_fwd_bwd_peak_mib"):
+            row["ratio_fwd_bwd_memory"] = row["fla_fwd_bwd_peak_mib"] / row["ours_fwd_bwd_peak_mib"]
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
+            json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns}, f, indent=1)
+    single = {r["B"]: r for r in rows if r["layer"] == "single"}
+    for r in rows:  # the MoM layer's cost over one memory's (3 writes per token at top-2 + shared)
+        s = single.get(r["B"]) if r["layer"] == "mom" and r["T"] == 2048 else None
+        if s is not None and s.get("ours_fwd_bwd_gpu_us"):
+            r["mom_over_single_fwd_bwd_gpu"] = r["ours_fwd_bwd_gpu_us"] / s["ours_fwd_bwd_gpu_us"]
+    with open(args.out, "w") as f:
+        json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns}, f, indent=1,
+                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  fla {env['fla']}  commit {env['commit']}")
+    hdr = f"{'case':<18}{'mode':<8}{'ours ms':>9}{'fla ms':>9}{'ours GPU':>10}{'fla GPU':>9}{'wall x':>8}{'GPU x':>7}"
+    print(hdr + f"{'ours MiB':>10}{'fla MiB':>9}")
+    for r in rows:
+        for mode in ("fwd", "fwd_bwd"):
+            def f(key, scale=1.0, nd=2, r=r):
+                v = r.get(key)
+                return f"{v * scale:.{nd}f}" if isinstance(v, (int, float)) else "-"
+            print(f"{r['case']:<18}{mode:<8}{f(f'ours_{mode}_ms'):>9}{f(f'fla_{mode}_ms'):>9}"
+                  f"{f(f'ours_{mode}_gpu_us', 1e-3):>10}{f(f'fla_{mode}_gpu_us', 1e-3):>9}"
+                  f"{f(f'ratio_{mode}_wall'):>8}{f(f'ratio_{mode}_gpu'):>7}"
+                  + (f"{f('ours_fwd_bwd_peak_mib', 1, 0):>10}{f('fla_fwd_bwd_peak_mib', 1, 0):>9}"
+                     if mode == "fwd_bwd" else ""))
+    for name, top in breakdowns.items():
+        print(f"\nours, {name}, forward+backward, per call (GPU ms {sum(t['us'] for t in top) / 1e3:.2f}):")
+        for t in top[: args.top]:
+            print(f"  {t['us']:>9.1f} us  {t['launches']:>4}x  {t['kernel'][:110]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The short causal depthwise convolution of the mixer layers (width W, SiLU), on packed rows, fused.
+
+``y_t = silu(sum_{s < W} w[:, W-1-s] * x_{t-s} * [pos_t >= s])`` for rows ``x [N, C]`` whose index
+within their segment is ``pos [N]``: a tap never reaches into another segment (memory, sequence).
+``weight [C, W]`` in the layout of torch's causal conv1d (``weight[c, j]`` multiplies ``x_{t-(W-1)+j}``).
+
+One launch forward; two backward: ``dz = dy * silu'(z)`` (z recomputed) with per-row-block partial
+sums of ``dweight``, then ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` (row ``t+s`` is in
+``t``'s segment exactly when its position is at least ``s``). Arithmetic in float32.
+
+Axis letters: N rows, C channels, W taps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import launch
+
+Tensor = torch.Tensor
+
+BN, BC = 64, 128
+
+
+@triton.jit
+def _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C: tl.constexpr):
+    """Rows ``o_n - s`` of ``x [N, C]`` where they are in the same segment (``pos_t >= s``), else 0."""
+    m = m_n & (pos_t >= s)
+    return tl.load(x + (o_n - s)[:, None] * C + o_c[None, :], mask=m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+                    BC: tl.constexpr):
+    acc = tl.zeros([BN, BC], dtype=tl.float32)
+    for s in tl.static_range(W):
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        acc += _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C) * b_w[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, pos, y, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_n = o_n < N
+    m_c = o_c < C
+    pos_t = tl.load(pos + o_n, mask=m_n, other=0)
+    z = _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
+    tl.store(y + o_n[:, None] * C + o_c[None, :], (z * tl.sigmoid(z)).to(y.dtype.element_ty),
+             mask=m_n[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _conv_bwd_dz_kernel(x, w, pos, dy, dz, dw_part, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+                        BC: tl.constexpr):
+    """``dz = dy * silu'(z)`` (float32) and this row block's part of ``dweight``: ``dw_part [NB, W, C]``
+    with tap ``s`` (``s`` rows back) at index ``s``."""
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_n = o_n < N
+    m_c = o_c < C
+    m_nc = m_n[:, None] & m_c[None, :]
+    pos_t = tl.load(pos + o_n, mask=m_n, other=0)
+    z = _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
+    sig = tl.sigmoid(z)
+    b_dy = tl.load(dy + o_n[:, None] * C + o_c[None, :], mask=m_nc, other=0.0).to(tl.float32)
+    b_dz = b_dy * sig * (1.0 + z * (1.0 - sig))
+    tl.store(dz + o_n[:, None] * C + o_c[None, :], b_dz, mask=m_nc)
+    for s in tl.static_range(W):
+        part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
+        tl.store(dw_part + (i_n * W + s) * C + o_c, part, mask=m_c)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(dz, w, pos, dx, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_n = o_n < N
+    m_c = o_c < C
+    acc = tl.zeros([BN, BC], dtype=tl.float32)
+    for s in tl.static_range(W):
+        r = o_n + s
+        m_r = (r < N) & (tl.load(pos + r, mask=r < N, other=0) >= s)
+        b_dz = tl.load(dz + r[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        acc += b_dz * b_w[None, :]
+    tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+
+
+def _grid(N: int, C: int) -> tuple[int, int]:
+    return triton.cdiv(N, BN), triton.cdiv(C, BC)
+
+
+class ShortConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, position):
+        N, C = x.shape
+        W = weight.shape[1]
+        y = torch.empty_like(x)
+        if N:
+            _conv_fwd_kernel[_grid(N, C)](x, weight, position, y, N, C=C, W=W, BN=BN, BC=BC,
+                                          **launch("conv.fwd"))
+        ctx.save_for_backward(x, weight, position)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, position = ctx.saved_tensors
+        N, C = x.shape
+        W = weight.shape[1]
+        if N == 0:
+            return torch.zeros_like(x), torch.zeros_like(weight), None
+        dy = dy.contiguous()
+        grid = _grid(N, C)
+        dz = x.new_empty(N, C, dtype=torch.float32)
+        dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
+        _conv_bwd_dz_kernel[grid](x, weight, position, dy, dz, dw_part, N, C=C, W=W, BN=BN, BC=BC,
+                                  **launch("conv.bwd_dz"))
+        dx = torch.empty_like(x)
+        _conv_bwd_dx_kernel[grid](dz, weight, position, dx, N, C=C, W=W, BN=BN, BC=BC, **launch("conv.bwd_dx"))
+        dw = dw_part.sum(0).flip(0).t().to(weight.dtype)  # tap s -> weight column W - 1 - s
+        return dx, dw, None
+
+
+def short_conv(x: Tensor, weight: Tensor, position: Tensor) -> Tensor:
+    """``x [N, C]`` (float32, float16 or bfloat16), ``weight [C, W]``, ``position [N]`` (int: each row's
+    index within its segment) -> ``silu(causal depthwise conv) [N, C]``, differentiable in x and weight."""
+    from ._common import check_dtype, interpreter_compat
+
+    check_dtype(x)
+    interpreter_compat()
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or position.shape != x.shape[:1]:
+        raise ValueError(f"short_conv takes x [N, C], weight [C, W], position [N]; got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(position.shape)}")
+    return ShortConvFn.apply(x.contiguous(), weight.to(x.dtype).contiguous(), position.contiguous())
