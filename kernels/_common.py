@@ -36,9 +36,16 @@ class ChunkMeta:
     max_chunks: int  # chunks of the longest segment
 
 
-def chunk_meta(B: int, T: int, cu_seqlens: Tensor | None, BT: int, device: torch.device) -> ChunkMeta:
-    """The chunk layout for a batch ``[B, T]`` or a packed input with ``cu_seqlens`` (B = 1)."""
-    cu = tuple(range(0, B * T + 1, T)) if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: int,
+               device: torch.device) -> ChunkMeta:
+    """The chunk layout for a batch ``[B, T]`` or a packed input with ``cu_seqlens`` (B = 1; a tensor, or
+    the offsets as a tuple of ints)."""
+    if cu_seqlens is None:
+        cu = tuple(range(0, B * T + 1, T))
+    elif isinstance(cu_seqlens, (tuple, list)):  # offsets already on the host
+        cu = tuple(cu_seqlens)
+    else:
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
     return _chunk_meta(cu, BT, device)
 
 

@@ -163,7 +163,7 @@ class MoMLayer(nn.Module):
         v = torch.cat(vs).view(1, N, H, V)
         gates = {n: torch.cat(g, 1) for n, g in gates.items()}
         o_rows, final = self.rule.forward(
-            q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.cu_seqlens,
+            q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.offsets,
             output_final_state=use_cache, **gates, **cfg.rule_options,
         )
         o = disp.combine(o_rows[0])  # [B, T, H, V]

@@ -30,6 +30,7 @@ class Dispatch:
     weight: Tensor  # [N] mixing weight of each row's read
     segment: Tensor  # [N] segment id m * B + b
     cu_seqlens: Tensor  # [S + 1] int64 offsets, S = num_segments_per_seq * B
+    offsets: tuple[int, ...]  # the same offsets on the host (rules take them without a device sync)
     memory_rows: list[tuple[int, int]]  # rows [start, stop) of each memory (incl. shared)
 
     @property
@@ -49,21 +50,25 @@ class Dispatch:
     @staticmethod
     def build(indices: Tensor, weights: Tensor, kept: Tensor, num_memories: int) -> Dispatch:
         """indices, weights, kept [B, T, k'] (k' slots per token, the shared memory included as a slot
-        with index == num_memories - 1 if present); num_memories counts the shared memory too."""
+        with index == num_memories - 1 if present); num_memories counts the shared memory too.
+
+        Waits for the device once (the segment offsets, which size every later launch)."""
         B, T, k = indices.shape
         M = num_memories
-        slot = torch.arange(B * T * k, device=indices.device).view(B, T, k)
-        b = torch.arange(B, device=indices.device).view(B, 1, 1).expand_as(indices)
-        seg = (indices * B + b)[kept]
-        order = torch.argsort(seg, stable=True)
-        seg = seg[order]
-        counts = torch.bincount(seg, minlength=M * B)
-        cu = torch.zeros(M * B + 1, dtype=torch.int64, device=indices.device)
-        cu[1:] = counts.cumsum(0)
-        bounds = cu[:: B].tolist()
+        dev = indices.device
+        b = torch.arange(B, device=dev).view(B, 1, 1)
+        # dropped slots sort after every segment, into a last bucket that is cut off
+        key = torch.where(kept, indices * B + b, M * B).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(M * B + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+        cu = torch.zeros(M * B + 1, dtype=torch.int64, device=dev)
+        cu[1:] = counts[:-1].cumsum(0)
+        offsets = tuple(cu.tolist())
+        order = order[: offsets[-1]]
         return Dispatch(
-            batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=slot[kept][order], weight=weights[kept][order],
-            segment=seg, cu_seqlens=cu, memory_rows=list(itertools.pairwise(bounds)),
+            batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=order, weight=weights.reshape(-1)[order],
+            segment=key[order], cu_seqlens=cu, offsets=offsets,
+            memory_rows=list(itertools.pairwise(offsets[:: B])),
         )
 
     def gather(self, x: Tensor) -> Tensor:

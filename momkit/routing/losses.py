@@ -34,8 +34,9 @@ class BalanceStats:
         M = plan.num_memories
         routed = mask[..., None].expand_as(plan.indices)  # selections of real tokens, before capacity
         counts = torch.zeros(M, dtype=torch.float32, device=mask.device)
-        counts.index_add_(0, plan.indices[routed], torch.ones(int(routed.sum()), device=mask.device))
-        return BalanceStats(counts, upcast(plan.probs[mask]).sum(0), mask.sum().float())
+        counts.index_add_(0, plan.indices.reshape(-1), routed.reshape(-1).to(torch.float32))
+        prob_sum = (upcast(plan.probs) * mask[..., None]).sum((0, 1))
+        return BalanceStats(counts, prob_sum, mask.sum().float())
 
 
 def load_balancing_loss(stats: list[BalanceStats]) -> Tensor:

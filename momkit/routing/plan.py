@@ -6,7 +6,7 @@ Axis letters: B batch, T time, M memories, k slots per token (top-k).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,39 +55,74 @@ class RoutingPlan:
         return RoutingPlan(self.indices, weights, kept, M, self.probs, self.logits, self.dropped + dropped)
 
 
-@dataclass
 class RoutingStats:
-    """Telemetry of one layer for one batch (detached numbers, for logging and analysis)."""
+    """Telemetry of one layer for one batch (detached numbers, for logging and analysis).
 
-    load: list[float]  # fraction of kept slots that went to each memory
-    entropy: float  # mean entropy of the router distribution per token (nats); nan if not learned
-    max_load: float
-    min_load: float
-    dead_memories: int  # memories that received no slot in this batch
-    dropped_slots: int  # slots dropped by capacity
-    dropped_fraction: float
-    extra: dict = field(default_factory=dict)
+    ``load`` (fraction of kept slots that went to each memory), ``entropy`` (mean entropy of the router
+    distribution per real token, nats; nan if not learned), ``max_load``, ``min_load``,
+    ``dead_memories`` (memories that received no slot), ``dropped_slots`` (by capacity) and
+    ``dropped_fraction``. They are computed on the device in the forward pass and read back on first
+    use, so that a forward pass never waits for its telemetry."""
+
+    def __init__(self, counts: Tensor, entropy: Tensor | None, dropped_slots: int, extra: dict | None = None):
+        self._counts, self._entropy = counts, entropy
+        self.dropped_slots = dropped_slots
+        self.extra = {} if extra is None else extra
+        self._values: dict | None = None
 
     @staticmethod
     def from_plan(plan: RoutingPlan, mask: Tensor | None) -> RoutingStats:
         with torch.no_grad():
             M = plan.num_memories
             counts = torch.zeros(M, dtype=torch.float64, device=plan.indices.device)
-            counts.index_add_(0, plan.indices[plan.kept], torch.ones_like(plan.indices[plan.kept], dtype=torch.float64))
-            total = counts.sum().clamp_min(1.0)
-            load = (counts / total).tolist()
+            counts.index_add_(0, plan.indices.reshape(-1), plan.kept.reshape(-1).to(torch.float64))
+            entropy = None
             if plan.probs is not None:
                 p = plan.probs.double().clamp_min(1e-30)
                 ent = -(p * p.log()).sum(-1)
-                entropy = float(ent[mask].mean()) if mask is not None else float(ent.mean())
-            else:
-                entropy = math.nan
-            n_slots = int(plan.kept.sum()) + plan.dropped
-            return RoutingStats(
-                load=load, entropy=entropy, max_load=max(load), min_load=min(load),
-                dead_memories=int((counts == 0).sum()), dropped_slots=plan.dropped,
-                dropped_fraction=plan.dropped / max(n_slots, 1),
-            )
+                if mask is None:
+                    entropy = ent.mean()
+                else:
+                    entropy = (ent * mask).sum() / mask.sum()
+            return RoutingStats(counts, entropy, plan.dropped)
+
+    def _read(self) -> dict:
+        if self._values is None:
+            counts = self._counts.tolist()
+            total = max(sum(counts), 1.0)
+            load = [c / total for c in counts]
+            n_slots = int(sum(counts)) + self.dropped_slots
+            self._values = {
+                "load": load, "entropy": math.nan if self._entropy is None else float(self._entropy),
+                "max_load": max(load), "min_load": min(load),
+                "dead_memories": sum(1 for c in counts if c == 0),
+                "dropped_fraction": self.dropped_slots / max(n_slots, 1),
+            }
+        return self._values
+
+    @property
+    def load(self) -> list[float]:
+        return self._read()["load"]
+
+    @property
+    def entropy(self) -> float:
+        return self._read()["entropy"]
+
+    @property
+    def max_load(self) -> float:
+        return self._read()["max_load"]
+
+    @property
+    def min_load(self) -> float:
+        return self._read()["min_load"]
+
+    @property
+    def dead_memories(self) -> int:
+        return self._read()["dead_memories"]
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self._read()["dropped_fraction"]
 
     def as_dict(self) -> dict:
         return {"load": self.load, "entropy": self.entropy, "max_load": self.max_load, "min_load": self.min_load,

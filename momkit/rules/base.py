@@ -6,7 +6,8 @@ base class provides everything generic, so a new rule is one file.
 
 Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; per-head gates ``[B, T, H]``; per-channel gates
 ``[B, T, H, K]``; state ``[B, H, K, V]`` (or ``[B, H, slots, K, V]`` for a rule whose state is several
-matrices, see ``state_slots``). Packed variable-length input is ``B = 1`` with ``cu_seqlens``.
+matrices, see ``state_slots``). Packed variable-length input is ``B = 1`` with ``cu_seqlens`` (an int64
+tensor of offsets, or the same offsets as a tuple of ints, which spares the kernels a device sync).
 States are float32, or float64 for float64 inputs. Every sequence op returns ``(o, final_state)``.
 The output at token t reads the state after t's own update: ``o_t = scale * S_t^T q_t``.
 """
@@ -312,13 +313,20 @@ class Rule:
         """(start, length) of every independent segment."""
         if cu_seqlens is None:
             return [(b * T, T) for b in range(B)]
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D int64 tensor of offsets [0, ..., T] with >= 2 entries")
-        if cu_seqlens.dtype != torch.int64:
-            raise ValueError(f"cu_seqlens must have dtype int64, got {cu_seqlens.dtype}")
+        if isinstance(cu_seqlens, (tuple, list)):  # offsets already on the host: no device sync
+            if len(cu_seqlens) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in cu_seqlens):
+                raise ValueError("cu_seqlens given as a sequence must hold >= 2 ints [0, ..., T], "
+                                 f"got {list(cu_seqlens)[:8]}")
+            cu = list(cu_seqlens)
+        else:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError("cu_seqlens must be a 1-D int64 tensor of offsets [0, ..., T] with >= 2 entries "
+                                 "(or a tuple of ints)")
+            if cu_seqlens.dtype != torch.int64:
+                raise ValueError(f"cu_seqlens must have dtype int64, got {cu_seqlens.dtype}")
+            cu = cu_seqlens.tolist()
         if B != 1:
             raise ValueError(f"packed input with cu_seqlens needs batch size 1, got B={B}")
-        cu = cu_seqlens.tolist()
         if cu[0] != 0 or cu[-1] != T:
             raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0]} ... {cu[-1]}")
         if any(b < a for a, b in itertools.pairwise(cu)):

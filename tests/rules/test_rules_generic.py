@@ -137,6 +137,21 @@ def test_packed_segments_match_separate_runs(name, opts, chunk_size):
         _close(g["initial_state"][i : i + 1], g_i["initial_state"], f"segment {i} gradient of initial_state")
 
 
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+def test_packed_offsets_as_a_tuple(impl):
+    """cu_seqlens as host ints (what the MoM dispatch passes, sparing a device sync) gives the same
+    result as the tensor; a malformed tuple is refused with the reason."""
+    rule = get_rule("gated_deltanet")
+    q, k, v, gates = random_inputs(rule, 1, 40, H, K, V, F64, seed=5)
+    cu = (0, 3, 3, 40)
+    o_t, S_t = rule.forward(q, k, v, impl=impl, cu_seqlens=torch.tensor(cu), output_final_state=True, **gates)
+    o_h, S_h = rule.forward(q, k, v, impl=impl, cu_seqlens=cu, output_final_state=True, **gates)
+    assert torch.equal(o_t, o_h) and torch.equal(S_t, S_h)
+    for bad, match in (((0, 3, 41), "end at T=40"), ((0, 30, 3, 40), "non-decreasing"), ((0, 3.0, 40), "ints")):
+        with pytest.raises(ValueError, match=match):
+            rule.forward(q, k, v, impl=impl, cu_seqlens=bad, **gates)
+
+
 @pytest.mark.parametrize(("name", "opts"), CASES, ids=IDS)
 def test_chained_calls_equal_one_pass(name, opts):
     """Processing in pieces while carrying the state equals one pass (pieces of whole mini-batches)."""
