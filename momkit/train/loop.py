@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -216,6 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                dynamic_ncols=True)
     stopped = "max_steps"
     acc = state["accum"]
+    window = {"t": time.perf_counter(), "tokens": 0}  # input tokens since the last train log
     try:
         while state["step"] < cfg.optim.max_steps and stopped == "max_steps":
             batches = data.batches("train", cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
@@ -225,38 +227,52 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(inputs, labels=labels)
                 step = state["step"] + 1
-                for name, val in (("loss", out.loss), ("cross-entropy", out.ce_loss), ("aux_loss", out.aux_loss)):
-                    if not torch.isfinite(val):
-                        raise NonFiniteError(f"step {step}: {name} is {val.item()} (training stopped; "
-                                             f"the last good checkpoint is {run_dir / 'last.pt'})")
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
-                for name, p in model.named_parameters():
-                    if p.grad is not None and not torch.isfinite(p.grad).all():
-                        raise NonFiniteError(f"step {step}: the gradient of {name} is not finite (training "
-                                             f"stopped; the last good checkpoint is {run_dir / 'last.pt'})")
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if cfg.optim.grad_clip > 0:  # the norm before clipping
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+                with torch.no_grad():
+                    sup = labels != -100
+                    correct = ((out.logits.argmax(-1) == labels) & sup).sum()
+                    # one wait for the device per step: the checks and the logged numbers together
+                    loss, ce, aux, norm, n_correct, n_sup = torch.stack([
+                        out.loss.detach().float(), out.ce_loss.detach().float(), out.aux_loss.detach().float(),
+                        grad_norm.detach().float(), correct.float(), sup.sum().float()]).tolist()
+                for name, val in (("loss", loss), ("cross-entropy", ce), ("aux_loss", aux)):
+                    if not math.isfinite(val):
+                        raise NonFiniteError(f"step {step}: {name} is {val} (training stopped; "
+                                             f"the last good checkpoint is {run_dir / 'last.pt'})")
+                if not math.isfinite(norm):
+                    bad = next(n for n, p in model.named_parameters()
+                               if p.grad is not None and not torch.isfinite(p.grad).all())
+                    raise NonFiniteError(f"step {step}: the gradient of {bad} is not finite (training "
+                                         f"stopped; the last good checkpoint is {run_dir / 'last.pt'})")
                 opt.step()
                 sched.step()
                 model.update_routing_biases()
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
-
-                with torch.no_grad():
-                    sup = labels != -100
-                    acc["n"] += 1
-                    acc["loss"] += out.loss.item()
-                    acc["ce"] += out.ce_loss.item()
-                    acc["aux"] += out.aux_loss.item()
-                    acc["correct"] += (out.logits.argmax(-1)[sup] == labels[sup]).sum().item()
-                    acc["supervised"] += sup.sum().item()
-                    acc.update({f"r/{k}": v for k, v in routing_summary(out.routing).items()})
+                acc["n"] += 1
+                acc["loss"] += loss
+                acc["ce"] += ce
+                acc["aux"] += aux
+                acc["correct"] += n_correct
+                acc["supervised"] += n_sup
+                window["tokens"] += inputs.numel()
                 if step % cfg.run.log_every == 0:
+                    acc.update({f"r/{k}": v for k, v in routing_summary(out.routing).items()})  # this step's
                     n = acc["n"]
                     event = {"split": "train", "loss": acc["loss"] / n, "ce_loss": acc["ce"] / n,
                              "aux_loss": acc["aux"] / n, "accuracy": acc["correct"] / max(acc["supervised"], 1),
                              "lr": sched.get_last_lr()[0],
                              **{k[2:]: v for k, v in acc.items() if k.startswith("r/")}}
+                    now = time.perf_counter()  # throughput since the last log (evaluation and checkpoints included)
+                    event["tokens_per_s"] = window["tokens"] / max(now - window["t"], 1e-9)
+                    window.update(t=now, tokens=0)
+                    if device.type == "cuda":
+                        event["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
                     log(event)
                     bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['accuracy']:.3f}",
                                     aux=f"{event['aux_loss']:.3g}", bal=f"{event.get('load_imbalance', 0):.2f}")
