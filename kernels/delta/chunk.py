@@ -28,7 +28,6 @@ from .._common import (
     mm,
     pow2,
     segment_start,
-    state_stages,
     work_dtype,
 )
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
@@ -151,56 +150,6 @@ def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATE
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
-                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
-                  WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """State pass over one segment (all of K, a block of V): ``v_new = u - w h`` per chunk, then
-    ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
-    # sequential loop: they are loaded one chunk ahead
-    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
-    for i_t in range(0, tl.cdiv(L, BT)):
-        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
-        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < L
-        tok = bos + o_t
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_w = tl.load(w + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
-        b_wh = mm(b_w, b_h, WT, INTERP, PREC)
-        b_v = b_u.to(tl.float32) - b_wh
-        tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        if STORE_VR:
-            b_vr = b_uo.to(tl.float32) - b_wh
-            tl.store(vr + p_v, b_vr.to(vr.dtype.element_ty), mask=m_tv)
-        b_kT = tl.load(k + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                       other=0.0).to(tl.float32)
-        if GATED:
-            b_g = b_g.to(tl.float32)
-            b_h *= tl.exp(tl.sum(b_g, axis=0))
-            b_kT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
-        b_h += mm(b_kT, b_v, WT, INTERP, PREC)
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
-
-
-@triton.jit
 def _key_block(x, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, TRANS: tl.constexpr):
     """Key block ``i_k`` of one chunk's rows ``tok`` of ``x [Ttot, H, K]``: ``[BT, BK]``, or ``[BK, BT]``
     with TRANS (0 outside the chunk and past K)."""
@@ -220,12 +169,21 @@ def _state_block(x, base, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: t
 
 
 @triton.jit
-def _dh_init(dht, i_nh, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, USE_DHT: tl.constexpr):
-    if USE_DHT:
-        p, m = _state_block(dht, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
+def _state_init(x, i_nh, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, USE: tl.constexpr):
+    """Block ``i_k`` of the ``[K, BV]`` state of sequence and head ``i_nh`` in ``x [N, H, K, V]`` (float32),
+    or zeros without USE."""
+    if USE:
+        p, m = _state_block(x, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
         return tl.load(p, mask=m, other=0.0).to(tl.float32)
     else:
         return tl.zeros([BK, o_v.shape[0]], dtype=tl.float32)
+
+
+@triton.jit
+def _store_block(x, i_nh, i_k, b, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Key block ``i_k`` of a final state (float32) into ``x [N, H, K, V]``."""
+    p, m = _state_block(x, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
+    tl.store(p, b, mask=m)
 
 
 @triton.jit
@@ -263,6 +221,96 @@ def _dh_update(b_dh, q, w, h, dh, base, tok, m_t, i_h, i_k, o_v, m_v, b_qdec, b_
 
 
 @triton.jit
+def _h_read(b_h, w, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, WT: tl.constexpr,
+            INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k``'s part of ``w h``: ``[BT, BV]``."""
+    return mm(_key_block(w, tok, m_t, i_h, i_k, H, K, BK, False), b_h, WT, INTERP, PREC)
+
+
+@triton.jit
+def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_kdec, b_gC, b_v, H: tl.constexpr, K: tl.constexpr,
+              V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
+              PREC: tl.constexpr):
+    """Key block ``i_k`` of one chunk of the state pass: stores ``h_c`` there, returns
+    ``h_{c+1} = gamma_C h_c + (k ∘ gamma_C / gamma)^T v_new``."""
+    p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
+    tl.store(p_h, b_h.to(h.dtype.element_ty), mask=m_h)
+    b_kT = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, True)
+    if GATED:
+        b_kT = b_kT.to(tl.float32) * b_kdec[None, :]
+        b_h *= b_gC
+    return b_h + mm(b_kT, b_v, WT, INTERP, PREC)
+
+
+@triton.jit
+def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
+                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
+                  WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
+    ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``.
+    The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_h0 = _state_init(h0, i_nh, 0, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 1:
+        b_h1 = _state_init(h0, i_nh, 1, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 2:
+        b_h2 = _state_init(h0, i_nh, 2, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 3:
+        b_h3 = _state_init(h0, i_nh, 3, o_v, m_v, K, V, BK, USE_H0)
+    # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
+    # sequential loop: they are loaded one chunk ahead
+    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+    for i_t in range(0, tl.cdiv(L, BT)):
+        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
+        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+        base = ((boh + i_t) * H + i_h) * K * V
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tok = bos + o_t
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_wh = _h_read(b_h0, w, tok, m_t, i_h, 0, H, K, BK, WT, INTERP, PREC)
+        if NK > 1:
+            b_wh += _h_read(b_h1, w, tok, m_t, i_h, 1, H, K, BK, WT, INTERP, PREC)
+        if NK > 2:
+            b_wh += _h_read(b_h2, w, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
+        if NK > 3:
+            b_wh += _h_read(b_h3, w, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
+        b_v = b_u.to(tl.float32) - b_wh
+        tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if STORE_VR:
+            tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
+        b_g = b_g.to(tl.float32)
+        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
+        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED, WT,
+                         INTERP, PREC)
+        if NK > 1:
+            b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+        if NK > 2:
+            b_h2 = _h_update(b_h2, k, h, base, tok, m_t, i_h, 2, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+        if NK > 3:
+            b_h3 = _h_update(b_h3, k, h, base, tok, m_t, i_h, 3, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+    if STORE_HT:
+        _store_block(ht, i_nh, 0, b_h0, o_v, m_v, K, V, BK)
+        if NK > 1:
+            _store_block(ht, i_nh, 1, b_h1, o_v, m_v, K, V, BK)
+        if NK > 2:
+            _store_block(ht, i_nh, 2, b_h2, o_v, m_v, K, V, BK)
+        if NK > 3:
+            _store_block(ht, i_nh, 3, b_h3, o_v, m_v, K, V, BK)
+
+
+@triton.jit
 def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
                    NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
@@ -280,13 +328,13 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_dh0 = _dh_init(dht, i_nh, 0, o_v, m_v, K, V, BK, USE_DHT)
+    b_dh0 = _state_init(dht, i_nh, 0, o_v, m_v, K, V, BK, USE_DHT)
     if NK > 1:
-        b_dh1 = _dh_init(dht, i_nh, 1, o_v, m_v, K, V, BK, USE_DHT)
+        b_dh1 = _state_init(dht, i_nh, 1, o_v, m_v, K, V, BK, USE_DHT)
     if NK > 2:
-        b_dh2 = _dh_init(dht, i_nh, 2, o_v, m_v, K, V, BK, USE_DHT)
+        b_dh2 = _state_init(dht, i_nh, 2, o_v, m_v, K, V, BK, USE_DHT)
     if NK > 3:
-        b_dh3 = _dh_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
+        b_dh3 = _state_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
     NT = tl.cdiv(L, BT)
     nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
     for ii in range(0, NT):
@@ -337,18 +385,13 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         if GATED:
             tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, s)
     if STORE_DH0:
-        base0 = i_nh.to(tl.int64) * K * V
-        p, m = _state_block(dh0, base0, 0, o_v, m_v, K, V, BK)
-        tl.store(p, b_dh0, mask=m)
+        _store_block(dh0, i_nh, 0, b_dh0, o_v, m_v, K, V, BK)
         if NK > 1:
-            p, m = _state_block(dh0, base0, 1, o_v, m_v, K, V, BK)
-            tl.store(p, b_dh1, mask=m)
+            _store_block(dh0, i_nh, 1, b_dh1, o_v, m_v, K, V, BK)
         if NK > 2:
-            p, m = _state_block(dh0, base0, 2, o_v, m_v, K, V, BK)
-            tl.store(p, b_dh2, mask=m)
+            _store_block(dh0, i_nh, 2, b_dh2, o_v, m_v, K, V, BK)
         if NK > 3:
-            p, m = _state_block(dh0, base0, 3, o_v, m_v, K, V, BK)
-            tl.store(p, b_dh3, mask=m)
+            _store_block(dh0, i_nh, 3, b_dh3, o_v, m_v, K, V, BK)
 
 
 @triton.jit
@@ -535,16 +578,6 @@ def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _state_bv(BK: int, V: int) -> int:
-    return min(pow2(V), 64 if BK <= 64 else 32 if BK <= 128 else 16)
-
-
-def _fwd_h_stages(BK: int, wdt: torch.dtype) -> int:
-    """Pipeline depth of the forward state pass: 3 for bfloat16 tiles up to K = 128 (245 us against
-    286 us at 2, H200, benchmark shape; ``gpu_debug --tune``), else the state kernels' default."""
-    return 3 if wdt == torch.bfloat16 and BK <= 128 else state_stages(BK, wdt)
-
-
 def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
     """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it."""
     Ttot, H, K = k.shape
@@ -568,22 +601,22 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     H, K = k.shape[1:]
     V = u.shape[-1]
     N = meta.num_segments
-    BK = pow2(K)
-    BV = _state_bv(BK, V)
+    BK, NK, BV = _state_blocks(K, V)
+    opts = launch("delta.fwd_h", num_warps=4, num_stages=2, BV=BV)
+    BV = opts.pop("BV")
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
     v_new = torch.empty_like(u)
     vr = None if u_off is None else torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets,
-                                               H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATED=g is not None,
+                                               H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None,
                                                USE_H0=h0 is not None, STORE_HT=output_final_state,
-                                               STORE_VR=u_off is not None, **dots(k.dtype, False),
-                                                   **launch("delta.fwd_h", num_stages=_fwd_h_stages(BK, u.dtype)))
+                                               STORE_VR=u_off is not None, **dots(k.dtype, False), **opts)
     return h, v_new, ht, vr
 
 
-def _bwd_dh_blocks(K: int, V: int) -> tuple[int, int, int]:
-    """(BK, NK, BV) of the reverse state pass: the state's K rows in NK <= 4 blocks of BK (64 up to
+def _state_blocks(K: int, V: int) -> tuple[int, int, int]:
+    """(BK, NK, BV) of the state passes: the state's K rows in NK <= 4 blocks of BK (64 up to
     K = 256), and value blocks of BV such that the state is 4K float32 values per program (32 registers
     per thread at four warps; 8K spill in the gated kernel's sm_90 code at K = 128 and 256)."""
     BK = max(min(64, pow2(K)), pow2(K) // 4)
@@ -598,7 +631,7 @@ def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
     V = do.shape[-1]
     N, NT = meta.num_segments, meta.num_chunks
     gated = g is not None
-    BK, NK, BV = _bwd_dh_blocks(K, V)
+    BK, NK, BV = _state_blocks(K, V)
     opts = launch("delta.bwd_dh", num_warps=4, num_stages=2, BV=BV)
     BV = opts.pop("BV")
     NV = triton.cdiv(V, BV)
