@@ -52,9 +52,10 @@ class SingleMemoryLayer(nn.Module):
         B, T, _ = x.shape
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
         mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-        keep = mask[..., None].to(x.dtype)
-        # padded positions (left padding) feed zeros: the same as a fresh start for the convolution
-        q_in, k_in, v_in = (p(x) * keep for p in (self.q_proj, mem.k_proj, mem.v_proj))
+        q_in, k_in, v_in = (p(x) for p in (self.q_proj, mem.k_proj, mem.v_proj))
+        if attention_mask is not None:  # padded positions (left padding) feed zeros: a fresh start for the conv
+            keep = mask[..., None].to(x.dtype)
+            q_in, k_in, v_in = q_in * keep, k_in * keep, v_in * keep
         q, k, v = q_in, k_in, v_in
         f = fused_ops(cfg.impl, x)
         if cfg.short_conv:
@@ -63,7 +64,7 @@ class SingleMemoryLayer(nn.Module):
         v = v.view(B, T, H, V)
         gates = mem.gates(x)
         kw = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, output_final_state=use_cache, **cfg.rule_options)
-        if bool(mask.all()):
+        if attention_mask is None or bool(mask.all()):
             o, final = self.rule.forward(q, k, v, **gates, **kw)
         else:  # run only the real tokens of each sequence, packed
             lengths = mask.sum(1)

@@ -82,9 +82,8 @@ class TopKSigmoid(Router):
         w = scores.gather(-1, indices)
         if self.training:
             with torch.no_grad():
-                sel = indices[mask]
-                sel = sel.reshape(-1)
-                self.load_since_update.index_add_(0, sel, torch.ones_like(sel, dtype=self.load_since_update.dtype))
+                real = mask[..., None].expand_as(indices).reshape(-1).to(self.load_since_update.dtype)
+                self.load_since_update.index_add_(0, indices.reshape(-1), real)
         probs = scores / scores.sum(-1, keepdim=True)
         return self._plan(indices, w / w.sum(-1, keepdim=True), mask, probs, logits)
 
@@ -92,8 +91,8 @@ class TopKSigmoid(Router):
     def update_bias(self) -> None:
         """``bias_m += rate * sign(mean load - load_m)`` from the load seen since the last update."""
         load = self.load_since_update
-        if load.sum() > 0:
-            self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        seen = (load.sum() > 0).to(load.dtype)  # no update without load (no wait for the device)
+        self.bias += self.bias_update_rate * torch.sign(load.mean() - load) * seen
         load.zero_()
 
 
