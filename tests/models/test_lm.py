@@ -130,3 +130,17 @@ def test_lm_config_errors_name_the_field():
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             MoMLM(dataclasses.replace(base, **change))
+
+
+@pytest.mark.parametrize("mixer", ["mom", "single", "attention"])
+def test_generate_streams_each_token_and_step_advances_caches_in_place(mixer):
+    model = make(mixer=mixer)
+    x = ids(2, 5)
+    seen = []
+    out = model.generate(x, 4, on_token=lambda t: seen.append(t.clone()))
+    assert torch.equal(torch.stack(seen, 1), out[:, 5:])
+    cache = model(x, use_cache=True, cache_capacity=8).cache
+    _, new = model.step(x[:, -1], cache)
+    assert all(a is b for a, b in zip(new, cache))
+    if mixer == "attention":
+        assert [c.capacity for c in cache] == [8, 8] and cache[0].length == 6
