@@ -93,16 +93,20 @@ class MoMLM(nn.Module):
             nn.init.normal_(m.weight, std=self.cfg.initializer_range)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
-                use_cache: bool = False, cache_capacity: int | None = None) -> LMOutput:
+                use_cache: bool = False, cache_capacity: int | None = None,
+                last_logits_only: bool = False) -> LMOutput:
         """``use_cache``: also return the decoding cache of every layer (``out.cache``, for ``step``);
         ``cache_capacity``: token slots to preallocate in attention layers' KV caches (default: the input
-        length; a full cache doubles)."""
+        length; a full cache doubles); ``last_logits_only``: logits of the last position only
+        ([B, 1, vocab], what decoding needs; not with labels)."""
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only=True computes no loss: pass labels=None")
         x = self.embed(input_ids)
         extras = []
         for block in self.blocks:
             x, extra = block(x, attention_mask, input_ids, use_cache, cache_capacity)
             extras.append(extra)
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x[:, -1:] if last_logits_only else x))
         moms = [e if isinstance(e, MoMAux) else None for e in extras]
         aux_loss = self._aux_loss([a for a in moms if a is not None], x)
         out = LMOutput(logits=logits, loss=None, aux_loss=aux_loss, routing=[a.stats if a else None for a in moms],
@@ -169,9 +173,8 @@ class MoMLM(nn.Module):
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         out = self(input_ids, attention_mask=attention_mask, use_cache=True,
-                   cache_capacity=input_ids.shape[1] + max_new_tokens)
+                   cache_capacity=input_ids.shape[1] + max_new_tokens, last_logits_only=True)
         cache, logits = out.cache, out.logits[:, -1]
-        del out  # the prompt's logits [B, T, vocab]: not kept while decoding
         tokens = [input_ids]
         for i in range(max_new_tokens):
             nxt = self._sample(logits, temperature, top_k, generator)

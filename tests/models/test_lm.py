@@ -139,6 +139,9 @@ def test_generate_streams_each_token_and_step_advances_caches_in_place(mixer):
     seen = []
     out = model.generate(x, 4, on_token=lambda t: seen.append(t.clone()))
     assert torch.equal(torch.stack(seen, 1), out[:, 5:])
+    torch.testing.assert_close(model(x, last_logits_only=True).logits, model(x).logits[:, -1:])
+    with pytest.raises(ValueError, match="last_logits_only=True computes no loss"):
+        model(x, labels=x, last_logits_only=True)
     cache = model(x, use_cache=True, cache_capacity=8).cache
     _, new = model.step(x[:, -1], cache)
     assert all(a is b for a, b in zip(new, cache))
