@@ -244,7 +244,8 @@ class MoMLayer(nn.Module):
         One batched computation over memories: the projections of every memory in one matrix product
         (weights stacked by ``_stacked``), the gates of every memory at once, then the short convolution
         and the rule step of the B * k' selected (sequence, memory) pairs in one call each; the selected
-        states, tails and counts are written back into the cache. Every sequence gets a real token.
+        states, tails and counts are written back into the cache (a slot the plan does not keep, e.g.
+        under an analysis hook on the router, writes nothing). Every sequence gets a real token.
         Capacity limits apply to whole-sequence forward passes only (a step cannot know the final
         length); decoding routes without dropping."""
         cfg = self.cfg
@@ -256,7 +257,7 @@ class MoMLayer(nn.Module):
             raise ConfigError(f"router={cfg.router!r} needs token_ids (MoMLM passes input_ids); got None")
         plan = self.router(x[:, None], ones, cache.position[:, None],
                            None if token_ids is None else token_ids.view(B, 1))
-        idx, w, _ = (t[:, 0] for t in self._slots(plan, ones))  # [B, k']; no padding or capacity: all kept
+        idx, w, kept = (t[:, 0] for t in self._slots(plan, ones))  # [B, k']
         n = idx.shape[1]
         rows = torch.arange(B, device=x.device)[:, None]  # with idx: the selected (sequence, memory) pairs
 
@@ -267,15 +268,17 @@ class MoMLayer(nn.Module):
         if cfg.short_conv:
             window = torch.cat([cache.tail[rows, idx], qkv[:, :, None].to(cache.tail.dtype)], 2)  # [B, k', W, C]
             qkv = F.silu((window * st.conv[idx]).sum(2))
-            cache.tail[rows, idx] = window[:, :, 1:]
+            cache.tail[rows, idx] = torch.where(kept[..., None, None], window[:, :, 1:], window[:, :, :-1])
         q, k, v = qkv.split([H * K, H * K, H * V], -1)
         q, k = self.rule.prepare_qk(q.reshape(B * n, H, K), k.reshape(B * n, H, K))
         gates = self.all_memories[0].gates.forward_stacked(st.gates, x)  # [B, M', H(, K)]
         gates = {name: g[rows, idx].flatten(0, 1) for name, g in gates.items()}
-        o, S = self.rule.step(q, k, v.reshape(B * n, H, V), cache.states[rows, idx].flatten(0, 1),
+        S_old = cache.states[rows, idx]  # [B, k', *state]
+        o, S = self.rule.step(q, k, v.reshape(B * n, H, V), S_old.flatten(0, 1),
                               position=cache.counts[rows, idx].flatten(), **gates, **cfg.rule_options)
-        cache.states[rows, idx] = S.view(B, n, *S.shape[1:]).to(cache.states.dtype)
-        cache.counts[rows, idx] += 1
+        keep = kept.view(B, n, *[1] * (S.dim() - 1))
+        cache.states[rows, idx] = torch.where(keep, S.view(S_old.shape).to(S_old.dtype), S_old)
+        cache.counts[rows, idx] += kept.long()
         cache.position += 1
         dt = torch.promote_types(x.dtype, torch.float32)
         out = (w.to(dt)[..., None, None] * o.view(B, n, H, V).to(dt)).sum(1)  # [B, H, V]
