@@ -5,9 +5,10 @@ attention LM of the same width and depth; time and memory against the context le
     python -m benchmarks.inference --size small --contexts 256,1024,4096 --out /tmp/inf.json   # CPU
 
 Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory) and ``attention`` (the same
-LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (~180M-290M parameters: d 1024,
+LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (184M attention, 300M MoM: d 1024,
 12 layers, MoM 4 heads x 256, attention 16 heads x 64, vocab 32000, SwiGLU 8/3), ``small`` (d 128, 2 layers,
-for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on CPU).
+for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on
+CPU). The command flushes denormal floats to zero (``momkit.runtime.flush_denormals``, as ``momkit`` does).
 
 Each cell (model, context L, batch B):
 * batch 1: prefill L random tokens (``last_logits_only``, cache sized for the new tokens), then decode
@@ -39,6 +40,7 @@ import torch
 from benchmarks._common import environment, name_list
 from momkit import LMConfig, MoMConfig, MoMLM
 from momkit.rules import rule_names
+from momkit.runtime import flush_denormals
 
 SIZES = {
     "full": dict(vocab=32000, d=1024, layers=12, heads=4, head_dim=256, attention_heads=16, mlp_ratio=8 / 3),
@@ -306,4 +308,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    flush_denormals()  # as the momkit command does: decayed states turn denormal, slowing a CPU up to 100x
     main()
