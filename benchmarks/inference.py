@@ -19,9 +19,10 @@ Recorded: prefill seconds (batch 1), per-token decode latency (median, p90), dec
 (B * steps / decode time), time to decode all the steps, and memory: on CUDA the peak allocated during
 prefill and during decoding (``torch.cuda.max_memory_allocated``, weights included), on every device
 the bytes of the weights and of the decoding cache. A cell that runs out of memory, or whose decoding
-passes ``--max-decode-seconds``, is recorded as such (skipped / truncated), and the run goes on.
-The figure: decode time for the new tokens (a truncated cell: its mean step times the steps) and
-memory, against the context length, at batch 1.
+passes ``--max-decode-seconds``, is recorded as such (skipped / truncated), and the run goes on. The JSON
+and the figure are rewritten after each model, so a run cut short keeps what it measured. The figure:
+decode time for the new tokens (a truncated cell: its mean step times the steps) and memory, against the
+context length, at batch 1.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result JSON; the figure is written next to it (.png)")
     ap.add_argument("--size", default="full", help=f"model size: {', '.join(SIZES)} (default full)")
-    ap.add_argument("--models", default="mom:gated_deltanet,mom:gla,attention", help="comma-separated")
+    ap.add_argument("--models", default="mom:gated_deltanet,attention,mom:gla",
+                    help="comma-separated, run in this order (default mom:gated_deltanet,attention,mom:gla)")
     ap.add_argument("--contexts", default="1024,4096,16384,65536,131072", help="batch-1 context lengths")
     ap.add_argument("--batches", default="1,16,64", help="batch sizes (1 is always run)")
     ap.add_argument("--batch-contexts", default="1024,4096,16384", help="context lengths of the B > 1 cells")
@@ -250,6 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-decode-seconds", type=float, default=60.0, help="per cell; then the cell is truncated")
     ap.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)} (auto: bfloat16 on CUDA, else float32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.size not in SIZES:
         ap.error(f"--size {args.size!r}: allowed: {', '.join(SIZES)}")
@@ -266,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in ("new_tokens", "batch_new_tokens"):
         if getattr(args, option) < 1:
             ap.error(f"--{option.replace('_', '-')} {getattr(args, option)}: must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be >= 1")
     if not args.max_decode_seconds > 0:
         ap.error(f"--max-decode-seconds {args.max_decode_seconds}: must be > 0")
     return args
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = SIZES[args.size]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         _free(device)
         out.write_text(json.dumps(result, indent=1))  # after each model: a partial result survives a crash
-    plot(result, out.with_suffix(".png"))
+        plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 
