@@ -1,7 +1,7 @@
 """Inference benchmark (the MoM paper's Fig. 2): prefill a context, then decode, for MoM LMs and an
 attention LM of the same width and depth; time and memory against the context length.
 
-    python -m benchmarks.inference --out benchmarks/results/inference_h100.json            # GPU, --size full
+    python -m benchmarks.inference --out benchmarks/results/inference_h100.json [--commit SHA]   # GPU, full
     python -m benchmarks.inference --size small --contexts 256,1024,4096 --out /tmp/inf.json   # CPU
 
 Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory) and ``attention`` (the same
@@ -253,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)} (auto: bfloat16 on CUDA, else float32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice)")
+    ap.add_argument("--commit", default=None, help="the commit to record (where the copy has no git history)")
     args = ap.parse_args(argv)
     if args.size not in SIZES:
         ap.error(f"--size {args.size!r}: allowed: {', '.join(SIZES)}")
@@ -285,7 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+    env = environment()
+    if args.commit:
+        env["commit"] = args.commit
+    result = {"environment": env, "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
               "args": {k: v for k, v in vars(args).items()}, "size": size, "models": args.models, "params": {},
               "cells": []}
     for name in args.models:
