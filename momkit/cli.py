@@ -2,6 +2,7 @@
 
     momkit train [CONFIG] [key=value ...] [--resume | --overwrite]
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
+    momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     momkit info
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--timeout S]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
@@ -44,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--checkpoint", default="last", choices=["last", "best"])
     e.add_argument("--batch-size", type=int, default=None)
+    g = sub.add_parser("generate", help="generate text with a trained text language model",
+                       description="Continue PROMPT with the checkpoint of RUN_DIR (a run of the byte-level text "
+                                   "task), printing the prompt and its continuation. See docs/inference.md.")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True, help="the text to continue (non-empty)")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens (bytes) to generate")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated (no progress bar)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("info", help="versions, device and which kernels run",
                    description="Print library versions, the device and which update-rule paths run here.")
     _sweep_parsers(sub)
@@ -114,6 +128,62 @@ def cmd_eval(args) -> int:
     metrics = evaluate(model, data, args.batch_size or cfg.run.eval_batch_size or cfg.optim.batch_size,
                        torch.device("cpu"))
     print(json.dumps({"run_dir": args.run_dir, "checkpoint": args.checkpoint, **metrics}, indent=1))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import codecs
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from momkit.config import load_config
+    from momkit.tasks.text import ByteTokenizer
+    from momkit.train import load_run
+
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"RUN_DIR={args.run_dir!r} is not a run directory (no config.yaml)")
+    task = load_config(str(Path(args.run_dir) / "config.yaml"), validate_task=False).task.get("name")
+    if task != "text":
+        raise ConfigError(f"RUN_DIR={args.run_dir!r} was trained on task {task!r}: generate needs a text language "
+                          "model (task text)")
+    if not args.prompt:
+        raise ConfigError("--prompt='' is invalid: must be non-empty text")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} is invalid: must be a positive int")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature={args.temperature} is invalid: must be >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k={args.top_k} is invalid: must be a positive int")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda' is invalid: no CUDA device is available (use cpu)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, model = load_run(args.run_dir, args.checkpoint, validate_task=False)  # the training text is not needed
+    model.to(device)
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt)[None].to(device)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generate", leave=False, file=sys.stderr,
+               disable=args.no_progress or args.stream)
+
+    def on_token(t) -> None:
+        bar.update(1)
+        if args.stream and int(t[0]) != tok.eos_id:
+            sys.stdout.write(text.decode(bytes([int(t[0])])))
+            sys.stdout.flush()
+
+    if args.stream:
+        sys.stdout.write(args.prompt)
+    t0 = time.perf_counter()
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         generator=torch.Generator(device).manual_seed(args.seed), on_token=on_token)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    print(text.decode(b"", final=True) if args.stream else tok.decode(out[0].cpu()))
+    print(f"momkit: {args.max_new_tokens} tokens in {seconds:.2f} s ({args.max_new_tokens / seconds:.1f} tokens/s, "
+          f"prefill included) on {device}", file=sys.stderr)
     return 0
 
 
@@ -193,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_cpu()  # before any tensor work: see momkit/runtime.py
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "sweep": cmd_sweep,
-                    "sweep-report": cmd_sweep_report}
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
+                    "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"momkit: error: {e}", file=sys.stderr)

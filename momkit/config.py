@@ -266,14 +266,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> TrainConfig:
+    def validate(self, task: bool = True) -> TrainConfig:
+        """Check every field; ``task=False`` skips the task (whose data files a trained model does not need)."""
         try:
             self.model.validate()
         except ConfigError as e:
             raise ConfigError(f"model.{e}") from None
         self.optim.validate()
         self.run.validate()
-        self.task_config()  # validates the task
+        if task:
+            self.task_config()  # validates the task
         return self
 
     def task_config(self):
@@ -346,10 +348,12 @@ def _omegaconf_error(e: Exception, base) -> ConfigError:
     return ConfigError(f"{key}: {first}")
 
 
-def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                validate_task: bool = True) -> TrainConfig:
     """A TrainConfig from a packaged config name or a YAML path, plus ``key=value`` dotted overrides.
 
-    Unknown keys, wrong types and invalid values raise ConfigError (one line) before any work starts.
+    Unknown keys, wrong types and invalid values raise ConfigError (one line) before any work starts;
+    ``validate_task=False`` leaves the task section unchecked (e.g. its data files may be elsewhere).
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -371,7 +375,7 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, base) from None
-    return cfg.validate()
+    return cfg.validate(task=validate_task)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

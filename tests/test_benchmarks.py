@@ -4,6 +4,7 @@ option, the value and what is allowed (they run on a rented GPU: a typo should c
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import gpu_debug, kernels
 
@@ -118,3 +119,55 @@ def test_committed_variant_specs_apply_to_the_current_kernels(tmp_path):
     for spec in specs:
         for name, edits in runpy.run_path(str(spec))["VARIANTS"].items():
             kv.build(name, edits, tmp_path / spec.stem)
+
+
+def test_inference_benchmark_runs_at_tiny_sizes_and_records_out_of_memory(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import inference
+
+    real_prefill = inference.prefill
+
+    def prefill(model, context, *args):  # the 32-token context "runs out of memory" for attention
+        if context == 32 and model.cfg.mixer == "attention":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_prefill(model, context, *args)
+
+    monkeypatch.setattr(inference, "prefill", prefill)
+    out = tmp_path / "inf.json"
+    result = inference.main(["--size", "tiny", "--models", "mom:gated_deltanet,attention", "--contexts", "16,32",
+                             "--batches", "1,3", "--batch-contexts", "16", "--new-tokens", "5",
+                             "--batch-new-tokens", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert {"device", "torch", "triton", "commit"} <= set(result["environment"])
+    cells = {(c["model"], c["context"], c["batch"]): c for c in result["cells"]}
+    models = ("mom:gated_deltanet", "attention")
+    assert set(cells) == {(m, L, B) for m in models for L, B in ((16, 1), (16, 3), (32, 1))}
+    skipped = cells[("attention", 32, 1)]
+    assert skipped["status"] == "skipped" and skipped["reason"].startswith("out of memory: CUDA out of memory")
+    for key, c in cells.items():
+        if key == ("attention", 32, 1):
+            continue
+        assert c["status"] == "ok" and c["steps_done"] == c["steps"] == (5 if c["batch"] == 1 else 2)
+        assert 0 < c["decode_ms_median"] <= c["decode_ms_p90"] and c["tokens_per_s"] > 0
+        assert ("prefill_s" in c) == (c["batch"] == 1)
+    # MoM's cache does not grow with the context; attention's does; a batch of 3 holds 3 copies
+    mom, att = "mom:gated_deltanet", "attention"
+    assert cells[(mom, 16, 1)]["cache_bytes"] == cells[(mom, 32, 1)]["cache_bytes"]
+    assert cells[(mom, 16, 3)]["cache_bytes"] == 3 * cells[(mom, 16, 1)]["cache_bytes"]
+    assert cells[(att, 16, 3)]["cache_bytes"] == 3 * cells[(att, 16, 1)]["cache_bytes"]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--models", "mom:nope"], "--models 'mom:nope': unknown mom:nope; allowed: mom:deltanet"),
+    (["--size", "huge"], "--size 'huge': allowed: full, small, tiny"),
+    (["--contexts", "1k"], "--contexts '1k': expected comma-separated positive integers"),
+    (["--batches", "0"], "--batches '0': expected comma-separated positive integers"),
+    (["--new-tokens", "0"], "--new-tokens 0: must be >= 1"),
+    (["--dtype", "fp8"], "--dtype 'fp8': allowed: auto, bfloat16"),
+])
+def test_inference_benchmark_names_bad_arguments(argv, expected, capsys):
+    from benchmarks import inference
+
+    assert expected in _error(inference.parse_args, ["--out", "x.json", *argv], capsys)

@@ -12,9 +12,11 @@ memory answered each MQAR query, and what is lost when one memory is ablated.
 marks every slot that selected memory m as not kept (so m is never written, its state stays zero, and
 its read is zero), leaving the token's other slots and their weights as they were (no
 renormalisation: the memory's contribution is removed, nothing else changes). The shared memory has no
-router slot; a forward hook on its value projection returns zeros, which, from the zero initial state,
-keeps that memory at zero for every rule (``v = 0`` writes nothing: the delta rules and titans correct
-towards 0 from 0) and makes its read zero. Both hooks act in ``forward`` and in decoding ``step``.
+router slot; its value projection's weight is zeroed inside the ``with`` block (and restored after), so
+``v = 0``, which, from the zero initial state, keeps that memory at zero for every rule (``v = 0`` writes
+nothing: the delta rules and titans correct towards 0 from 0) and makes its read zero. Both act in
+``forward`` and in decoding ``step`` (which runs the memories from stacked copies of their weights,
+re-copied when a weight changes in place).
 
 Axis letters: B batch, T time, M' memories (routed, then shared), H heads, K key dim, V value dim.
 """
@@ -191,7 +193,16 @@ def ablate_memory(model, memory: int | str, layer: int | None = None) -> Iterato
     if memory == "shared" or (memory == M and mixer.cfg.shared_memory):
         if not mixer.cfg.shared_memory:
             raise ValueError("memory='shared': this layer has no shared memory")
-        handle = mixer.shared.v_proj.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+        weight = mixer.shared.v_proj.weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.zero_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+        return
     else:
         if not isinstance(memory, int) or not 0 <= memory < M:
             raise ValueError(f"memory must be an int in [0, {M}) or 'shared', got {memory!r}")

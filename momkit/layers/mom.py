@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from momkit.config import ConfigError, MoMConfig
@@ -23,6 +24,8 @@ from momkit.layers.conv import ShortConv
 from momkit.layers.norm import GatedRMSNorm
 from momkit.routing import BalanceStats, Dispatch, RoutingPlan, RoutingStats, get_router, load_balancing_loss, z_loss
 from momkit.rules import get_rule
+from momkit.rules.base import compute_dtype
+from momkit.rules.gates import stack_parameters
 
 Tensor = torch.Tensor
 
@@ -36,14 +39,25 @@ def fused_ops(impl: str, x: Tensor) -> bool:
 
 @dataclass
 class MoMCache:
-    """Decoding state of one layer: every memory's state and convolution tails, per sequence."""
+    """Decoding state of one layer, per sequence: every memory's state and convolution tail.
+    ``MoMLayer.step`` advances it in place."""
 
-    states: Tensor  # [B, M', *state]   (M' = memories + shared)
-    q_tail: Tensor  # [B, M', W-1, H*K]  last q inputs of each memory's subsequence
-    k_tail: Tensor  # [B, M', W-1, H*K]
-    v_tail: Tensor  # [B, M', W-1, H*V]
+    states: Tensor  # [B, M', *state]   (M' = memories + shared); float32, float64 for float64 models
+    tail: Tensor  # [B, M', W-1, 2*H*K + H*V] last q | k | v inputs of each memory's subsequence, oldest first
     counts: Tensor  # [B, M'] tokens each memory has seen (their position for titans' mini-batches)
     position: Tensor  # [B] real tokens seen per sequence
+
+
+@dataclass
+class StackedWeights:
+    """Every memory's decoding weights stacked on a memory axis (copies of the per-memory parameters,
+    whose layout is unchanged). M' memories (the shared one last), D hidden, W conv width."""
+
+    sources: list[Tensor]  # the parameters and buffers the copies were made from
+    key: tuple  # their fingerprint when copied
+    proj: Tensor  # [H*K + M' * (H*K + H*V), D]: q_proj, then each memory's k_proj and v_proj
+    conv: Tensor | None  # [M', W, 2*H*K + H*V]: q_conv (the same for every memory), k_conv, v_conv taps
+    gates: dict[str, Tensor]  # the gate modules' parameters and buffers, [M', ...] (gates.stack_parameters)
 
 
 @dataclass
@@ -71,6 +85,10 @@ class MemoryProjections(nn.Module):
             self.k_conv, self.v_conv = ShortConv(H * K, cfg.conv_size), ShortConv(H * V, cfg.conv_size)
 
 
+def _fingerprint(tensors: list[Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
 class MoMLayer(nn.Module):
     def __init__(self, cfg: MoMConfig):
         super().__init__()
@@ -92,6 +110,7 @@ class MoMLayer(nn.Module):
         self.g_proj = nn.Linear(D, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, cfg.norm_eps)
         self.o_proj = nn.Linear(H * V, D, bias=False)
+        self._stacked_memo: StackedWeights | None = None  # decoding weights (see _stacked)
 
     @property
     def all_memories(self) -> list[MemoryProjections]:
@@ -186,62 +205,90 @@ class MoMLayer(nn.Module):
     # ----------------------------------------------------------------------------------- decoding
     def _prefill_cache(self, disp: Dispatch, final: Tensor, q_in, k_in, v_in, mask: Tensor) -> MoMCache:
         B, Mp, W = disp.batch, disp.num_segments_per_seq, self.cfg.conv_size
+        self._stacked_memo = None  # a new cache restacks the decoding weights (see _stacked)
 
         def per_memory(t: Tensor) -> Tensor:  # [M' * B, ...] (segment order) -> [B, M', ...]
             return t.view(Mp, B, *t.shape[1:]).transpose(0, 1).contiguous()
 
-        tails = [per_memory(disp.segment_tail(r, W - 1)) for r in (q_in, k_in, v_in)]
+        tail = per_memory(torch.cat([disp.segment_tail(r, W - 1) for r in (q_in, k_in, v_in)], -1))
         counts = per_memory(disp.cu_seqlens.diff())
-        return MoMCache(per_memory(final), *tails, counts, mask.sum(1))
+        return MoMCache(per_memory(final), tail, counts, mask.sum(1))
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MoMCache:
-        """An empty cache (decoding from the first token)."""
+    def init_cache(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> MoMCache:
+        """An empty cache (decoding from the first token). ``dtype``: the model's; states are float32
+        (float64 for float64 models)."""
         cfg = self.cfg
         Mp, W, H, K, V = len(self.all_memories), cfg.conv_size, cfg.num_heads, cfg.key_dim, cfg.value_dim
-        states = self.rule.init_state(batch_size * Mp, H, K, V, device=device)
-        z = lambda c: torch.zeros(batch_size, Mp, W - 1, c, device=device, dtype=dtype)  # noqa: E731
-        return MoMCache(states.view(batch_size, Mp, *states.shape[1:]), z(H * K), z(H * K), z(H * V),
+        self._stacked_memo = None
+        states = self.rule.init_state(batch_size * Mp, H, K, V, dtype=compute_dtype(dtype), device=device)
+        return MoMCache(states.view(batch_size, Mp, *states.shape[1:]),
+                        torch.zeros(batch_size, Mp, W - 1, 2 * H * K + H * V, device=device, dtype=dtype),
                         torch.zeros(batch_size, Mp, dtype=torch.long, device=device),
                         torch.zeros(batch_size, dtype=torch.long, device=device))
 
+    def _stacked(self) -> StackedWeights:
+        """The decoding weights of every memory, stacked. Without gradients they are built once and kept
+        until a tensor they were copied from changes (its storage, dtype or autograd version counter: any
+        in-place update such as an optimizer step or ``load_state_dict``) or a new cache is made (which also
+        picks up parameters replaced by new objects); with gradients they are stacked afresh on each call."""
+        memo = self._stacked_memo
+        if memo is not None and not torch.is_grad_enabled() and memo.key == _fingerprint(memo.sources):
+            return memo
+        cfg, mems = self.cfg, self.all_memories
+        sources = [*self.q_proj.parameters(), *(self.q_conv.parameters() if cfg.short_conv else ()),
+                   *(t for m in mems for t in (*m.parameters(), *m.buffers()))]
+        proj = torch.cat([self.q_proj.weight, *(w for m in mems for w in (m.k_proj.weight, m.v_proj.weight))])
+        conv = None
+        if cfg.short_conv:
+            conv = torch.stack([torch.cat([self.q_conv.weight, m.k_conv.weight, m.v_conv.weight]).T for m in mems])
+        stacked = StackedWeights(sources, _fingerprint(sources), proj, conv, stack_parameters([m.gates for m in mems]))
+        if not any(t.requires_grad for t in (proj, *stacked.gates.values())):  # a copy, not part of a graph
+            self._stacked_memo = stacked
+        return stacked
+
     def step(self, x: Tensor, cache: MoMCache, token_ids: Tensor | None = None) -> tuple[Tensor, MoMCache]:
-        """One decoding token: x [B, D] -> (y [B, D], new cache). Every sequence gets a real token.
+        """One decoding token: x [B, D] -> (y [B, D], cache), the cache advanced in place.
+
+        One batched computation over memories: the projections of every memory in one matrix product
+        (weights stacked by ``_stacked``), the gates of every memory at once, then the short convolution
+        and the rule step of the B * k' selected (sequence, memory) pairs in one call each; the selected
+        states, tails and counts are written back into the cache (a slot the plan does not keep, e.g.
+        under an analysis hook on the router, writes nothing). Every sequence gets a real token.
         Capacity limits apply to whole-sequence forward passes only (a step cannot know the final
         length); decoding routes without dropping."""
         cfg = self.cfg
         B = x.shape[0]
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
+        Mp = len(self.all_memories)
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         if self.router.needs_token_ids and token_ids is None:
             raise ConfigError(f"router={cfg.router!r} needs token_ids (MoMLM passes input_ids); got None")
         plan = self.router(x[:, None], ones, cache.position[:, None],
                            None if token_ids is None else token_ids.view(B, 1))
         idx, w, kept = (t[:, 0] for t in self._slots(plan, ones))  # [B, k']
-        Mp = len(self.all_memories)
-        weight = torch.zeros(B, Mp, dtype=w.dtype, device=x.device).scatter_add(1, idx, w * kept)
-        selected = torch.zeros(B, Mp, dtype=torch.bool, device=x.device).scatter(1, idx, kept)
+        n = idx.shape[1]
+        rows = torch.arange(B, device=x.device)[:, None]  # with idx: the selected (sequence, memory) pairs
 
-        q_in = self.q_proj(x)
-        out = torch.zeros(B, H, V, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        new = {n: [] for n in ("states", "q_tail", "k_tail", "v_tail")}
-        for m, mem in enumerate(self.all_memories):
-            k_in, v_in = mem.k_proj(x), mem.v_proj(x)
-            q, k, v = q_in, k_in, v_in
-            tails = (cache.q_tail[:, m], cache.k_tail[:, m], cache.v_tail[:, m])
-            if cfg.short_conv:
-                (q, tq), (k, tk), (v, tv) = (conv.step(inp, tail) for conv, inp, tail in
-                                             zip((self.q_conv, mem.k_conv, mem.v_conv), (q_in, k_in, v_in), tails))
-            else:
-                tq, tk, tv = tails
-            q, k = self.rule.prepare_qk(q.view(B, 1, H, K), k.view(B, 1, H, K))
-            gates = {n: g[:, 0] for n, g in mem.gates(x[:, None]).items()}
-            o_m, S_m = self.rule.step(q[:, 0], k[:, 0], v.view(B, H, V), cache.states[:, m],
-                                      position=cache.counts[:, m], **gates, **cfg.rule_options)
-            out = out + weight[:, m, None, None].to(out.dtype) * o_m.to(out.dtype)
-            sel = selected[:, m]
-            new["states"].append(torch.where(sel.view(B, *[1] * (S_m.dim() - 1)), S_m, cache.states[:, m]))
-            for name, t_new, t_old in zip(("q_tail", "k_tail", "v_tail"), (tq, tk, tv), tails):
-                new[name].append(torch.where(sel.view(B, 1, 1), t_new, t_old))
-        cache = MoMCache(**{n: torch.stack(t, 1) for n, t in new.items()},
-                         counts=cache.counts + selected.long(), position=cache.position + 1)
+        st = self._stacked()
+        proj = F.linear(x, st.proj)  # [B, H*K + M' * (H*K + H*V)]: q, then each memory's k and v
+        q_in, kv_in = proj[:, : H * K], proj[:, H * K :].view(B, Mp, H * (K + V))
+        qkv = torch.cat([q_in[:, None].expand(B, n, H * K), kv_in[rows, idx]], -1)  # [B, k', 2HK + HV]
+        if cfg.short_conv:
+            window = torch.cat([cache.tail[rows, idx], qkv[:, :, None].to(cache.tail.dtype)], 2)  # [B, k', W, C]
+            qkv = F.silu((window * st.conv[idx]).sum(2))
+            cache.tail[rows, idx] = torch.where(kept[..., None, None], window[:, :, 1:], window[:, :, :-1])
+        q, k, v = qkv.split([H * K, H * K, H * V], -1)
+        q, k = self.rule.prepare_qk(q.reshape(B * n, H, K), k.reshape(B * n, H, K))
+        gates = self.all_memories[0].gates.forward_stacked(st.gates, x)  # [B, M', H(, K)]
+        gates = {name: g[rows, idx].flatten(0, 1) for name, g in gates.items()}
+        S_old = cache.states[rows, idx]  # [B, k', *state]
+        o, S = self.rule.step(q, k, v.reshape(B * n, H, V), S_old.flatten(0, 1),
+                              position=cache.counts[rows, idx].flatten(), **gates, **cfg.rule_options)
+        keep = kept.view(B, n, *[1] * (S.dim() - 1))
+        cache.states[rows, idx] = torch.where(keep, S.view(S_old.shape).to(S_old.dtype), S_old)
+        cache.counts[rows, idx] += kept.long()
+        cache.position += 1
+        dt = torch.promote_types(x.dtype, torch.float32)
+        out = (w.to(dt)[..., None, None] * o.view(B, n, H, V).to(dt)).sum(1)  # [B, H, V]
         return self._output(x[:, None], out[:, None])[:, 0], cache

@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 
 @dataclass
 class SingleCache:
+    """Decoding state of one layer; ``SingleMemoryLayer.step`` advances it in place."""
+
     state: Tensor  # [B, *state]
     q_tail: Tensor  # [B, W-1, H*K]
     k_tail: Tensor
@@ -85,6 +87,7 @@ class SingleMemoryLayer(nn.Module):
         return y, cache
 
     def step(self, x: Tensor, cache: SingleCache, token_ids: Tensor | None = None) -> tuple[Tensor, SingleCache]:
+        """One decoding token: x [B, D] -> (y [B, D], cache), the cache advanced in place."""
         cfg, mem = self.cfg, self.memory
         B = x.shape[0]
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
@@ -100,7 +103,9 @@ class SingleMemoryLayer(nn.Module):
         o, S = self.rule.step(q[:, 0], k[:, 0], v.view(B, H, V), cache.state, position=cache.position,
                               **gates, **cfg.rule_options)
         y = self.o_proj(self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, H, V)).flatten(-2))
-        return y, SingleCache(S, tq, tk, tv, cache.position + 1)
+        cache.state, cache.q_tail, cache.k_tail, cache.v_tail = S, tq, tk, tv
+        cache.position += 1
+        return y, cache
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> SingleCache:
         cfg = self.cfg

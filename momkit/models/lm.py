@@ -9,6 +9,7 @@ position t (-100: not supervised). For next-token prediction pass ``input_ids[:,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +51,9 @@ class Block(nn.Module):
             self.mixer = CausalAttention(cfg.hidden_size, heads, cfg.rope_theta)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_ratio)
 
-    def forward(self, x, attention_mask, token_ids, use_cache):
-        h, extra = self.mixer(self.norm1(x), attention_mask, token_ids, use_cache=use_cache)
+    def forward(self, x, attention_mask, token_ids, use_cache, cache_capacity=None):
+        kw = {"cache_capacity": cache_capacity} if self.kind == "attention" else {}  # KV slots to preallocate
+        h, extra = self.mixer(self.norm1(x), attention_mask, token_ids, use_cache=use_cache, **kw)
         x = x + h
         return x + self.mlp(self.norm2(x)), extra
 
@@ -91,13 +93,20 @@ class MoMLM(nn.Module):
             nn.init.normal_(m.weight, std=self.cfg.initializer_range)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
-                use_cache: bool = False) -> LMOutput:
+                use_cache: bool = False, cache_capacity: int | None = None,
+                last_logits_only: bool = False) -> LMOutput:
+        """``use_cache``: also return the decoding cache of every layer (``out.cache``, for ``step``);
+        ``cache_capacity``: token slots to preallocate in attention layers' KV caches (default: the input
+        length; a full cache doubles); ``last_logits_only``: logits of the last position only
+        ([B, 1, vocab], what decoding needs; not with labels)."""
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only=True computes no loss: pass labels=None")
         x = self.embed(input_ids)
         extras = []
         for block in self.blocks:
-            x, extra = block(x, attention_mask, input_ids, use_cache)
+            x, extra = block(x, attention_mask, input_ids, use_cache, cache_capacity)
             extras.append(extra)
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x[:, -1:] if last_logits_only else x))
         moms = [e if isinstance(e, MoMAux) else None for e in extras]
         aux_loss = self._aux_loss([a for a in moms if a is not None], x)
         out = LMOutput(logits=logits, loss=None, aux_loss=aux_loss, routing=[a.stats if a else None for a in moms],
@@ -131,12 +140,16 @@ class MoMLM(nn.Module):
                 router.update_bias()
 
     # ----------------------------------------------------------------------------------- decoding
-    def init_cache(self, batch_size: int) -> list:
-        dev = self.embed.weight.device
-        return [b.mixer.init_cache(batch_size, device=dev) for b in self.blocks]
+    def init_cache(self, batch_size: int, capacity: int = 0) -> list:
+        """Empty caches of every layer (decoding from the first token); ``capacity``: token slots to
+        preallocate in attention layers' KV caches (a full cache doubles)."""
+        w = self.embed.weight
+        return [b.mixer.init_cache(batch_size, device=w.device, dtype=w.dtype,
+                                   **({"capacity": capacity} if b.kind == "attention" else {})) for b in self.blocks]
 
     def step(self, token_ids: Tensor, cache: list) -> tuple[Tensor, list]:
-        """One token per sequence: token_ids [B] -> (logits [B, vocab], new cache)."""
+        """One token per sequence: token_ids [B] -> (logits [B, vocab], cache). Every layer's cache is
+        advanced in place (keep no reference to an earlier state of it); the list is returned."""
         x = self.embed(token_ids)
         new = []
         for block, c in zip(self.blocks, cache):
@@ -146,9 +159,12 @@ class MoMLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 attention_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
+                 on_token: Callable[[Tensor], None] | None = None) -> Tensor:
         """Prefill with the parallel path, then decode with the recurrent cache. Greedy when
         temperature is 0. Prompts of different lengths: left-pad them and pass attention_mask.
+        Attention layers preallocate KV slots for the prompt and the new tokens. ``on_token`` is called
+        with each new token [B] as soon as it is chosen (streaming, progress).
         Returns [B, prompt + max_new_tokens]."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -156,12 +172,15 @@ class MoMLM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        out = self(input_ids, attention_mask=attention_mask, use_cache=True)
+        out = self(input_ids, attention_mask=attention_mask, use_cache=True,
+                   cache_capacity=input_ids.shape[1] + max_new_tokens, last_logits_only=True)
         cache, logits = out.cache, out.logits[:, -1]
         tokens = [input_ids]
         for i in range(max_new_tokens):
             nxt = self._sample(logits, temperature, top_k, generator)
             tokens.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
             if i + 1 < max_new_tokens:
                 logits, cache = self.step(nxt, cache)
         return torch.cat(tokens, 1)

@@ -10,11 +10,18 @@ Inits follow the source papers:
 * RetNet: fixed per-head decays ``log(1 - 2^(-5 - h))``, not learned.
 
 Parameters that should not get weight decay (A_log, dt_bias) carry ``_no_weight_decay = True``.
+
+Decoding evaluates the gates of all memories of a layer at once: ``stack_parameters(modules)`` stacks the
+parameters and buffers of several modules of one class and configuration on a leading memory axis M, and
+``module.forward_stacked(params, x)`` maps ``x [N, D]`` to gates ``[N, M, H]`` / ``[N, M, H, K]`` with one
+matrix product per linear map (every gate module implements it; tests compare it with ``forward``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +32,30 @@ from momkit.rules.base import upcast
 Tensor = torch.Tensor
 
 
+def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``modules`` (one class and configuration), by name, stacked on a new
+    leading axis: the ``params`` of ``forward_stacked``. Differentiable (``torch.stack``)."""
+    named = [dict(itertools.chain(m.named_parameters(), m.named_buffers())) for m in modules]
+    return {n: torch.stack([d[n] for d in named]) for n in named[0]}
+
+
+def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)}
+
+
+def _stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [N, D] through M linear maps at once: weight [M, O, D], bias [M, O] -> [N, M, O] (one matmul)."""
+    y = torch.nn.functional.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+    return y.unflatten(-1, tuple(weight.shape[:2]))
+
+
 class NoGates(nn.Module):
     """For rules without gates (linear attention)."""
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
         return {}
 
 
@@ -45,6 +72,11 @@ class SigmoidGates(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.proj(x).sigmoid().unflatten(-1, (len(self.names), self.num_heads))
+        return {n: z[..., i, :] for i, n in enumerate(self.names)}
+
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        z = _stacked_linear(x, params["proj.weight"], params["proj.bias"]).sigmoid()
+        z = z.unflatten(-1, (len(self.names), self.num_heads))  # [N, M, gates, H]
         return {n: z[..., i, :] for i, n in enumerate(self.names)}
 
 
@@ -66,6 +98,10 @@ class DecayGate(nn.Module):
         dt = F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
         return -upcast(self.A_log).exp() * dt, dt
 
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        dt = F.softplus(upcast(_stacked_linear(x, params["a_proj.weight"])) + params["dt_bias"])  # [N, M, H]
+        return -upcast(params["A_log"]).exp() * dt, dt
+
 
 class GLAGate(nn.Module):
     """Per-channel log decay ``logsigmoid(W2 W1 x + b) / normalizer`` [B, T, H, K]."""
@@ -82,6 +118,12 @@ class GLAGate(nn.Module):
         g = F.logsigmoid(upcast(self.up(self.down(x)))) / self.normalizer
         return {"g": g.unflatten(-1, self.shape)}
 
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        low = _stacked_linear(x, params["down.weight"]).transpose(0, 1)  # [M, N, rank]
+        up = torch.baddbmm(params["up.bias"][:, None], low, params["up.weight"].mT).transpose(0, 1)  # [N, M, H*K]
+        g = F.logsigmoid(upcast(up)) / self.normalizer
+        return {"g": g.unflatten(-1, self.shape)}
+
 
 class FixedDecay(nn.Module):
     """RetNet's fixed per-head decays ``log(1 - 2^(-5 - h))``, broadcast to [B, T, H]."""
@@ -93,6 +135,9 @@ class FixedDecay(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return {"g": self.g.expand(*x.shape[:-1], -1)}
 
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        return {"g": params["g"].expand(x.shape[0], -1, -1)}
+
 
 class Mamba2Gates(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int):
@@ -101,6 +146,10 @@ class Mamba2Gates(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         g, dt = self.decay(x)
+        return {"g": g, "dt": dt}
+
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        g, dt = self.decay.forward_stacked(_sub(params, "decay."), x)
         return {"g": g, "dt": dt}
 
 
@@ -113,3 +162,7 @@ class GatedDeltaGates(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         g, _ = self.decay(x)
         return {"g": g, **self.beta(x)}
+
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        g, _ = self.decay.forward_stacked(_sub(params, "decay."), x)
+        return {"g": g, **self.beta.forward_stacked(_sub(params, "beta."), x)}

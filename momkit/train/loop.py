@@ -317,8 +317,10 @@ def _better(metrics: Metrics, best: Metrics, key: str, mode: str) -> bool:
     return value > best[key] if mode == "max" else value < best[key]
 
 
-def load_run(run_dir: str | os.PathLike, checkpoint: str = "last") -> tuple[TrainConfig, MoMLM]:
-    """The config and the trained model of a run directory (``checkpoint``: "last" or "best")."""
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "last",
+             validate_task: bool = True) -> tuple[TrainConfig, MoMLM]:
+    """The config and the trained model of a run directory (``checkpoint``: "last" or "best");
+    ``validate_task=False`` for uses that need no task data (generation)."""
     from momkit.config import load_config
 
     run_dir = Path(run_dir)
@@ -327,7 +329,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "last") -> tuple[Trai
     path = run_dir / f"{checkpoint}.pt"
     if checkpoint not in ("last", "best") or not path.is_file():
         raise ConfigError(f"checkpoint={checkpoint!r} is invalid: {path} does not exist (use last or best)")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = load_config(str(run_dir / "config.yaml"), validate_task=validate_task)
     model = MoMLM(cfg.model)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
     return cfg, model.eval()

@@ -126,10 +126,14 @@ def test_ablating_the_shared_memory():
         pass
 
 
-def test_ablation_holds_while_decoding():
+@pytest.mark.parametrize("memory", [0, "shared"])
+def test_ablation_holds_while_decoding(memory):
     lay = layer(M=3, k=2, shared=True)
     x = torch.randn(2, 10, D, dtype=F64)
-    with ablate_memory(lay, 0):
+    y_before, _ = lay(x)
+    with torch.no_grad():
+        lay.step(x[:, 0], lay.init_cache(2, dtype=F64))  # stacked decoding weights made before the ablation
+    with ablate_memory(lay, memory):
         y_full, _ = lay(x)
         _, aux = lay(x[:, :4], use_cache=True)
         cache, ys = aux.cache, []
@@ -137,7 +141,9 @@ def test_ablation_holds_while_decoding():
             y_t, cache = lay.step(x[:, t], cache)
             ys.append(y_t)
     torch.testing.assert_close(torch.stack(ys, 1), y_full[:, 4:], atol=1e-11, rtol=1e-9)
-    assert torch.all(cache.states[:, 0] == 0)
+    assert torch.all(cache.states[:, 0 if memory == 0 else 3] == 0)
+    assert (y_full - y_before).abs().max() > 1e-6  # the ablation acts
+    torch.testing.assert_close(lay(x)[0], y_before, atol=0, rtol=0)  # restored
 
 
 def test_ablation_effect_records():

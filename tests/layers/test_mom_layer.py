@@ -181,3 +181,58 @@ def test_bad_configs_raise_config_error():
     layer = MoMLayer(dataclasses.replace(base, router="hash"))
     with pytest.raises(ConfigError, match=r"router='hash' needs token_ids"):
         layer(torch.randn(1, 4, 32))
+
+
+def _clone_cache(cache):
+    return dataclasses.replace(cache, **{f.name: getattr(cache, f.name).clone() for f in dataclasses.fields(cache)})
+
+
+def test_step_is_one_batched_rule_call_over_the_selected_memories(monkeypatch):
+    layer = make(M=4, k=2, shared=True)
+    B = 3
+    calls = []
+    step = layer.rule.step
+    monkeypatch.setattr(layer.rule, "step", lambda q, *a, **kw: calls.append(q.shape[0]) or step(q, *a, **kw))
+    for mem in layer.all_memories:  # the per-memory modules are not run: their weights are stacked
+        for mod in (mem.k_proj, mem.v_proj, mem.gates, mem.k_conv, mem.v_conv):
+            mod.register_forward_pre_hook(lambda *_: pytest.fail("a per-memory module ran during step"))
+    cache = layer.init_cache(B, dtype=F64)
+    with torch.no_grad():
+        layer.step(torch.randn(B, D, dtype=F64), cache)
+    assert calls == [B * 3]  # top-2 + shared, for every sequence, in one call
+
+
+def test_step_sees_parameter_changes_and_stays_differentiable():
+    import copy
+
+    layer = make(M=3, k=2, shared=True)
+    x = torch.randn(2, 6, D, dtype=F64)
+    cache = layer.init_cache(2, dtype=F64)
+    with torch.no_grad():
+        for t in range(5):
+            layer.step(x[:, t], cache)  # stacks the decoding weights once
+    before = _clone_cache(cache)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x)[0].square().sum().backward()
+    opt.step()  # in-place updates of every parameter
+    for edit in ("optimizer", "data"):
+        if edit == "data":  # through .data (no version counter): seen by the next new cache
+            layer.memories[1].k_proj.weight.data.mul_(-1.0)
+            layer.init_cache(1)
+        fresh = copy.deepcopy(layer)
+        fresh._stacked_memo = None
+        with torch.no_grad():
+            y, _ = layer.step(x[:, 5], _clone_cache(before))
+            y_ref, _ = fresh.step(x[:, 5], _clone_cache(before))
+        torch.testing.assert_close(y, y_ref, atol=0, rtol=0, msg=edit)
+    # with gradients, the step's parameter gradients are the full forward's
+    w = layer.memories[0].gates.beta.proj.weight
+    ys = []
+    cache = layer.init_cache(2, dtype=F64)
+    for t in range(6):
+        y_t, cache = layer.step(x[:, t], cache)
+        ys.append(y_t)
+    g_step, = torch.autograd.grad(torch.stack(ys, 1).square().sum(), w)
+    g_full, = torch.autograd.grad(layer(x)[0].square().sum(), w)
+    assert g_full.abs().sum() > 0
+    torch.testing.assert_close(g_step, g_full, atol=1e-12, rtol=1e-9)

@@ -130,3 +130,55 @@ def test_lm_config_errors_name_the_field():
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             MoMLM(dataclasses.replace(base, **change))
+
+
+@pytest.mark.parametrize("mixer", ["mom", "single", "attention"])
+def test_generate_streams_each_token_and_step_advances_caches_in_place(mixer):
+    model = make(mixer=mixer)
+    x = ids(2, 5)
+    seen = []
+    out = model.generate(x, 4, on_token=lambda t: seen.append(t.clone()))
+    assert torch.equal(torch.stack(seen, 1), out[:, 5:])
+    torch.testing.assert_close(model(x, last_logits_only=True).logits, model(x).logits[:, -1:])
+    with pytest.raises(ValueError, match="last_logits_only=True computes no loss"):
+        model(x, labels=x, last_logits_only=True)
+    cache = model(x, use_cache=True, cache_capacity=8).cache
+    _, new = model.step(x[:, -1], cache)
+    assert all(a is b for a, b in zip(new, cache))
+    if mixer == "attention":
+        assert [c.capacity for c in cache] == [8, 8] and cache[0].length == 6
+
+
+def _decode_logits(model, x, prefix, device, dtype):
+    """Logits of prefill(x[:, :prefix]) then one step per remaining token, in ``dtype`` on ``device``."""
+    import copy
+
+    model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    x = x.to(device)
+    with torch.no_grad():
+        out = model(x[:, :prefix], use_cache=True, last_logits_only=True)
+        cache, steps = out.cache, [out.logits[:, -1]]
+        for t in range(prefix, x.shape[1]):
+            logits, cache = model.step(x[:, t], cache)
+            steps.append(logits)
+    return torch.stack(steps, 1).double().cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", rule_names())
+def test_decoding_on_cuda_matches_the_float64_forward(rule, dtype):
+    """Prefill (Triton chunk kernels) and batched steps (fused recurrent kernels) on CUDA against the float64
+    forward, with the kernel tests' rule: |cuda - ref64| <= 2 |cpu in dtype - ref64| + C u max |ref64|."""
+    torch.manual_seed(0)
+    mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=32, rule=rule, router="round_robin", num_memories=3,
+                    topk=2, shared_memory=True, rule_options={"mini_batch": 4} if rule == "titans" else {})
+    # round_robin: fixed routing, no near-tie flips in low precision
+    model = MoMLM(LMConfig(vocab_size=V, num_layers=2, hidden_size=64, mom=mom)).double().eval()
+    x, P = ids(3, 40), 17
+    ref = model(x).logits[:, P - 1 :]
+    err = (_decode_logits(model, x, P, "cuda", dtype) - ref).abs().max().item()
+    lp_err = (_decode_logits(model, x, P, "cpu", dtype) - ref).abs().max().item()
+    C, u = (16, 2.0**-24) if dtype == torch.float32 else (8, 2.0**-8)
+    atol = C * u * ref.abs().max().item()
+    assert err <= 2 * lp_err + atol, f"max error {err:.3e} > 2 * {lp_err:.3e} + {atol:.3e}"

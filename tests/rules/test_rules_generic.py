@@ -228,3 +228,23 @@ def test_gate_module_shapes_and_domains(name):
     q, k = torch.randn(2, 11, Hh, Kk), torch.randn(2, 11, Hh, Kk)
     o, _ = rule.chunked(*rule.prepare_qk(q, k), torch.randn(2, 11, Hh, 5), **gates)
     assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("name", rule_names())
+def test_gate_modules_forward_stacked_equals_each_module(name):
+    """The gates of M memories at once (decoding) are each memory's own gates."""
+    from momkit.rules.gates import stack_parameters
+
+    torch.manual_seed(0)
+    D, M, N = 12, 3, 5
+    mods = [get_rule(name).gate_module(D, H, K).double() for _ in range(M)]
+    with torch.no_grad():  # memories that differ in every parameter and buffer, biases included
+        for mod in mods:
+            for t in [*mod.parameters(), *mod.buffers()]:
+                t.add_(0.3 * torch.randn_like(t))
+    x = torch.randn(N, D, dtype=F64)
+    stacked = mods[0].forward_stacked(stack_parameters(mods), x)
+    each = [mod(x[:, None]) for mod in mods]  # [N, 1, H(, K)] per memory
+    assert set(stacked) == set(each[0]) == set(get_rule(name).gate_names)
+    for n, g in stacked.items():
+        _close(g, torch.stack([e[n][:, 0] for e in each], 1), f"gate {n}", atol=1e-14, rtol=1e-13)
