@@ -129,18 +129,27 @@ def main() -> None:
         env["fla"] = None if args.no_fla else fla.__version__
     except ImportError:
         env["fla"] = None
-    rows, breakdowns = [], {}
+    rows = {}
+    breakdowns: dict[str, list] = {}
+    inputs = {}
     for name in args.cases:
         kind, B, T, M = CASES[name]
         torch.manual_seed(0)
         x = torch.randn(B, T, D, device=device, dtype=torch.bfloat16)
-        dy = torch.randn_like(x)
-        row = {"case": name, "layer": kind, "B": B, "T": T, "D": D, "H": H, "K": HEAD, "V": HEAD, "M": M,
-               "topk": 2, "shared": True, "rule": "gated_deltanet", "dtype": "bfloat16"}
-        layers = {"ours": ours(kind, M, device)}
-        if env["fla"] is not None:
-            layers["fla"] = fla_layer(kind, M, device)
-        for who, layer in layers.items():
+        inputs[name] = (x, torch.randn_like(x))
+        rows[name] = {"case": name, "layer": kind, "B": B, "T": T, "D": D, "H": H, "K": HEAD, "V": HEAD, "M": M,
+                      "topk": 2, "shared": True, "rule": "gated_deltanet", "dtype": "bfloat16"}
+    # ours at every case first, then fla (whose first calls autotune for minutes at K = 256)
+    for who in ["ours"] + (["fla"] if env["fla"] is not None else []):
+        for name in args.cases:
+            kind, B, T, M = CASES[name]
+            row = rows[name]
+            x, dy = inputs[name]
+            try:
+                layer = ours(kind, M, device) if who == "ours" else fla_layer(kind, M, device)
+            except Exception as e:  # report, don't hide
+                row[f"{who}_error"] = f"{type(e).__name__}: {e}"[:300]
+                continue
             for mode, backward in (("fwd", False), ("fwd_bwd", True)):
                 try:
                     res, kt = measure(step_fn(layer, x, dy, backward), device, args.rep, backward)
@@ -148,11 +157,16 @@ def main() -> None:
                     row[f"{who}_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
                     continue
                 row.update({f"{who}_{mode}_{k}": v for k, v in res.items()})
+                print(f"{name} {who} {mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
                 if who == "ours" and backward:
                     top = sorted(kt.items(), key=lambda kv: -kv[1][1])
                     breakdowns[name] = [{"kernel": n, "launches": c, "us": round(t, 1)} for n, (c, t) in top]
+                with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
+                    json.dump({"environment": env, "rows": list(rows.values()), "breakdown_fwd_bwd": breakdowns},
+                              f, indent=1)
             del layer
             torch.cuda.empty_cache()
+    for row in rows.values():
         for mode in ("fwd", "fwd_bwd"):
             for k, key in (("ms", "wall"), ("gpu_us", "gpu")):
                 a, b = row.get(f"fla_{mode}_{k}"), row.get(f"ours_{mode}_{k}")
@@ -160,10 +174,7 @@ def main() -> None:
                     row[f"ratio_{mode}_{key}"] = a / b
         if row.get("fla_fwd_bwd_peak_mib") and row.get("ours_fwd_bwd_peak_mib"):
             row["ratio_fwd_bwd_memory"] = row["fla_fwd_bwd_peak_mib"] / row["ours_fwd_bwd_peak_mib"]
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
-            json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns}, f, indent=1)
+    rows = list(rows.values())
     single = {r["B"]: r for r in rows if r["layer"] == "single"}
     for r in rows:  # the MoM layer's cost over one memory's (3 writes per token at top-2 + shared)
         s = single.get(r["B"]) if r["layer"] == "mom" and r["T"] == 2048 else None
