@@ -287,7 +287,7 @@ def launch_keys() -> list[str]:
     import re
 
     root = pathlib.Path(_common.__file__).parent
-    return sorted({m for f in root.glob("*/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
+    return sorted({m for f in root.glob("**/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -86,9 +86,25 @@ def measure(model, args, device) -> dict:
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     gpu = sum(t for _, t in kernel_times(step, 2).values()) / 1e3
-    return {"ms_per_step": dt * 1e3, "gpu_ms_per_step": gpu, "tokens_per_s": args.batch * args.seq_len / dt,
-            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    out = {"ms_per_step": dt * 1e3, "gpu_ms_per_step": gpu, "tokens_per_s": args.batch * args.seq_len / dt,
+           "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if args.host_profile:
+        out["host_top_ops"] = host_profile(step, args.host_profile)
+    return out
+
+
+def host_profile(step, top: int) -> list[dict]:
+    """Where one training step's host time goes: the ``top`` operators by self CPU time (torch.profiler),
+    and the time the host spent waiting for the device inside them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key[:100], "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in rows]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-fla", action="store_true", help="time ours only")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="also list the N operators with the most host time in one step")
     args = ap.parse_args(argv)
+    if args.host_profile < 0:
+        ap.error(f"--host-profile {args.host_profile}: must be >= 0")
     for key in ("batch", "seq_len", "warmup", "steps"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
@@ -122,7 +142,9 @@ def main() -> None:
             result[who] = measure(model, args, device)
         except Exception as e:  # report, don't hide
             result[who] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        print(who, json.dumps(result[who]), flush=True)
+        print(who, json.dumps({k: v for k, v in result[who].items() if k != "host_top_ops"}), flush=True)
+        for row in result[who].get("host_top_ops", []):
+            print(f"    {row['self_cpu_ms']:9.2f} ms  {row['calls']:6d}x  {row['op']}")
         del model
         torch.cuda.empty_cache()
     if "tokens_per_s" in result.get("fla", {}) and "tokens_per_s" in result["ours"]:

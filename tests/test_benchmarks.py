@@ -33,7 +33,7 @@ def test_kernels_benchmark_accepts_lists():
 def test_launch_keys_are_the_launchers_names():
     keys = gpu_debug.launch_keys()
     assert {"gl.fwd_h", "delta.wy_bwd", "titans.prep", "titans.coef_bwd"} <= set(keys)
-    assert all(k.split(".")[0] in ("gl", "delta", "titans") for k in keys)
+    assert all(k.split(".")[0] in ("gl", "delta", "titans", "conv", "norm") for k in keys)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -171,3 +171,18 @@ def test_inference_benchmark_names_bad_arguments(argv, expected, capsys):
     from benchmarks import inference
 
     assert expected in _error(inference.parse_args, ["--out", "x.json", *argv], capsys)
+
+
+def test_layer_train_and_launch_benchmarks_name_bad_arguments(capsys):
+    from benchmarks import gpu_layer, gpu_train, tune_launch
+
+    err = _error(gpu_layer.parse_args, ["--out", "x.json", "--cases", "mom_b4_t2048_m4,huge"], capsys)
+    assert "--cases 'mom_b4_t2048_m4,huge': unknown huge" in err and "single_b4_t2048" in err
+    assert "--steps 0: must be >= 1" in _error(gpu_train.parse_args, ["--out", "x", "--steps", "0"], capsys)
+    err = _error(tune_launch.parse_args, ["--options", "BV=thirty"], capsys)
+    assert "launch option 'BV=thirty' must look like name=int" in err
+    assert "--shapes" in _error(tune_launch.parse_args, ["--shapes", "4x2048x4"], capsys)
+    err = _error(tune_launch.parse_args, ["--kernels", "delta.nope"], capsys)
+    assert "unknown delta.nope" in err and "delta.bwd_dh" in err and "conv.fwd" in err
+    args = tune_launch.parse_args(["--kernels", "delta.bwd_dh,delta.fwd_h", "--options", "BV=32,num_warps=8"])
+    assert args.options == [{"BV": 32, "num_warps": 8}] and args.shapes == [(4, 2048, 4, 256, 256)]
