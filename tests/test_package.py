@@ -32,3 +32,17 @@ def test_import_momkit_is_light(tmp_path):
 def test_fresh_allocations_are_poisoned_in_tests():
     assert torch.isnan(torch.empty(16)).all()
     assert torch.isnan(torch.empty_like(torch.zeros(4, 4))).all()
+
+
+def test_editable_install_prints_no_setuptools_warnings(tmp_path):
+    """`pip install -e .` as a user runs it (isolated build), into a throwaway environment: setuptools has
+    nothing to warn about (license metadata, package data, the editable layout)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(tmp_path / "env" / "bin" / "python"),
+                          "install", "--no-deps", "-e", str(root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    warned = [ln for ln in (out.stdout + out.stderr).splitlines() if re.search(r"[a-z]Warning\b", ln)]
+    assert warned == [], "\n".join(warned)
