@@ -322,6 +322,8 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
                  out: TextIO | None = None, figures: bool = True) -> Report:
     """Export every trial of the study, draw the figures, print the table, write the best config."""
     out = out or sys.stdout
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out={str(out_dir)!r} is invalid: it is a file; name a directory (created if missing)")
     study = load_study(study_name, storage_url)
     fp = study.user_attrs.get(SPEC_ATTR, {})
     metric = fp.get("objective", {}).get("metric", "objective")
@@ -330,11 +332,15 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
     if out_dir is None:
         out_dir = Path(study.user_attrs.get(RUNS_DIR_ATTR, "runs/sweeps")) / study_name / "report"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(study_name, out_dir)
     df = trials_frame(study)
     if df.empty:
         raise ConfigError(f"study {study_name!r} has no trials yet")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out={str(out_dir)!r} is invalid: the directory cannot be created "
+                          f"({e.strerror})") from None
+    report = Report(study_name, out_dir)
     df.to_csv(out_dir / "trials.csv", index=False)
     df.to_parquet(out_dir / "trials.parquet", index=False)
     report.files += [out_dir / "trials.csv", out_dir / "trials.parquet"]

@@ -153,6 +153,17 @@ def test_a_failed_trial_keeps_its_error_and_the_others_run(tmp_path, make_spec, 
     assert csv.loc[csv["state"] == "FAIL", "message"].str.contains("the task needs at least 32").all()
 
 
+def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path, make_spec, momkit_cmd):
+    spec = make_spec(tmp_path / "allfail.yaml", space={"model.vocab_size": [8, 16]}, drop=("model.vocab_size",))
+    r = momkit_cmd("sweep", spec, "--storage", f"sqlite:///{tmp_path / 'a.db'}", cwd=tmp_path, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "2 fail" in r.stdout
+    first = min(_study(f"sqlite:///{tmp_path / 'a.db'}", "allfail").get_trials(), key=lambda t: t.number)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"momkit: every trial of study 'allfail' failed; the first: trial 0: ConfigError: model.vocab_size="
+        f"{first.params['model.vocab_size']} is invalid: the task needs at least 32 (task.vocab_size)")
+
+
 def test_invalid_sampled_combinations_are_skipped_and_replaced(tmp_path, make_spec, capsys):
     # random sampling of num_memories x topk draws topk=2 with one memory now and then: skipped, not failed
     spec = make_spec(tmp_path / "inv.yaml", space={"model.mom.num_memories": [1, 2], "model.mom.topk": [1, 2]},
@@ -221,6 +232,8 @@ BAD_INPUT = [
     (["sweep", "{spec}", "--n-trials", "many"], r"argument --n-trials: invalid int value: 'many'"),
     (["sweep-report", "demo"], r"--storage='sqlite:///runs/sweeps.db': runs/sweeps.db does not exist"),
     (["sweep-report", "demo", "--storage", "journal:j.log"], r"j.log does not exist"),
+    (["sweep", "{empty}"], r"sweep spec .*empty.yaml: space=\{\} is invalid: a non-empty mapping of dotted config "
+                           r"keys \(or bundle names\) to values or distributions is required"),
 ]
 
 
@@ -231,8 +244,9 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, make_spec, c
     work.mkdir()
     spec = make_spec(tmp_path / "good.yaml", runs_dir=str(work / "runs"))
     bad = make_spec(tmp_path / "bad.yaml", sapce={})
+    empty = make_spec(tmp_path / "empty.yaml", space={})
     monkeypatch.chdir(work)
-    argv = [a.format(spec=spec, bad=bad) for a in argv]
+    argv = [a.format(spec=spec, bad=bad, empty=empty) for a in argv]
     try:
         status = main(argv)
     except SystemExit as e:  # argparse's own errors
