@@ -112,6 +112,10 @@ def test_seeds_sampling_resume_and_a_larger_budget(tmp_path, make_spec, capsys):
     report = tmp_path / "runs" / "seeded" / "report"
     assert "variance of valid/accuracy explained by each parameter alone: lr " in out  # in 2 quantile bins
     assert (report / "param_importances.png").stat().st_size > 5000
+    from PIL import Image
+
+    for fig in report.glob("*.png"):
+        assert Image.open(fig).info["dpi"] == pytest.approx((150, 150), abs=0.1), fig.name
     assert not (report / "objective_vs_num_memories.png").exists()  # num_memories did not vary
     df = pd.read_parquet(report / "trials.parquet")
     assert (df["seeds"] == 2).all() and df["objective_std"].notna().all()
@@ -298,3 +302,41 @@ def test_bundles_end_to_end_and_the_router_figure(tmp_path, make_spec, capsys):
     assert dict(zip(df["router (param)"], df["topk"])) == {"sparse": 1, "dense": 2}
     assert (tmp_path / "rep" / "objective_by_router.png").stat().st_size > 5000
     assert "router=dense" in capsys.readouterr().out
+
+
+def test_the_importance_figure_is_one_explained_panel():
+    from momkit.sweep.report import importance_figure
+
+    fig = importance_figure({"model.mom.topk": 0.6, "optim.lr": 0.1}, "valid/accuracy",
+                            {"model.mom.topk": "topk", "optim.lr": "lr"}, 12)
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["topk", "lr"]
+    assert "explained by the parameter alone (eta squared)" in ax.get_xlabel()
+    assert "12 complete trials" in ax.get_title() and "need not sum to 1" in ax.get_title()
+
+
+def test_learning_curves_are_coloured_by_the_swept_parameters():
+    from momkit.sweep.report import learning_curves_figure
+
+    curve = json.dumps({"4": 0.2, "8": 0.5})
+    df = pd.DataFrame({"number": [0, 1, 2], "state": ["COMPLETE", "PRUNED", "COMPLETE"],
+                       "model.mom.num_memories": [1, 2, 2], "model.mom.shared_memory": [True, True, False],
+                       "intermediate": [curve] * 3})
+    fig = learning_curves_figure(df, ["model.mom.num_memories", "model.mom.shared_memory"], "valid/accuracy")
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert len({ln.get_color() for ln in lines}) == 3  # three parameter combinations, three colours
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--", "-"]  # the pruned one dashed
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["num_memories=1 shared_memory=on", "num_memories=2 shared_memory=off",
+                      "num_memories=2 shared_memory=on", "complete", "pruned"]
+    assert ax.get_legend().get_title().get_text() == "colour: the swept parameters; line: outcome"
+
+    # more combinations than colours: coloured by the parameter that explains most
+    many = pd.DataFrame({"number": range(12), "state": ["COMPLETE"] * 12, "a": range(12), "b": [0, 1] * 6,
+                         "intermediate": [curve] * 12})
+    fig = learning_curves_figure(many, ["a", "b"], "valid/accuracy", effects={"a": 0.1, "b": 0.5})
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["b=0", "b=1"]
+    assert legend.get_title().get_text() == "colour: b"
