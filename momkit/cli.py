@@ -178,8 +178,8 @@ def cmd_sweep(args) -> int:
         print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")
     print(f"report: momkit sweep-report {summary.study} --storage {describe(args.storage)}")
     if summary.first_error is not None and not summary.counts.get("COMPLETE"):
-        print(f"momkit: every trial of study {summary.study!r} failed; the first: {summary.first_error}",
-              file=sys.stderr)
+        print(f"momkit: no trial of study {summary.study!r} completed ({summary.counts['FAIL']} failed); the first "
+              f"failure: {summary.first_error}", file=sys.stderr)
         return 1
     return 1 if summary.worker_errors else 0
 

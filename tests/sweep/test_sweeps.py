@@ -164,7 +164,8 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path,
     assert "Traceback" not in r.stderr and "2 fail" in r.stdout
     first = min(_study(f"sqlite:///{tmp_path / 'a.db'}", "allfail").get_trials(), key=lambda t: t.number)
     assert r.stderr.strip().splitlines()[-1] == (
-        f"momkit: every trial of study 'allfail' failed; the first: trial 0: ConfigError: model.vocab_size="
+        f"momkit: no trial of study 'allfail' completed (2 failed); the first failure: trial 0: ConfigError: "
+        f"model.vocab_size="
         f"{first.params['model.vocab_size']} is invalid: the task needs at least 32 (task.vocab_size)")
 
 
