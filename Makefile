@@ -37,9 +37,12 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Jupyter refuses to start as root without --allow-root; containers and cloud notebooks run as root.
+USER_ID ?= $(shell id -u)
+LAB_ARGS ?= $(if $(filter 0,$(USER_ID)),--allow-root)
 lab: venv
 	$(VENV)/bin/python -m ipykernel install --sys-prefix --name momkit --display-name "momkit (.venv)" >/dev/null
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(LAB_ARGS)
 
 bench-cpu: venv
 	$(PY) -m benchmarks.cpu_rules --out benchmarks/results/cpu_rules_default.json

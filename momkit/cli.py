@@ -1,6 +1,6 @@
 """The ``momkit`` command (also ``python -m momkit``).
 
-    momkit train [CONFIG] [key=value ...] [--resume | --overwrite]
+    momkit train CONFIG [key=value ...] [--resume | --overwrite]
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     momkit info
@@ -31,10 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="momkit", description="A research kit for Mixture-of-Memories linear sequence models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a model from a config",
-                       description="Train from a packaged config name or a YAML path, with dotted overrides, e.g. "
-                                   "`momkit train mqar_tiny model.mom.num_memories=8`. Packaged configs: "
-                                   + ", ".join(config_names()) + ". See docs/training.md.")
-    t.add_argument("config", nargs="?", default=None, help="packaged config name or YAML path (default: built-ins)")
+                       description="Train from a packaged config name or a YAML path, with dotted overrides "
+                                   "(before or after the options), e.g. `momkit train mqar_tiny "
+                                   "model.mom.num_memories=8`. Packaged configs: " + ", ".join(config_names())
+                                   + ". See docs/training.md.")
+    # optional here so that a missing config gets its own message (cmd_train)
+    t.add_argument("config", nargs="?", default=None, help="packaged config name or YAML path (required)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in its run directory")
@@ -93,19 +95,22 @@ def _sweep_parsers(sub) -> None:
     r.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <runs_dir>/<study>/report)")
 
 
-def _split_overrides(args) -> tuple[str | None, list[str]]:
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `momkit train key=value` without a config
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
+def _config_and_overrides(args) -> tuple[str, list[str]]:
+    from momkit.config import config_names
+
+    if args.config is None or "=" in args.config:
+        got = "nothing" if args.config is None else repr(args.config)
+        raise ConfigError(f"momkit train needs a config first, got {got}: a packaged config "
+                          f"({', '.join(config_names())}) or a YAML path, e.g. momkit train mqar_tiny "
+                          "model.mom.topk=1")
+    return args.config, list(args.overrides)
 
 
 def cmd_train(args) -> int:
     from momkit.config import load_config
     from momkit.train import train
 
-    config, overrides = _split_overrides(args)
+    config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides)
     if args.no_progress:
         cfg.run.progress = False
@@ -242,6 +247,10 @@ def cmd_sweep(args) -> int:
     if summary.ran:
         print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")
     print(f"report: momkit sweep-report {summary.study} --storage {describe(args.storage)}")
+    if summary.first_error is not None and not summary.counts.get("COMPLETE"):
+        print(f"momkit: no trial of study {summary.study!r} completed ({summary.counts['FAIL']} failed); the first "
+              f"failure: {summary.first_error}", file=sys.stderr)
+        return 1
     return 1 if summary.worker_errors else 0
 
 
@@ -260,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     from momkit.runtime import tune_cpu
     from momkit.train.loop import NonFiniteError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may follow the options (`momkit train cfg --resume run.progress=false`)
+    if args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides, extra = args.overrides + extra, []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     tune_cpu()  # before any tensor work: see momkit/runtime.py
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,

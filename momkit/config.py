@@ -311,6 +311,7 @@ def _read_source(source: str):
     """A packaged config name or a YAML path -> (OmegaConf node, name)."""
     from pathlib import Path
 
+    import yaml
     from omegaconf import OmegaConf
 
     packaged = _packaged_configs()
@@ -321,12 +322,57 @@ def _read_source(source: str):
         if not path.is_file():
             raise ConfigError(f"config {source!r} is neither a packaged config ({', '.join(sorted(packaged))}) "
                               "nor an existing YAML file")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = path.read_text(), path.stem
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
+            raise ConfigError(f"config {source!r} cannot be read: {why}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source!r} is not valid YAML: {_yaml_problem(e)}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config {source!r} is invalid: its top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(TrainConfig))}), got "
+                          f"{type(raw).__name__} {_short(raw)}")
     try:
         node = OmegaConf.create(text)
-    except Exception as e:  # yaml errors
-        raise ConfigError(f"config {source!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # what OmegaConf refuses beyond plain YAML (duplicate keys)
+        raise ConfigError(f"config {source!r} is invalid: {_yaml_problem(e)}") from None
     return node, name
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line for a YAML error: the problem and where it is."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem:
+        return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_sections(tree: dict, cls: type | None = None, prefix: str = "") -> None:
+    """Every section of the structure (model, model.mom, task, optim, run) must be given as a mapping."""
+    cls = cls or TrainConfig
+    for f in dataclasses.fields(cls):
+        if f.name not in tree or tree[f.name] is None:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = tree[f.name]
+        if dataclasses.is_dataclass(default) or isinstance(default, dict):
+            if not isinstance(value, dict):
+                if dataclasses.is_dataclass(default):
+                    what = f"a section with keys {', '.join(g.name for g in dataclasses.fields(default))}"
+                else:
+                    what = "with a 'name' key" if f.name == "task" else "of names to values"
+                raise ConfigError(f"{prefix}{f.name}={_short(value)} is invalid: must be a mapping ({what})")
+            if dataclasses.is_dataclass(default):
+                _check_sections(value, type(default), f"{prefix}{f.name}.")
 
 
 def _omegaconf_error(e: Exception, base) -> ConfigError:
@@ -370,6 +416,8 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
             layers.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r} could not be parsed: {str(e).splitlines()[0]}") from None
+    for layer in layers:
+        _check_sections(OmegaConf.to_container(layer))
     try:
         merged = OmegaConf.merge(base, *layers)
         cfg = OmegaConf.to_object(merged)

@@ -32,3 +32,37 @@ def test_import_momkit_is_light(tmp_path):
 def test_fresh_allocations_are_poisoned_in_tests():
     assert torch.isnan(torch.empty(16)).all()
     assert torch.isnan(torch.empty_like(torch.zeros(4, 4))).all()
+
+
+def test_editable_install_prints_no_setuptools_warnings(tmp_path):
+    """`pip install -e .` as a user runs it (isolated build), into a throwaway environment: setuptools has
+    nothing to warn about (license metadata, package data, the editable layout)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(tmp_path / "env" / "bin" / "python"),
+                          "install", "--no-deps", "-e", str(root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    warned = [ln for ln in (out.stdout + out.stderr).splitlines() if re.search(r"[a-z]Warning\b", ln)]
+    assert warned == [], "\n".join(warned)
+
+
+def _lab_command(*make_vars: str) -> str:
+    """The command line `make lab` would start JupyterLab with (make -n prints it without running anything)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "-C", str(root), "lab", "VENV=/nonexistent/venv", *make_vars],
+                         capture_output=True, text=True, check=True)
+    return next(ln for ln in out.stdout.splitlines() if "jupyter lab" in ln)
+
+
+def test_make_lab_allows_root_only_as_root():
+    import os
+
+    assert _lab_command("USER_ID=0").split()[-1] == "--allow-root"
+    assert "--allow-root" not in _lab_command("USER_ID=1000")
+    assert ("--allow-root" in _lab_command()) == (os.geteuid() == 0)  # the user running the tests
+    # and JupyterLab (the notebooks extra) knows the flag
+    help_all = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "lab", "--help-all"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "--allow-root" in help_all

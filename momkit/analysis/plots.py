@@ -168,10 +168,16 @@ def plot_role_assignment(tables: Mapping[str, object], title: str = "where each 
 
 
 # ----------------------------------------------------------------------------------------- capacity
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+DASHES = ("", (4, 2), (1, 1.5), (6, 2, 1, 2), (2, 2), (8, 3), (3, 1, 1, 1))
+
+
 def plot_capacity(records, metric: str = "accuracy", hue: str = "setup", col: str = "rule", col_wrap: int = 4,
-                  title: str = "", logx: bool = True):
+                  title: str = "", logx: bool = True, dodge: float = 0.04):
     """``metric`` against N (``compare_capacity`` / ``capacity_curve`` records), one panel per ``col``
-    value, one line per ``hue`` value."""
+    value, one line per ``hue`` value. Every line has its own colour, marker and dash pattern, and is drawn
+    ``dodge`` (a fraction of N, on the log axis) beside the others, so that curves that coincide (a mixture
+    and an expanded memory that both recall everything) stay visible."""
     import seaborn as sns
 
     df = _frame(records)
@@ -179,6 +185,11 @@ def plot_capacity(records, metric: str = "accuracy", hue: str = "setup", col: st
     ncols = min(col_wrap, len(cols))
     nrows = -(-len(cols) // ncols)
     hues = list(dict.fromkeys(df[hue]))
+    if logx and dodge:
+        shift = {h: (1 + dodge) ** (i - (len(hues) - 1) / 2) for i, h in enumerate(hues)}
+        df = df.assign(N=df["N"] * df[hue].map(shift))
+    styles = {"style": hue, "style_order": hues, "markers": list(MARKERS[: len(hues)]) if len(hues) <= len(MARKERS)
+              else True, "dashes": list(DASHES[: len(hues)]) if len(hues) <= len(DASHES) else True}
     per_row = 4 if ncols > 1 else 2  # legend entries per row
     fig, axes = _figure(nrows, ncols, (max(3.1 * ncols + 0.4, 6.0),
                                        2.6 * nrows + 0.5 + 0.22 * -(-len(hues) // per_row)), sharey=True)
@@ -187,7 +198,8 @@ def plot_capacity(records, metric: str = "accuracy", hue: str = "setup", col: st
             ax.set_visible(False)
             continue
         part = df if cols[i] is None else df[df[col] == cols[i]]
-        sns.lineplot(data=part, x="N", y=metric, hue=hue, hue_order=hues, marker="o", ax=ax, legend=i == 0)
+        sns.lineplot(data=part, x="N", y=metric, hue=hue, hue_order=hues, ax=ax, legend=i == 0, markersize=5,
+                     **styles)
         if logx:
             ax.set_xscale("log", base=2)
         if cols[i] is not None:

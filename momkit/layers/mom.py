@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from momkit.config import ConfigError, MoMConfig
+from momkit.layers.checks import check_layer_input
 from momkit.layers.conv import ShortConv
 from momkit.layers.norm import GatedRMSNorm
 from momkit.routing import BalanceStats, Dispatch, RoutingPlan, RoutingStats, get_router, load_balancing_loss, z_loss
@@ -151,6 +152,7 @@ class MoMLayer(nn.Module):
                 use_cache: bool = False) -> tuple[Tensor, MoMAux]:
         """x [B, T, D]; attention_mask [B, T] (1 = real token; left padding); token_ids [B, T] for the
         hash router. Returns (y [B, T, D], MoMAux); with use_cache, aux.cache is ready for ``step``."""
+        check_layer_input(x, attention_mask, self.cfg.hidden_size, "MoMLayer.forward")
         cfg = self.cfg
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
         mask = self._mask(x, attention_mask)

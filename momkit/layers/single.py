@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from momkit.config import MoMConfig
+from momkit.layers.checks import check_layer_input
 from momkit.layers.conv import ShortConv
 from momkit.layers.mom import MemoryProjections, fused_ops
 from momkit.layers.norm import GatedRMSNorm
@@ -50,6 +51,7 @@ class SingleMemoryLayer(nn.Module):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None,
                 use_cache: bool = False) -> tuple[Tensor, SingleCache | None]:
+        check_layer_input(x, attention_mask, self.cfg.hidden_size, "SingleMemoryLayer.forward")
         cfg, mem = self.cfg, self.memory
         B, T, _ = x.shape
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim

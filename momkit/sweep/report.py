@@ -7,9 +7,10 @@ Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
   shared_memory, router, aux_loss_scale, lr, ...), the evaluation metrics with the routing telemetry
   (``valid/load_imbalance``, ``valid/router_entropy``, ``valid/dead_memories``, ...), steps, times, worker,
   run directory, retry links and the error message of failed trials;
-* figures (seaborn): ``objective_vs_num_memories.png`` (faceted by topk, hue shared memory, a row per rule),
-  ``objective_by_rule.png``, ``objective_by_router.png`` (where those vary), ``param_importances.png`` and
-  ``learning_curves.png`` (the pruner's view);
+* figures (seaborn, 150 dpi): ``objective_vs_num_memories.png`` (faceted by topk, hue shared memory, a row per
+  rule), ``objective_by_rule.png``, ``objective_by_router.png`` (where those vary), ``param_importances.png`` (the
+  share of the objective's variance each parameter explains alone) and ``learning_curves.png`` (the pruner's view,
+  coloured by the swept parameters);
 * ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``.
 
 Where a cell (e.g. one num_memories x topk x shared memory) has several trials because other parameters
@@ -38,6 +39,7 @@ CONFIG_COLUMNS = {
     "num_layers": "model.num_layers", "max_steps": "optim.max_steps",
 }
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "SKIPPED": 2, "FAIL": 3, "RUNNING": 4, "WAITING": 5}
+FIGURE_DPI = 150
 
 
 @dataclass
@@ -232,7 +234,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         fig = grid_or_fig.figure if hasattr(grid_or_fig, "figure") else grid_or_fig
         fig.suptitle(title, y=1.02)
         path = out_dir / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
         report.files.append(path)
 
@@ -264,39 +266,78 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         save(g, "objective_by_router.png", f"{study.study_name}: {metric} per router{spread}")
     effects = main_effects(df, space)
     if effects:
-        try:
-            optuna = _optuna()
-            importances = optuna.importance.get_param_importances(study)
-        except Exception as e:  # too few trials, or no parameter varies
-            report.notes.append(f"no Optuna importances: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            importances = {}
-        names = _short_names(space)
-        panels = [(effects, f"variance of {metric} explained\nby the parameter alone (eta squared)")]
-        if importances:
-            panels.append((importances, "Optuna's importance (its default\nevaluator, PED-ANOVA)"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.8 + 0.45 * len(effects)),
-                                 squeeze=False, sharey=False)
-        for ax, (values, label) in zip(axes[0], panels):
-            order = sorted(values, key=values.get, reverse=True)
-            sns.barplot(x=[values[k] for k in order], y=[names.get(k, k) for k in order], ax=ax, color="C0")
-            ax.set_xlabel(label)
-            ax.set_xlim(0, 1)
-        save(fig, "param_importances.png", f"{study.study_name}: parameter importances")
+        n = int((df["state"] == "COMPLETE").sum())
+        save(importance_figure(effects, metric, _short_names(space), n), "param_importances.png",
+             f"{study.study_name}: what each parameter explains of {metric}")
         report.effects = effects
     curves = df[df["intermediate"].notna()]
     if not curves.empty:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        colors = {"COMPLETE": "C0", "PRUNED": "C3", "FAIL": "C7", "RUNNING": "C2"}
-        for _, r in curves.iterrows():
-            pts = sorted((int(k), v) for k, v in json.loads(r["intermediate"]).items())
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(r["state"], "C7"), alpha=0.7, lw=1.2)
-        for state, color in colors.items():
-            if (curves["state"] == state).any():
-                ax.plot([], [], color=color, label=state.lower())
-        ax.set_xlabel("training step")
-        ax.set_ylabel(metric)
-        ax.legend()
-        save(fig, "learning_curves.png", f"{study.study_name}: learning curves (first seed)")
+        save(learning_curves_figure(curves, space, metric, effects), "learning_curves.png",
+             f"{study.study_name}: learning curves (first seed)")
+
+
+def importance_figure(effects: dict[str, float], metric: str, names: dict[str, str], n_complete: int):
+    """One panel: for each searched parameter, the share of the objective's variance its values explain alone
+    (``main_effects``), with what that means written under it."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = sorted(effects, key=effects.get, reverse=True)
+    fig, ax = plt.subplots(figsize=(6, 1.6 + 0.45 * len(effects)))
+    sns.barplot(x=[effects[k] for k in order], y=[names.get(k, k) for k in order], ax=ax, color="C0")
+    for i, k in enumerate(order):
+        ax.text(min(effects[k], 0.97) + 0.01, i, f"{effects[k]:.2f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"share of the variance of {metric} explained by the parameter alone (eta squared)")
+    ax.set_title(f"over {n_complete} complete trials; interactions are not counted, so the shares need not sum "
+                 "to 1", fontsize=9)
+    return fig
+
+
+STATE_STYLES = {"COMPLETE": "-", "PRUNED": "--", "FAIL": ":", "RUNNING": "-."}
+_MAX_COLOURS = 10
+
+
+def learning_curves_figure(curves, space: list[str], metric: str, effects: dict[str, float] | None = None):
+    """The curves the pruner saw (``intermediate``), coloured by the swept parameters: one colour per parameter
+    combination when there are at most 10, else one per value of the parameter that explains most of the
+    objective (``effects``) or, failing that, the first with at most 10 values; the line style is the outcome."""
+    import matplotlib.pyplot as plt
+
+    from momkit.sweep.runner import _fmt
+
+    names = _short_names(space)
+    varying = [p for p in space if p in curves and curves[p].nunique(dropna=False) > 1]
+
+    def label(r, params) -> str:
+        return " ".join(f"{names[p]}={_fmt(r[p])}" for p in params) or "all trials"
+
+    keys = [label(r, varying) for _, r in curves.iterrows()]
+    colour_by = "the swept parameters"
+    if len(set(keys)) > _MAX_COLOURS:
+        few = [p for p in varying if curves[p].nunique(dropna=False) <= _MAX_COLOURS]
+        ranked = sorted(few, key=lambda p: -(effects or {}).get(p, 0.0))
+        if ranked:
+            colour_by = names[ranked[0]]
+            keys = [label(r, ranked[:1]) for _, r in curves.iterrows()]
+    order = list(dict.fromkeys(sorted(keys)))
+    palette = plt.get_cmap("tab10" if len(order) <= 10 else "viridis")
+    colour = {k: palette(i if len(order) <= 10 else i / max(len(order) - 1, 1)) for i, k in enumerate(order)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for key, (_, r) in zip(keys, curves.iterrows()):
+        pts = sorted((int(k), v) for k, v in json.loads(r["intermediate"]).items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour[key], ls=STATE_STYLES.get(r["state"], ":"),
+                marker="." if len(pts) < 30 else None, alpha=0.85, lw=1.4)
+    handles = [plt.Line2D([], [], color=colour[k], lw=2, label=k) for k in order]
+    states = [s for s in STATE_STYLES if (curves["state"] == s).any()]
+    if len(states) > 1 or states != ["COMPLETE"]:
+        handles += [plt.Line2D([], [], color="0.3", ls=STATE_STYLES[s], label=s.lower()) for s in states]
+    ax.legend(handles=handles, title=f"colour: {colour_by}" + ("; line: outcome" if len(handles) > len(order)
+                                                                 else ""),
+              fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    return fig
 
 
 def _best_config(study, df, direction: str, metric: str, out_dir: Path, report: Report) -> None:
@@ -322,6 +363,8 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
                  out: TextIO | None = None, figures: bool = True) -> Report:
     """Export every trial of the study, draw the figures, print the table, write the best config."""
     out = out or sys.stdout
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out={str(out_dir)!r} is invalid: it is a file; name a directory (created if missing)")
     study = load_study(study_name, storage_url)
     fp = study.user_attrs.get(SPEC_ATTR, {})
     metric = fp.get("objective", {}).get("metric", "objective")
@@ -330,11 +373,15 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
     if out_dir is None:
         out_dir = Path(study.user_attrs.get(RUNS_DIR_ATTR, "runs/sweeps")) / study_name / "report"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(study_name, out_dir)
     df = trials_frame(study)
     if df.empty:
         raise ConfigError(f"study {study_name!r} has no trials yet")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out={str(out_dir)!r} is invalid: the directory cannot be created "
+                          f"({e.strerror})") from None
+    report = Report(study_name, out_dir)
     df.to_csv(out_dir / "trials.csv", index=False)
     df.to_parquet(out_dir / "trials.parquet", index=False)
     report.files += [out_dir / "trials.csv", out_dir / "trials.parquet"]

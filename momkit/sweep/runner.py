@@ -483,6 +483,7 @@ class SweepSummary:
     best: dict | None
     ran: list[int] = field(default_factory=list)  # trials run by this process (workers=1)
     worker_errors: list[str] = field(default_factory=list)
+    first_error: str | None = None  # "trial N: message" of the first failed trial, if any failed
 
 
 def _devices() -> list[str]:
@@ -526,13 +527,18 @@ def worker_command(spec_path: str, storage_url: str, study_name: str, index: int
     return cmd
 
 
-def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int], dict | None]:
+def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int], dict | None, str | None]:
+    """(trials per state, the best trial, "trial N: message" of the first failed trial or None)."""
     optuna = _optuna()
     study = optuna.load_study(study_name=study_name, storage=storage)
     counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    first_error = None
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         state = "SKIPPED" if t.user_attrs.get("skipped") else t.state.name
         counts[state] = counts.get(state, 0) + 1
+        if state == "FAIL" and first_error is None:
+            why = t.user_attrs.get("error") or f"worker died (no heartbeat for {spec.heartbeat.grace_period} s)"
+            first_error = f"trial {t.number}: {why}"
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     best = None
     if complete:
@@ -540,7 +546,7 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
         b = pick(complete, key=lambda t: t.value)
         best = {"number": b.number, "value": b.value, "params": b.params,
                 "std": b.user_attrs.get("objective_std", 0.0)}
-    return counts, best
+    return counts, best, first_error
 
 
 def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
@@ -595,8 +601,8 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
                 monitor.close()
         else:
             errors = _run_local_workers(spec, storage_url, study_name, workers, devices, threads, timeout, monitor)
-    counts, best = summarize(spec, storage, study_name)
-    return SweepSummary(study_name, describe(storage_url), counts, best, ran, errors)
+    counts, best, first_error = summarize(spec, storage, study_name)
+    return SweepSummary(study_name, describe(storage_url), counts, best, ran, errors, first_error)
 
 
 def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, workers: int, devices: list[str],

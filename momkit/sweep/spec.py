@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from momkit.config import ConfigError, TrainConfig, load_config
+from momkit.config import ConfigError, TrainConfig, _yaml_problem, load_config
 
 SPEC_KEYS = ("study", "description", "base", "overrides", "space", "objective", "sampler", "pruner", "budget",
              "seeds", "heartbeat", "runs_dir")
@@ -410,9 +410,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise ConfigError(f"sweep spec {spec!r} does not exist (a YAML file, e.g. sweeps/demo.yaml)")
     try:
-        raw = yaml.load(path.read_text(), Loader=_yaml_loader())  # a SafeLoader subclass
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
+        raise ConfigError(f"sweep spec {spec!r} cannot be read: {why}") from None
+    try:
+        raw = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"sweep spec {spec}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"sweep spec {spec}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise _fail(spec, f"must be a mapping with keys {', '.join(SPEC_KEYS)}")
     bad = _unknown_keys(raw, SPEC_KEYS, "")

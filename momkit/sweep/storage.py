@@ -63,12 +63,30 @@ def check_url(url: str) -> tuple[str, Path | None]:
     except NoSuchModuleError:
         raise _bad(url, f"unknown database dialect {parsed.drivername!r}") from None
     except ImportError as e:
-        raise _bad(url, f"its database driver is not installed ({e})") from None
+        raise _bad(url, f"its database driver is not installed ({e}; pip install 'momkit[sweeps]' installs the "
+                        "PostgreSQL drivers psycopg and psycopg2)") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed.query):
             raise _bad(url, "an in-memory SQLite database cannot be shared by workers or resumed; name a file")
         return "sql", Path(parsed.database)
     return "sql", None
+
+
+def _check_journal(path: Path) -> None:
+    """A journal file that exists must start with a journal entry. (Optuna takes a single malformed line for a
+    write in progress and appends after it, which would leave the file unreadable.)"""
+    import json
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        entry = json.loads(first)
+    except ValueError:
+        entry = None
+    if not (isinstance(entry, dict) and "op_code" in entry):
+        raise ValueError(f"its first line is not a journal entry: {first[:40]!r}")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -102,15 +120,22 @@ def open_storage(url: str, *, heartbeat=None, retry_callback=None, create: bool 
     if path is not None:
         if not create and not path.is_file():
             raise ConfigError(f"--storage={describe(url)!r}: {path} does not exist (no sweep has run there)")
+        if path.is_dir():
+            raise _bad(url, f"{path} is a directory; name a file")
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise _bad(url, f"its folder {path.parent} cannot be created ({e.strerror})") from None
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         try:
+            _check_journal(path)
             return JournalStorage(JournalFileBackend(str(path)))
-        except OSError as e:
-            raise _bad(url, str(e)) from None
+        except (OSError, ValueError) as e:  # unreadable, or not a journal (not UTF-8 text, not JSON lines)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise _bad(url, f"{path} cannot be read as an Optuna journal ({first})") from None
     if path is not None and create:
         try:
             _use_wal(path)

@@ -128,21 +128,39 @@ def evaluate(model: MoMLM, data: TaskData, batch_size: int, device: torch.device
     return result
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def _run_dir_key(cfg: TrainConfig) -> str:
+    """How the config names the run directory, for messages: ``run.dir='x'`` or ``run.name='x'``."""
+    return f"run.dir={cfg.run.dir!r}" if cfg.run.dir is not None else f"run.name={cfg.run.name!r}"
+
+
+def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """The run directory, checked against ``resume`` / ``overwrite`` without changing anything."""
     run_dir = Path(cfg.run_dir)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{_run_dir_key(cfg)} is invalid: {run_dir} is a file, not a directory")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / "last.pt").is_file():
             raise ConfigError(f"cannot resume: {run_dir} has no checkpoint (last.pt)")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"cannot resume: {run_dir} has no config.yaml (not a run directory)")
         return run_dir
     if exists and not overwrite:
-        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or "
-                          "--overwrite to start over (or set run.name / run.dir)")
-    if exists:
-        shutil.rmtree(run_dir)
+        raise ConfigError(f"run directory {run_dir} already exists: continue it with --resume (resume=True) or "
+                          f"start over with --overwrite (overwrite=True), or set run.name / run.dir")
     return run_dir
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and not prefix.startswith("task"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -150,12 +168,84 @@ def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
     from momkit.config import load_config
 
     saved = load_config(str(run_dir / "config.yaml"))
-    a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
-    a["optim"].pop("max_steps"), b["optim"].pop("max_steps")
-    diff = [f"{sec}.{k}" for sec in ("model", "task", "optim") for k in set(a[sec]) | set(b[sec])
-            if a[sec].get(k) != b[sec].get(k)]
+    a = _flat({sec: dataclasses.asdict(saved)[sec] for sec in ("model", "task", "optim")})
+    b = _flat({sec: dataclasses.asdict(cfg)[sec] for sec in ("model", "task", "optim")})
+    a.pop("optim.max_steps"), b.pop("optim.max_steps")
+    diff = [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
-        raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(sorted(diff))} changed")
+        raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(diff)}; a resumed run keeps "
+                          "its model, task and optimizer (only optim.max_steps and run.* may change)")
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    """``last.pt``, or one ConfigError naming the file (which is left as it is)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        missing = [k for k in ("model", "optim", "sched", "state", "rng") if k not in ckpt]
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot resume: {path} cannot be read ({first}); it is left as it is: restore it, or "
+                          "start over with --overwrite (overwrite=True)") from None
+    if missing:
+        raise ConfigError(f"cannot resume: {path} is not a momkit checkpoint (no {', '.join(missing)}); it is left "
+                          "as it is")
+    return ckpt
+
+
+def _check_not_complete(cfg: TrainConfig, run_dir: Path, state: dict) -> None:
+    """Resuming a finished run is refused, with how to extend it."""
+    step = state["step"]
+    if step >= cfg.optim.max_steps:
+        raise ConfigError(f"cannot resume {run_dir}: the run is complete ({step} steps of optim.max_steps="
+                          f"{cfg.optim.max_steps}); to train it further pass a larger optim.max_steps, e.g. "
+                          f"optim.max_steps={2 * step}")
+    target, reached = cfg.run.target_accuracy, state["final"].get("valid/accuracy")
+    if target is not None and reached is not None and reached >= target:  # the loop stopped at that evaluation
+        raise ConfigError(f"cannot resume {run_dir}: the run is complete (at step {step} valid/accuracy={reached:.4f} "
+                          f"reached run.target_accuracy={target}); to train it further raise run.target_accuracy "
+                          "or set run.target_accuracy=null")
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to step ``upto`` (later events are produced again)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot resume: {path} cannot be read ({e.strerror})") from None
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"cannot resume: {path} line {i} is not a metrics event: {line[:60]!r}") from None
+        if step <= upto:
+            kept.append(line)
+    return kept
+
+
+def _make_run_dir(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+    """Start writing: (with ``overwrite``) delete the old run, create the directory."""
+    if overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{_run_dir_key(cfg)} is invalid: the run directory {run_dir} cannot be created "
+                          f"({e.strerror})") from None
+
+
+def _check_impl(cfg: TrainConfig, device: torch.device) -> None:
+    """An explicit ``model.mom.impl='triton'`` must be able to run here (the layers never fall back)."""
+    from momkit.rules import get_rule
+
+    mom = cfg.model.mom
+    uses_rule = cfg.model.mixer != "attention" or any(cfg.model.mixer_of(i) != "attention"
+                                                      for i in range(cfg.model.num_layers))
+    if mom.impl == "triton" and uses_rule:
+        reason = get_rule(mom.rule).triton_unavailable_reason(torch.zeros(1, device=device))
+        if reason is not None:
+            raise ConfigError(f"model.mom.impl='triton' is invalid on this machine (run.device={cfg.run.device!r}): "
+                              f"{reason}; use auto (Triton where it can run) or chunked")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -164,36 +254,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     (sweeps report to their pruner there; an exception from it stops the run)."""
     cfg.validate()
     device = resolve_device(cfg.run.device)
-    run_dir = _prepare_run_dir(cfg, resume, overwrite)
-    if resume:
+    _check_impl(cfg, device)
+    run_dir = _check_run_dir(cfg, resume, overwrite)
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt, kept = None, []
+    if resume:  # everything is checked before anything in the run directory changes
         _check_resume_config(cfg, run_dir)
+        ckpt = _read_checkpoint(run_dir / "last.pt", device)
+        _check_not_complete(cfg, run_dir, ckpt["state"])
+        kept = _read_metrics(metrics_path, ckpt["state"]["step"])
     data = cfg.task_config().build()
     if cfg.model.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the task needs at least "
                           f"{data.vocab_size} (task.vocab_size)")
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
     _seed_all(cfg.run.seed)
     model = MoMLM(cfg.model).to(device).train()
     opt, sched = make_optimizer(model, cfg.optim)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": {}, "final": {},
              "accum": {"n": 0, "loss": 0.0, "ce": 0.0, "aux": 0.0, "correct": 0.0, "supervised": 0.0}}
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optim"])
-        sched.load_state_dict(ckpt["sched"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optim"])
+            sched.load_state_dict(ckpt["sched"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"cannot resume: {run_dir / 'last.pt'} does not fit the model of config.yaml ({first}); "
+                              "it is left as it is") from None
         state = ckpt["state"]
         _set_rng_state(ckpt["rng"])
-        # drop events logged after the checkpoint: they will be produced again
-        kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    else:
-        metrics_path.write_text("")
+
+    # every check passed: from here on the run directory is written
+    _make_run_dir(cfg, run_dir, overwrite)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    # on resume, events logged after the checkpoint are dropped: they will be produced again
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
     amp = cfg.run.amp and device.type == "cuda"
     eval_bs = cfg.run.eval_batch_size or cfg.optim.batch_size
@@ -215,6 +313,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not cfg.run.progress, desc=cfg.run.name,
                dynamic_ncols=True)
+    # the postfix: the latest training means, and the latest evaluation's run.best_metric
+    postfix: dict[str, str] = {}
+    valid_label = "val_" + cfg.run.best_metric.removeprefix("valid/").replace("/", "_")
+    if state["final"].get(cfg.run.best_metric) is not None:
+        postfix[valid_label] = f"{state['final'][cfg.run.best_metric]:.4f}"
     stopped = "max_steps"
     acc = state["accum"]
     window = {"t": time.perf_counter(), "tokens": 0}  # input tokens since the last train log
@@ -274,8 +377,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     if device.type == "cuda":
                         event["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
                     log(event)
-                    bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['accuracy']:.3f}",
-                                    aux=f"{event['aux_loss']:.3g}", bal=f"{event.get('load_imbalance', 0):.2f}")
+                    postfix.update(loss=f"{event['loss']:.3f}", acc=f"{event['accuracy']:.3f}",
+                                   aux=f"{event['aux_loss']:.3g}", bal=f"{event.get('load_imbalance', 0):.2f}")
+                    bar.set_postfix(postfix, refresh=False)
                     acc.clear()
                     acc.update({"n": 0, "loss": 0.0, "ce": 0.0, "aux": 0.0, "correct": 0.0, "supervised": 0.0})
                 bar.update(1)
@@ -284,6 +388,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     metrics = evaluate(model, data, eval_bs, device, cfg.run.eval_batches, amp)
                     log({"split": "valid", **metrics})
                     state["final"] = metrics
+                    if isinstance(metrics.get(cfg.run.best_metric), (int, float)):
+                        postfix[valid_label] = f"{metrics[cfg.run.best_metric]:.4f}"
+                        bar.set_postfix(postfix, refresh=False)
                     if _better(metrics, state["best"], cfg.run.best_metric, cfg.run.best_mode):
                         state["best"] = {"step": step, **metrics}
                         _atomic_save({"model": model.state_dict(), "step": step}, run_dir / "best.pt")
@@ -302,6 +409,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log({"event": "nonfinite", "message": str(e)})
         raise
     finally:
+        if stopped != "max_steps":  # an early stop: the bar ends full, at the step where training stopped
+            bar.total = state["step"]
+        bar.set_postfix(postfix, refresh=False)
         bar.close()
     elapsed = time.perf_counter() - t_start
     log({"event": "end", "stopped": stopped})
@@ -331,5 +441,9 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "last",
         raise ConfigError(f"checkpoint={checkpoint!r} is invalid: {path} does not exist (use last or best)")
     cfg = load_config(str(run_dir / "config.yaml"), validate_task=validate_task)
     model = MoMLM(cfg.model)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    except Exception as e:  # truncated, corrupt, not a checkpoint, or another model's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint={checkpoint!r}: {path} cannot be loaded ({first})") from None
     return cfg, model.eval()

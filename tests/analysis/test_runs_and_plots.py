@@ -136,3 +136,18 @@ def test_plot_helpers_return_figures_that_render():
     for fig in figs:
         assert isinstance(fig, Figure) and fig.axes
         assert _png(fig)[:4] == b"\x89PNG"
+
+
+def test_capacity_curves_that_coincide_stay_distinguishable():
+    """Two setups with the same numbers (a mixture and an expanded memory at full recall): each line has its own
+    marker and dash pattern, and they are drawn beside each other, not one on the other."""
+    from momkit.analysis import plots
+
+    records = [{"rule": "gla", "setup": s, "N": n, "accuracy": 1.0} for s in ("mixture", "expanded") for n in (8, 16)]
+    fig = plots.plot_capacity(records)
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 2]
+    assert len(lines) == 2
+    a, b = lines
+    assert a.get_marker() != b.get_marker()
+    assert a.get_linestyle() != b.get_linestyle()
+    assert not np.allclose(a.get_xdata(), b.get_xdata())

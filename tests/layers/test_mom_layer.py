@@ -236,3 +236,17 @@ def test_step_sees_parameter_changes_and_stays_differentiable():
     g_full, = torch.autograd.grad(layer(x)[0].square().sum(), w)
     assert g_full.abs().sum() > 0
     torch.testing.assert_close(g_step, g_full, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layer_cls", [MoMLayer, SingleMemoryLayer])
+@pytest.mark.parametrize(("shape", "message"), [
+    ((2, 5, D + 1), rf"x must have shape \[B, T, D\] with D = hidden_size = {D}, got \[2, 5, {D + 1}\]"),
+    ((5, D), r"got a 2-D tensor of shape \[5, 16\] \(one sequence: x\[None\]\)"),
+    ((2, 0, D), r"x must hold at least one token \(T >= 1\), got shape \[2, 0, 16\]"),
+], ids=["hidden_size", "2-D", "T=0"])
+def test_forward_names_a_wrong_input_shape(layer_cls, shape, message):
+    layer = layer_cls(make(M=1, k=1, shared=False).cfg).double()
+    with pytest.raises(ValueError, match=rf"^{layer_cls.__name__}.forward: .*{message}"):
+        layer(torch.randn(*shape, dtype=F64))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\] = \[2, 5\], got \[2, 4\]"):
+        layer(torch.randn(2, 5, D, dtype=F64), attention_mask=torch.ones(2, 4, dtype=torch.bool))

@@ -152,7 +152,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"pg_ctl start failed: {start.stdout} {start.stderr} {text}")
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # the plain form, as docs/sweeps.md writes it
     finally:
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, cwd=root)

@@ -112,6 +112,10 @@ def test_seeds_sampling_resume_and_a_larger_budget(tmp_path, make_spec, capsys):
     report = tmp_path / "runs" / "seeded" / "report"
     assert "variance of valid/accuracy explained by each parameter alone: lr " in out  # in 2 quantile bins
     assert (report / "param_importances.png").stat().st_size > 5000
+    from PIL import Image
+
+    for fig in report.glob("*.png"):
+        assert Image.open(fig).info["dpi"] == pytest.approx((150, 150), abs=0.1), fig.name
     assert not (report / "objective_vs_num_memories.png").exists()  # num_memories did not vary
     df = pd.read_parquet(report / "trials.parquet")
     assert (df["seeds"] == 2).all() and df["objective_std"].notna().all()
@@ -151,6 +155,18 @@ def test_a_failed_trial_keeps_its_error_and_the_others_run(tmp_path, make_spec, 
     main(["sweep-report", "f", "--storage", url, "--out", str(tmp_path / "rep")])
     csv = pd.read_csv(tmp_path / "rep" / "trials.csv")
     assert csv.loc[csv["state"] == "FAIL", "message"].str.contains("the task needs at least 32").all()
+
+
+def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path, make_spec, momkit_cmd):
+    spec = make_spec(tmp_path / "allfail.yaml", space={"model.vocab_size": [8, 16]}, drop=("model.vocab_size",))
+    r = momkit_cmd("sweep", spec, "--storage", f"sqlite:///{tmp_path / 'a.db'}", cwd=tmp_path, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "2 fail" in r.stdout
+    first = min(_study(f"sqlite:///{tmp_path / 'a.db'}", "allfail").get_trials(), key=lambda t: t.number)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"momkit: no trial of study 'allfail' completed (2 failed); the first failure: trial 0: ConfigError: "
+        f"model.vocab_size="
+        f"{first.params['model.vocab_size']} is invalid: the task needs at least 32 (task.vocab_size)")
 
 
 def test_invalid_sampled_combinations_are_skipped_and_replaced(tmp_path, make_spec, capsys):
@@ -221,6 +237,8 @@ BAD_INPUT = [
     (["sweep", "{spec}", "--n-trials", "many"], r"argument --n-trials: invalid int value: 'many'"),
     (["sweep-report", "demo"], r"--storage='sqlite:///runs/sweeps.db': runs/sweeps.db does not exist"),
     (["sweep-report", "demo", "--storage", "journal:j.log"], r"j.log does not exist"),
+    (["sweep", "{empty}"], r"sweep spec .*empty.yaml: space=\{\} is invalid: a non-empty mapping of dotted config "
+                           r"keys \(or bundle names\) to values or distributions is required"),
 ]
 
 
@@ -231,8 +249,9 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, make_spec, c
     work.mkdir()
     spec = make_spec(tmp_path / "good.yaml", runs_dir=str(work / "runs"))
     bad = make_spec(tmp_path / "bad.yaml", sapce={})
+    empty = make_spec(tmp_path / "empty.yaml", space={})
     monkeypatch.chdir(work)
-    argv = [a.format(spec=spec, bad=bad) for a in argv]
+    argv = [a.format(spec=spec, bad=bad, empty=empty) for a in argv]
     try:
         status = main(argv)
     except SystemExit as e:  # argparse's own errors
@@ -284,3 +303,41 @@ def test_bundles_end_to_end_and_the_router_figure(tmp_path, make_spec, capsys):
     assert dict(zip(df["router (param)"], df["topk"])) == {"sparse": 1, "dense": 2}
     assert (tmp_path / "rep" / "objective_by_router.png").stat().st_size > 5000
     assert "router=dense" in capsys.readouterr().out
+
+
+def test_the_importance_figure_is_one_explained_panel():
+    from momkit.sweep.report import importance_figure
+
+    fig = importance_figure({"model.mom.topk": 0.6, "optim.lr": 0.1}, "valid/accuracy",
+                            {"model.mom.topk": "topk", "optim.lr": "lr"}, 12)
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["topk", "lr"]
+    assert "explained by the parameter alone (eta squared)" in ax.get_xlabel()
+    assert "12 complete trials" in ax.get_title() and "need not sum to 1" in ax.get_title()
+
+
+def test_learning_curves_are_coloured_by_the_swept_parameters():
+    from momkit.sweep.report import learning_curves_figure
+
+    curve = json.dumps({"4": 0.2, "8": 0.5})
+    df = pd.DataFrame({"number": [0, 1, 2], "state": ["COMPLETE", "PRUNED", "COMPLETE"],
+                       "model.mom.num_memories": [1, 2, 2], "model.mom.shared_memory": [True, True, False],
+                       "intermediate": [curve] * 3})
+    fig = learning_curves_figure(df, ["model.mom.num_memories", "model.mom.shared_memory"], "valid/accuracy")
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert len({ln.get_color() for ln in lines}) == 3  # three parameter combinations, three colours
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--", "-"]  # the pruned one dashed
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["num_memories=1 shared_memory=on", "num_memories=2 shared_memory=off",
+                      "num_memories=2 shared_memory=on", "complete", "pruned"]
+    assert ax.get_legend().get_title().get_text() == "colour: the swept parameters; line: outcome"
+
+    # more combinations than colours: coloured by the parameter that explains most
+    many = pd.DataFrame({"number": range(12), "state": ["COMPLETE"] * 12, "a": range(12), "b": [0, 1] * 6,
+                         "intermediate": [curve] * 12})
+    fig = learning_curves_figure(many, ["a", "b"], "valid/accuracy", effects={"a": 0.1, "b": 0.5})
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["b=0", "b=1"]
+    assert legend.get_title().get_text() == "colour: b"

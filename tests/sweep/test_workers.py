@@ -94,3 +94,13 @@ def test_a_killed_worker_is_detected_by_heartbeat_and_its_trial_retried(tmp_path
     csv = pd.read_csv(tmp_path / "rep" / "trials.csv").set_index("number")
     assert csv.loc[0, "state"] == "FAIL" and csv.loc[0, "message"] == "worker died (no heartbeat)"
     assert csv.loc[0, "retried_as"] == 1 and csv.loc[1, "retry_of"] == 0
+
+
+@pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
+def test_every_postgresql_url_form_opens(postgres_url, driver):
+    """postgresql:// (docs/sweeps.md) and both explicit drivers reach the same server."""
+    from momkit.sweep.storage import open_storage, study_names
+
+    assert postgres_url.startswith("postgresql://")
+    url = postgres_url.replace("postgresql://", f"postgresql{driver}://", 1)
+    assert isinstance(study_names(open_storage(url)), list)

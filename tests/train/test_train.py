@@ -68,7 +68,7 @@ def test_resume_after_a_crash_mid_run_is_exact(tmp_path, monkeypatch):
     ev_ref = [e for e in ref.history if "split" in e]
     ev_res = [e for e in resumed.history if "split" in e]
     assert _without_time(ev_ref) == _without_time(ev_res)
-    with pytest.raises(ConfigError, match=r"cannot resume .* different config: optim.lr changed"):
+    with pytest.raises(ConfigError, match=r"cannot resume .* different config: optim.lr \(0.01 -> 0.5\); "):
         train(tiny(tmp_path / "crash", "optim.lr=0.5"), resume=True)
 
 
@@ -128,11 +128,70 @@ def test_nonfinite_gradient_names_the_parameter(tmp_path, monkeypatch):
 def test_existing_run_directory_needs_resume_or_overwrite(tmp_path):
     cfg = tiny(tmp_path, "optim.max_steps=3", "run.eval_every=3")
     train(cfg)
-    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+    with pytest.raises(ConfigError, match=r"already exists: continue it with --resume \(resume=True\) or start over "
+                                          r"with --overwrite \(overwrite=True\)"):
         train(cfg)
     train(cfg, overwrite=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(tiny(tmp_path / "nothing"), resume=True)
+
+
+def _files(root):
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_overwrite_deletes_the_old_run_only_once_every_check_passed(tmp_path):
+    cfg = tiny(tmp_path, "optim.max_steps=3", "run.eval_every=3")
+    train(cfg)
+    before = _files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.vocab_size=16 is invalid: the task needs at least 32"):
+        train(tiny(tmp_path, "optim.max_steps=3", "model.vocab_size=16"), overwrite=True)
+    assert _files(tmp_path / "run") == before
+
+
+def _evaluate_to(accuracy):
+    """``evaluate`` as the loop calls it, with a fixed valid accuracy."""
+    from momkit.train import loop
+
+    real = loop.evaluate
+
+    def fake(*args, **kwargs):
+        return {**real(*args, **kwargs), "valid/accuracy": accuracy}
+
+    return fake
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(tmp_path, monkeypatch):
+    from momkit.train import loop
+
+    cfg = tiny(tmp_path, "optim.max_steps=6")
+    train(cfg)
+    before = _files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"the run is complete \(6 steps of optim.max_steps=6\); to train it "
+                                          r"further pass a larger optim.max_steps, e.g. optim.max_steps=12"):
+        train(cfg, resume=True)
+    assert _files(tmp_path / "run") == before
+    assert train(tiny(tmp_path, "optim.max_steps=12"), resume=True).steps == 12
+
+    # stopped early at run.target_accuracy: complete too, until the target is raised or removed
+    monkeypatch.setattr(loop, "evaluate", _evaluate_to(0.97))
+    early = tiny(tmp_path / "early", "run.target_accuracy=0.95")
+    assert train(early).steps == 6
+    with pytest.raises(ConfigError, match=r"the run is complete \(at step 6 valid/accuracy=0.9700 reached "
+                                          r"run.target_accuracy=0.95\); to train it further raise "
+                                          r"run.target_accuracy or set run.target_accuracy=null"):
+        train(early, resume=True)
+    assert train(tiny(tmp_path / "early", "run.target_accuracy=0.99"), resume=True).steps == 24
+
+
+def test_progress_bar_shows_the_last_evaluation_and_ends_where_training_stopped(tmp_path, monkeypatch, capsys):
+    from momkit.train import loop
+
+    monkeypatch.setattr(loop, "evaluate", _evaluate_to(0.97))
+    cfg = tiny(tmp_path, "run.progress=true", "run.target_accuracy=0.95")
+    assert train(cfg).steps == 6
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and " 6/6 " in last and "val_accuracy=0.9700" in last, last
 
 
 def test_model_vocabulary_must_cover_the_task(tmp_path):
