@@ -138,7 +138,7 @@ def _study_with_a_trial(work: Path) -> None:
 # working directory that prepares it)
 CASES = [
     # a missing config; defaults alone are not a run
-    pytest.param(["train"], r"momkit train needs a config first, got nothing: a packaged config \(mqar_tiny, ",
+    pytest.param(["train"], r"momkit train needs a config first, got nothing: a packaged config \(.*mqar_tiny, ",
                  None, id="no-config"),
     pytest.param(["train", "optim.lr=0.1"], r"needs a config first, got 'optim.lr=0.1'", None, id="override-first"),
     # config files
@@ -196,7 +196,7 @@ CASES = [
                  r"cannot resume: done/last.pt cannot be read \(.*\); it is left as it is",
                  lambda w: (w / "done" / "last.pt").write_text("not a checkpoint\n"), id="resume-garbage-checkpoint"),
     pytest.param(["train", "tiny.yaml", "run.dir=done", "optim.max_steps=8", "--resume"],
-                 r"cannot resume: done/metrics.jsonl line \d+ is not a metrics event: '\{\"step\": ",
+                 r"cannot resume: done/metrics.jsonl line \d+ is not a metrics event: '\{\"",
                  lambda w: _truncate(w / "done" / "metrics.jsonl"), id="resume-truncated-metrics"),
     pytest.param(["train", "tiny.yaml", "run.dir=done", "optim.max_steps=8", "--resume"],
                  r"cannot resume: done has no config.yaml \(not a run directory\)",
