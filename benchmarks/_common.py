@@ -11,15 +11,17 @@ import subprocess
 import torch
 
 
-def environment() -> dict:
-    """Device, library versions and commit, recorded with every result."""
+def environment(commit: str | None = None, fla: bool = False) -> dict:
+    """Device, library versions and commit (``commit``, where given, overrides the checkout's: on the
+    device machine the copy's git metadata is not the tree's), recorded with every result; with ``fla``,
+    fla's version (None where it is not installed)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__), check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=os.path.dirname(__file__), check=False).stdout.strip()
     except OSError:
-        commit, dirty = "", ""
+        head, dirty = "", ""
     try:
         import triton
         triton_version = triton.__version__
@@ -29,8 +31,16 @@ def environment() -> dict:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return {"device": device, "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else "")}
+    env = {"device": device, "torch": torch.__version__, "triton": triton_version,
+           "python": platform.python_version(), "commit": commit or (head + ("+dirty" if dirty else ""))}
+    if fla:
+        try:
+            import fla as fla_module
+
+            env["fla"] = fla_module.__version__
+        except ImportError:
+            env["fla"] = None
+    return env
 
 
 def name_list(ap: argparse.ArgumentParser, option: str, value: str, allowed) -> list[str]:

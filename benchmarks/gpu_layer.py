@@ -28,7 +28,7 @@ import math
 import torch
 
 from benchmarks._common import environment, name_list
-from benchmarks.kernels import bench, kernel_times
+from benchmarks.kernels import bench, kernel_times, peak_memory
 
 D, H, HEAD = 1024, 4, 256
 # name -> (layer kind, B, T, memories)
@@ -82,15 +82,6 @@ def step_fn(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward:
     return fn
 
 
-def peak_mib(fn, device) -> float:
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def measure(fn, device, rep_ms: int, backward: bool) -> dict:
     fn()
     out = {"ms": bench(fn, rep_ms)}
@@ -98,7 +89,7 @@ def measure(fn, device, rep_ms: int, backward: bool) -> dict:
     out["gpu_us"] = sum(t for _, t in kt.values())
     out["launches"] = sum(c for c, _ in kt.values())
     if backward:
-        out["peak_mib"] = peak_mib(fn, device)
+        out["peak_mib"] = peak_memory(fn, device)
     return out, kt
 
 
@@ -120,15 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
-    env = environment()
-    if args.commit:
-        env["commit"] = args.commit
-    try:
-        import fla
-
-        env["fla"] = None if args.no_fla else fla.__version__
-    except ImportError:
-        env["fla"] = None
+    env = environment(args.commit, fla=not args.no_fla)
+    env.setdefault("fla", None)
     rows = {}
     breakdowns: dict[str, list] = {}
     inputs = {}

@@ -63,9 +63,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
-    env = environment()
-    if args.commit:
-        env["commit"] = args.commit
+    env = environment(args.commit)
     junit = os.path.splitext(args.out)[0] + ".junit.xml"
     # pytest-benchmark (in the device image) warns once per worker that xdist disables it: not loaded
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",

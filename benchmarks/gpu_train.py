@@ -130,9 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
-    env = environment()
-    if args.commit:
-        env["commit"] = args.commit
+    env = environment(args.commit)
     result = {"environment": env, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps}
     builders = {"ours": build_ours} if args.no_fla else {"ours": build_ours, "fla": build_fla}
     for who, build in builders.items():

@@ -286,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    if args.commit:
-        env["commit"] = args.commit
+    env = environment(args.commit)
     result = {"environment": env, "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
               "args": {k: v for k, v in vars(args).items()}, "size": size, "models": args.models, "params": {},
               "cells": []}

@@ -182,15 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
-    env = environment()
-    if args.commit:
-        env["commit"] = args.commit
-    try:
-        import fla
-
-        env["fla"] = fla.__version__
-    except ImportError:
-        env["fla"] = None
+    env = environment(args.commit, fla=True)
     ceil = ceilings(device)
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_tb_per_s']:.2f} TB/s")
     shapes = [(4, 4096, 8, 128, 128)] + ([] if args.quick else [(1, 16384, 8, 128, 128), (1, 65536, 8, 128, 128)])
