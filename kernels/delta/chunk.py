@@ -604,11 +604,17 @@ def _state_blocks(K: int, V: int) -> tuple[int, int, int]:
     return BK, NK, min(pow2(V), 32)
 
 
-def _state_stages(BK: int, NK: int, reverse: bool) -> int:
-    """Three pipeline stages where they fit in shared memory (forward pass up to K = 256, reverse pass
-    up to K = 128), else two. H100, gated_deltanet: forward pass at K = 256 194 us against 236 at two
-    stages, at K = 128 248 against 343; reverse pass at K = 128 285 against 341."""
-    return 3 if (128 if reverse else 256) >= NK * BK else 2
+def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
+    """Pipeline stages of the state passes, as many as fit in Hopper's 227 KiB of shared memory: a stage
+    holds NK key blocks of the chunk's inputs in the work dtype, so the count follows the bfloat16-equivalent
+    key width ``NK * BK * bytes / 2``. Forward: three up to 256, else one; reverse: three up to 128, two
+    up to 256, else one. Three where they fit were faster on an H100 (gated_deltanet, bfloat16: forward
+    pass at K = 256 194 us against 236 at two stages, at K = 128 248 against 343; reverse pass at K = 128
+    285 against 341); float32 work buffers (float32 and float16 inputs) at K >= 72 overflow at those."""
+    width = NK * BK * (4 if wdt == torch.float32 else 2) // 2
+    if reverse:
+        return 3 if width <= 128 else 2 if width <= 256 else 1
+    return 3 if width <= 256 else 1
 
 
 def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
@@ -618,7 +624,7 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     V = u.shape[-1]
     N = meta.num_segments
     BK, NK, BV = _state_blocks(K, V)
-    opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False), BV=BV)
+    opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False, u.dtype), BV=BV)
     BV = opts.pop("BV")
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
     v_new = torch.empty_like(u)
@@ -639,7 +645,7 @@ def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
     N, NT = meta.num_segments, meta.num_chunks
     gated = g is not None
     BK, NK, BV = _state_blocks(K, V)
-    opts = launch("delta.bwd_dh", num_warps=4, num_stages=_state_stages(BK, NK, True), BV=BV)
+    opts = launch("delta.bwd_dh", num_warps=4, num_stages=_state_stages(BK, NK, True, w.dtype), BV=BV)
     BV = opts.pop("BV")
     NV = triton.cdiv(V, BV)
     dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
