@@ -19,10 +19,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("layer_cls", [MoMLayer, SingleMemoryLayer], ids=["mom", "single"])
-def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls):
+@pytest.mark.parametrize(("layer_cls", "rule"), [(MoMLayer, "gated_deltanet"), (SingleMemoryLayer, "gated_deltanet"),
+                                                  (MoMLayer, "gla")], ids=["mom", "single", "mom-gla"])
+def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule):
+    """gated_deltanet normalises q and k (the fused L2 norm), gla does not."""
     torch.manual_seed(0)
-    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, rule="gated_deltanet", num_memories=3, topk=2,
+    cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, rule=rule, num_memories=3, topk=2,
                     shared_memory=True, impl="triton")
     layer = layer_cls(cfg)
     ref = copy.deepcopy(layer).double()
