@@ -15,9 +15,26 @@ from dataclasses import dataclass
 
 import torch
 
-from momkit.rules._chunking import gather_rows, scatter_rows
+from momkit.rules._chunking import scatter_rows
 
 Tensor = torch.Tensor
+
+
+class _SlotGather(torch.autograd.Function):
+    """Rows ``x[slot // k']`` of a per-token ``x [B, T, ...]``; the gradient of each token sums its slots'."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slot: Tensor, slots: int) -> Tensor:
+        ctx.save_for_backward(slot)
+        ctx.shape, ctx.slots = x.shape, slots
+        return x.reshape(-1, *x.shape[2:]).index_select(0, slot // slots)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slot,) = ctx.saved_tensors
+        B, T = ctx.shape[:2]
+        grid = grad.new_zeros(B * T * ctx.slots, *grad.shape[1:]).index_copy_(0, slot, grad)
+        return grid.view(B, T, ctx.slots, *grad.shape[1:]).sum(2), None, None
 
 
 @dataclass
@@ -72,10 +89,10 @@ class Dispatch:
         )
 
     def gather(self, x: Tensor) -> Tensor:
-        """Per-token tensor [B, T, ...] -> rows [N, ...]. Through the slot grid, so that both
-        directions are gathers or copies (no scatter-add)."""
-        grid = x[:, :, None].expand(x.shape[0], x.shape[1], self.slots, *x.shape[2:])
-        return gather_rows(grid.reshape(-1, *x.shape[2:]), self.slot)
+        """Per-token tensor [B, T, ...] -> rows [N, ...]: a row gather forward; backward through the slot
+        grid (a copy into ``[B * T * k', ...]`` and a sum over each token's slots), so that no gradient
+        is a scatter-add (deterministic on every device)."""
+        return _SlotGather.apply(x, self.slot, self.slots)
 
     def combine(self, rows: Tensor) -> Tensor:
         """Rows [N, ...] -> per-token weighted sum [B, T, ...] (tokens with no row get 0)."""

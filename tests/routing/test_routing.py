@@ -57,6 +57,20 @@ def test_dispatch_then_combine_with_identity_memories_returns_the_input(router, 
         assert torch.all(t[1:][same] > t[:-1][same])
 
 
+@pytest.mark.parametrize("capacity", [None, 0.6])
+def test_dispatch_gather_gradient_sums_each_tokens_rows(capacity):
+    """The gather's backward (through the slot grid, no scatter-add) equals plain indexing's."""
+    layer, x, mask, plan, _ = _plan("topk_softmax", capacity=capacity, padded=True)
+    disp = Dispatch.build(*layer._slots(plan, mask), M + 1)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(disp.num_rows, x.shape[-1], dtype=x.dtype)
+    rows = disp.gather(x1)
+    (rows * g).sum().backward()
+    (x2.reshape(-1, x.shape[-1])[disp.token] * g).sum().backward()
+    assert torch.equal(rows, x.reshape(-1, x.shape[-1])[disp.token])
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def test_load_balancing_loss_on_a_hand_made_routing():
     # 4 tokens, 3 memories, top-2
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
