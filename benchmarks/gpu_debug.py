@@ -96,7 +96,8 @@ def compiled_kernels() -> list[str]:
     import importlib
 
     rows = []
-    for mod in ("gated_linear.chunk", "delta.chunk", "titans.chunk"):
+    for mod in ("gated_linear.chunk", "delta.chunk", "delta.state", "titans.chunk", "titans.backward", "short_conv",
+                "norms"):
         m = importlib.import_module(f"momkit.kernels.{mod}")
         for name, fn in vars(m).items():
             caches = getattr(fn, "device_caches", None)

@@ -1,0 +1,365 @@
+"""The sequential state passes of the delta family: forward (chunk states and pseudo-values) and reverse
+(state gradients and the pseudo-values' full gradient), one program per (segment, head, block of BV value
+columns), over the segment's chunks in order.
+
+Value columns are independent; key rows are not (``w h`` and ``k_dec dh`` sum over K), so each program
+holds all of K, as up to four ``[BK, BV]`` key blocks written out one by one (Triton has no arrays of
+tiles): every product takes ``[BT, BK]`` operand tiles. Math and buffers: ``kernels/delta/README.md``.
+
+Shapes (packed): q, k, w ``[Ttot, H, K]``; u, v_new, do ``[Ttot, H, V]``; g, qk ``[Ttot, H]``; chunk states
+``[NT, H, K, V]``; initial / final states ``[N, H, K, V]`` float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import CHUNK, dots, launch, mm, pow2, segment_start
+
+
+@triton.jit
+def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               GATED: tl.constexpr, U_OFF: tl.constexpr):
+    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
+    (else zeros), as stored, 0 outside the segment."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    tok = bos + o_t
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+    b_u = tl.load(u + p_v, mask=m_tv, other=0.0)
+    if U_OFF:
+        b_uo = tl.load(u_off + p_v, mask=m_tv, other=0.0)
+    else:
+        b_uo = tl.zeros([BT, 1], dtype=tl.float32)
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_u, b_uo, b_g
+
+
+@triton.jit
+def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """Chunk ``i_t``'s ``q . k`` and decays ``[BT]`` (GATED, else zeros), 0 outside the segment."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    if GATED:
+        b_qk = tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_qk = tl.zeros([BT], dtype=tl.float32)
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_qk, b_g
+
+
+@triton.jit
+def _key_block(x, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, TRANS: tl.constexpr):
+    """Key block ``i_k`` of one chunk's rows ``tok`` of ``x [Ttot, H, K]``: ``[BT, BK]``, or ``[BK, BT]``
+    with TRANS (0 outside the chunk and past K)."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    if TRANS:
+        return tl.load(x + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+    else:
+        return tl.load(x + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+
+
+@triton.jit
+def _state_block(x, base, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Pointers and mask of the ``[BK, BV]`` block ``i_k`` of the ``[K, V]`` state at ``x + base``."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    return x + base + o_k[:, None] * V + o_v[None, :], (o_k[:, None] < K) & m_v[None, :]
+
+
+@triton.jit
+def _state_init(x, i_nh, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, USE: tl.constexpr):
+    """Block ``i_k`` of the ``[K, BV]`` state of sequence and head ``i_nh`` in ``x [N, H, K, V]`` (float32),
+    or zeros without USE."""
+    if USE:
+        p, m = _state_block(x, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
+        return tl.load(p, mask=m, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BK, o_v.shape[0]], dtype=tl.float32)
+
+
+@triton.jit
+def _store_block(x, i_nh, i_k, b, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Key block ``i_k`` of a final state (float32) into ``x [N, H, K, V]``."""
+    p, m = _state_block(x, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
+    tl.store(p, b, mask=m)
+
+
+@triton.jit
+def _dh_read(b_dh, k, tok, m_t, i_h, i_k, b_kdec, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+             GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k``'s part of ``(K ∘ gamma_C / gamma) dh``: ``[BT, BV]``."""
+    b_k = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, False)
+    if GATED:
+        b_k = b_k.to(tl.float32) * b_kdec[:, None]
+    return mm(b_k, b_dh, WT, INTERP, PREC)
+
+
+@triton.jit
+def _dh_update(b_dh, q, w, h, dh, base, tok, m_t, i_h, i_k, o_v, m_v, b_qdec, b_gC, b_do, b_dv, b_dui, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
+               WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k`` of one chunk of the reverse pass: stores ``dh_{c+1}`` there, returns ``dh_c`` and,
+    GATED, the block's part of the decay gradient's per-chunk term (else 0)."""
+    p_dh, m_dh = _state_block(dh, base, i_k, o_v, m_v, K, V, BK)
+    tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_dh)
+    b_qT = _key_block(q, tok, m_t, i_h, i_k, H, K, BK, True)
+    b_wT = _key_block(w, tok, m_t, i_h, i_k, H, K, BK, True)
+    s = 0.0
+    if GATED:
+        b_qT = b_qT.to(tl.float32) * b_qdec[None, :]
+        b_wdui = mm(b_wT, b_dui, WT, INTERP, PREC)
+        b_dh *= b_gC
+        p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
+        b_hc = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
+        s = tl.sum(tl.sum((b_dh - b_wdui) * b_hc, axis=1), axis=0)
+        b_dh -= b_wdui
+    b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
+    b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC)
+    return b_dh, s
+
+
+@triton.jit
+def _h_read(b_h, w, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, WT: tl.constexpr,
+            INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k``'s part of ``w h``: ``[BT, BV]``."""
+    return mm(_key_block(w, tok, m_t, i_h, i_k, H, K, BK, False), b_h, WT, INTERP, PREC)
+
+
+@triton.jit
+def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_kdec, b_gC, b_v, H: tl.constexpr, K: tl.constexpr,
+              V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
+              PREC: tl.constexpr):
+    """Key block ``i_k`` of one chunk of the state pass: stores ``h_c`` there, returns
+    ``h_{c+1} = gamma_C h_c + (k ∘ gamma_C / gamma)^T v_new``."""
+    p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
+    tl.store(p_h, b_h.to(h.dtype.element_ty), mask=m_h)
+    b_kT = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, True)
+    if GATED:
+        b_kT = b_kT.to(tl.float32) * b_kdec[None, :]
+        b_h *= b_gC
+    return b_h + mm(b_kT, b_v, WT, INTERP, PREC)
+
+
+@triton.jit
+def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
+                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
+                  WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
+    ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``.
+    The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_h0 = _state_init(h0, i_nh, 0, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 1:
+        b_h1 = _state_init(h0, i_nh, 1, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 2:
+        b_h2 = _state_init(h0, i_nh, 2, o_v, m_v, K, V, BK, USE_H0)
+    if NK > 3:
+        b_h3 = _state_init(h0, i_nh, 3, o_v, m_v, K, V, BK, USE_H0)
+    # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
+    # sequential loop: they are loaded one chunk ahead
+    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+    for i_t in range(0, tl.cdiv(L, BT)):
+        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
+        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+        base = ((boh + i_t) * H + i_h) * K * V
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tok = bos + o_t
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_wh = _h_read(b_h0, w, tok, m_t, i_h, 0, H, K, BK, WT, INTERP, PREC)
+        if NK > 1:
+            b_wh += _h_read(b_h1, w, tok, m_t, i_h, 1, H, K, BK, WT, INTERP, PREC)
+        if NK > 2:
+            b_wh += _h_read(b_h2, w, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
+        if NK > 3:
+            b_wh += _h_read(b_h3, w, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
+        b_v = b_u.to(tl.float32) - b_wh
+        tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if STORE_VR:
+            tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
+        b_g = b_g.to(tl.float32)
+        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
+        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED, WT,
+                         INTERP, PREC)
+        if NK > 1:
+            b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+        if NK > 2:
+            b_h2 = _h_update(b_h2, k, h, base, tok, m_t, i_h, 2, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+        if NK > 3:
+            b_h3 = _h_update(b_h3, k, h, base, tok, m_t, i_h, 3, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
+                             WT, INTERP, PREC)
+    if STORE_HT:
+        _store_block(ht, i_nh, 0, b_h0, o_v, m_v, K, V, BK)
+        if NK > 1:
+            _store_block(ht, i_nh, 1, b_h1, o_v, m_v, K, V, BK)
+        if NK > 2:
+            _store_block(ht, i_nh, 2, b_h2, o_v, m_v, K, V, BK)
+        if NK > 3:
+            _store_block(ht, i_nh, 3, b_h3, o_v, m_v, K, V, BK)
+
+
+@triton.jit
+def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
+                   NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
+                   STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
+    gradient of the pseudo-values ``v_new``: local part + ``k_dec dh``. GATED: the local part comes
+    without its diagonal (added here), ``du_inter = k_dec dh`` is stored, and the decay gradient's
+    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``.
+
+    The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
+    arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
+    needs ``[BT, K]`` operands whose float32 copies do not fit in registers at K >= 128."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, boh = segment_start(cu, chunk_offsets, i_n)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_dh0 = _state_init(dht, i_nh, 0, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 1:
+        b_dh1 = _state_init(dht, i_nh, 1, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 2:
+        b_dh2 = _state_init(dht, i_nh, 2, o_v, m_v, K, V, BK, USE_DHT)
+    if NK > 3:
+        b_dh3 = _state_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
+    NT = tl.cdiv(L, BT)
+    nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
+    for ii in range(0, NT):
+        i_t = NT - 1 - ii
+        b_qk, b_g = nx_qk, nx_g
+        nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
+        i_c = boh + i_t
+        base = (i_c * H + i_h) * K * V
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tok = bos + o_t
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_g = b_g.to(tl.float32)
+        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
+        b_qdec = tl.exp(tl.cumsum(b_g, axis=0))
+        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_dui = _dh_read(b_dh0, k, tok, m_t, i_h, 0, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 1:
+            b_dui += _dh_read(b_dh1, k, tok, m_t, i_h, 1, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 2:
+            b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if NK > 3:
+            b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        if GATED:
+            b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
+            tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
+            tl.store(dv_tot + p_v, (b_dv + b_dui).to(dv_tot.dtype.element_ty), mask=m_tv)
+        else:
+            b_dv += b_dui
+            tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
+        b_dh0, s = _dh_update(b_dh0, q, w, h, dh, base, tok, m_t, i_h, 0, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                              b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+        if NK > 1:
+            b_dh1, s1 = _dh_update(b_dh1, q, w, h, dh, base, tok, m_t, i_h, 1, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s1
+        if NK > 2:
+            b_dh2, s2 = _dh_update(b_dh2, q, w, h, dh, base, tok, m_t, i_h, 2, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s2
+        if NK > 3:
+            b_dh3, s3 = _dh_update(b_dh3, q, w, h, dh, base, tok, m_t, i_h, 3, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
+                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+            s += s3
+        if GATED:
+            tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, s)
+    if STORE_DH0:
+        _store_block(dh0, i_nh, 0, b_dh0, o_v, m_v, K, V, BK)
+        if NK > 1:
+            _store_block(dh0, i_nh, 1, b_dh1, o_v, m_v, K, V, BK)
+        if NK > 2:
+            _store_block(dh0, i_nh, 2, b_dh2, o_v, m_v, K, V, BK)
+        if NK > 3:
+            _store_block(dh0, i_nh, 3, b_dh3, o_v, m_v, K, V, BK)
+
+
+def _state_blocks(K: int, V: int) -> tuple[int, int, int]:
+    """(BK, NK, BV) of the state passes: the state's K rows in NK <= 4 blocks of BK (64 up to
+    K = 256), and value blocks of 32 columns (H100, gated_deltanet at K = V = 256: reverse pass 345 us
+    against 474 at 16 columns and 476 at 64 with eight warps; at K = 128 the same or better)."""
+    BK = max(min(64, pow2(K)), pow2(K) // 4)
+    NK = triton.cdiv(K, BK)
+    return BK, NK, min(pow2(V), 32)
+
+
+def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
+    """Pipeline stages of the state passes, as many as fit in Hopper's 227 KiB of shared memory: a stage
+    holds NK key blocks of the chunk's inputs in the work dtype, so the count follows the bfloat16-equivalent
+    key width ``NK * BK * bytes / 2``. Forward: three up to 256, else one; reverse: three up to 128, two
+    up to 256, else one. Three where they fit were faster on an H100 (gated_deltanet, bfloat16: forward
+    pass at K = 256 194 us against 236 at two stages, at K = 128 248 against 343; reverse pass at K = 128
+    285 against 341); float32 work buffers (float32 and float16 inputs) at K >= 72 overflow at those."""
+    width = NK * BK * (4 if wdt == torch.float32 else 2) // 2
+    if reverse:
+        return 3 if width <= 128 else 2 if width <= 256 else 1
+    return 3 if width <= 256 else 1
+
+
+def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
+    """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``u_off``, the
+    pseudo-values without each token's own value ``vr``."""
+    H, K = k.shape[1:]
+    V = u.shape[-1]
+    N = meta.num_segments
+    BK, NK, BV = _state_blocks(K, V)
+    opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False, u.dtype), BV=BV)
+    BV = opts.pop("BV")
+    h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
+    v_new = torch.empty_like(u)
+    vr = None if u_off is None else torch.empty_like(u)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets,
+                                               H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None,
+                                               USE_H0=h0 is not None, STORE_HT=output_final_state,
+                                               STORE_VR=u_off is not None, **dots(k.dtype, False), **opts)
+    return h, v_new, ht, vr
+
+
+def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
+    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, s_part, dh0)``; the last
+    three None where not needed (ungated; no initial state)."""
+    H, K = q.shape[1:]
+    V = do.shape[-1]
+    N, NT = meta.num_segments, meta.num_chunks
+    gated = g is not None
+    BK, NK, BV = _state_blocks(K, V)
+    opts = launch("delta.bwd_dh", num_warps=4, num_stages=_state_stages(BK, NK, True, w.dtype), BV=BV)
+    BV = opts.pop("BV")
+    NV = triton.cdiv(V, BV)
+    dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
+    dv_tot = torch.empty_like(dv_local)
+    du_inter = torch.empty_like(dv_local) if gated else None
+    s_part = q.new_zeros(NV, NT, H, 1, dtype=torch.float32) if gated else None
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
+    _bwd_dh_kernel[(N * H, NV)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
+                                meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV,
+                                GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
+                                **dots(q.dtype, False), **opts)
+    return dh, dv_tot, du_inter, s_part, dh0
