@@ -31,11 +31,11 @@ from momkit.rules.gates import stack_parameters
 Tensor = torch.Tensor
 
 
-def fused_ops(impl: str, x: Tensor) -> bool:
+def fused_ops(rule, impl: str, x: Tensor) -> bool:
     """The layers' elementwise ops (short convolutions, q/k normalisation, the output norm) run as fused
-    Triton kernels where the rule runs its Triton kernels: ``impl`` "triton", or "auto" on a CUDA device;
-    elsewhere as torch ops."""
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
+    Triton kernels where the rule runs its Triton kernels: ``impl`` "triton", or "auto" where the rule's
+    kernels can run on ``x`` (a CUDA device, a dtype they take); elsewhere as torch ops."""
+    return impl == "triton" or (impl == "auto" and x.is_cuda and rule.triton_unavailable_reason(x) is None)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class MoMLayer(nn.Module):
         disp = Dispatch.build(*self._slots(plan, mask), len(self.all_memories))
         pos = disp.position
 
-        fused = fused_ops(cfg.impl, x)
+        fused = fused_ops(self.rule, cfg.impl, x)
         x_rows = disp.gather(x)
         q_in = disp.gather(self.q_proj(x))
         q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in

@@ -61,7 +61,7 @@ class SingleMemoryLayer(nn.Module):
             keep = mask[..., None].to(x.dtype)
             q_in, k_in, v_in = q_in * keep, k_in * keep, v_in * keep
         q, k, v = q_in, k_in, v_in
-        f = fused_ops(cfg.impl, x)
+        f = fused_ops(self.rule, cfg.impl, x)
         if cfg.short_conv:
             q, k, v = (c.forward_dense(t, f) for c, t in ((self.q_conv, q), (mem.k_conv, k), (mem.v_conv, v)))
         q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K), f)

@@ -250,3 +250,21 @@ def test_forward_names_a_wrong_input_shape(layer_cls, shape, message):
         layer(torch.randn(*shape, dtype=F64))
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\] = \[2, 5\], got \[2, 4\]"):
         layer(torch.randn(2, 5, D, dtype=F64), attention_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_fused_layer_ops_run_only_where_the_rules_kernels_run(monkeypatch):
+    """The layers' fused Triton ops follow the rule's kernels: never for float64 (the kernels refuse it)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from momkit.layers.mom import fused_ops
+    from momkit.rules import get_rule
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rule = get_rule("gated_deltanet")
+    on_cuda = {dt: SimpleNamespace(is_cuda=True, dtype=dt, device="cuda") for dt in (F64, torch.bfloat16)}
+    assert not fused_ops(rule, "auto", on_cuda[F64])
+    assert fused_ops(rule, "auto", on_cuda[torch.bfloat16]) == (importlib.util.find_spec("triton") is not None)
+    assert not fused_ops(rule, "chunked", on_cuda[torch.bfloat16])
+    assert not fused_ops(rule, "auto", torch.zeros(1))
+    assert fused_ops(rule, "triton", torch.zeros(1))
