@@ -192,6 +192,16 @@ def test_unnormalized_weights_are_the_routers_own_scores(router):
     torch.testing.assert_close(capped.weights, plan.weights * capped.kept)
 
 
+def test_non_learned_routers_refuse_unnormalized_weights():
+    for router in ("round_robin", "hash"):
+        with pytest.raises(ValueError, match=f"weights='unnormalized' is invalid for router '{router}': one of "
+                                             "renormalized$"):
+            get_router(router)(D, M, 2, weights="unnormalized")
+    with pytest.raises(ValueError, match="weights='softmax' is invalid for router 'topk_softmax': one of "
+                                         "renormalized, unnormalized$"):
+        get_router("topk_softmax")(D, M, 2, weights="softmax")
+
+
 @pytest.mark.parametrize("router", ["topk_softmax", "topk_sigmoid"])
 def test_top1_router_gets_task_gradient_only_with_unnormalized_weights(router):
     """At top-1 a renormalised weight is exactly 1, so the task loss cannot reach the router; the router's own
