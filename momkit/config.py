@@ -45,6 +45,9 @@ class MoMConfig:
     topk: int = 2
     shared_memory: bool = True
     router: str = "topk_softmax"
+    # renormalized: the selected memories' scores divided by their sum (the MoM paper; no task gradient to
+    # the router at top-1); unnormalized: each selected memory's own score (Switch Transformer)
+    router_weights: str = "renormalized"
     router_noise_std: float = 0.0
     router_bias_update_rate: float = 1e-3
     short_conv: bool = True
@@ -99,6 +102,14 @@ class MoMConfig:
             raise ConfigError(f"{p}rule_options={dict(self.rule_options)!r} is invalid: {e}") from None
         _check(self.router in router_names(), f"{p}router", self.router,
                f"valid routers: {', '.join(router_names())}")
+        from momkit.routing import ROUTER_WEIGHTS, get_router
+
+        if get_router(self.router).learned:
+            _check(self.router_weights in ROUTER_WEIGHTS, f"{p}router_weights", self.router_weights,
+                   f"one of {', '.join(ROUTER_WEIGHTS)}")
+        else:
+            _check(self.router_weights == "renormalized", f"{p}router_weights", self.router_weights,
+                   f"router {self.router!r} is not learned (equal weights): only renormalized")
         _check(self.topk <= self.num_memories, f"{p}topk", self.topk,
                f"must be <= num_memories={self.num_memories}")
         if self.router == "dense":
@@ -178,9 +189,15 @@ class LMConfig:
         return self.mixer
 
 
+DATA_ORDERS = ("shuffled", "in_order")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine (or constant) decay; gradient clipping."""
+    """AdamW with linear warmup and cosine (or constant) decay; gradient clipping; the order of the training
+    batches: ``shuffled`` (each epoch, examples permuted within each segment and the batches of all segments
+    interleaved, seeded by ``(run.seed, epoch)``) or ``in_order`` (segment by segment, examples in generation
+    order, the same every epoch: zoology's order)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -192,6 +209,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     batch_size: int = 64
     max_steps: int = 1000
+    data_order: str = "shuffled"
 
     def validate(self, prefix: str = "optim.") -> OptimConfig:
         p = prefix
@@ -210,6 +228,7 @@ class OptimConfig:
         for key in ("batch_size", "max_steps"):
             _check(_is_int(getattr(self, key)) and getattr(self, key) >= 1, p + key, getattr(self, key),
                    "must be a positive int")
+        _check(self.data_order in DATA_ORDERS, f"{p}data_order", self.data_order, f"one of {', '.join(DATA_ORDERS)}")
         return self
 
 

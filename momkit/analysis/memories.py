@@ -180,7 +180,7 @@ def recall_by_memory(report: dict[str, np.ndarray], num_memories: int) -> list[d
 def _drop_memory(plan: RoutingPlan, memory: int) -> RoutingPlan:
     keep = plan.indices != memory
     return RoutingPlan(plan.indices, plan.weights * keep, plan.kept & keep, plan.num_memories, plan.probs,
-                       plan.logits, plan.dropped)
+                       plan.logits, plan.dropped, plan.renormalized)
 
 
 @contextmanager

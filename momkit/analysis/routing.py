@@ -27,7 +27,8 @@ KEY, VALUE, QUERY, FILLER = range(4)
 def assignment(plan: RoutingPlan, weighted: bool = True) -> Tensor:
     """``[B, T, M]``: the routing weight of every (token, memory), 0 where the memory is not selected
     (``weighted=False``: 1 for a selected, kept slot). Row sums are the tokens' summed slot weights
-    (1 for every real token, 0 for padding; less than 1 only where capacity dropped slots)."""
+    (0 for padding; for a plan with renormalised weights 1 for every real token, less than 1 only where capacity
+    dropped slots; with ``router_weights="unnormalized"`` the router's probability of the selected memories)."""
     B, T, _ = plan.indices.shape
     w = plan.weights * plan.kept if weighted else plan.kept.to(plan.weights.dtype)
     out = torch.zeros(B, T, plan.num_memories, dtype=w.dtype, device=w.device)

@@ -98,7 +98,8 @@ class MoMLayer(nn.Module):
         self.rule = get_rule(cfg.rule)
         H, K, V, D, M = cfg.num_heads, cfg.key_dim, cfg.value_dim, cfg.hidden_size, cfg.num_memories
         self.q_proj = nn.Linear(D, H * K, bias=False)
-        self.router = get_router(cfg.router)(D, M, cfg.topk, cfg.router_noise_std, cfg.router_bias_update_rate)
+        self.router = get_router(cfg.router)(D, M, cfg.topk, cfg.router_noise_std, cfg.router_bias_update_rate,
+                                             cfg.router_weights)
         if cfg.single_kv_proj:
             one = MemoryProjections(cfg)
             self.memories = nn.ModuleList([one] * M)

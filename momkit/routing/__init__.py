@@ -5,7 +5,7 @@ from __future__ import annotations
 from momkit.routing.dispatch import Dispatch
 from momkit.routing.losses import BalanceStats, load_balancing_loss, z_loss
 from momkit.routing.plan import RoutingPlan, RoutingStats
-from momkit.routing.routers import Dense, Hash, RoundRobin, Router, TopKSigmoid, TopKSoftmax
+from momkit.routing.routers import ROUTER_WEIGHTS, Dense, Hash, RoundRobin, Router, TopKSigmoid, TopKSoftmax
 
 _ROUTERS: dict[str, type[Router]] = {}
 
@@ -31,5 +31,5 @@ def router_names() -> list[str]:
 for _cls in (TopKSoftmax, TopKSigmoid, Dense, RoundRobin, Hash):
     register_router(_cls)
 
-__all__ = ["BalanceStats", "Dispatch", "Router", "RoutingPlan", "RoutingStats", "get_router",
+__all__ = ["ROUTER_WEIGHTS", "BalanceStats", "Dispatch", "Router", "RoutingPlan", "RoutingStats", "get_router",
            "load_balancing_loss", "register_router", "router_names", "z_loss"]

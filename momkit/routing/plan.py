@@ -21,6 +21,8 @@ class RoutingPlan:
     ``kept`` [B, T, k] whether the slot is used (False for padding and for slots dropped by capacity).
     ``probs`` [B, T, M] the router's distribution over memories (None for non-learned routers),
     ``logits`` [B, T, M] the raw router logits (None for non-learned routers).
+    ``renormalized``: whether a token's weights sum to 1 over its kept slots (False for a learned
+    router's ``weights="unnormalized"``: each weight is the router's score of that memory).
     """
 
     indices: Tensor
@@ -30,6 +32,7 @@ class RoutingPlan:
     probs: Tensor | None = None
     logits: Tensor | None = None
     dropped: int = 0
+    renormalized: bool = True
 
     @property
     def topk(self) -> int:
@@ -38,7 +41,8 @@ class RoutingPlan:
     def apply_capacity(self, capacity_factor: float, lengths: Tensor) -> RoutingPlan:
         """Each memory accepts at most ``ceil(capacity_factor * L_b * k / M)`` slots of sequence b
         (``L_b`` its number of real tokens), first come first served in time order; weights of a
-        token that lost slots are renormalised over its remaining slots."""
+        token that lost slots are renormalised over its remaining slots (when the plan is
+        ``renormalized``; otherwise the remaining slots keep their weights)."""
         k = self.indices.shape[-1]
         M = self.num_memories
         cap = torch.ceil(capacity_factor * lengths.to(torch.float64) * k / M).long()  # [B]
@@ -48,11 +52,13 @@ class RoutingPlan:
         before = onehot.sum(2).cumsum(1) - onehot.sum(2)  # [B, T, M]: slots already accepted earlier
         rank = (before[:, :, None, :] * onehot).sum(-1)  # [B, T, k]
         kept = self.kept & (rank < cap[:, None, None])
-        w = self.weights * kept
-        total = w.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, w / total.clamp_min(1e-30), torch.zeros_like(w))
+        weights = self.weights * kept
+        if self.renormalized:
+            total = weights.sum(-1, keepdim=True)
+            weights = torch.where(total > 0, weights / total.clamp_min(1e-30), torch.zeros_like(weights))
         dropped = int((self.kept & ~kept).sum())
-        return RoutingPlan(self.indices, weights, kept, M, self.probs, self.logits, self.dropped + dropped)
+        return RoutingPlan(self.indices, weights, kept, M, self.probs, self.logits, self.dropped + dropped,
+                           self.renormalized)
 
 
 class RoutingStats:

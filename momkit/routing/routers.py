@@ -9,6 +9,14 @@
 * ``round_robin``: token at position t -> memories (t + j) mod M, j < k, equal weights (non-learned).
 * ``hash``: a fixed hash of the token id -> memories (h + j) mod M, equal weights (Hash Layers).
 
+``weights`` of the learned routers (``MoMConfig.router_weights``): ``"renormalized"`` divides the selected
+memories' scores by their sum (the MoM paper; at top-1 the weight is exactly 1, so the task loss gives the
+router no gradient); ``"unnormalized"`` keeps each selected memory's own score (its softmax probability over
+all M memories, or its sigmoid score), as Switch Transformer does, so the task loss reaches the router at
+any top-k. ``dense`` weights already sum to 1, so both give the same weights (they differ only under a
+capacity limit, where ``"unnormalized"`` leaves the remaining slots' weights as they are). Non-learned
+routers have equal weights and only ``"renormalized"``.
+
 Padding (``mask`` False) gets no slot.
 """
 
@@ -24,15 +32,21 @@ from momkit.routing.plan import RoutingPlan
 Tensor = torch.Tensor
 
 
+ROUTER_WEIGHTS = ("renormalized", "unnormalized")
+
+
 class Router(nn.Module):
     name: ClassVar[str]
     learned: ClassVar[bool] = True
     needs_token_ids: ClassVar[bool] = False
 
     def __init__(self, hidden_size: int, num_memories: int, topk: int, noise_std: float = 0.0,
-                 bias_update_rate: float = 1e-3):
+                 bias_update_rate: float = 1e-3, weights: str = "renormalized"):
         super().__init__()
-        self.num_memories, self.topk = num_memories, topk
+        if weights not in ROUTER_WEIGHTS or (weights != "renormalized" and not self.learned):
+            allowed = ROUTER_WEIGHTS if self.learned else ("renormalized",)
+            raise ValueError(f"weights={weights!r} is invalid for router {self.name!r}: one of {', '.join(allowed)}")
+        self.num_memories, self.topk, self.weights = num_memories, topk, weights
         if self.learned:
             self.proj = nn.Linear(hidden_size, num_memories, bias=False)
 
@@ -43,16 +57,23 @@ class Router(nn.Module):
         """x [B, T, D]; mask [B, T] bool (real tokens); positions [B, T] index among real tokens."""
         raise NotImplementedError
 
+    def _selected_weights(self, scores: Tensor, indices: Tensor) -> Tensor:
+        """The selected memories' scores [B, T, k], renormalised to sum 1 unless ``weights="unnormalized"``."""
+        w = scores.gather(-1, indices)
+        return w if self.weights == "unnormalized" else w / w.sum(-1, keepdim=True)
+
     def _plan(self, indices, weights, mask, probs=None, logits=None) -> RoutingPlan:
         kept = mask[..., None].expand_as(indices)
-        return RoutingPlan(indices, weights * kept, kept, self.num_memories, probs, logits)
+        return RoutingPlan(indices, weights * kept, kept, self.num_memories, probs, logits,
+                           renormalized=self.weights == "renormalized")
 
 
 class TopKSoftmax(Router):
     name = "topk_softmax"
 
-    def __init__(self, hidden_size, num_memories, topk, noise_std=0.0, bias_update_rate=1e-3):
-        super().__init__(hidden_size, num_memories, topk)
+    def __init__(self, hidden_size, num_memories, topk, noise_std=0.0, bias_update_rate=1e-3,
+                 weights="renormalized"):
+        super().__init__(hidden_size, num_memories, topk, weights=weights)
         self.noise_std = noise_std
 
     def forward(self, x, mask, positions, token_ids):
@@ -62,15 +83,15 @@ class TopKSoftmax(Router):
         if self.training and self.noise_std > 0:
             select = logits + self.noise_std * torch.randn_like(logits)
         indices = select.topk(self.topk, dim=-1).indices
-        w = probs.gather(-1, indices)
-        return self._plan(indices, w / w.sum(-1, keepdim=True), mask, probs, logits)
+        return self._plan(indices, self._selected_weights(probs, indices), mask, probs, logits)
 
 
 class TopKSigmoid(Router):
     name = "topk_sigmoid"
 
-    def __init__(self, hidden_size, num_memories, topk, noise_std=0.0, bias_update_rate=1e-3):
-        super().__init__(hidden_size, num_memories, topk)
+    def __init__(self, hidden_size, num_memories, topk, noise_std=0.0, bias_update_rate=1e-3,
+                 weights="renormalized"):
+        super().__init__(hidden_size, num_memories, topk, weights=weights)
         self.bias_update_rate = bias_update_rate
         self.register_buffer("bias", torch.zeros(num_memories))
         self.register_buffer("load_since_update", torch.zeros(num_memories))
@@ -79,13 +100,12 @@ class TopKSigmoid(Router):
         logits = self.logits(x)
         scores = logits.sigmoid()
         indices = (scores.detach() + self.bias).topk(self.topk, dim=-1).indices
-        w = scores.gather(-1, indices)
         if self.training:
             with torch.no_grad():
                 real = mask[..., None].expand_as(indices).reshape(-1).to(self.load_since_update.dtype)
                 self.load_since_update.index_add_(0, indices.reshape(-1), real)
         probs = scores / scores.sum(-1, keepdim=True)
-        return self._plan(indices, w / w.sum(-1, keepdim=True), mask, probs, logits)
+        return self._plan(indices, self._selected_weights(scores, indices), mask, probs, logits)
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -323,8 +323,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     window = {"t": time.perf_counter(), "tokens": 0}  # input tokens since the last train log
     try:
         while state["step"] < cfg.optim.max_steps and stopped == "max_steps":
-            batches = data.batches("train", cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
-                                   epoch=state["epoch"], start=state["batch_in_epoch"])
+            batches = data.batches("train", cfg.optim.batch_size, shuffle=cfg.optim.data_order == "shuffled",
+                                   seed=cfg.run.seed, epoch=state["epoch"], start=state["batch_in_epoch"])
             for batch in batches:
                 inputs, labels = batch.inputs.to(device), batch.labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

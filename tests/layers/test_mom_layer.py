@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from momkit import ConfigError, MoMConfig, MoMLayer, SingleMemoryLayer
-from momkit.routing import router_names
+from momkit.routing import get_router, router_names
 from momkit.rules import rule_names
 
 F64 = torch.float64
@@ -22,6 +22,11 @@ def make(rule="gated_deltanet", router="topk_softmax", M=3, k=2, shared=True, co
     cfg = MoMConfig(hidden_size=D, num_heads=2, head_dim=4, expand_v=1.5, rule=rule, num_memories=M, topk=k,
                     shared_memory=shared, router=router, short_conv=conv, chunk_size=8, **kw)
     return MoMLayer(cfg).double().eval()
+
+
+# every router, and the learned ones also with router_weights="unnormalized"
+ROUTER_VARIANTS = [(r, "renormalized") for r in router_names()] + [
+    (r, "unnormalized") for r in router_names() if get_router(r).learned]
 
 
 def ids_for(B, T, seed=0):
@@ -78,9 +83,9 @@ def test_sequences_in_a_batch_do_not_interact():
     assert (y[1] - y2[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("router", router_names())
-def test_left_padded_batch_equals_unpadded_examples(router):
-    layer = make(router=router, capacity_factor=1.0)
+@pytest.mark.parametrize(("router", "weights"), ROUTER_VARIANTS)
+def test_left_padded_batch_equals_unpadded_examples(router, weights):
+    layer = make(router=router, capacity_factor=1.0, router_weights=weights)
     lengths = [13, 7, 10]
     T = max(lengths)
     x = torch.randn(len(lengths), T, D, dtype=F64)
@@ -96,10 +101,11 @@ def test_left_padded_batch_equals_unpadded_examples(router):
 
 
 @pytest.mark.parametrize(("shared", "conv"), [(True, True), (False, False)])
-@pytest.mark.parametrize("router", router_names())
+@pytest.mark.parametrize(("router", "weights"), ROUTER_VARIANTS)
 @pytest.mark.parametrize("rule", rule_names())
-def test_step_by_step_decoding_equals_forward(rule, router, shared, conv):
-    layer = make(rule, router, shared=shared, conv=conv, rule_options={"mini_batch": 4} if rule == "titans" else {})
+def test_step_by_step_decoding_equals_forward(rule, router, weights, shared, conv):
+    layer = make(rule, router, shared=shared, conv=conv, router_weights=weights,
+                 rule_options={"mini_batch": 4} if rule == "titans" else {})
     T, P = 14, 5
     x = torch.randn(2, T, D, dtype=F64)
     ids = ids_for(2, T)
@@ -173,6 +179,9 @@ def test_bad_configs_raise_config_error():
         (dict(rule="titans", rule_options={"mini_batch": 0}), r"mini_batch must be a positive int"),
         (dict(num_memories=0), r"num_memories=0 is invalid: must be a positive int"),
         (dict(impl="cuda"), r"impl='cuda' is invalid"),
+        (dict(router_weights="softmax"), r"router_weights='softmax' is invalid: one of renormalized, unnormalized"),
+        (dict(router="round_robin", router_weights="unnormalized"),
+         r"router_weights='unnormalized' is invalid: router 'round_robin' is not learned .*: only renormalized"),
     ]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):

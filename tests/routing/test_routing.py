@@ -20,11 +20,11 @@ from momkit.routing import (
 D, M = 12, 4
 
 
-def _plan(router: str, B=3, T=17, k=2, capacity=None, padded=True, seed=0):
+def _plan(router: str, B=3, T=17, k=2, capacity=None, padded=True, seed=0, weights="renormalized"):
     torch.manual_seed(seed)
     k = M if router == "dense" else k
     layer = MoMLayer(MoMConfig(hidden_size=D, num_heads=2, num_memories=M, topk=k, router=router,
-                               capacity_factor=capacity)).double()
+                               capacity_factor=capacity, router_weights=weights)).double()
     x = torch.randn(B, T, D, dtype=torch.float64)
     mask = torch.ones(B, T, dtype=torch.bool)
     if padded:
@@ -176,3 +176,46 @@ def test_topk_softmax_noise_changes_selection_only_in_training():
     # weights still come from the clean softmax (renormalised over the noisy selection)
     assert torch.allclose(c.weights, torch.ones_like(c.weights))
     torch.testing.assert_close(c.probs, router.logits(x).softmax(-1))
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "topk_sigmoid"])
+def test_unnormalized_weights_are_the_routers_own_scores(router):
+    layer, x, mask, plan, _ = _plan(router, k=2, weights="unnormalized")
+    logits = layer.router.logits(x)
+    scores = logits.softmax(-1) if router == "topk_softmax" else logits.sigmoid()
+    torch.testing.assert_close(plan.weights[mask], scores.gather(-1, plan.indices)[mask])
+    if router == "topk_softmax":  # two of four probabilities: short of 1
+        assert torch.all(plan.weights.sum(-1)[mask] < 1 - 1e-6)
+    # a capacity limit drops slots and leaves the remaining weights as they were
+    capped = plan.apply_capacity(0.6, mask.sum(1))
+    assert capped.dropped > 0
+    torch.testing.assert_close(capped.weights, plan.weights * capped.kept)
+
+
+def test_non_learned_routers_refuse_unnormalized_weights():
+    for router in ("round_robin", "hash"):
+        with pytest.raises(ValueError, match=f"weights='unnormalized' is invalid for router '{router}': one of "
+                                             "renormalized$"):
+            get_router(router)(D, M, 2, weights="unnormalized")
+    with pytest.raises(ValueError, match="weights='softmax' is invalid for router 'topk_softmax': one of "
+                                         "renormalized, unnormalized$"):
+        get_router("topk_softmax")(D, M, 2, weights="softmax")
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "topk_sigmoid"])
+def test_top1_router_gets_task_gradient_only_with_unnormalized_weights(router):
+    """At top-1 a renormalised weight is exactly 1, so the task loss cannot reach the router; the router's own
+    score as the weight (Switch Transformer) passes the gradient. With a shared memory the read is
+    ``o_shared + w * o_m``, whose scale the per-head norm keeps."""
+    grads = {}
+    for weights in ("renormalized", "unnormalized"):
+        torch.manual_seed(0)
+        layer = MoMLayer(MoMConfig(hidden_size=D, num_heads=2, num_memories=M, topk=1, router=router,
+                                   shared_memory=True, aux_loss_scale=0.0, router_weights=weights)).double()
+        x = torch.randn(2, 24, D, dtype=torch.float64)
+        y, _ = layer(x)
+        task_loss = (y - torch.randn_like(y)).square().mean()
+        g, = torch.autograd.grad(task_loss, layer.router.proj.weight)
+        grads[weights] = g.abs().max().item()
+    assert grads["renormalized"] < 1e-12, grads
+    assert grads["unnormalized"] > 1e-3, grads

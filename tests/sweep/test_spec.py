@@ -24,12 +24,59 @@ def test_demo_grid_is_every_valid_combination():
     assert cfg.optim.max_steps == 150 and cfg.model.vocab_size == 32
 
 
-@pytest.mark.parametrize("name", ["mqar_memories", "routers"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_shipped_specs_load(name):
     spec = load_spec(ROOT / "sweeps" / f"{name}.yaml")
     assert spec.study == name and spec.grid
     for point in spec.grid[::7]:  # grid points are valid configs through load_config too (a sample of them)
         spec.trial_config(name, 0, point, seed=spec.seeds[0])
+
+
+def _capacity_cells(name):
+    """(grid point, trial config) of every point of sweeps/<name>.yaml."""
+    spec = load_spec(ROOT / "sweeps" / f"{name}.yaml")
+    assert spec.study == name and len(spec.seeds) >= 3 and spec.is_grid and spec.pruner.name == "none"
+    assert spec.objective.metric == "valid/accuracy/seq_len=128,num_kv_pairs=32"
+    return [(p, spec.trial_config(name, 0, p, seed=0)) for p in spec.grid]
+
+
+def _state(cfg):
+    """The memory state of one layer: memories x heads x key dim x value dim."""
+    mom = cfg.model.resolved_mom()
+    memories = 1 if cfg.model.mixer == "single" else mom.num_memories + mom.shared_memory
+    return memories * mom.key_dim * mom.value_dim * mom.num_heads
+
+
+def test_capacity_protocol_specs_are_the_protocol():
+    from momkit.routing import get_router
+
+    cells = {name: _capacity_cells(name) for name in ("capacity_state", "capacity_routing", "capacity_memories",
+                                                      "capacity_aux")}
+    for name, points in cells.items():
+        for _, cfg in points:  # zoology's data settings, one memory's capacity binding
+            assert cfg.optim.data_order == "in_order" and cfg.task["random_non_queries"] is True
+            assert cfg.model.resolved_mom().key_dim in (16, 64, 80)
+        lrs = {}
+        for p, _ in points:
+            lrs.setdefault(tuple((k, str(v)) for k, v in p.items() if k != "optim.lr"), set()).add(p["optim.lr"])
+        assert all(len(v) >= 3 for v in lrs.values()), f"{name}: a learning-rate grid in every cell"
+    # claims (1)-(3), three rules: single, expanded to the mixture's total state, MoM M4 top-2 with and without
+    state = {(p["layout"], cfg.model.mom.rule): cfg for p, cfg in cells["capacity_state"]}
+    assert {r for _, r in state} == {"gated_deltanet", "gla", "linear_attn"}
+    for rule in ("gated_deltanet", "gla", "linear_attn"):
+        single, mom, mom_shared = state["single", rule], state["mom4_top2", rule], state["mom4_top2_shared", rule]
+        assert single.model.mixer == "single" and _state(single) == _state(mom_shared) // 5
+        assert (mom.model.mom.num_memories, mom.model.mom.topk, mom.model.mom.shared_memory) == (4, 2, False)
+        assert mom_shared.model.mom.shared_memory and mom_shared.model.mom.num_memories == 4
+        assert _state(state["single_x4", rule]) == _state(mom)
+        assert _state(state["single_x5", rule]) == _state(mom_shared)
+    # controls: a non-learned router at the same M / top-k; top-1 with and without task gradient to the router
+    routing = {p["layout"]: cfg.model.mom for p, cfg in cells["capacity_routing"]}
+    assert any(not get_router(m.router).learned and (m.num_memories, m.topk) == (4, 2) for m in routing.values())
+    assert {(m.topk, m.router_weights) for m in routing.values() if m.router == "topk_softmax"} == {
+        (2, "renormalized"), (1, "renormalized"), (1, "unnormalized")}
+    assert {cfg.model.mom.num_memories for _, cfg in cells["capacity_memories"]} == {1, 2, 4, 8}
+    assert {cfg.model.mom.aux_loss_scale for _, cfg in cells["capacity_aux"]} == {0.0, 1e-3, 1e-2}
 
 
 def test_mqar_memories_is_the_papers_ablation():

@@ -72,6 +72,45 @@ def test_resume_after_a_crash_mid_run_is_exact(tmp_path, monkeypatch):
         train(tiny(tmp_path / "crash", "optim.lr=0.5"), resume=True)
 
 
+def test_in_order_data_feeds_the_segments_in_order_every_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    """``optim.data_order=in_order``: segment by segment, examples in order, the same each epoch (zoology's
+    order); a run killed after its step-2 checkpoint and resumed sees the same batches and logs the same."""
+    import momkit.models.lm as lm
+
+    fed: list[torch.Tensor] = []
+    real_forward = lm.MoMLM.forward
+
+    def recording(self, input_ids, *args, **kwargs):
+        if self.training:
+            fed.append(input_ids.clone())
+        return real_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(lm.MoMLM, "forward", recording)
+    extra = ["optim.data_order=in_order", "optim.max_steps=5", "run.eval_every=2", "run.checkpoint_every=2",
+             "run.eval_batches=1",
+             "task.train=[{num_examples: 64, seq_len: 16, num_kv_pairs: 2}, "
+             "{num_examples: 32, seq_len: 20, num_kv_pairs: 3}]"]
+    cfg = tiny(tmp_path / "ref", *extra)
+    ref = train(cfg)
+    epoch = [b.inputs for b in cfg.task_config().build().batches("train", cfg.optim.batch_size)]
+    assert [x.shape[1] for x in epoch] == [16, 16, 20]
+    expected = (epoch + epoch)[:5]
+    assert len(fed) == 5 and all(torch.equal(a, b) for a, b in zip(fed, expected))
+
+    def crash(step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    fed.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "crash", *extra), callback=crash)
+    fed.clear()
+    resumed = train(tiny(tmp_path / "crash", *extra), resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(fed, expected[2:], strict=True))
+    ev_ref = [e for e in ref.history if "split" in e]
+    assert _without_time(ev_ref) == _without_time([e for e in resumed.history if "split" in e])
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny(tmp_path)
     import momkit.models.lm as lm
@@ -230,3 +269,11 @@ def test_best_evaluation_follows_best_metric_and_mode(tmp_path):
     assert result.best["valid/loss"] == min(losses)
     with pytest.raises(ConfigError, match=r"run.best_mode='low' is invalid: one of max, min"):
         tiny(tmp_path, "run.best_mode=low")
+
+
+def test_bad_data_order_and_router_weights_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"^optim.data_order='zoology' is invalid: one of shuffled, in_order$"):
+        load_config("mqar_tiny", ["optim.data_order=zoology"])
+    with pytest.raises(ConfigError, match=r"^model.mom.router_weights='softmax' is invalid: one of renormalized, "
+                                          r"unnormalized$"):
+        load_config("mqar_tiny", ["model.mom.router_weights=softmax"])
