@@ -1,6 +1,7 @@
 """The ``momkit`` command (also ``python -m momkit``).
 
     momkit train CONFIG [key=value ...] [--resume | --overwrite]
+    torchrun --nproc_per_node N -m momkit train CONFIG ...   (data-parallel on N processes; docs/training.md)
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     momkit info
@@ -9,12 +10,15 @@
 
 Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
 prints one line naming the problem and exits with status 2, before anything is written.
+Under torchrun every message names its rank, and a rank that fails exits (status 1 or 2), upon which
+torchrun stops the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from momkit.config import ConfigError
@@ -115,10 +119,27 @@ def cmd_train(args) -> int:
     if args.no_progress:
         cfg.run.progress = False
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if _rank() > 0:  # rank 0 reports the run
+        return 0
     acc = result.final.get("valid/accuracy")
     print(f"run {result.run_dir}: {result.steps} steps ({result.stopped}), valid accuracy "
           f"{acc:.4f}" if acc is not None else f"run {result.run_dir}: {result.steps} steps ({result.stopped})")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    from momkit.train.distributed import launched_world_size
+
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
+
+
+def _who() -> str:
+    """`` (rank r of n)`` under torchrun, else nothing: which process a message comes from."""
+    from momkit.train.distributed import launched_world_size
+
+    world = launched_world_size()
+    return f" (rank {_rank()} of {world})" if world > 1 else ""
 
 
 def cmd_eval(args) -> int:
@@ -282,14 +303,24 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
         return commands[args.command](args)
     except ConfigError as e:
-        print(f"momkit: error: {e}", file=sys.stderr)
+        print(f"momkit: error{_who()}: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"momkit: training stopped: {e}", file=sys.stderr)
+        print(f"momkit: training stopped{_who()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("momkit: interrupted", file=sys.stderr)
+        print(f"momkit: interrupted{_who()}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _who():
+            raise
+        # one rank failed: exit at once (torchrun then stops the others) rather than leave them waiting
+        import traceback
+
+        traceback.print_exc()
+        print(f"momkit: error{_who()}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+              "; the job stops", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
