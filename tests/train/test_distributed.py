@@ -22,7 +22,8 @@ from momkit.train.distributed import data_parallel
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 TINY = [
     "run.progress=false", "run.threads=1", "model.hidden_size=32", "model.vocab_size=32", "model.mom.num_heads=2",
-    "model.mom.num_memories=3", "model.mom.chunk_size=16", "model.mom.aux_loss_scale=0.1", "task.vocab_size=32",
+    "model.mom.num_memories=3", "model.mom.chunk_size=16", "model.mom.aux_loss_scale=0.1",
+    "model.mom.z_loss_scale=0.01", "task.vocab_size=32",
     "task.train=[{num_examples: 256, seq_len: 16, num_kv_pairs: 2}]",
     "task.valid=[{num_examples: 32, seq_len: 16, num_kv_pairs: 2}]",
     "optim.batch_size=32", "optim.warmup_steps=2", "run.eval_every=4", "run.log_every=2", "run.checkpoint_every=4",
