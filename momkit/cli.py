@@ -5,7 +5,8 @@
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     momkit info
-    momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--timeout S]
+    momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
+                 [--workers-per-gpu K] [--timeout S]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
 
 Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
@@ -85,8 +86,12 @@ def _sweep_parsers(sub) -> None:
                    help="study name (default: the spec's study, else its file name)")
     s.add_argument("--n-trials", type=int, default=None, metavar="N",
                    help="the study's trial budget (default: the spec's budget.trials, or the whole grid)")
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="worker processes on this machine, one GPU each where GPUs exist (default 1)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes on this machine (default: one per GPU of --gpus where GPUs exist, else 1)")
+    s.add_argument("--gpus", default=None, metavar="IDS",
+                   help="GPUs for the workers, e.g. 0,1,3 (ids as in nvidia-smi; default: every visible GPU)")
+    s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
+                   help="workers on each GPU, for small models (default 1)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
@@ -263,7 +268,7 @@ def cmd_sweep(args) -> int:
         run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
         return 0
     summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
-                        timeout=args.timeout)
+                        gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout)
     print(format_summary(spec, summary))
     if summary.ran:
         print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")
