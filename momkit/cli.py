@@ -147,6 +147,12 @@ def _who() -> str:
     return f" (rank {_rank()} of {world})" if world > 1 else ""
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write, so that the lines of several ranks do not interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -308,13 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
         return commands[args.command](args)
     except ConfigError as e:
-        print(f"momkit: error{_who()}: {e}", file=sys.stderr)
+        _say(f"momkit: error{_who()}: {e}")
         return 2
     except NonFiniteError as e:
-        print(f"momkit: training stopped{_who()}: {e}", file=sys.stderr)
+        _say(f"momkit: training stopped{_who()}: {e}")
         return 1
     except KeyboardInterrupt:
-        print(f"momkit: interrupted{_who()}", file=sys.stderr)
+        _say(f"momkit: interrupted{_who()}")
         return 130
     except Exception as e:
         if not _who():
@@ -323,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"momkit: error{_who()}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-              "; the job stops", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _say(f"momkit: error{_who()}: {type(e).__name__}: {first}; the job stops")
         return 1
 
 
