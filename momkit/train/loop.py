@@ -315,7 +315,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[
     if dp is not None:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a memory that no token of this rank's shard is routed to takes no part in its backward pass
+        uses_mom = any(block.kind == "mom" for block in model.blocks)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=uses_mom)
         forward_kw = {"global_sum": dp.global_sum}
 
     amp = cfg.run.amp and device.type == "cuda"
