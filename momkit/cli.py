@@ -91,7 +91,7 @@ def _sweep_parsers(sub) -> None:
     s.add_argument("--gpus", default=None, metavar="IDS",
                    help="GPUs for the workers, e.g. 0,1,3 (ids as in nvidia-smi; default: every visible GPU)")
     s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
-                   help="workers on each GPU, for small models (default 1)")
+                   help="workers on each GPU, for small models (default 1, or as many as --workers needs)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers

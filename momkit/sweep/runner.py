@@ -504,9 +504,9 @@ def plan_workers(visible: list[str], workers: int | None = None, gpus: str | Non
     ``visible`` here and the ``--workers``, ``--gpus`` and ``--workers-per-gpu`` options.
 
     With GPUs: the named ``gpus`` (ids as in ``CUDA_VISIBLE_DEVICES`` / nvidia-smi; default: every visible one),
-    ``workers_per_gpu`` workers on each (default 1), workers assigned round robin over them; ``workers``
-    defaults to all of those slots and may not exceed them. Without GPUs: ``workers`` (default 1) CPU workers,
-    and the GPU options are errors."""
+    workers assigned round robin over them; ``workers`` defaults to ``workers_per_gpu`` (default 1) per GPU
+    and may not exceed that when ``workers_per_gpu`` is given. Without GPUs: ``workers`` (default 1) CPU
+    workers, and the GPU options are errors."""
     if workers is not None and not (isinstance(workers, int) and workers >= 1):
         raise ConfigError(f"--workers={workers!r} is invalid: must be an int >= 1")
     if workers_per_gpu is not None and not (isinstance(workers_per_gpu, int) and workers_per_gpu >= 1):
@@ -534,7 +534,7 @@ def plan_workers(visible: list[str], workers: int | None = None, gpus: str | Non
         chosen = list(visible)
     per_gpu = workers_per_gpu or 1
     slots = len(chosen) * per_gpu
-    if workers is not None and workers > slots:
+    if workers is not None and workers_per_gpu is not None and workers > slots:
         raise ConfigError(f"--workers={workers} is invalid: {len(chosen)} GPU{'s' if len(chosen) > 1 else ''} "
                           f"({', '.join(chosen)}) with --workers-per-gpu={per_gpu} take at most {slots} workers; "
                           f"raise --workers-per-gpu to {-(-workers // len(chosen))} or name more --gpus")

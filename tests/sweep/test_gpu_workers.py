@@ -15,6 +15,7 @@ PLANS = [  # (visible GPUs, workers, gpus, workers_per_gpu) -> (workers, GPU of 
     (([], 3, None, None), (3, [])),
     ((["0", "1"], None, None, None), (2, ["0", "1"])),
     ((["0", "1"], 1, None, None), (1, ["0"])),
+    ((["0"], 3, None, None), (3, ["0", "0", "0"])),  # --workers alone: as many per GPU as it takes
     ((["0", "1"], None, None, 2), (4, ["0", "1", "0", "1"])),
     ((["0", "1"], 3, "0,1", 2), (3, ["0", "1", "0"])),
     ((["0", "1", "2", "3"], None, "3, 1", None), (2, ["3", "1"])),
