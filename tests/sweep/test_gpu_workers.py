@@ -83,8 +83,10 @@ def test_each_local_worker_process_is_pinned_to_its_gpu(tmp_path, make_spec, cap
 
     monkeypatch.setattr(runner.subprocess, "Popen", record)
     spec = make_spec(tmp_path / "pin.yaml")
-    assert main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'pin.db'}"]) == 0
-    assert started == [("0", "0"), ("1", "1")]
+    status = main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'pin.db'}"])
     out = capsys.readouterr().out
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "runs" / "pin" / "workers").glob("*.log")))
+    assert status == 0, out + logs
+    assert started == [("0", "0"), ("1", "1")]
     assert "2 workers here (worker 0 -> GPU 0, worker 1 -> GPU 1)" in out
     assert "2 complete" in out
