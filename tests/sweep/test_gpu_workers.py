@@ -68,9 +68,9 @@ def test_the_command_reports_bad_gpu_options_before_any_work(tmp_path, make_spec
     assert not db.exists() and not (tmp_path / "runs").exists()
 
 
-def test_each_local_worker_process_is_pinned_to_its_gpu(tmp_path, make_spec, capsys, monkeypatch):
-    """Two visible GPUs (named here; the workers still train on CPU) and one worker each: two child processes,
-    started with CUDA_VISIBLE_DEVICES=0 and =1, share the study's trials."""
+def test_a_local_worker_process_is_pinned_to_its_gpu(tmp_path, make_spec, capsys, monkeypatch):
+    """Two visible GPUs (named here; the worker still trains on CPU) and ``--gpus 1``: one child process, started
+    with CUDA_VISIBLE_DEVICES=1, runs the study's trials (the command's own process sees both GPUs)."""
     monkeypatch.setattr(runner, "_devices", lambda: ["0", "1"])
     started = []
     popen = runner.subprocess.Popen
@@ -83,10 +83,10 @@ def test_each_local_worker_process_is_pinned_to_its_gpu(tmp_path, make_spec, cap
 
     monkeypatch.setattr(runner.subprocess, "Popen", record)
     spec = make_spec(tmp_path / "pin.yaml")
-    status = main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'pin.db'}"])
+    status = main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'pin.db'}", "--gpus", "1"])
     out = capsys.readouterr().out
     logs = "".join(p.read_text() for p in sorted((tmp_path / "runs" / "pin" / "workers").glob("*.log")))
     assert status == 0, out + logs
-    assert started == [("0", "0"), ("1", "1")]
-    assert "2 workers here (worker 0 -> GPU 0, worker 1 -> GPU 1)" in out
+    assert started == [("0", "1")]
+    assert "1 worker here (worker 0 -> GPU 1)" in out
     assert "2 complete" in out
