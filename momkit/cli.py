@@ -1,20 +1,25 @@
 """The ``momkit`` command (also ``python -m momkit``).
 
     momkit train CONFIG [key=value ...] [--resume | --overwrite]
+    torchrun --nproc_per_node N -m momkit train CONFIG ...   (data-parallel on N processes; docs/training.md)
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     momkit info
-    momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--timeout S]
+    momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
+                 [--workers-per-gpu K] [--timeout S]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
 
 Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
 prints one line naming the problem and exits with status 2, before anything is written.
+Under torchrun every message names its rank, and a rank that fails exits (status 1 or 2), upon which
+torchrun stops the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from momkit.config import ConfigError
@@ -81,8 +86,12 @@ def _sweep_parsers(sub) -> None:
                    help="study name (default: the spec's study, else its file name)")
     s.add_argument("--n-trials", type=int, default=None, metavar="N",
                    help="the study's trial budget (default: the spec's budget.trials, or the whole grid)")
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="worker processes on this machine, one GPU each where GPUs exist (default 1)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes on this machine (default: one per GPU of --gpus where GPUs exist, else 1)")
+    s.add_argument("--gpus", default=None, metavar="IDS",
+                   help="GPUs for the workers, e.g. 0,1,3 (ids as in nvidia-smi; default: every visible GPU)")
+    s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
+                   help="workers on each GPU, for small models (default 1, or as many as --workers needs)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
@@ -115,10 +124,33 @@ def cmd_train(args) -> int:
     if args.no_progress:
         cfg.run.progress = False
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if _rank() > 0:  # rank 0 reports the run
+        return 0
     acc = result.final.get("valid/accuracy")
     print(f"run {result.run_dir}: {result.steps} steps ({result.stopped}), valid accuracy "
           f"{acc:.4f}" if acc is not None else f"run {result.run_dir}: {result.steps} steps ({result.stopped})")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    from momkit.train.distributed import launched_world_size
+
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
+
+
+def _who() -> str:
+    """`` (rank r of n)`` under torchrun, else nothing: which process a message comes from."""
+    from momkit.train.distributed import launched_world_size
+
+    world = launched_world_size()
+    return f" (rank {_rank()} of {world})" if world > 1 else ""
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write, so that the lines of several ranks do not interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def cmd_eval(args) -> int:
@@ -242,7 +274,7 @@ def cmd_sweep(args) -> int:
         run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
         return 0
     summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
-                        timeout=args.timeout)
+                        gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout)
     print(format_summary(spec, summary))
     if summary.ran:
         print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")
@@ -282,14 +314,24 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
         return commands[args.command](args)
     except ConfigError as e:
-        print(f"momkit: error: {e}", file=sys.stderr)
+        _say(f"momkit: error{_who()}: {e}")
         return 2
     except NonFiniteError as e:
-        print(f"momkit: training stopped: {e}", file=sys.stderr)
+        _say(f"momkit: training stopped{_who()}: {e}")
         return 1
     except KeyboardInterrupt:
-        print("momkit: interrupted", file=sys.stderr)
+        _say(f"momkit: interrupted{_who()}")
         return 130
+    except Exception as e:
+        if not _who():
+            raise
+        # one rank failed: exit at once (torchrun then stops the others) rather than leave them waiting
+        import traceback
+
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _say(f"momkit: error{_who()}: {type(e).__name__}: {first}; the job stops")
+        return 1
 
 
 if __name__ == "__main__":

@@ -254,6 +254,7 @@ class RunConfig:
     best_mode: str = "max"  # max or min
     progress: bool = True
     threads: int | None = None  # CPU threads for torch (None: torch's default)
+    dist_timeout_s: float = 1800.0  # under torchrun: seconds a rank waits for the others before the job fails
 
     def validate(self, prefix: str = "run.") -> RunConfig:
         p = prefix
@@ -268,6 +269,8 @@ class RunConfig:
         for key in ("eval_batches", "eval_batch_size", "threads"):
             val = getattr(self, key)
             _check(val is None or (_is_int(val) and val >= 1), p + key, val, "must be null or a positive int")
+        _check(_is_num(self.dist_timeout_s) and self.dist_timeout_s > 0, f"{p}dist_timeout_s", self.dist_timeout_s,
+               "must be a number > 0 (seconds)")
         _check(self.target_accuracy is None or (_is_num(self.target_accuracy) and 0 < self.target_accuracy <= 1),
                f"{p}target_accuracy", self.target_accuracy, "must be null or in (0, 1]")
         _check(isinstance(self.best_metric, str) and self.best_metric.startswith("valid/"), f"{p}best_metric",

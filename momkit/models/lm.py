@@ -9,6 +9,7 @@ position t (-100: not supervised). For next-token prediction pass ``input_ids[:,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from momkit.config import LMConfig
 from momkit.layers import CausalAttention, MoMAux, MoMLayer, RMSNorm, SingleMemoryLayer
-from momkit.routing import RoutingStats, load_balancing_loss
+from momkit.routing import BalanceStats, RoutingStats, load_balancing_loss
 from momkit.rules.base import upcast
 
 Tensor = torch.Tensor
@@ -94,11 +95,14 @@ class MoMLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
                 use_cache: bool = False, cache_capacity: int | None = None,
-                last_logits_only: bool = False) -> LMOutput:
+                last_logits_only: bool = False, global_sum: Callable[[Tensor], Tensor] | None = None) -> LMOutput:
         """``use_cache``: also return the decoding cache of every layer (``out.cache``, for ``step``);
         ``cache_capacity``: token slots to preallocate in attention layers' KV caches (default: the input
         length; a full cache doubles); ``last_logits_only``: logits of the last position only
-        ([B, 1, vocab], what decoding needs; not with labels)."""
+        ([B, 1, vocab], what decoding needs; not with labels); ``global_sum``: data-parallel training
+        (``DataParallel.global_sum``): this batch is one shard of a global batch, and the cross-entropy,
+        z-loss and balancing loss are taken over the global batch (token counts and balance statistics
+        summed over ranks in one collective)."""
         if last_logits_only and labels is not None:
             raise ValueError("last_logits_only=True computes no loss: pass labels=None")
         x = self.embed(input_ids)
@@ -108,15 +112,53 @@ class MoMLM(nn.Module):
             extras.append(extra)
         logits = self.head(self.norm(x[:, -1:] if last_logits_only else x))
         moms = [e if isinstance(e, MoMAux) else None for e in extras]
-        aux_loss = self._aux_loss([a for a in moms if a is not None], x)
+        auxes, ce = [a for a in moms if a is not None], None
+        if global_sum is not None:
+            auxes, ce = self._global_losses(auxes, logits, labels, attention_mask, global_sum)
+        elif labels is not None:
+            ce = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
+        aux_loss = self._aux_loss(auxes, x)
         out = LMOutput(logits=logits, loss=None, aux_loss=aux_loss, routing=[a.stats if a else None for a in moms],
                        aux=moms)
         if labels is not None:
-            ce = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
             out.ce_loss, out.loss = ce, ce + aux_loss
         if use_cache:
             out.cache = [e.cache if isinstance(e, MoMAux) else e for e in extras]
         return out
+
+    def _global_losses(self, auxes: list[MoMAux], logits: Tensor, labels: Tensor | None,
+                       attention_mask: Tensor | None, global_sum: Callable[[Tensor], Tensor],
+                       ) -> tuple[list[MoMAux], Tensor | None]:
+        """The layers' router losses and the cross-entropy over the global batch of a data-parallel step:
+        this rank's sums (tokens, supervised tokens, cross-entropy, z-loss, balance statistics) go through
+        one ``global_sum`` and every loss is rebuilt from the global sums."""
+        mom = self.cfg.resolved_mom()
+        B, T = logits.shape[:2]
+        tokens = (attention_mask.sum().float() if attention_mask is not None
+                  else torch.tensor(float(B * T), device=logits.device))
+        pieces = [tokens.reshape(1)]
+        if labels is not None:
+            ce_sum = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100, reduction="sum")
+            pieces += [ce_sum.reshape(1), (labels != -100).sum().float().reshape(1)]
+        for a in auxes:  # z_loss is a mean over this rank's real tokens: back to a sum
+            pieces.append((a.z_loss.float() * tokens).reshape(1))
+            if a.balance is not None:
+                pieces += [a.balance.counts.float(), a.balance.prob_sum.float()]
+        flat = global_sum(torch.cat(pieces))
+        g_tokens, i = flat[0], 1
+        ce = None
+        if labels is not None:
+            ce, i = flat[1] / flat[2], 3
+        out = []
+        for a in auxes:
+            z, i = flat[i] / g_tokens.clamp_min(1.0), i + 1
+            balance, aux_loss = None, torch.zeros_like(z)
+            if a.balance is not None:
+                M = a.balance.counts.numel()
+                balance = BalanceStats(flat[i:i + M], flat[i + M:i + 2 * M], g_tokens)
+                aux_loss, i = mom.aux_loss_scale * load_balancing_loss([balance]), i + 2 * M
+            out.append(dataclasses.replace(a, aux_loss=aux_loss, z_loss=z, balance=balance))
+        return out, ce
 
     def _aux_loss(self, auxes: list[MoMAux], x: Tensor) -> Tensor:
         total = x.new_zeros((), dtype=torch.float32)

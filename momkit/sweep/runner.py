@@ -498,6 +498,50 @@ def _devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def plan_workers(visible: list[str], workers: int | None = None, gpus: str | None = None,
+                 workers_per_gpu: int | None = None) -> tuple[int, list[str]]:
+    """How many local workers to start and the GPU of each (``CUDA_VISIBLE_DEVICES`` of worker i), from the GPUs
+    ``visible`` here and the ``--workers``, ``--gpus`` and ``--workers-per-gpu`` options.
+
+    With GPUs: the named ``gpus`` (ids as in ``CUDA_VISIBLE_DEVICES`` / nvidia-smi; default: every visible one),
+    workers assigned round robin over them; ``workers`` defaults to ``workers_per_gpu`` (default 1) per GPU
+    and may not exceed that when ``workers_per_gpu`` is given. Without GPUs: ``workers`` (default 1) CPU
+    workers, and the GPU options are errors."""
+    if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"--workers={workers!r} is invalid: must be an int >= 1")
+    if workers_per_gpu is not None and not (isinstance(workers_per_gpu, int) and workers_per_gpu >= 1):
+        raise ConfigError(f"--workers-per-gpu={workers_per_gpu!r} is invalid: must be an int >= 1")
+    if gpus is not None:
+        chosen = [g.strip() for g in str(gpus).split(",")]
+        if not visible:
+            raise ConfigError(f"--gpus={gpus!r} is invalid: no CUDA GPU is visible on this machine")
+        if "" in chosen:
+            raise ConfigError(f"--gpus={gpus!r} is invalid: a comma-separated list of GPU ids is expected, "
+                              f"e.g. {','.join(visible[:2])}")
+        unknown = [g for g in chosen if g not in visible]
+        if unknown:
+            raise ConfigError(f"--gpus={gpus!r} is invalid: GPU {', '.join(unknown)} is not visible here (visible: "
+                              f"{', '.join(visible)}; ids as in CUDA_VISIBLE_DEVICES or nvidia-smi)")
+        if len(set(chosen)) < len(chosen):
+            raise ConfigError(f"--gpus={gpus!r} is invalid: a GPU is named twice (for several workers on one GPU "
+                              "use --workers-per-gpu)")
+    elif not visible:
+        if workers_per_gpu is not None:
+            raise ConfigError(f"--workers-per-gpu={workers_per_gpu} is invalid: no CUDA GPU is visible on this "
+                              "machine (CPU workers share the cores: use --workers)")
+        return workers or 1, []
+    else:
+        chosen = list(visible)
+    per_gpu = workers_per_gpu or 1
+    slots = len(chosen) * per_gpu
+    if workers is not None and workers_per_gpu is not None and workers > slots:
+        raise ConfigError(f"--workers={workers} is invalid: {len(chosen)} GPU{'s' if len(chosen) > 1 else ''} "
+                          f"({', '.join(chosen)}) with --workers-per-gpu={per_gpu} take at most {slots} workers; "
+                          f"raise --workers-per-gpu to {-(-workers // len(chosen))} or name more --gpus")
+    n = workers or slots
+    return n, [chosen[i % len(chosen)] for i in range(n)]
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -506,8 +550,8 @@ def _cpu_count() -> int:
 
 
 def worker_env(index: int, devices: list[str], threads: int | None) -> dict[str, str]:
-    """The environment of local worker ``index``: its own GPU (round robin over ``devices``), or on a CPU
-    machine its share of the cores."""
+    """The environment of local worker ``index``: its GPU (``devices[index]``, round robin when shorter; see
+    ``plan_workers``), or on a CPU machine its share of the cores."""
     env = dict(os.environ)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
@@ -550,16 +594,18 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
 
 
 def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
-              n_trials: int | None = None, workers: int = 1, timeout: float | None = None,
+              n_trials: int | None = None, workers: int | None = None, gpus: str | None = None,
+              workers_per_gpu: int | None = None, timeout: float | None = None,
               out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
     """Run a sweep from this machine: create or resume the study, then run ``workers`` workers here (in this
-    process when 1, else as child processes pinned to one GPU each, or sharing the CPU cores), printing one
-    line per finished trial. Other machines may run workers on the same study at the same time."""
+    process when 1 and nothing needs pinning, else as child processes, each pinned to its GPU or sharing the
+    CPU cores; see ``plan_workers`` for ``workers``, ``gpus`` and ``workers_per_gpu``), printing one line per
+    finished trial. Other machines may run workers on the same study at the same time."""
     out = out or sys.stdout
     storage_url = storage_url or DEFAULT_STORAGE
     study_name = check_study_name(study_name or spec.study, "--study")
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ConfigError(f"--workers={workers!r} is invalid: must be an int >= 1")
+    visible = _devices()
+    workers, devices = plan_workers(visible, workers, gpus, workers_per_gpu)
     if timeout is None:
         timeout = spec.budget.timeout
     elif not timeout > 0:
@@ -581,10 +627,9 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         monitor.close()
         print("nothing left to run", file=out, flush=True)
     else:
-        devices = _devices()
         threads = None if devices or workers == 1 else max(1, _cpu_count() // workers)
         if devices:
-            where = ", ".join(f"worker {i} -> GPU {devices[i % len(devices)]}" for i in range(workers))
+            where = ", ".join(f"worker {i} -> GPU {devices[i]}" for i in range(workers))
         elif spec.sets("run.threads"):
             where = "CPU, threads per worker from the spec's run.threads"
         else:
@@ -593,7 +638,7 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         if not isinstance(storage, optuna.storages.RDBStorage):
             print("note: this storage has no heartbeats: a trial whose worker dies stays RUNNING and is not retried",
                   file=out, flush=True)
-        if workers == 1:
+        if workers == 1 and devices == visible:  # nothing to pin: trials run in this process
             monitor.start()
             try:
                 ran = run_worker(spec, storage_url, study_name, timeout=timeout, threads=threads)
@@ -656,5 +701,5 @@ def format_summary(spec: SweepSpec, s: SweepSummary) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Monitor", "SweepSummary", "format_summary", "make_pruner", "make_sampler", "prepare_study",
-           "run_sweep", "run_worker", "summarize", "trial_line"]
+__all__ = ["Monitor", "SweepSummary", "format_summary", "make_pruner", "make_sampler", "plan_workers",
+           "prepare_study", "run_sweep", "run_worker", "summarize", "trial_line"]

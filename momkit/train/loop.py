@@ -27,6 +27,7 @@ import torch
 from momkit.config import ConfigError, TrainConfig, config_to_yaml
 from momkit.models import MoMLM
 from momkit.tasks import SupervisedMetrics, TaskData
+from momkit.train.distributed import DataParallel, data_parallel, reduce_router_loads
 from momkit.train.optim import make_optimizer
 
 Metrics = dict[str, float]
@@ -251,9 +252,24 @@ def _check_impl(cfg: TrainConfig, device: torch.device) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           callback: Callable[[int, Metrics], None] | None = None) -> RunResult:
     """Train ``cfg.model`` on ``cfg.task``. ``callback(step, metrics)`` is called after every evaluation
-    (sweeps report to their pruner there; an exception from it stops the run)."""
+    (sweeps report to their pruner there; an exception from it stops the run).
+
+    Under ``torchrun`` every rank calls this: they train one model with DistributedDataParallel, each on
+    its shard of every global batch; rank 0 alone evaluates (the others receive its metrics), writes the
+    run directory and calls ``callback``. See momkit/train/distributed.py."""
     cfg.validate()
-    device = resolve_device(cfg.run.device)
+    dp = data_parallel(cfg.run.device, cfg.optim.batch_size, cfg.run.dist_timeout_s)
+    try:
+        return _train(cfg, resume, overwrite, callback, dp)
+    finally:
+        if dp is not None:
+            dp.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[int, Metrics], None] | None,
+           dp: DataParallel | None) -> RunResult:
+    main = dp is None or dp.is_main  # the process that writes the run directory
+    device = dp.device if dp is not None else resolve_device(cfg.run.device)
     _check_impl(cfg, device)
     run_dir = _check_run_dir(cfg, resume, overwrite)
     metrics_path = run_dir / "metrics.jsonl"
@@ -287,32 +303,47 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         state = ckpt["state"]
         _set_rng_state(ckpt["rng"])
 
+    if dp is not None:  # every rank checked the run directory before rank 0 changes it
+        dp.barrier()
     # every check passed: from here on the run directory is written
-    _make_run_dir(cfg, run_dir, overwrite)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    # on resume, events logged after the checkpoint are dropped: they will be produced again
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if main:
+        _make_run_dir(cfg, run_dir, overwrite)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        # on resume, events logged after the checkpoint are dropped: they will be produced again
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    net, forward_kw = model, {}
+    if dp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # a memory that no token of this rank's shard is routed to takes no part in its backward pass
+        uses_mom = any(block.kind == "mom" for block in model.blocks)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=uses_mom)
+        forward_kw = {"global_sum": dp.global_sum}
 
     amp = cfg.run.amp and device.type == "cuda"
     eval_bs = cfg.run.eval_batch_size or cfg.optim.batch_size
-    history: list[dict] = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
+    history: list[dict] = [json.loads(ln) for ln in kept]
     t_start = time.perf_counter() - state.get("elapsed_s", 0.0)
 
     def log(event: dict) -> None:
         event = {"step": state["step"], **event, "elapsed_s": round(time.perf_counter() - t_start, 3)}
         history.append(event)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(event) + "\n")
 
     def checkpoint() -> None:
         state["elapsed_s"] = time.perf_counter() - t_start
+        if not main:
+            return
         _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                       "state": state, "rng": _rng_state()}, run_dir / "last.pt")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not cfg.run.progress, desc=cfg.run.name,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.run.progress and main),
+               desc=cfg.run.name, dynamic_ncols=True)
     # the postfix: the latest training means, and the latest evaluation's run.best_metric
     postfix: dict[str, str] = {}
     valid_label = "val_" + cfg.run.best_metric.removeprefix("valid/").replace("/", "_")
@@ -326,9 +357,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             batches = data.batches("train", cfg.optim.batch_size, shuffle=cfg.optim.data_order == "shuffled",
                                    seed=cfg.run.seed, epoch=state["epoch"], start=state["batch_in_epoch"])
             for batch in batches:
-                inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+                inputs, labels = batch.inputs, batch.labels
+                if dp is not None:  # this rank's shard of the global batch
+                    inputs, labels = dp.shard(inputs), dp.shard(labels)
+                inputs, labels = inputs.to(device), labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(inputs, labels=labels)
+                    out = net(inputs, labels=labels, **forward_kw)
                 step = state["step"] + 1
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -341,9 +375,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     sup = labels != -100
                     correct = ((out.logits.argmax(-1) == labels) & sup).sum()
                     # one wait for the device per step: the checks and the logged numbers together
-                    loss, ce, aux, norm, n_correct, n_sup = torch.stack([
+                    numbers = torch.stack([
                         out.loss.detach().float(), out.ce_loss.detach().float(), out.aux_loss.detach().float(),
-                        grad_norm.detach().float(), correct.float(), sup.sum().float()]).tolist()
+                        grad_norm.detach().float(), correct.float(), sup.sum().float()])
+                    if dp is not None:  # the counts are per rank (losses and norm are global already)
+                        dp.sum_(numbers[4:])
+                    loss, ce, aux, norm, n_correct, n_sup = numbers.tolist()
                 for name, val in (("loss", loss), ("cross-entropy", ce), ("aux_loss", aux)):
                     if not math.isfinite(val):
                         raise NonFiniteError(f"step {step}: {name} is {val} (training stopped; "
@@ -355,6 +392,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                          f"stopped; the last good checkpoint is {run_dir / 'last.pt'})")
                 opt.step()
                 sched.step()
+                if dp is not None:
+                    reduce_router_loads(model, dp)
                 model.update_routing_biases()
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 acc["n"] += 1
@@ -363,7 +402,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 acc["aux"] += aux
                 acc["correct"] += n_correct
                 acc["supervised"] += n_sup
-                window["tokens"] += inputs.numel()
+                window["tokens"] += batch.inputs.numel()
                 if step % cfg.run.log_every == 0:
                     acc.update({f"r/{k}": v for k, v in routing_summary(out.routing).items()})  # this step's
                     n = acc["n"]
@@ -385,7 +424,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 bar.update(1)
                 last = step >= cfg.optim.max_steps
                 if step % cfg.run.eval_every == 0 or last:
-                    metrics = evaluate(model, data, eval_bs, device, cfg.run.eval_batches, amp)
+                    metrics = evaluate(model, data, eval_bs, device, cfg.run.eval_batches, amp) if main else {}
+                    if dp is not None:
+                        metrics = dp.broadcast(metrics)
                     log({"split": "valid", **metrics})
                     state["final"] = metrics
                     if isinstance(metrics.get(cfg.run.best_metric), (int, float)):
@@ -393,8 +434,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         bar.set_postfix(postfix, refresh=False)
                     if _better(metrics, state["best"], cfg.run.best_metric, cfg.run.best_mode):
                         state["best"] = {"step": step, **metrics}
-                        _atomic_save({"model": model.state_dict(), "step": step}, run_dir / "best.pt")
-                    if callback is not None:
+                        if main:
+                            _atomic_save({"model": model.state_dict(), "step": step}, run_dir / "best.pt")
+                    if callback is not None and main:
                         callback(step, metrics)
                     target = cfg.run.target_accuracy
                     if target is not None and metrics.get("valid/accuracy", 0) >= target:
