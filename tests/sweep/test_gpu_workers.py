@@ -8,7 +8,7 @@ import pytest
 from momkit.cli import main
 from momkit.config import ConfigError
 from momkit.sweep import runner
-from momkit.sweep.runner import plan_workers, worker_env
+from momkit.sweep.workers import plan_workers, worker_env
 
 PLANS = [  # (visible GPUs, workers, gpus, workers_per_gpu) -> (workers, GPU of each worker)
     (([], None, None, None), (1, [])),

@@ -201,7 +201,7 @@ def test_timeout_stops_starting_trials_and_a_journal_storage_resumes(tmp_path, m
 
 
 def test_local_workers_get_a_gpu_each_or_a_share_of_the_cores():
-    from momkit.sweep.runner import worker_env
+    from momkit.sweep.workers import worker_env
 
     assert [worker_env(i, ["2", "5"], None)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["2", "5", "2"]
     env = worker_env(1, [], 4)
