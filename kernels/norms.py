@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch, pow2
+from ._common import check_dtype, launch, pow2
 
 Tensor = torch.Tensor
 
@@ -171,7 +171,8 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     """``x (mean(x^2) + eps)^{-1/2} weight ∘ silu(gate)`` over the last axis (``weight [D]``), in the
     dtype of ``x``."""
     _check("gated_rms_norm", x)
+    check_dtype(gate, weight)
     if gate.shape != x.shape or weight.shape != x.shape[-1:]:
         raise ValueError(f"gated_rms_norm takes x and gate of one shape and weight [D]; got {tuple(x.shape)}, "
                          f"{tuple(gate.shape)}, {tuple(weight.shape)}")
-    return GatedRMSNormFn.apply(x, gate.to(x.dtype), weight.to(x.dtype), float(eps))
+    return GatedRMSNormFn.apply(x, gate, weight.contiguous(), float(eps))  # any float dtypes: read as float32

@@ -129,9 +129,10 @@ def short_conv(x: Tensor, weight: Tensor, position: Tensor) -> Tensor:
     index within its segment) -> ``silu(causal depthwise conv) [N, C]``, differentiable in x and weight."""
     from ._common import check_dtype, interpreter_compat
 
-    check_dtype(x)
+    check_dtype(x, weight)
     interpreter_compat()
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or position.shape != x.shape[:1]:
         raise ValueError(f"short_conv takes x [N, C], weight [C, W], position [N]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(position.shape)}")
-    return ShortConvFn.apply(x.contiguous(), weight.to(x.dtype).contiguous(), position.contiguous())
+    # the weight in its own dtype (float32 parameters under autocast): read as float32, its gradient in that dtype
+    return ShortConvFn.apply(x.contiguous(), weight.contiguous(), position.contiguous())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from momkit.layers.conv import ShortConv
+from momkit.layers.norm import GatedRMSNorm
 
 F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -57,3 +58,36 @@ def test_fused_dense_matches_unfused(device):
     y_ref = conv.to(F64).forward_dense(x.to(F64))
     y = conv.to(device=device, dtype=torch.float32).forward_dense(x.to(device), fused=True)
     assert _rel(y.cpu(), y_ref) < 1e-5
+
+
+def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
+    """Under autocast the parameters stay float32: the kernels read them as they are, and their gradient
+    is float32-accurate (not rounded through bfloat16, which would be ~1e-3 off)."""
+    from momkit.kernels.norms import gated_rms_norm
+    from momkit.kernels.short_conv import short_conv
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 20, generator=gen).to(torch.bfloat16)
+    w = torch.randn(20, 4, generator=gen)
+    gate = torch.randn(40, 20, generator=gen)
+    wn = torch.randn(20, generator=gen)
+
+    ref = ShortConv(20, 4).to(F64)
+    with torch.no_grad():
+        ref.weight.copy_(w.to(F64))
+    ref.forward_packed(x.to(F64), torch.arange(40)).sum().backward()
+    wd = w.to(device).requires_grad_(True)
+    y = short_conv(x.to(device), wd, torch.arange(40, device=device))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and wd.grad.dtype == torch.float32
+    assert _rel(wd.grad.cpu(), ref.weight.grad) < 1e-5, "conv weight gradient"
+
+    norm = GatedRMSNorm(20, eps=1e-6).to(F64)
+    with torch.no_grad():
+        norm.weight.copy_(wn.to(F64))
+    norm(x.to(F64), gate.to(F64)).sum().backward()
+    wnd = wn.to(device).requires_grad_(True)
+    z = gated_rms_norm(x.to(device), gate.to(device), wnd, 1e-6)
+    z.float().sum().backward()
+    assert z.dtype == torch.bfloat16 and wnd.grad.dtype == torch.float32
+    assert _rel(wnd.grad.cpu(), norm.weight.grad) < 1e-5, "norm weight gradient"
