@@ -45,8 +45,9 @@ def ours(kind: str, M: int, device) -> torch.nn.Module:
     from momkit import MoMLayer, SingleMemoryLayer
     from momkit.config import MoMConfig
 
-    cfg = MoMConfig(hidden_size=D, num_heads=H, head_dim=HEAD, rule="gated_deltanet", num_memories=M, topk=2,
-                    shared_memory=True)
+    mom = kind == "mom"  # the single-memory layer: one memory, nothing to route
+    cfg = MoMConfig(hidden_size=D, num_heads=H, head_dim=HEAD, rule="gated_deltanet", num_memories=M,
+                    topk=2 if mom else 1, shared_memory=mom)
     layer = MoMLayer(cfg) if kind == "mom" else SingleMemoryLayer(cfg)
     return layer.to(device=device, dtype=torch.bfloat16).train()
 

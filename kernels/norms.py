@@ -1,7 +1,8 @@
 """Row normalisations of the mixer layers, fused (one launch forward, one backward), float32 arithmetic.
 
 * ``l2_norm(x)``: ``x / sqrt(||x||^2 + eps)`` over the last axis (the delta rules' and titans' q, k).
-  Backward: ``dx = r (dy - y <dy, y>)`` with ``r = (||x||^2 + eps)^{-1/2}``.
+  Backward: ``dx = r (dy - y <dy, y>)`` with ``r = (||x||^2 + eps)^{-1/2}``, from the output ``y`` and
+  ``r`` (float32, one per row): the rule saves ``y`` anyway, so the norm adds no copy of its input.
 * ``gated_rms_norm(x, gate, weight)``: ``x r w ∘ silu(gate)``, ``r = (mean(x^2) + eps)^{-1/2}`` over
   the last axis (one head's value channels; ``weight`` shared by the heads). Backward, with
   ``n = x r`` and ``dn = dy ∘ silu(gate) ∘ w``: ``dx = r (dn - n mean(dn ∘ n))``,
@@ -33,24 +34,24 @@ def _load_rows(x, o_r, o_d, m, D: tl.constexpr):
 
 
 @triton.jit
-def _l2_fwd_kernel(x, y, R, eps, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _l2_fwd_kernel(x, y, rs, R, eps, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (o_r[:, None] < R) & (o_d[None, :] < D)
     b_x = _load_rows(x, o_r, o_d, m, D)
     r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + eps)
     tl.store(y + o_r[:, None] * D + o_d[None, :], (b_x * r[:, None]).to(y.dtype.element_ty), mask=m)
+    tl.store(rs + o_r, r, mask=o_r < R)
 
 
 @triton.jit
-def _l2_bwd_kernel(x, dy, dx, R, eps, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _l2_bwd_kernel(y, rs, dy, dx, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (o_r[:, None] < R) & (o_d[None, :] < D)
-    b_x = _load_rows(x, o_r, o_d, m, D)
+    b_y = _load_rows(y, o_r, o_d, m, D)
     b_dy = _load_rows(dy, o_r, o_d, m, D)
-    r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + eps)
-    b_y = b_x * r[:, None]
+    r = tl.load(rs + o_r, mask=o_r < R, other=0.0)
     b_dx = r[:, None] * (b_dy - b_y * tl.sum(b_dy * b_y, axis=1)[:, None])
     tl.store(dx + o_r[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
 
@@ -106,21 +107,22 @@ class L2NormFn(torch.autograd.Function):
     def forward(ctx, x, eps):
         x2, R, D, BR, grid = _prep(x)
         y = torch.empty_like(x2)
+        rs = x2.new_empty(R, dtype=torch.float32)
         if R:
-            _l2_fwd_kernel[(grid,)](x2, y, R, eps, D=D, BR=BR, BD=pow2(D, 1), **launch("norm.l2_fwd"))
-        ctx.save_for_backward(x2)
-        ctx.eps, ctx.shape = eps, x.shape
+            _l2_fwd_kernel[(grid,)](x2, y, rs, R, eps, D=D, BR=BR, BD=pow2(D, 1), **launch("norm.l2_fwd"))
+        ctx.save_for_backward(y, rs)
+        ctx.shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        (x2,) = ctx.saved_tensors
-        R, D = x2.shape
+        y, rs = ctx.saved_tensors
+        R, D = y.shape
         BR = _rows(D)
         dy2 = dy.reshape(R, D).contiguous()
-        dx = torch.empty_like(x2)
+        dx = torch.empty_like(y)
         if R:
-            _l2_bwd_kernel[(triton.cdiv(R, BR),)](x2, dy2, dx, R, ctx.eps, D=D, BR=BR, BD=pow2(D, 1),
+            _l2_bwd_kernel[(triton.cdiv(R, BR),)](y, rs, dy2, dx, R, D=D, BR=BR, BD=pow2(D, 1),
                                                   **launch("norm.l2_bwd"))
         return dx.view(ctx.shape), None
 

@@ -186,3 +186,15 @@ def test_layer_train_and_launch_benchmarks_name_bad_arguments(capsys):
     assert "unknown delta.nope" in err and "delta.bwd_dh" in err and "conv.fwd" in err
     args = tune_launch.parse_args(["--kernels", "delta.bwd_dh,delta.fwd_h", "--options", "BV=32,num_warps=8"])
     assert args.options == [{"BV": 32, "num_warps": 8}] and args.shapes == [(4, 2048, 4, 256, 256)]
+
+
+@pytest.mark.parametrize("case", ["mom_b4_t2048_m8", "single_b4_t2048"])
+def test_gpu_layer_builds_our_layer_of_every_kind(case):
+    """The benchmark's own layer of each kind builds from its config (on CPU: the config checks run there too)."""
+    from benchmarks import gpu_layer
+    from momkit import MoMLayer, SingleMemoryLayer
+
+    kind, _, _, M = gpu_layer.CASES[case]
+    layer = gpu_layer.ours(kind, M, "cpu")
+    assert isinstance(layer, MoMLayer if kind == "mom" else SingleMemoryLayer)
+    assert layer.cfg.num_memories == M and layer.cfg.key_dim == gpu_layer.HEAD

@@ -361,13 +361,16 @@ class DeltaChunk(torch.autograd.Function):
         f32 = torch.float32
         _, w, u, u_off = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
         h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
+        wdt = u.dtype
+        del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
         # gated: the local part of the pseudo-values' gradient without the diagonal of A (README)
-        dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated)
+        dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
 
         # gated: q_t . k_t, the diagonal of the output scores (both state-pass kernels read it)
         qk = (q.float() * k.float()).sum(-1) if gated else None
         dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
                                                           meta)
+        del w
 
         BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
         NK = triton.cdiv(K, BKb)
@@ -378,7 +381,9 @@ class DeltaChunk(torch.autograd.Function):
         _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
                                       meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
                                       GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
-        dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_local if gated else dv_tot, du_inter, dk_part,
+        dv_wy = dv_local if gated else dv_tot
+        del h, dh, v_new, vr, dv_local, dv_tot
+        dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
                                       None if a_part is None else a_part[NK], scale, meta)
         dg = None
         if gated:

@@ -162,8 +162,8 @@ class MoMLayer(nn.Module):
         pos = disp.position
 
         fused = fused_ops(self.rule, cfg.impl, x)
-        x_rows = disp.gather(x)
-        q_in = disp.gather(self.q_proj(x))
+        x_rows = disp.gather(x, fused)
+        q_in = disp.gather(self.q_proj(x), fused)
         q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in
         k_in, v_in, ks, vs, gates = [], [], [], [], {}
         for mem, (a, b) in zip(self.all_memories, disp.memory_rows):
@@ -188,7 +188,7 @@ class MoMLayer(nn.Module):
             q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.offsets,
             output_final_state=use_cache, **gates, **cfg.rule_options,
         )
-        o = disp.combine(o_rows[0])  # [B, T, H, V]
+        o = disp.combine(o_rows[0], fused)  # [B, T, H, V]
         y = self._output(x, o, fused)
 
         balance = BalanceStats.from_plan(plan, mask)

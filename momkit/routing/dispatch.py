@@ -49,6 +49,7 @@ class Dispatch:
     cu_seqlens: Tensor  # [S + 1] int64 offsets, S = num_segments_per_seq * B
     offsets: tuple[int, ...]  # the same offsets on the host (rules take them without a device sync)
     memory_rows: list[tuple[int, int]]  # rows [start, stop) of each memory (incl. shared)
+    _inverse: Tensor | None = None  # [B * T * k'] row of each slot, -1 where none (the fused kernels')
 
     @property
     def num_rows(self) -> int:
@@ -88,14 +89,33 @@ class Dispatch:
             memory_rows=list(itertools.pairwise(offsets[:: B])),
         )
 
-    def gather(self, x: Tensor) -> Tensor:
-        """Per-token tensor [B, T, ...] -> rows [N, ...]: a row gather forward; backward through the slot
-        grid (a copy into ``[B * T * k', ...]`` and a sum over each token's slots), so that no gradient
-        is a scatter-add (deterministic on every device)."""
+    @property
+    def inverse(self) -> Tensor:
+        """[B * T * k'] the row of each slot, -1 for a slot that holds none."""
+        if self._inverse is None:
+            inv = torch.full((self.batch * self.seq_len * self.slots,), -1, dtype=torch.int64, device=self.slot.device)
+            self._inverse = inv.scatter_(0, self.slot, torch.arange(self.num_rows, device=self.slot.device))
+        return self._inverse
+
+    def gather(self, x: Tensor, fused: bool = False) -> Tensor:
+        """Per-token tensor [B, T, ...] -> rows [N, ...]: a row gather forward; backward, each token's
+        gradient sums its slots' (through the slot grid in torch, a copy into ``[B * T * k', ...]``; or one
+        Triton kernel with ``fused``), so that no gradient is a scatter-add (deterministic on every device)."""
+        if fused:
+            from momkit.kernels.slots import gather
+
+            rows = gather(x.reshape(-1, x[0, 0].numel()), self.token, self.inverse, self.slots)
+            return rows.view(-1, *x.shape[2:])
         return _SlotGather.apply(x, self.slot, self.slots)
 
-    def combine(self, rows: Tensor) -> Tensor:
-        """Rows [N, ...] -> per-token weighted sum [B, T, ...] (tokens with no row get 0)."""
+    def combine(self, rows: Tensor, fused: bool = False) -> Tensor:
+        """Rows [N, ...] -> per-token weighted sum [B, T, ...] (tokens with no row get 0). ``fused``: one
+        Triton kernel forward and one backward, without the slot grid."""
+        if fused:
+            from momkit.kernels.slots import combine
+
+            out = combine(rows.reshape(self.num_rows, -1), self.weight, self.token, self.inverse, self.slots)
+            return out.view(self.batch, self.seq_len, *rows.shape[1:])
         w = self.weight.to(rows.dtype).view(-1, *[1] * (rows.dim() - 1))
         grid = scatter_rows(rows * w, self.slot, self.batch * self.seq_len * self.slots)
         return grid.view(self.batch, self.seq_len, self.slots, *rows.shape[1:]).sum(2)
