@@ -3,6 +3,8 @@ option, the value and what is allowed (they run on a rented GPU: a typo should c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def test_kernels_benchmark_accepts_lists():
 def test_launch_keys_are_the_launchers_names():
     keys = gpu_debug.launch_keys()
     assert {"gl.fwd_h", "delta.wy_bwd", "titans.prep", "titans.coef_bwd"} <= set(keys)
-    assert all(k.split(".")[0] in ("gl", "delta", "titans", "conv", "norm") for k in keys)
+    assert all(k.split(".")[0] in ("gl", "delta", "titans", "conv", "norm", "slots") for k in keys)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -198,3 +200,22 @@ def test_gpu_layer_builds_our_layer_of_every_kind(case):
     layer = gpu_layer.ours(kind, M, "cpu")
     assert isinstance(layer, MoMLayer if kind == "mom" else SingleMemoryLayer)
     assert layer.cfg.num_memories == M and layer.cfg.key_dim == gpu_layer.HEAD
+
+
+def test_triton_cache_keeps_autotuning_results_and_our_kernels(tmp_path, capsys):
+    import tarfile
+
+    from benchmarks import triton_cache
+
+    cache = tmp_path / ".tcache"
+    for name, files in {"a": ["chunk_fwd.autotune.json"], "b": ["_fwd_h_kernel.cubin", "_fwd_h_kernel.json"],
+                        "c": ["chunk_gated_delta_rule_fwd_kernel_h.cubin"]}.items():
+        (cache / name).mkdir(parents=True)
+        for f in files:
+            (cache / name / f).write_text("x")
+    out = tmp_path / "t.tgz"
+    triton_cache.main(["--cache", str(cache), "--out", str(out)])
+    with tarfile.open(out) as tar:
+        folders = {Path(n).parts[1] for n in tar.getnames()}
+    assert folders == {"a", "b"}  # fla's compiled configuration ("c") stays behind
+    assert "--cache 'nope': no such folder" in _error(triton_cache.main, ["--cache", "nope", "--out", "x"], capsys)
