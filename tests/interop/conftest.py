@@ -8,6 +8,7 @@ is set (CI), where a missing fla fails instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def _require_fla():
 
 def _segments(cu_seqlens, T):
     cu = [0, T] if cu_seqlens is None else [int(c) for c in cu_seqlens]
-    return list(zip(cu[:-1], cu[1:]))
+    return list(itertools.pairwise(cu))
 
 
 def naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False,
