@@ -84,8 +84,10 @@ def fla_cpu(monkeypatch):
     monkeypatch.setattr(ShortConvolution, "forward", naive_short_conv)
     monkeypatch.setattr(FusedRMSNormGated, "forward", naive_rms_norm_gated)
     argsort = torch.Tensor.argsort
+
+    def stable_argsort(self, dim=-1, descending=False, stable=True):
+        return argsort(self, dim=dim, descending=descending, stable=stable)
+
     # fla sorts the routed tokens with an unstable argsort (docs/mom.md): a stable one keeps time order
-    monkeypatch.setattr(torch.Tensor, "argsort",
-                        lambda self, dim=-1, descending=False, stable=True: argsort(self, dim=dim, descending=descending,
-                                                                                     stable=stable))
+    monkeypatch.setattr(torch.Tensor, "argsort", stable_argsort)
     return MomAttention
