@@ -74,8 +74,8 @@ def naive_rms_norm_gated(self, x, g, residual=None, prenorm=False, residual_in_f
 
 
 @pytest.fixture
-def fla_cpu(monkeypatch):
-    """fla's MomAttention class, runnable on CPU for the duration of a test."""
+def fla_cpu_as_is(monkeypatch):
+    """fla's MomAttention class, runnable on CPU for the duration of a test, its sort left as it is."""
     MomAttention = _require_fla()
     import fla.layers.mom as mom
     from fla.modules import FusedRMSNormGated, ShortConvolution
@@ -83,6 +83,13 @@ def fla_cpu(monkeypatch):
     monkeypatch.setattr(mom, "chunk_gated_delta_rule", naive_chunk_gated_delta_rule)
     monkeypatch.setattr(ShortConvolution, "forward", naive_short_conv)
     monkeypatch.setattr(FusedRMSNormGated, "forward", naive_rms_norm_gated)
+    return MomAttention
+
+
+@pytest.fixture
+def fla_cpu(fla_cpu_as_is, monkeypatch):
+    """fla's MomAttention class, runnable on CPU for the duration of a test, with a stable sort."""
+    MomAttention = fla_cpu_as_is
     argsort = torch.Tensor.argsort
 
     def stable_argsort(self, dim=-1, descending=False, stable=True):
