@@ -73,16 +73,28 @@ def naive_rms_norm_gated(self, x, g, residual=None, prenorm=False, residual_in_f
     return (y * gf * torch.sigmoid(gf)).to(x.dtype)
 
 
+def naive_rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+    return (y, x) if prenorm else y
+
+
 @pytest.fixture
 def fla_cpu_as_is(monkeypatch):
     """fla's MomAttention class, runnable on CPU for the duration of a test, its sort left as it is."""
     MomAttention = _require_fla()
     import fla.layers.mom as mom
-    from fla.modules import FusedRMSNormGated, ShortConvolution
+    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
     monkeypatch.setattr(mom, "chunk_gated_delta_rule", naive_chunk_gated_delta_rule)
     monkeypatch.setattr(ShortConvolution, "forward", naive_short_conv)
     monkeypatch.setattr(FusedRMSNormGated, "forward", naive_rms_norm_gated)
+    monkeypatch.setattr(RMSNorm, "forward", naive_rms_norm)
+    import fla.modules.mlp as mlp
+
+    monkeypatch.setattr(mlp, "swiglu", lambda gate, y: F.silu(gate.float()).to(gate.dtype) * y)
     return MomAttention
 
 

@@ -94,5 +94,5 @@ def test_to_fla_names_what_fla_cannot_hold(kw, message):
 def test_from_fla_rejects_other_objects(fla_cpu):
     from momkit.interop import InteropError, from_fla
 
-    with pytest.raises(InteropError, match="from_fla takes an fla MomAttention, got Linear"):
+    with pytest.raises(InteropError, match="from_fla takes an fla MomAttention or MomForCausalLM, got Linear"):
         from_fla(torch.nn.Linear(2, 2))

@@ -144,6 +144,8 @@ def test_the_official_preset_builds_the_official_model():
         mems = block.mixer.all_memories
         assert all(m.gates.decay.A_log is mems[0].gates.decay.A_log and m.v_conv is mems[0].v_conv for m in mems)
         assert all(m.gates.beta.proj.bias is None for m in mems)
+        q = block.mixer.q_proj.weight  # fla's layer init survives the model's normal(0.02) init
+        assert q.abs().max() <= 2 ** -2.5 * (6 / sum(q.shape)) ** 0.5
     ids = torch.randint(0, 50, (2, 12))
     out = model(ids, labels=ids)
     (out.loss + out.aux_loss).backward()
