@@ -20,9 +20,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("layer_cls", "rule"), [(MoMLayer, "gated_deltanet"), (SingleMemoryLayer, "gated_deltanet"),
-                                                  (MoMLayer, "gla")], ids=["mom", "single", "mom-gla"])
+                                                  (MoMLayer, "gla"), (MoMLayer, "hgrn2"), (MoMLayer, "ttt")],
+                         ids=["mom", "single", "mom-gla", "mom-hgrn2", "mom-ttt"])
 def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule):
-    """gated_deltanet normalises q and k (the fused L2 norm), gla does not."""
+    """gated_deltanet normalises q and k (the fused L2 norm), gla does not; hgrn2 hands the kernels its key
+    1 - exp(g) (its k projections get no gradient), ttt titans' zero alpha and eta."""
     torch.manual_seed(0)
     cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, rule=rule, num_memories=3, topk=2,
                     shared_memory=True, impl="triton")
