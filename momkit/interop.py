@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from momkit.config import LMConfig, MoMConfig
+from momkit.config import ConfigError, LMConfig, MoMConfig
 from momkit.layers.mom import MoMLayer
 from momkit.models.lm import MoMLM
 
@@ -34,8 +34,8 @@ Tensor = torch.Tensor
 FLA_VERSION = "0.6.0"
 
 
-class InteropError(ValueError):
-    """A model or config one side cannot express, or a missing optional dependency."""
+class InteropError(ConfigError):
+    """A model or config one side cannot express, a missing optional dependency, or a bad path."""
 
 
 @contextlib.contextmanager
@@ -258,3 +258,58 @@ def fla_kwargs(cfg: MoMConfig) -> dict[str, Any]:
                 use_output_gate=True, use_short_conv=True, conv_size=cfg.conv_size, conv_bias=False,
                 norm_eps=cfg.norm_eps, num_memories=cfg.num_memories, topk=cfg.topk, shared_mem=cfg.shared_memory,
                 single_kv_proj=cfg.single_kv_proj)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def convert(src: str | Path, dst: str | Path) -> str:
+    """Convert a saved model between an fla / Hugging Face folder of a MoM model (``config.json`` with
+    ``model_type: mom`` and its weights) and a momkit run directory (``config.yaml`` and ``last.pt``),
+    in the direction ``src`` says. ``dst`` must not exist. Returns a one-line summary.
+
+    A converted run directory holds the model only (``last.pt`` with ``model``; no optimizer state, so it
+    cannot be resumed) and the default task, which is not the model's: load it with
+    ``momkit.train.load_run(dst, validate_task=False)``."""
+    import json
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise InteropError(f"SRC={str(src)!r} is not a folder (a momkit run directory or an fla model folder)")
+    if dst.exists():
+        raise InteropError(f"DST={str(dst)!r} exists: name a new folder (convert overwrites nothing)")
+    if (src / "config.yaml").is_file():
+        from momkit.train import load_run
+
+        _, model = load_run(src, validate_task=False)
+        check_fla_lm_expressible(model.cfg)
+        _, MomForCausalLM = fla_mom_model()
+        fla_model = MomForCausalLM(fla_config(model.cfg))
+        fla_model.load_state_dict(to_fla(model))
+        with _repository_root_hidden():
+            fla_model.save_pretrained(str(dst))
+        return f"momkit run {src} -> fla MomForCausalLM folder {dst}"
+    if (src / "config.json").is_file():
+        try:
+            model_type = json.loads((src / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            raise InteropError(f"SRC={str(src)!r}: config.json is not a JSON object") from None
+        if model_type != "mom":
+            raise InteropError(f"SRC={str(src)!r} holds a {model_type!r} model: convert takes fla's MoM models "
+                               "(model_type mom)")
+        _, MomForCausalLM = fla_mom_model()
+        try:
+            with _repository_root_hidden():
+                fla_model = MomForCausalLM.from_pretrained(str(src))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InteropError(f"SRC={str(src)!r} cannot be loaded: {first}") from None
+        model = from_fla(fla_model)
+        from momkit.config import TrainConfig, config_to_yaml
+
+        cfg = TrainConfig(model=model.cfg)
+        cfg.run.dir = str(dst)
+        dst.mkdir(parents=True)
+        (dst / "config.yaml").write_text(config_to_yaml(cfg))
+        torch.save({"model": model.state_dict(), "converted_from": str(src)}, dst / "last.pt")
+        return f"fla MomForCausalLM folder {src} -> momkit run {dst} (model only)"
+    raise InteropError(f"SRC={str(src)!r} is neither a momkit run directory (config.yaml) nor an fla model folder "
+                       "(config.json)")

@@ -46,3 +46,41 @@ def test_model_from_fla_computes_the_same_function(fla_cpu, kw):
     _, MomForCausalLM = fla_mom_model()
     again = MomForCausalLM(fla_config(model.cfg))
     again.load_state_dict(state)  # strict
+
+
+def test_convert_round_trip_through_a_run_directory(fla_cpu, tmp_path):
+    """fla folder -> momkit run directory -> fla folder: the weights come back equal, the run loads."""
+    from momkit.interop import convert, fla_mom_model
+    from momkit.train import load_run
+
+    ref = _fla_model()
+    ref.save_pretrained(str(tmp_path / "fla"))
+    print(convert(tmp_path / "fla", tmp_path / "run"))
+    _, model = load_run(tmp_path / "run", validate_task=False)
+    ids = torch.randint(0, 61, (1, 9))
+    assert _rel(model(ids).logits.detach(), ref(input_ids=ids, use_cache=False).logits.detach()) < 1e-5
+    convert(tmp_path / "run", tmp_path / "back")
+    _, MomForCausalLM = fla_mom_model()
+    back = MomForCausalLM.from_pretrained(str(tmp_path / "back"))
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_convert_command_names_bad_paths(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
+    cases = [([str(tmp_path / "nope"), str(tmp_path / "x")], "is not a folder"),
+             ([str(tmp_path / "empty"), str(tmp_path / "taken")], "exists: name a new folder"),
+             ([str(tmp_path / "empty"), str(tmp_path / "x")], "is neither a momkit run directory"),
+             ([str(tmp_path / "other"), str(tmp_path / "x")], "holds a 'llama' model")]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-m", "momkit", "convert", *argv], capture_output=True, text=True,
+                           cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
