@@ -9,10 +9,13 @@ Entry points used by ``momkit.rules`` (which validate inputs first):
 
 Families, one folder each with its derivation in ``README.md``:
 
-* ``gated_linear``: linear_attn (no gate), retnet and mamba2 (per-head decay; mamba2 scales keys by
-  ``dt``), gla (per-channel decay): one kernel set switched by constexpr flags.
+* ``gated_linear``: linear_attn (no gate), retnet, lightning and mamba2 (per-head decay; mamba2 scales
+  keys by ``dt``), gla and hgrn2 (per-channel decay): one kernel set switched by constexpr flags.
 * ``delta``: deltanet and gated_deltanet, WY / UT form.
-* ``titans``: mini-batch gradient descent with momentum and forgetting.
+* ``titans``: mini-batch gradient descent with momentum and forgetting; ttt (no momentum, no forgetting).
+
+A rule defined over another rule's kernels arrives here with its inputs already in that rule's terms
+(``Rule.kernel_inputs``): hgrn2's key is ``1 - exp(g)``, ttt brings titans' ``alpha = eta = 0``.
 
 Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; gates ``[B, T, H]`` or ``[B, T, H, K]``; states
 ``[N, H, K, V]`` (titans ``[N, H, 3, K, V]``) in float32. Inputs float32, float16 or bfloat16.
@@ -30,11 +33,14 @@ Tensor = torch.Tensor
 _RULES = {
     "linear_attn": ("gated_linear", 0),
     "retnet": ("gated_linear", 1),
+    "lightning": ("gated_linear", 1),
     "mamba2": ("gated_linear", 1),
     "gla": ("gated_linear", 2),
+    "hgrn2": ("gated_linear", 2),
     "deltanet": ("delta", 0),
     "gated_deltanet": ("delta", 1),
     "titans": ("titans", 0),
+    "ttt": ("titans", 0),
 }
 
 
@@ -104,7 +110,7 @@ def step(rule: str, q: Tensor, k: Tensor, v: Tensor, state: Tensor, gates: dict[
 
         mb = options["mini_batch"]
         if mb > 1 and position is None:
-            raise ValueError("titans.step with mini_batch > 1 needs position (the token's index in its sequence)")
+            raise ValueError(f"{rule}.step with mini_batch > 1 needs position (the token's index in its sequence)")
         pos = torch.as_tensor(0 if position is None else position, dtype=torch.int64, device=q.device)
         pos = pos.reshape(-1).expand(q.shape[0]).contiguous()
         o, state = fused_recurrent_titans(q, k, v, gates["theta"], gates["alpha"], gates["eta"], state, pos,

@@ -8,6 +8,7 @@
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
                  [--workers-per-gpu K] [--timeout S]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
+    momkit convert SRC DST     (an fla / Hugging Face MoM model folder <-> a momkit run directory)
 
 Bad input (unknown keys, wrong types, invalid values, missing files, an existing run directory)
 prints one line naming the problem and exits with status 2, before anything is written.
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device and which kernels run",
                    description="Print library versions, the device and which update-rule paths run here.")
     _sweep_parsers(sub)
+    _add_convert(sub)
     return p
 
 
@@ -102,6 +104,22 @@ def _sweep_parsers(sub) -> None:
     r.add_argument("study")
     r.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help=storage_help)
     r.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <runs_dir>/<study>/report)")
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="convert a MoM model between fla / Hugging Face and momkit",
+                       description="Convert a saved MoM model: an fla / Hugging Face folder (config.json, model_type "
+                                   "mom) becomes a momkit run directory, a momkit run directory becomes an fla "
+                                   "folder. Needs momkit[interop]; DST must not exist. docs/mom.md.")
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("dst", metavar="DST")
+
+
+def cmd_convert(args) -> int:
+    from momkit.interop import convert
+
+    print(convert(args.src, args.dst))
+    return 0
 
 
 def _config_and_overrides(args) -> tuple[str, list[str]]:
@@ -311,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu()  # before any tensor work: see momkit/runtime.py
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
-                    "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
+                    "sweep": cmd_sweep, "sweep-report": cmd_sweep_report, "convert": cmd_convert}
         return commands[args.command](args)
     except ConfigError as e:
         _say(f"momkit: error{_who()}: {e}")

@@ -62,6 +62,13 @@ class MoMConfig:
     chunk_size: int = 32
     impl: str = "auto"
     norm_eps: float = 1e-6
+    # The official MoM code's parameter sharing and init (fla's MomAttention; docs/mom.md, "Differences from the
+    # official code"). Off by default: momkit gives each memory its own decay, convolutions and gate biases.
+    share_decay: bool = False  # one A_log and dt_bias for all memories and the shared one (mamba2, gated_deltanet)
+    share_kv_conv: bool = False  # one k and one v short convolution for all memories and the shared one
+    beta_bias: bool = True  # the beta gate's projection has a bias (deltanet, gated_deltanet)
+    shared_uses_routed_proj: bool = False  # with single_kv_proj: the shared memory uses the routed projections too
+    init: str = "momkit"  # "fla": A ~ U(0, 16), every Linear xavier-uniform with gain 2^-2.5 and zero bias
 
     @property
     def key_dim(self) -> int:
@@ -125,12 +132,36 @@ class MoMConfig:
             _check(_is_num(val) and val >= 0, p + key, val, "must be a number >= 0")
         _check(_is_num(self.norm_eps) and self.norm_eps > 0, f"{p}norm_eps", self.norm_eps, "must be > 0")
         _check(self.impl in IMPLS, f"{p}impl", self.impl, f"one of {', '.join(IMPLS)}")
-        for key in ("shared_memory", "short_conv", "single_kv_proj", "layerwise_balance"):
+        for key in ("shared_memory", "short_conv", "single_kv_proj", "layerwise_balance", "share_decay",
+                    "share_kv_conv", "beta_bias", "shared_uses_routed_proj"):
             _check(isinstance(getattr(self, key), bool), p + key, getattr(self, key), "must be true or false")
+        _check(self.init in INITS, f"{p}init", self.init, f"one of {', '.join(INITS)}")
+        self._validate_official(p)
         return self
+
+    def _validate_official(self, p: str) -> None:
+        """The official-code options need the parts they share or change."""
+        from momkit.rules import get_rule, rule_names
+        from momkit.rules.gates import beta_gates, decay_parameters
+
+        gates = get_rule(self.rule).gate_module(8, 1, 4)
+        if self.share_decay:
+            with_decay = [r for r in rule_names() if decay_parameters(get_rule(r).gate_module(8, 1, 4))]
+            _check(bool(decay_parameters(gates)), f"{p}share_decay", True,
+                   f"rule {self.rule!r} has no data-dependent decay (A_log, dt_bias); rules with one: "
+                   f"{', '.join(with_decay)}")
+        if not self.beta_bias:
+            with_beta = [r for r in rule_names() if beta_gates(get_rule(r).gate_module(8, 1, 4))]
+            _check(bool(beta_gates(gates)), f"{p}beta_bias", False,
+                   f"rule {self.rule!r} has no beta gate; rules with one: {', '.join(with_beta)}")
+        _check(not self.share_kv_conv or self.short_conv, f"{p}share_kv_conv", True,
+               "needs short_conv=true (there is no convolution to share)")
+        _check(not self.shared_uses_routed_proj or (self.single_kv_proj and self.shared_memory),
+               f"{p}shared_uses_routed_proj", True, "needs single_kv_proj=true and shared_memory=true")
 
 
 MIXERS = ("mom", "single", "attention")
+INITS = ("momkit", "fla")
 
 
 @dataclass

@@ -20,8 +20,11 @@ memories with equal weights.
 **Gates** (``ideal_gates``): the rule's own update with the gates that make it a pure associative
 memory, so that what is lost is interference, not forgetting: no decay (``g = 0``), full writes
 (``beta = 1``, ``dt = 1``), titans with ``theta = 1, eta = 0, alpha = 0`` (plain mini-batch gradient
-steps, mini-batch 16 as configured by the rule); RetNet keeps its fixed, non-learned decay of the slowest
-head (``1 - 2**-5`` per token) because the rule has no other. Pass ``gates={...}`` to override.
+steps, mini-batch 16 as configured by the rule), ttt likewise with ``theta = 1``; RetNet and Lightning keep
+their fixed, non-learned decay of the slowest head (``1 - 2**-5`` and ``exp(-2**-8)`` per token) because
+the rules have no other. HGRN2 writes with the key ``1 - f`` (its forget gate), not the association's key:
+with constant gates every association is written along the same key, and what it recalls is a decayed
+average of the values (``g = ln(1/2)``: forget and key ``1/2``). Pass ``gates={...}`` to override.
 
 Keys and values are unit vectors. Axis letters: B trials, N associations, K key dim, V value dim,
 M memories, k memories per association. Definitions of every metric are in docs/analysis.md.
@@ -43,11 +46,14 @@ Tensor = torch.Tensor
 # The gates of each rule for a pure associative memory (see the module docstring).
 IDEAL_GATES: dict[str, dict[str, float]] = {
     "linear_attn": {},
+    "lightning": {"g": -(2.0**-8)},
     "retnet": {"g": math.log1p(-(2.0**-5))},
     "gla": {"g": 0.0},
     "mamba2": {"g": 0.0, "dt": 1.0},
+    "hgrn2": {"g": math.log(0.5)},
     "deltanet": {"beta": 1.0},
     "gated_deltanet": {"g": 0.0, "beta": 1.0},
+    "ttt": {"theta": 1.0},
     "titans": {"theta": 1.0, "alpha": 0.0, "eta": 0.0},
 }
 _GENERIC = {"log_decay": 0.0, "unit": 1.0, "nonnegative": 1.0}

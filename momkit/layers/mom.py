@@ -23,6 +23,7 @@ from momkit.config import ConfigError, MoMConfig
 from momkit.layers.checks import check_layer_input
 from momkit.layers.conv import ShortConv
 from momkit.layers.norm import GatedRMSNorm
+from momkit.layers.official import apply_official_options
 from momkit.routing import BalanceStats, Dispatch, RoutingPlan, RoutingStats, get_router, load_balancing_loss, z_loss
 from momkit.rules import get_rule
 from momkit.rules.base import compute_dtype
@@ -106,12 +107,13 @@ class MoMLayer(nn.Module):
         else:
             self.memories = nn.ModuleList(MemoryProjections(cfg) for _ in range(M))
         if cfg.shared_memory:
-            self.shared = MemoryProjections(cfg)
+            self.shared = self.memories[0] if cfg.shared_uses_routed_proj else MemoryProjections(cfg)
         if cfg.short_conv:
             self.q_conv = ShortConv(H * K, cfg.conv_size)
         self.g_proj = nn.Linear(D, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, cfg.norm_eps)
         self.o_proj = nn.Linear(H * V, D, bias=False)
+        apply_official_options(self, self.all_memories, cfg)
         self._stacked_memo: StackedWeights | None = None  # decoding weights (see _stacked)
 
     @property
@@ -173,7 +175,7 @@ class MoMLayer(nn.Module):
             km, vm = mem.k_proj(xm), mem.v_proj(xm)
             k_in.append(km)
             v_in.append(vm)
-            if cfg.short_conv:
+            if cfg.short_conv and not cfg.share_kv_conv:
                 km = mem.k_conv.forward_packed(km, pos[a:b], fused)
                 vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
             ks.append(km)
@@ -181,8 +183,12 @@ class MoMLayer(nn.Module):
             for n, g in mem.gates(xm[None]).items():
                 gates.setdefault(n, []).append(g)
         N = disp.num_rows
-        q, k = self.rule.prepare_qk(q.view(1, N, H, K), torch.cat(ks).view(1, N, H, K), fused)
-        v = torch.cat(vs).view(1, N, H, V)
+        k, v = torch.cat(ks), torch.cat(vs)
+        if cfg.short_conv and cfg.share_kv_conv:  # one convolution for every memory: one call over all rows
+            first = self.all_memories[0]
+            k, v = first.k_conv.forward_packed(k, pos, fused), first.v_conv.forward_packed(v, pos, fused)
+        q, k = self.rule.prepare_qk(q.view(1, N, H, K), k.view(1, N, H, K), fused)
+        v = v.view(1, N, H, V)
         gates = {n: torch.cat(g, 1) for n, g in gates.items()}
         o_rows, final = self.rule.forward(
             q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.offsets,

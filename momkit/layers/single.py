@@ -18,6 +18,7 @@ from momkit.layers.checks import check_layer_input
 from momkit.layers.conv import ShortConv
 from momkit.layers.mom import MemoryProjections, fused_ops
 from momkit.layers.norm import GatedRMSNorm
+from momkit.layers.official import apply_official_options
 from momkit.rules import get_rule
 
 Tensor = torch.Tensor
@@ -48,6 +49,7 @@ class SingleMemoryLayer(nn.Module):
         self.g_proj = nn.Linear(D, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, cfg.norm_eps)
         self.o_proj = nn.Linear(H * V, D, bias=False)
+        apply_official_options(self, [self.memory], cfg)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None,
                 use_cache: bool = False) -> tuple[Tensor, SingleCache | None]:

@@ -85,6 +85,13 @@ class MoMLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        mom = cfg.resolved_mom()
+        if mom.init == "fla":  # fla's model keeps its MoM layers' own init (momkit.layers.official)
+            from momkit.layers.official import fla_init
+
+            for block in self.blocks:
+                if block.kind in ("mom", "single"):
+                    fla_init(block.mixer)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 

@@ -65,6 +65,9 @@ class Rule:
     normalize_qk: ClassVar[bool] = False
     # None: state [N, H, K, V]. An int s: state [N, H, s, K, V]; slot 0 is the memory that q reads.
     state_slots: ClassVar[int | None] = None
+    # False for a rule that makes its key from its gates and ignores the k it is given (hgrn2): k then
+    # gets no gradient, and a layer's k projection goes unused.
+    uses_key: ClassVar[bool] = True
     doc: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ public API
@@ -183,6 +186,7 @@ class Rule:
                                      {n: x[:, None] for n, x in gates.items()}, scale, state, None,
                                      name_state="state")
         if q.is_cuda and self.triton_unavailable_reason(q) is None:
+            k, gates = self.kernel_inputs(k, gates)
             return _triton.step(self.name, q, k, v, S, gates, scale, position, opts)
         cdt = compute_dtype(q.dtype)
         o, S = self._step(q.to(cdt), k.to(cdt), v.to(cdt), S,
@@ -217,7 +221,14 @@ class Rule:
         """The Triton kernels (``momkit.kernels``), with the same arguments and checks as ``chunked``."""
         gates, opts = self._split_kwargs(gates)
         scale, _, _ = self._validate(q, k, v, gates, scale, initial_state, cu_seqlens)
+        k, gates = self.kernel_inputs(k, gates)
         return _triton.chunk(self.name, q, k, v, gates, scale, initial_state, output_final_state, cu_seqlens, opts)
+
+    def kernel_inputs(self, k: Tensor, gates: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The key and gates handed to the Triton kernels of the rule's family (inputs already validated;
+        sequence ``[B, T, H, *]`` or one token ``[B, H, *]``). A rule defined over another rule's kernels maps
+        its inputs here (hgrn2 its key, ttt titans' gates); the default passes them through."""
+        return k, gates
 
     # ------------------------------------------------------------------ for subclasses
     def _step(self, q: Tensor, k: Tensor, v: Tensor, S: Tensor, gates: dict[str, Tensor],

@@ -70,12 +70,16 @@ class SigmoidGates(nn.Module):
         with torch.no_grad():
             self.proj.bias.copy_(torch.tensor([bias_init[n] for n in self.names]).repeat_interleave(num_heads))
 
+    def drop_bias(self) -> None:
+        """``sigmoid(W x)``: no bias (the official MoM code's beta projection)."""
+        self.proj.bias = None
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.proj(x).sigmoid().unflatten(-1, (len(self.names), self.num_heads))
         return {n: z[..., i, :] for i, n in enumerate(self.names)}
 
     def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
-        z = _stacked_linear(x, params["proj.weight"], params["proj.bias"]).sigmoid()
+        z = _stacked_linear(x, params["proj.weight"], params.get("proj.bias")).sigmoid()
         z = z.unflatten(-1, (len(self.names), self.num_heads))  # [N, M, gates, H]
         return {n: z[..., i, :] for i, n in enumerate(self.names)}
 
@@ -166,3 +170,15 @@ class GatedDeltaGates(nn.Module):
     def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
         g, _ = self.decay.forward_stacked(_sub(params, "decay."), x)
         return {"g": g, **self.beta.forward_stacked(_sub(params, "beta."), x)}
+
+
+def decay_parameters(module: nn.Module) -> list[str]:
+    """Dotted names of the data-dependent decay's own parameters (``A_log``, ``dt_bias`` of each
+    ``DecayGate``) in a gate module: what ``MoMConfig.share_decay`` shares between memories."""
+    return [f"{name}.{p}" if name else p for name, sub in module.named_modules() if isinstance(sub, DecayGate)
+            for p in ("A_log", "dt_bias")]
+
+
+def beta_gates(module: nn.Module) -> list[SigmoidGates]:
+    """The ``SigmoidGates`` of a gate module that produce ``beta`` alone (deltanet, gated_deltanet)."""
+    return [sub for sub in module.modules() if isinstance(sub, SigmoidGates) and sub.names == ("beta",)]

@@ -65,7 +65,7 @@ class Titans(Rule):
     def _check_options(self, opts):
         mb = opts["mini_batch"]
         if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
-            raise ValueError(f"titans option mini_batch must be a positive int, got {mb!r}")
+            raise ValueError(f"{self.name} option mini_batch must be a positive int, got {mb!r}")
 
     def _chunk_len(self, chunk_size, opts):
         # chunks hold whole mini-batches: the largest multiple of mini_batch <= chunk_size (at least one)

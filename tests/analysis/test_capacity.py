@@ -54,7 +54,7 @@ def test_orthonormal_keys_are_recalled_exactly_up_to_the_key_dimension(rule):
 def test_chunked_writes_equal_the_token_loop(rule):
     a = make_associations(2, 21, 8, 6, seed=1)
     idx = route(a, 3, "random", topk=2)
-    opts = {"mini_batch": 4} if rule == "titans" else {}
+    opts = {"mini_batch": 4} if rule in ("titans", "ttt") else {}
     r1, m1 = write_and_read(rule, a.keys, a.values, idx, 3, impl="chunked", chunk_size=8, rule_options=opts)
     r2, m2 = write_and_read(rule, a.keys, a.values, idx, 3, impl="recurrent", rule_options=opts)
     torch.testing.assert_close(r1, r2, atol=1e-12, rtol=1e-10)

@@ -34,7 +34,8 @@ C = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 8}
 
 VARIANTS = [("linear_attn", {}), ("retnet", {}), ("mamba2", {}), ("gla", {}), ("deltanet", {}),
             ("gated_deltanet", {}), ("titans", {"mini_batch": 16}), ("titans", {"mini_batch": 1}),
-            ("titans", {"mini_batch": 4}), ("titans", {"mini_batch": 24}), ("titans", {"mini_batch": 100})]
+            ("titans", {"mini_batch": 4}), ("titans", {"mini_batch": 24}), ("titans", {"mini_batch": 100}),
+            ("lightning", {}), ("hgrn2", {}), ("ttt", {"mini_batch": 16}), ("ttt", {"mini_batch": 4})]
 VARIANT_IDS = [name + "".join(f"-mb{v}" for v in opts.values()) for name, opts in VARIANTS]
 @pytest.fixture
 def seed(request) -> int:
@@ -97,6 +98,9 @@ def check_against_reference(rule, opts, leaves, dtype, *, with_state=True, recor
         assert_matches(S, Slp, S64, dtype, "final state", record)
     assert set(g) == set(g64)
     for n in g64:
+        if n == "k" and not rule.uses_key:  # a rule that makes its key from its gates: k gets no gradient
+            assert g[n] is None and g64[n] is None, "gradient of k"
+            continue
         assert g[n] is not None and g[n].dtype == leaves[n].dtype, f"gradient of {n}: {g[n]}"
         assert_matches(g[n], glp[n], g64[n], dtype, f"gradient of {n}", record)
 
@@ -195,8 +199,9 @@ def test_step_kernel_matches_reference(device, seed, name, opts, dtype):
         g_t = {n: x[:, t] for n, x in gates.items()}
         if device == "cuda":
             o_t, S = rule.step(*args, position=t, **g_t, **opts)
-        else:
-            o_t, S = _triton.step(name, *args, g_t, K**-0.5, t, {**rule.options, **opts})
+        else:  # what rule.step hands the kernel: the inputs in the terms of the rule's kernel family
+            k_t, g_t = rule.kernel_inputs(k[:, t], g_t)
+            o_t, S = _triton.step(name, q[:, t], k_t, v[:, t], S, g_t, K**-0.5, t, {**rule.options, **opts})
         outs.append(o_t)
     assert_matches(torch.stack(outs, 1), olp, o64, dtype, "step outputs")
     assert_matches(S, Slp, S64, dtype, "step state")

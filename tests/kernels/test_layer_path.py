@@ -19,13 +19,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize(("layer_cls", "rule"), [(MoMLayer, "gated_deltanet"), (SingleMemoryLayer, "gated_deltanet"),
-                                                  (MoMLayer, "gla")], ids=["mom", "single", "mom-gla"])
-def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule):
-    """gated_deltanet normalises q and k (the fused L2 norm), gla does not."""
+OFFICIAL = dict(share_decay=True, share_kv_conv=True, beta_bias=False, single_kv_proj=True,
+                shared_uses_routed_proj=True, init="fla")
+
+
+@pytest.mark.parametrize(("layer_cls", "rule", "options"), [
+    (MoMLayer, "gated_deltanet", {}), (SingleMemoryLayer, "gated_deltanet", {}), (MoMLayer, "gla", {}),
+    (MoMLayer, "hgrn2", {}), (MoMLayer, "ttt", {}), (MoMLayer, "gated_deltanet", OFFICIAL)],
+    ids=["mom", "single", "mom-gla", "mom-hgrn2", "mom-ttt", "mom-official"])
+def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule, options):
+    """gated_deltanet normalises q and k (the fused L2 norm), gla does not; hgrn2 hands the kernels its key
+    1 - exp(g) (its k projections get no gradient), ttt titans' zero alpha and eta; "official": the official
+    code's parameter sharing (one convolution call over every memory's rows, shared decay parameters)."""
     torch.manual_seed(0)
     cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, rule=rule, num_memories=3, topk=2,
-                    shared_memory=True, impl="triton")
+                    shared_memory=True, impl="triton", **options)
     layer = layer_cls(cfg)
     ref = copy.deepcopy(layer).double()
     ref.cfg = dataclasses.replace(cfg, impl="recurrent")

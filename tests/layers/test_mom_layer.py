@@ -105,7 +105,7 @@ def test_left_padded_batch_equals_unpadded_examples(router, weights):
 @pytest.mark.parametrize("rule", rule_names())
 def test_step_by_step_decoding_equals_forward(rule, router, weights, shared, conv):
     layer = make(rule, router, shared=shared, conv=conv, router_weights=weights,
-                 rule_options={"mini_batch": 4} if rule == "titans" else {})
+                 rule_options={"mini_batch": 4} if rule in ("titans", "ttt") else {})
     T, P = 14, 5
     x = torch.randn(2, T, D, dtype=F64)
     ids = ids_for(2, T)
@@ -154,6 +154,20 @@ def test_layer_gradients_match_finite_differences():
         return y, aux.aux_loss
 
     assert torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["lightning", "hgrn2", "ttt"])
+def test_every_parameter_the_rule_reads_gets_a_gradient(rule):
+    """Forward and backward of a layer; every parameter gets a gradient but, for hgrn2 (whose key is
+    1 - its forget gate), the memories' k projections and k convolutions, which it does not read."""
+    layer = make(rule).train()
+    y, aux = layer(torch.randn(2, 12, D, dtype=F64))
+    (y.square().sum() + aux.aux_loss).backward()
+    for name, p in layer.named_parameters():
+        unread = rule == "hgrn2" and (".k_proj." in name or ".k_conv." in name)
+        assert (p.grad is None) == unread, name
+        if not unread:
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_aux_loss_reaches_the_router():

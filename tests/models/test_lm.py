@@ -18,7 +18,7 @@ def make(rule="gated_deltanet", router="topk_softmax", shared=True, conv=True, m
     torch.manual_seed(seed)
     mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=4, rule=rule, router=router, num_memories=3,
                     topk=3 if router == "dense" else 2, shared_memory=shared, short_conv=conv, chunk_size=8,
-                    rule_options={"mini_batch": 4} if rule == "titans" else {})
+                    rule_options={"mini_batch": 4} if rule in ("titans", "ttt") else {})
     cfg = LMConfig(vocab_size=V, num_layers=layers, hidden_size=16, mixer=mixer, mom=mom, mlp_ratio=2.0, **kw)
     return MoMLM(cfg).double().eval()
 
@@ -172,7 +172,7 @@ def test_decoding_on_cuda_matches_the_float64_forward(rule, dtype):
     forward, with the kernel tests' rule: |cuda - ref64| <= 2 |cpu in dtype - ref64| + C u max |ref64|."""
     torch.manual_seed(0)
     mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=32, rule=rule, router="round_robin", num_memories=3,
-                    topk=2, shared_memory=True, rule_options={"mini_batch": 4} if rule == "titans" else {})
+                    topk=2, shared_memory=True, rule_options={"mini_batch": 4} if rule in ("titans", "ttt") else {})
     # round_robin: fixed routing, no near-tie flips in low precision
     model = MoMLM(LMConfig(vocab_size=V, num_layers=2, hidden_size=64, mom=mom)).double().eval()
     x, P = ids(3, 40), 17

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from momkit.rules import Rule, get_rule, register_rule, rule_names
 from momkit.rules.gates import DecayGate, GLAGate
@@ -32,7 +33,9 @@ def _qkv(seed=0):
 
 
 def test_registry_lists_every_rule():
-    assert {"linear_attn", "gla", "mamba2", "deltanet", "gated_deltanet", "titans"} <= set(rule_names())
+    # the ten rules of the MoM paper's Table 1 (docs/rules.md maps each row to its name)
+    assert {"linear_attn", "lightning", "retnet", "gla", "mamba2", "hgrn2", "deltanet", "gated_deltanet", "ttt",
+            "titans"} <= set(rule_names())
     with pytest.raises(ValueError, match="unknown rule 'gdn'; valid rules: .*gated_deltanet"):
         get_rule("gdn")
     with pytest.raises(ValueError, match="already registered"):
@@ -165,6 +168,110 @@ def test_retnet_decays_are_fixed_per_head():
     expect = torch.log(1 - 2.0 ** (-5 - torch.arange(3.0)))
     torch.testing.assert_close(g, expect.expand(2, 5, 3))
     assert not list(get_rule("retnet").gate_module(8, 3, 4).parameters())
+
+
+def test_lightning_is_retnet_with_lightning_attentions_decays():
+    """Decays exp(-2^(-8 (h + 1) / H)) (ALiBi's slopes; H not a power of two: those of the power of two below,
+    then every other slope of twice that), not learned; with them the rule is retnet."""
+    gates = get_rule("lightning").gate_module(8, 8, 4)
+    assert not list(gates.parameters())
+    g = gates(torch.randn(2, 5, 8))["g"]
+    torch.testing.assert_close(g, (-(2.0 ** (-torch.arange(1.0, 9.0)))).expand(2, 5, 8))
+    slopes6 = torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
+    torch.testing.assert_close(get_rule("lightning").gate_module(8, 6, 4).g, -slopes6)
+    torch.testing.assert_close(get_rule("lightning").gate_module(8, 1, 4).g, torch.tensor([-(2.0**-8)]))
+    from momkit.rules.lightning import LightningDecay
+
+    torch.testing.assert_close(LightningDecay(4, depth_scale=0.5).g, -0.5 * 2.0 ** (-2.0 * torch.arange(1.0, 5.0)))
+    q, k, v = _qkv(5)
+    g = (-(2.0 ** (-8.0 * torch.arange(1.0, H + 1, dtype=F64) / H))).expand(B, T, H)  # log lambda_h
+    _assert_same(_both(get_rule("lightning"), q, k, v, g=g), _both(get_rule("retnet"), q, k, v, g=g))
+    S = torch.randn(B, H, K, V, dtype=F64)
+    o1, S1 = get_rule("lightning").step(q[:, 0], k[:, 0], v[:, 0], S, g=g[:, 0])
+    o2, S2 = get_rule("retnet").step(q[:, 0], k[:, 0], v[:, 0], S, g=g[:, 0])
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+
+
+def test_hgrn2_is_gla_with_the_key_one_minus_the_forget_gate():
+    """hgrn2(q, any k, v, g) = gla(q, 1 - exp(g), v, g): outputs, states, and the gradient of g (which
+    reaches it through the decay and the key)."""
+    hgrn2, gla = get_rule("hgrn2"), get_rule("gla")
+    q, k, v = _qkv(6)
+    g = F.logsigmoid(torch.randn(B, T, H, K, dtype=F64, generator=torch.Generator().manual_seed(1)))
+    _assert_same(_both(hgrn2, q, k, v, g=g), _both(gla, q, 1 - g.exp(), v, g=g))
+    _assert_same(_both(hgrn2, q, torch.randn_like(k), v, g=g), _both(hgrn2, q, k, v, g=g))  # k is ignored
+    assert not hgrn2.uses_key and gla.uses_key
+    for fn in ("recurrent", "chunked"):
+        g1, g2 = g.clone().requires_grad_(), g.clone().requires_grad_()
+        getattr(hgrn2, fn)(q, k, v, g=g1)[0].square().sum().backward()
+        getattr(gla, fn)(q, 1 - g2.exp(), v, g=g2)[0].square().sum().backward()
+        torch.testing.assert_close(g1.grad, g2.grad, atol=1e-10, rtol=1e-9)
+    S = torch.randn(B, H, K, V, dtype=F64)
+    o1, S1 = hgrn2.step(q[:, 0], k[:, 0], v[:, 0], S, g=g[:, 0])
+    o2, S2 = gla.step(q[:, 0], 1 - g[:, 0].exp(), v[:, 0], S, g=g[:, 0])
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(S1, S2)
+    # what the kernels get: gla's inputs
+    k_kernel, gates = hgrn2.kernel_inputs(k.float(), {"g": g.float()})
+    torch.testing.assert_close(k_kernel, (1 - g.exp()).float())
+    assert set(gates) == {"g"}
+
+
+def test_hgrn2_gate_is_a_bounded_sigmoid_forget_gate():
+    from momkit.rules.hgrn2 import HGRN2Gate
+
+    gate = get_rule("hgrn2").gate_module(8, 2, 4)
+    assert isinstance(gate, HGRN2Gate) and gate.lower_bound == 0.0 and gate.proj.bias is None
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(gate(x)["g"], F.logsigmoid(gate.proj(x)).unflatten(-1, (2, 4)))
+    bounded = HGRN2Gate(8, 2, 4, lower_bound=0.3)
+    bounded.load_state_dict(gate.state_dict())
+    f = bounded(x)["g"].exp()
+    torch.testing.assert_close(f, 0.3 + 0.7 * gate.proj(x).sigmoid().unflatten(-1, (2, 4)))
+    assert (f >= 0.3).all()
+    with pytest.raises(ValueError, match="lower_bound must be in"):
+        HGRN2Gate(8, 2, 4, lower_bound=1.0)
+
+
+@pytest.mark.parametrize("mini_batch", [1, 4, 16])
+def test_ttt_is_titans_without_momentum_or_forgetting(mini_batch):
+    ttt, titans = get_rule("ttt"), get_rule("titans")
+    q, k, v = _qkv(7)
+    theta = torch.rand(B, T, H, dtype=F64)
+    z = torch.zeros(B, T, H, dtype=F64)
+    S0 = torch.randn(ttt.state_shape(B, H, K, V), dtype=F64)
+    kw = dict(initial_state=S0, mini_batch=mini_batch)
+    _assert_same(_both(ttt, q, k, v, theta=theta, **kw), _both(titans, q, k, v, theta=theta, alpha=z, eta=z, **kw))
+    S = S0
+    for t in range(7):
+        o1, S1 = ttt.step(q[:, t], k[:, t], v[:, t], S, theta=theta[:, t], position=t, mini_batch=mini_batch)
+        o2, S2 = titans.step(q[:, t], k[:, t], v[:, t], S, theta=theta[:, t], alpha=z[:, t], eta=z[:, t],
+                             position=t, mini_batch=mini_batch)
+        torch.testing.assert_close(o1, o2)
+        torch.testing.assert_close(S1, S2)
+        S = S1
+    if mini_batch == 1:  # token-level gradient descent: deltanet with beta = theta
+        for (o1, S1), (o2, S2) in zip(_both(ttt, q, k, v, theta=theta, mini_batch=1),
+                                      _both(get_rule("deltanet"), q, k, v, beta=theta)):
+            torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
+            torch.testing.assert_close(S1[:, :, 0], S2, atol=1e-10, rtol=1e-9)
+
+
+def test_ttt_gate_and_options():
+    ttt = get_rule("ttt")
+    gate = ttt.gate_module(8, 2, 4)
+    with torch.no_grad():
+        gate.proj.weight.zero_()
+    torch.testing.assert_close(gate(torch.randn(1, 3, 8))["theta"], torch.full((1, 3, 2), 0.5))
+    assert ttt.gate_names == ("theta",) and ttt.options == {"mini_batch": 16} and ttt.normalize_qk
+    _, kernel_gates = ttt.kernel_inputs(torch.zeros(1), {"theta": torch.rand(2, 3)})
+    assert set(kernel_gates) == {"theta", "alpha", "eta"}
+    assert not kernel_gates["alpha"].any() and not kernel_gates["eta"].any()
+    x = torch.randn(1, 1, 4)
+    with pytest.raises(ValueError, match="ttt.step with mini_batch > 1 needs position"):
+        ttt.step(x, x, x, ttt.init_state(1, 1, 4, 4), theta=torch.rand(1, 1))
+    with pytest.raises(ValueError, match="ttt option mini_batch must be a positive int"):
+        ttt.chunked(x[:, None], x[:, None], x[:, None], theta=torch.rand(1, 1, 1), mini_batch=0)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -111,6 +111,15 @@ def test_sampled_space_types(tmp_path, make_spec):
     assert (cfg.optim.lr, cfg.model.num_layers, cfg.model.mom.rule, cfg.run.seed) == (3e-3, 3, "gla", 7)
 
 
+def test_every_registered_rule_is_a_sweep_value(tmp_path, make_spec):
+    """The rule values a spec accepts are the registry's (the paper's Table 1 rules among them)."""
+    from momkit.rules import rule_names
+
+    spec = load_spec(make_spec(tmp_path / "s.yaml", space={"model.mom.rule": rule_names()}))
+    assert {"lightning", "hgrn2", "ttt"} <= set(rule_names())
+    assert {spec.trial_config("s", 0, p, 0).model.mom.rule for p in spec.grid} == set(rule_names())
+
+
 BAD = [
     ({"spcae": {}}, r"unknown key 'spcae'; did you mean 'space'\?"),
     ({"space": {"model.mom.num_memory": [1, 2]}},
