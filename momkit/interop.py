@@ -50,6 +50,8 @@ def _repository_root_hidden():
         del sys.modules["kernels"]
     sys.path[:] = [p for p in sys.path if p not in hidden]
     try:
+        with contextlib.suppress(ImportError):  # transformers imports it lazily too: bind the name now
+            import kernels  # noqa: F401
         yield
     finally:
         sys.path[:] = hidden + sys.path

@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 from momkit.config import ConfigError
 from momkit.sweep.spec import SweepSpec, check_study_name
-from momkit.sweep.storage import DEFAULT_STORAGE, describe, heartbeat_enabled, open_storage, retry_callback
+from momkit.sweep.storage import DEFAULT_STORAGE, claim_lock, describe, heartbeat_enabled, open_storage, retry_callback
 from momkit.sweep.workers import _cpu_count, _devices, plan_workers, worker_command, worker_env
 
 SPEC_ATTR = "momkit_spec"
@@ -345,7 +345,8 @@ def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: f
         if beating:
             with _quiet_experimental():
                 optuna.storages.fail_stale_trials(study)
-        claimed = _claim(storage, study_id)
+        with claim_lock(storage_url):
+            claimed = _claim(storage, study_id)
         if claimed is None:
             running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             if beating and running:  # wait: a running trial whose worker dies is queued again

@@ -12,6 +12,7 @@ parameters. The journal has no heartbeat in Optuna, so there a dead worker's tri
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
@@ -96,6 +97,26 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
         # several worker processes write one file: wait for a lock instead of failing after 5 s
         return {"connect_args": {"timeout": 60}}
     return {"pool_pre_ping": True}
+
+
+@contextlib.contextmanager
+def claim_lock(url: str):
+    """Held while a worker claims a trial. A SQLite file's workers share one machine; Optuna's claim (read the
+    trial's state, then write RUNNING) is not atomic there (pysqlite runs the read outside the write's
+    transaction, and SQLite ignores SELECT ... FOR UPDATE), so two workers could both claim one trial: an
+    exclusive lock on a file beside the database makes claims one at a time. Other storages claim atomically."""
+    kind, path = check_url(url)
+    if kind != "sql" or path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.claim-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _use_wal(path: Path) -> None:
