@@ -76,7 +76,7 @@ class Titans(Rule):
         M, S, M0 = state.unbind(2)
         mb = opts["mini_batch"]
         if mb > 1 and position is None:
-            raise ValueError("titans.step with mini_batch > 1 needs position (the token's index in its sequence)")
+            raise ValueError(f"{self.name}.step with mini_batch > 1 needs position (the token's index in its sequence)")
         if mb == 1:
             M0 = M
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from momkit.rules import register_rule
-from momkit.rules.base import GateSpec, outer, read
+from momkit.rules.base import GateSpec
 from momkit.rules.gates import SigmoidGates
 from momkit.rules.titans import Titans
 
@@ -41,19 +41,8 @@ class TTT(Titans):
         return SigmoidGates(hidden_size, num_heads, {"theta": 0.0})
 
     def _step(self, q, k, v, state, gates, scale, position, opts):
-        M, _, M0 = state.unbind(2)
-        mb = opts["mini_batch"]
-        if mb > 1 and position is None:
-            raise ValueError("ttt.step with mini_batch > 1 needs position (the token's index in its sequence)")
-        if mb == 1:
-            M0 = M
-        else:
-            starts = torch.as_tensor(position, device=M.device) % mb == 0
-            M0 = torch.where(starts.reshape(-1, *[1] * (M.dim() - 1)), M, M0)
-        pred = (k[..., None, :] @ M0)[..., 0, :]  # M0^T k
-        U = -gates["theta"][..., None, None] * outer(k, pred - v)
-        M = M + U
-        return read(q, M, scale), torch.stack([M, U, M0], 2)
+        # titans' step with alpha = eta = 0: the state's middle slot holds the last token's update
+        return super()._step(q, k, v, state, self._titans_gates(gates), scale, position, opts)
 
     def _chunk(self, q, k, v, gates, scale, S0, plan, opts):
         return super()._chunk(q, k, v, self._titans_gates(gates), scale, S0, plan, opts)
