@@ -10,6 +10,7 @@ a full run; this test never writes them back.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+MIN_DPI = 150  # the committed figures' resolution
+DPI = re.compile(r"""plt\.rcParams\[\s*["']figure\.dpi["']\s*\]\s*=\s*([0-9.]+)""")
 
 
 def test_the_four_notebooks_exist():
@@ -35,7 +38,11 @@ def test_committed_notebooks_carry_the_figures_of_a_full_run(name):
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"], f"{name} is committed with an error"
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, f"{name} is committed without its figures"
-    assert path.stat().st_size < 1_000_000, f"{name} is {path.stat().st_size / 1e6:.1f} MB: lower the figures' dpi"
+    assert path.stat().st_size < 1_500_000, f"{name} is {path.stat().st_size / 1e6:.1f} MB: lower the figures' dpi"
+    dpi = [m.group(1) for c in code for m in DPI.finditer(c.source)]
+    assert dpi and min(map(float, dpi)) >= MIN_DPI, (
+        f"{name} sets the figure dpi to {', '.join(dpi) or 'nothing'}: its code must set "
+        f"plt.rcParams[\"figure.dpi\"] to {MIN_DPI} or more")
 
 
 @pytest.mark.slow
