@@ -11,7 +11,8 @@ cotangent; parameter gradients are cleared before every call, as an optimizer st
 
 * wall time per call (median of ``triton.testing.do_bench``; what a user waits, host overhead included),
 * GPU time per call (the sum of the kernel times in torch.profiler: what the kernels cost),
-* peak memory of one forward+backward above what was allocated before it,
+* peak memory of one forward+backward above what was allocated before it, and the memory held between
+  the forward and the backward (what the graph saves),
 * ratios fla / ours (> 1: ours is faster or smaller),
 
 and a per-kernel breakdown (launches and microseconds per call) of our forward+backward. fla is only
@@ -83,7 +84,18 @@ def step_fn(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward:
     return fn
 
 
-def measure(fn, device, rep_ms: int, backward: bool) -> dict:
+def saved_memory(layer: torch.nn.Module, x: torch.Tensor, device) -> float:
+    """MiB held between the forward and the backward: what the graph saves, and the output."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    y = layer(x)[0]
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device) - base
+    del y
+    return held / 2**20
+
+
+def measure(fn, device, rep_ms: int, backward: bool, layer=None, x=None) -> dict:
     fn()
     out = {"ms": bench(fn, rep_ms)}
     kt = kernel_times(fn, 5)
@@ -91,6 +103,7 @@ def measure(fn, device, rep_ms: int, backward: bool) -> dict:
     out["launches"] = sum(c for c, _ in kt.values())
     if backward:
         out["peak_mib"] = peak_memory(fn, device)
+        out["saved_mib"] = saved_memory(layer, x, device)
     return out, kt
 
 
@@ -137,7 +150,7 @@ def main() -> None:
                 continue
             for mode, backward in (("fwd", False), ("fwd_bwd", True)):
                 try:
-                    res, kt = measure(step_fn(layer, x, dy, backward), device, args.rep, backward)
+                    res, kt = measure(step_fn(layer, x, dy, backward), device, args.rep, backward, layer, x)
                 except Exception as e:  # report, don't hide: the row says why a number is missing
                     row[f"{who}_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
                     continue

@@ -34,6 +34,7 @@ class ChunkMeta:
     num_segments: int
     num_chunks: int
     max_chunks: int  # chunks of the longest segment
+    order: Tensor  # [N] int32: the segments by decreasing length (ties in segment order)
 
 
 def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: int,
@@ -65,6 +66,8 @@ def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta
         num_segments=len(lengths),
         num_chunks=len(indices),
         max_chunks=max(n_chunks, default=0),
+        order=torch.tensor(sorted(range(len(lengths)), key=lambda n: -n_chunks[n]), dtype=torch.int32,
+                           device=device),
     )
 
 
@@ -153,6 +156,21 @@ def chunk_start(chunk_indices, cu, i_t, BT: tl.constexpr):
     bos = tl.load(cu + i_n)
     eos = tl.load(cu + i_n + 1)
     return bos + i_c * BT, eos - bos - i_c * BT, i_c * BT
+
+
+@triton.jit
+def segment_program(order, H: tl.constexpr, NB):
+    """(segment, head, block) of this program in a 1-D grid of ``N * H * NB`` programs over segments,
+    heads and ``NB`` independent blocks (of value columns), longest segment first.
+
+    A sequential state pass costs its segment's length. A MoM call packs segments of unequal lengths
+    (routed memories' shares and the shared memory's full sequences), several programs per SM-wave: the
+    GPU starts programs in grid order, so launching the longest first keeps one long pass from starting
+    last and running alone (longest-processing-time-first scheduling)."""
+    pid = tl.program_id(0)
+    i_b = pid % NB
+    r = pid // NB
+    return tl.load(order + r // H), r % H, i_b
 
 
 @triton.jit

@@ -363,11 +363,12 @@ class DeltaChunk(torch.autograd.Function):
         h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
         wdt = u.dtype
         del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
-        # gated: the local part of the pseudo-values' gradient without the diagonal of A (README)
+        # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
+        # diagonal q_t . k_t of the output scores, which both state-pass kernels read
+        qk = None
         dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
-
-        # gated: q_t . k_t, the diagonal of the output scores (both state-pass kernels read it)
-        qk = (q.float() * k.float()).sum(-1) if gated else None
+        if gated:
+            dv_local, qk = dv_local
         dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
                                                           meta)
         del w

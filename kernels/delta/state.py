@@ -1,6 +1,7 @@
 """The sequential state passes of the delta family: forward (chunk states and pseudo-values) and reverse
 (state gradients and the pseudo-values' full gradient), one program per (segment, head, block of BV value
-columns), over the segment's chunks in order.
+columns), over the segment's chunks in order; programs of the longest segments start first
+(``segment_program``).
 
 Value columns are independent; key rows are not (``w h`` and ``k_dec dh`` sum over K), so each program
 holds all of K, as up to four ``[BK, BV]`` key blocks written out one by one (Triton has no arrays of
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, dots, launch, mm, pow2, segment_start
+from .._common import CHUNK, dots, launch, mm, pow2, segment_program, segment_start
 
 
 @triton.jit
@@ -149,7 +150,7 @@ def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_kdec, b_gC, b_v, 
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
+def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, order,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
                   STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
@@ -157,8 +158,8 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
     ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``.
     The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
+    i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -217,7 +218,8 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets,
 
 
 @triton.jit
-def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, scale,
+def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, order,
+                   scale,
                    NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
                    STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
@@ -229,8 +231,8 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
     The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
     arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
     needs ``[BT, K]`` operands whose float32 copies do not fit in registers at K >= 128."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
+    i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -335,10 +337,10 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     v_new = torch.empty_like(u)
     vr = None if u_off is None else torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    _fwd_h_kernel[(N * H, triton.cdiv(V, BV))](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets,
-                                               H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None,
-                                               USE_H0=h0 is not None, STORE_HT=output_final_state,
-                                               STORE_VR=u_off is not None, **dots(k.dtype, False), **opts)
+    grid = (N * H * triton.cdiv(V, BV),)
+    _fwd_h_kernel[grid](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets, meta.order,
+                        H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
+                        STORE_HT=output_final_state, STORE_VR=u_off is not None, **dots(k.dtype, False), **opts)
     return h, v_new, ht, vr
 
 
@@ -358,8 +360,8 @@ def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
     du_inter = torch.empty_like(dv_local) if gated else None
     s_part = q.new_zeros(NV, NT, H, 1, dtype=torch.float32) if gated else None
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
-    _bwd_dh_kernel[(N * H, NV)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
-                                meta.chunk_offsets, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV,
-                                GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
-                                **dots(q.dtype, False), **opts)
+    _bwd_dh_kernel[(N * H * NV,)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
+                                  meta.chunk_offsets, meta.order, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK,
+                                  BV=BV, GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
+                                  **dots(q.dtype, False), **opts)
     return dh, dv_tot, du_inter, s_part, dh0

@@ -18,7 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import CHUNK, chunk_meta, chunk_start, contiguous, dots, launch, mm, pow2, segment_start, work_dtype
+from .._common import (
+    CHUNK,
+    chunk_meta,
+    chunk_start,
+    contiguous,
+    dots,
+    launch,
+    mm,
+    pow2,
+    segment_program,
+    segment_start,
+    work_dtype,
+)
 from .gla import gla_bwd_intra, gla_prep
 
 Tensor = torch.Tensor
@@ -70,15 +82,16 @@ def _chunk_gates(g, dt, bos, boh, i_t, L, i_h, o_k, H: tl.constexpr, K: tl.const
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets,
+def _fwd_h_kernel(k, v, g, dt, h, h0, ht, cu, chunk_offsets, order,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Carry the state through one segment's chunks; store the state before each chunk in ``h``.
     GATE 2 (gla) takes its keys decayed to the chunk end (``kg``) and ``g`` = the chunk decays ``gC``."""
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
+    NV = tl.cdiv(V, BV)
+    i_n, i_h, i_kv = segment_program(order, H, tl.cdiv(K, BK) * NV)
+    i_nh, i_k, i_v = i_n * H + i_h, i_kv // NV, i_kv % NV
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -161,7 +174,7 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale, sA,
 
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, NTtot,
+def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, order, scale, NTtot,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
@@ -169,8 +182,9 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
     """Reverse state pass: ``dh`` of each chunk is the gradient of the state after it. For the decay
     gradient, partial sums (this block) of ``<dh_{c+1}, exp(G_C) h_c>``, the pairs spanning the chunk.
     GATE 2 (gla) takes ``q ∘ gamma`` (``qg``) for q and the chunk decays ``gC`` for g."""
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
+    NV = tl.cdiv(V, BV)
+    i_n, i_h, i_kv = segment_program(order, H, tl.cdiv(K, BK) * NV)
+    i_nh, i_k, i_v = i_n * H + i_h, i_kv // NV, i_kv % NV
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -217,14 +231,15 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, scale, 
 
 
 @triton.jit
-def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale, sA,
+def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, cu, chunk_indices, scale, sA,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NA: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
                    USE_DH: tl.constexpr, NO_DIAG: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
-    diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient). GATE 2
-    (gla) takes ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts)."""
+    diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient, and
+    stores that diagonal ``q_t . k_t`` in ``qk [Ttot, H]`` (float32) instead). GATE 2 (gla) takes
+    ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts)."""
     i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -247,6 +262,11 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale, sA,
             b_dh = tl.load(dh + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                            mask=m_k[:, None] & m_v[None, :], other=0.0)
             b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+    if NO_DIAG:
+        diag = o_t[:, None] == o_t[None, :]
+        if i_v == 0:
+            tl.store(qk + tok * H + i_h, tl.sum(tl.where(diag, b_AT, 0.0), axis=1), mask=m_t)
+        b_AT = tl.where(diag, 0.0, b_AT)
     if GATE == 1:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= _decay_matrix_t(b_g, BT)
@@ -254,8 +274,6 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, cu, chunk_indices, scale, sA,
             b_dv *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
     if GATE == 0:
         b_AT = tl.where(o_t[:, None] <= o_t[None, :], b_AT, 0.0)
-    if NO_DIAG:
-        b_AT = tl.where(o_t[:, None] == o_t[None, :], 0.0, b_AT)
     if GATE == 2:
         for i_a in tl.static_range(NA):
             b_AT += tl.load(A + i_a * sA + tok[None, :] * H * BT + i_h * BT + o_t[:, None],
@@ -405,9 +423,10 @@ def fwd_h(k, v, g, dt, gate, h0, output_final_state, meta, in_dtype=None):
     BK, BV = _state_blocks(K, V)
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=wdt)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = (N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
-    _fwd_h_kernel[grid](k, v, g, dt, h, h0, ht, meta.cu, meta.chunk_offsets, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
-                        GATE=gate, HAS_DT=dt is not None, USE_H0=h0 is not None, STORE_HT=output_final_state,
+    grid = (N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)
+    _fwd_h_kernel[grid](k, v, g, dt, h, h0, ht, meta.cu, meta.chunk_offsets, meta.order, H=H, K=K, V=V, BT=CHUNK,
+                        BK=BK, BV=BV, GATE=gate, HAS_DT=dt is not None, USE_H0=h0 is not None,
+                        STORE_HT=output_final_state,
                         **dots(in_dtype, False), **launch("gl.fwd_h", num_warps=8 if gate == 1 else 4))
     return h, ht
 
@@ -446,21 +465,24 @@ def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt, in_dtype=No
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     s = {0: None, 1: q.new_zeros(NK * NV, NT, H, 1, dtype=torch.float32),
          2: q.new_zeros(NV, NT, H, K, dtype=torch.float32)}[gate]
-    _bwd_dh_kernel[(N * H, NK, NV)](q, g, do, h, dh, dht, dh0, s, meta.cu, meta.chunk_offsets, scale, NT, H=H, K=K,
-                                    V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate, USE_DHT=dht is not None,
-                                    STORE_DH0=need_dh0, **dots(in_dtype or q.dtype, False), **launch("gl.bwd_dh"))
+    _bwd_dh_kernel[(N * H * NK * NV,)](q, g, do, h, dh, dht, dh0, s, meta.cu, meta.chunk_offsets, meta.order, scale, NT,
+                                       H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate, USE_DHT=dht is not None,
+                                       STORE_DH0=need_dh0, **dots(in_dtype or q.dtype, False), **launch("gl.bwd_dh"))
     return dh, dh0, s
 
 
 def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=False):
+    """``dv``; with ``no_diag``, ``(dv, qk)``: the scores' diagonal ``q_t . k_t [Ttot, H]`` (float32) left
+    out of dv."""
     Ttot, H, K = q.shape
     opts = launch("gl.bwd_dv", BV=_value_block(V, gate))
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
+    qk = q.new_empty(Ttot, H, dtype=torch.float32) if no_diag else None
     grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
-    _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K,
+    _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K,
                          V=V, BT=CHUNK, BK=min(64, pow2(K)), GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None,
                          NO_DIAG=no_diag, **dots(q.dtype), **opts)
-    return dv
+    return (dv, qk) if no_diag else dv
 
 
 def chunk_dg(a: Tensor, b: Tensor, s: Tensor | None, meta, out_dtype, prec: str) -> Tensor:

@@ -134,6 +134,16 @@ def test_packed_segments_match_reference(device, seed, name, opts, record_proper
     check_against_reference(rule, opts, leaves, torch.float32, cu_seqlens=cu, record=record_property)
 
 
+def test_state_passes_start_the_longest_segments_first():
+    """The segments of the packed test above, by decreasing chunk count (2, 2, 1, 1, 0), ties in segment
+    order: the order in which the state kernels' programs are laid out."""
+    from momkit.kernels._common import CHUNK, chunk_meta
+
+    meta = chunk_meta(1, 140, (0, 1, 1, 66, 70, 140), CHUNK, torch.device("cpu"))
+    assert meta.order.tolist() == [2, 4, 0, 3, 1]
+    assert meta.order.dtype == torch.int32
+
+
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_forward_without_gradients(device, seed, name, opts):
     """Inputs that need no gradient (inference): the forward may skip what only the backward reads
