@@ -35,6 +35,12 @@ class ChunkMeta:
     num_chunks: int
     max_chunks: int  # chunks of the longest segment
     order: Tensor  # [N] int32: the segments by decreasing length (ties in segment order)
+    cu_host: tuple[int, ...]  # ``cu`` on the host
+
+    def part(self, n0: int, n1: int) -> ChunkMeta:
+        """The layout of segments ``n0 .. n1 - 1`` alone (their rows ``cu_host[n0] .. cu_host[n1]``)."""
+        a = self.cu_host[n0]
+        return _chunk_meta(tuple(c - a for c in self.cu_host[n0 : n1 + 1]), CHUNK, self.cu.device)
 
 
 def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: int,
@@ -68,7 +74,52 @@ def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta
         max_chunks=max(n_chunks, default=0),
         order=torch.tensor(sorted(range(len(lengths)), key=lambda n: -n_chunks[n]), dtype=torch.int32,
                            device=device),
+        cu_host=cu,
     )
+
+
+def segment_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, budget: int,
+                   slots: int) -> list[tuple[int, int]]:
+    """Contiguous groups of segments ``(n0, n1)`` for a backward run group by group, so that its
+    per-chunk state buffers (``state_bytes`` per chunk, for all heads) of one group stay within
+    ``budget`` bytes; one group where splitting would cost time.
+
+    The sequential state passes run ``programs_per_segment`` programs per segment, each as long as its
+    segment, on about ``slots`` programs at once: a group's pass takes about
+    ``max(longest segment, chunks * programs_per_segment / slots)`` chunk-steps, and the groups run one
+    after another. A split is kept only if it costs at most a tenth over the whole batch's pass: a MoM
+    call packs many segments per memory and splits for free; a few long sequences do not split."""
+    chunks = [(b - a + CHUNK - 1) // CHUNK for a, b in itertools.pairwise(meta.cu_host)]
+    total = sum(chunks)
+    G = min(len(chunks), -(-total * state_bytes // budget)) if chunks else 1
+    if G <= 1:
+        return [(0, len(chunks))]
+
+    def cost(groups):
+        return sum(max(max(chunks[a:b], default=0), sum(chunks[a:b]) * programs_per_segment / slots)
+                   for a, b in groups)
+
+    # cut where the running chunk count passes each multiple of total / G
+    cuts, run, k, since = [0], 0, 1, 0
+    for n, c in enumerate(chunks):
+        run += c
+        since += c
+        if k < G and run >= k * total / G and since and n + 1 < len(chunks):  # no group without chunks
+            cuts.append(n + 1)
+            k, since = k + 1, 0
+    cuts.append(len(chunks))
+    groups = list(itertools.pairwise(cuts))
+    if cost(groups) > 1.1 * cost([(0, len(chunks))]):
+        return [(0, len(chunks))]
+    return groups
+
+
+@functools.lru_cache(maxsize=8)
+def program_slots(device: torch.device) -> int:
+    """Programs of a state pass running at once: one per SM (their tiles fill its shared memory)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def pow2(x: int, at_least: int = 16) -> int:

@@ -4,12 +4,11 @@
 within their segment is ``pos [N]``: a tap never reaches into another segment (memory, sequence).
 ``weight [C, W]`` in the layout of torch's causal conv1d (``weight[c, j]`` multiplies ``x_{t-(W-1)+j}``).
 
-One launch forward; two backward: ``dz = dy * silu'(z)`` (z recomputed, dz stored in float32) with
-per-row-block partial sums of ``dweight``, then ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]``
-(row ``t+s`` is in ``t``'s segment exactly when its position is at least ``s``). A row block's ``dx``
-needs ``dz`` of the ``W - 1`` rows after it; recomputing those inside one kernel cost W times the
-forward's work (H100: 5.3x the forward's time), storing ``dz`` costs one write and one read. Arithmetic
-in float32.
+One launch forward, one backward: ``dz = dy * silu'(z)`` (z recomputed) with per-row-block partial sums
+of ``dweight``, and ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` (row ``t+s`` is in ``t``'s
+segment exactly when its position is at least ``s``). The shifted rows of ``dz`` come from the block's
+own ``dz`` in registers (``tl.gather``) and, past the block's end, from a few halo rows recomputed; ``dz``
+never goes through memory. Arithmetic in float32.
 
 Axis letters: N rows, C channels, W taps.
 """
@@ -25,6 +24,7 @@ from ._common import launch
 Tensor = torch.Tensor
 
 BN, BC = 64, 128
+BC_BWD = 64  # the backward holds about four [BN, BC] float32 tiles
 
 
 @triton.jit
@@ -58,43 +58,44 @@ def _conv_fwd_kernel(x, w, pos, y, N, C: tl.constexpr, W: tl.constexpr, BN: tl.c
 
 
 @triton.jit
-def _conv_dz_kernel(x, w, pos, dy, dz, dw_part, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
-                    BC: tl.constexpr):
-    """``dz = dy * silu'(z)`` of a row block (z recomputed), stored in float32, and the block's part of
-    ``dweight`` (``dw_part [NB, W, C]``, tap ``s`` at index ``s``)."""
-    i_n, i_c = tl.program_id(0), tl.program_id(1)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < N
-    m_c = o_c < C
-    m = m_n[:, None] & m_c[None, :]
-    pos_t = tl.load(pos + o_n, mask=m_n, other=0)
-    z = _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
+def _dz_rows(x, w, pos, dy, o_r, o_c, m_c, N, C: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+             BC: tl.constexpr):
+    """``dz = dy * silu'(z)`` at rows ``o_r`` (z recomputed; 0 past N) and those rows' positions."""
+    m_r = o_r < N
+    pos_r = tl.load(pos + o_r, mask=m_r, other=0)
+    z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
     sig = tl.sigmoid(z)
-    b_dy = tl.load(dy + o_n[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-    b_dz = b_dy * sig * (1.0 + z * (1.0 - sig))
-    tl.store(dz + o_n[:, None] * C + o_c[None, :], b_dz, mask=m)
-    for s in tl.static_range(W):  # the taps again, from the cache: holding all W tiles would spill
-        part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
-        tl.store(dw_part + (i_n * W + s) * C + o_c, part, mask=m_c)
+    b_dy = tl.load(dy + o_r[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+    return b_dy.to(tl.float32) * sig * (1.0 + z * (1.0 - sig)), pos_r
 
 
 @triton.jit
-def _conv_dx_kernel(dz, w, pos, dx, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """``dx_t = sum_s dz_{t+s} w[:, W-1-s]`` over the rows ``t + s`` in ``t``'s segment (position >= s)."""
+def _conv_bwd_kernel(x, w, pos, dy, dx, dw_part, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+                     BC: tl.constexpr, HB: tl.constexpr):
+    """``dx`` of a row block and its part of ``dweight`` (``dw_part [NB, W, C]``, tap ``s`` at index ``s``).
+    ``dx_t`` needs ``dz_{t+s}``: rows of the block are shifted within registers (``tl.gather``), the
+    ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows."""
     i_n, i_c = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     o_c = i_c * BC + tl.arange(0, BC)
     m_n = o_n < N
     m_c = o_c < C
-    acc = tl.zeros([BN, BC], dtype=tl.float32)
+    b_dz, pos_t = _dz_rows(x, w, pos, dy, o_n, o_c, m_c, N, C, W, BN, BC)
     for s in tl.static_range(W):
-        o_r = o_n + s
-        m_r = o_r < N
-        pos_r = tl.load(pos + o_r, mask=m_r, other=0)
-        m = (m_r & (pos_r >= s))[:, None] & m_c[None, :]
-        b_dz = tl.load(dz + o_r[:, None] * C + o_c[None, :], mask=m, other=0.0)
-        acc += b_dz * tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)[None, :]
+        part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
+        tl.store(dw_part + (i_n * W + s) * C + o_c, part, mask=m_c)
+    b_dzh, _ = _dz_rows(x, w, pos, dy, i_n * BN + BN + tl.arange(0, HB), o_c, m_c, N, C, W, HB, BC)
+    acc = b_dz * tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
+    r = tl.arange(0, BN)
+    for s in tl.static_range(1, W):  # row t + s is in row t's segment exactly when its position is >= s
+        src = r + s
+        inside = src < BN
+        i_in = tl.broadcast_to(tl.where(inside, src, 0)[:, None], [BN, BC])
+        i_halo = tl.broadcast_to(tl.where(inside, 0, src - BN)[:, None], [BN, BC])
+        b_dzs = tl.where(inside[:, None], tl.gather(b_dz, i_in, 0), tl.gather(b_dzh, i_halo, 0))
+        pos_s = tl.load(pos + o_n + s, mask=(o_n + s) < N, other=0)
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        acc += tl.where((pos_s >= s)[:, None], b_dzs, 0.0) * b_w[None, :]
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
@@ -122,13 +123,11 @@ class ShortConvFn(torch.autograd.Function):
         if N == 0:
             return torch.zeros_like(x), torch.zeros_like(weight), None
         dy = dy.contiguous()
-        grid = _grid(N, C)
+        grid = (triton.cdiv(N, BN), triton.cdiv(C, BC_BWD))
         dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
-        dz = x.new_empty(N, C, dtype=torch.float32)
-        _conv_dz_kernel[grid](x, weight, position, dy, dz, dw_part, N, C=C, W=W, BN=BN, BC=BC,
-                              **launch("conv.dz"))
         dx = torch.empty_like(x)
-        _conv_dx_kernel[grid](dz, weight, position, dx, N, C=C, W=W, BN=BN, BC=BC, **launch("conv.dx"))
+        _conv_bwd_kernel[grid](x, weight, position, dy, dx, dw_part, N, C=C, W=W, BN=BN, BC=BC_BWD,
+                               HB=max(2, triton.next_power_of_2(W - 1)), **launch("conv.bwd"))
         dw = dw_part.sum(0).flip(0).t().to(weight.dtype)  # tap s -> weight column W - 1 - s
         return dx, dw, None
 

@@ -27,12 +27,19 @@ from .._common import (
     launch,
     mm,
     pow2,
+    program_slots,
+    segment_groups,
     work_dtype,
 )
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
-from .state import delta_bwd_dh, delta_fwd_h
+from .state import _state_blocks, delta_bwd_dh, delta_fwd_h
 
 Tensor = torch.Tensor
+
+# The backward runs group by group of segments where its chunk states (h, and dh the same size) would pass
+# this many bytes and splitting costs no time (``segment_groups``): the MoM layer's packed call at B4 T2048,
+# K = V = 256 holds 200 MB of states per buffer.
+STATE_BUDGET = 128 * 2**20
 
 
 @triton.jit
@@ -336,6 +343,47 @@ def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, m
     return dk, dv, dbeta, b_tok
 
 
+def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta):
+    """The gradients of q, k, v, beta, g (None ungated) and h0 (None without) for the segments of ``meta``."""
+    Ttot, H, K = q.shape
+    V = v.shape[-1]
+    NT = meta.num_chunks
+    gated = g is not None
+    f32 = torch.float32
+    _, w, u, u_off = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
+    h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
+    wdt = u.dtype
+    del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
+    # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
+    # diagonal q_t . k_t of the output scores, which both state-pass kernels read
+    qk = None
+    dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
+    if gated:
+        dv_local, qk = dv_local
+    dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
+                                                      meta)
+    del w
+
+    BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
+    NK = triton.cdiv(K, BKb)
+    dq = q.new_empty(q.shape)
+    dk_part = q.new_empty(Ttot, H, K, dtype=f32)
+    dw = q.new_empty(Ttot, H, K, dtype=f32)
+    a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
+    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
+                                  meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
+                                  GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+    dv_wy = dv_local if gated else dv_tot
+    del h, dh, v_new, vr, dv_local, dv_tot
+    dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
+                                  None if a_part is None else a_part[NK], scale, meta)
+    dg = None
+    if gated:
+        dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype,
+                      dots(q.dtype)["PREC"])[..., 0]
+    return dq, dk, dv, dbeta, dg, dh0
+
+
 class DeltaChunk(torch.autograd.Function):
     """``(o, final_state)`` of deltanet / gated_deltanet on packed input ``[Ttot, H, *]``."""
 
@@ -352,45 +400,31 @@ class DeltaChunk(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, Tm = ctx.saved_tensors
         scale, meta = ctx.scale, ctx.meta
-        Ttot, H, K = q.shape
-        V = v.shape[-1]
-        NT = meta.num_chunks
-        gated = g is not None
         do = do.contiguous()
         dht = contiguous(dht)
-        f32 = torch.float32
-        _, w, u, u_off = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
-        h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
-        wdt = u.dtype
-        del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
-        # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
-        # diagonal q_t . k_t of the output scores, which both state-pass kernels read
-        qk = None
-        dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
-        if gated:
-            dv_local, qk = dv_local
-        dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
-                                                          meta)
-        del w
+        _, H, K = q.shape
+        V = v.shape[-1]
+        BV = _state_blocks(K, V)[2]
+        groups = segment_groups(meta, H * triton.cdiv(V, BV), H * K * V * work_dtype(q.dtype).itemsize,
+                                STATE_BUDGET, program_slots(q.device))
+        if len(groups) == 1:
+            return (*_backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta), None, None, None)
+        # one group of segments at a time: the chunk states and the other row buffers of the backward
+        # exist for one group only (the inputs' gradients are rows, so each group owns a slice of them)
+        parts = []
+        for n0, n1 in groups:
+            a, b = meta.cu_host[n0], meta.cu_host[n1]
 
-        BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
-        NK = triton.cdiv(K, BKb)
-        dq = q.new_empty(q.shape)
-        dk_part = q.new_empty(Ttot, H, K, dtype=f32)
-        dw = q.new_empty(Ttot, H, K, dtype=f32)
-        a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
-        _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
-                                      meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
-                                      GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
-        dv_wy = dv_local if gated else dv_tot
-        del h, dh, v_new, vr, dv_local, dv_tot
-        dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
-                                      None if a_part is None else a_part[NK], scale, meta)
-        dg = None
-        if gated:
-            dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype,
-                          dots(q.dtype)["PREC"])[..., 0]
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+            def rows(x, a=a, b=b):
+                return None if x is None else x[a:b]
+
+            def segs(x, n0=n0, n1=n1):
+                return None if x is None else x[n0:n1]
+
+            parts.append(_backward(rows(q), rows(k), rows(v), rows(beta), rows(g), segs(h0), rows(Tm), rows(do),
+                                   segs(dht), scale, meta.part(n0, n1)))
+        grads = [None if part[0] is None else torch.cat(part) for part in zip(*parts)]
+        return (*grads, None, None, None)
 
 
 def chunk_delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *, scale: float,

@@ -144,6 +144,48 @@ def test_state_passes_start_the_longest_segments_first():
     assert meta.order.dtype == torch.int32
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_backward_in_groups_of_segments(device, seed, name, monkeypatch, record_property):
+    """The delta backward run group by group of segments (here forced by a state budget of one byte:
+    groups (0, 3), (3, 4), (4, 5) of the packed segments above), with initial states: the same gradients
+    as the reference."""
+    import momkit.kernels._common as common
+    import momkit.kernels.delta.chunk as delta_chunk
+
+    used = []
+
+    def groups(*args):
+        used.append(common.segment_groups(*args))
+        return used[-1]
+
+    monkeypatch.setattr(delta_chunk, "STATE_BUDGET", 1)
+    monkeypatch.setattr(delta_chunk, "segment_groups", groups)
+    rule = get_rule(name)
+    cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
+    leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
+    check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
+    assert used and len(used[0]) == 3
+
+
+def test_segment_groups_cut_where_it_costs_no_time():
+    """Many short segments split into groups of about equal chunks; a few long ones, whose state passes
+    would then run one after another, do not; no group is made of empty segments only."""
+    import itertools
+
+    from momkit.kernels._common import CHUNK, chunk_meta, segment_groups
+
+    def groups(lengths, budget_chunks, slots=132):
+        cu = (0, *itertools.accumulate(lengths))
+        meta = chunk_meta(1, cu[-1], cu, CHUNK, torch.device("cpu"))
+        return segment_groups(meta, 32, 1, budget_chunks, slots)
+
+    mom = [1024] * 16 + [2048] * 4  # B4 T2048 M4: routed memories' shares, then the shared memory
+    assert groups(mom, 200) == [(0, 12), (12, 20)]
+    assert groups(mom, 400) == [(0, 20)]
+    assert groups([4096] * 4 + [8192], 200) == [(0, 5)]  # B1 T8192: the shared pass alone would double
+    assert groups([256, 0, 64], 1, slots=1) == [(0, 1), (1, 3)]  # 4, 0, 1 chunks: no empty group
+
+
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_forward_without_gradients(device, seed, name, opts):
     """Inputs that need no gradient (inference): the forward may skip what only the backward reads
