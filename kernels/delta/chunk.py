@@ -321,15 +321,13 @@ def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
     return Tm, w, u, uo
 
 
-def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta):
-    """dk, dv, dbeta and (gated) the decay gradient's per-token part ``b_tok`` (``a_neg`` is written)
-    from the WY representation's gradients (``_wy_bwd_kernel``)."""
+def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta, out=None):
+    """dk, dv, dbeta (into ``out`` where given) and (gated) the decay gradient's per-token part ``b_tok``
+    (``a_neg`` is written) from the WY representation's gradients (``_wy_bwd_kernel``)."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     gated = g is not None
-    dk = k.new_empty(k.shape)
-    dv = v.new_empty(v.shape)
-    dbeta = beta.new_empty(beta.shape)
+    dk, dv, dbeta = (k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)) if out is None else out
     b_tok = k.new_empty(Ttot, H, dtype=torch.float32) if gated else None
     scratch = k.new_empty(meta.num_chunks, H, CHUNK, CHUNK, dtype=torch.float32)
     # two warps: four give NaN dk / illegal accesses on Hopper with Triton 3.6 (fla issue #984). At two
@@ -343,8 +341,9 @@ def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, m
     return dk, dv, dbeta, b_tok
 
 
-def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta):
-    """The gradients of q, k, v, beta, g (None ungated) and h0 (None without) for the segments of ``meta``."""
+def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
+    """The gradients of q, k, v, beta, g (None ungated) and h0 (None without) for the segments of ``meta``;
+    those of q, k, v, beta, g into ``out`` where given."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
     NT = meta.num_chunks
@@ -366,7 +365,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta):
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
-    dq = q.new_empty(q.shape)
+    dq = q.new_empty(q.shape) if out is None else out[0]
     dk_part = q.new_empty(Ttot, H, K, dtype=f32)
     dw = q.new_empty(Ttot, H, K, dtype=f32)
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
@@ -376,11 +375,12 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta):
     dv_wy = dv_local if gated else dv_tot
     del h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
-                                  None if a_part is None else a_part[NK], scale, meta)
+                                  None if a_part is None else a_part[NK], scale, meta,
+                                  None if out is None else out[1:4])
     dg = None
     if gated:
-        dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype,
-                      dots(q.dtype)["PREC"])[..., 0]
+        dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype, dots(q.dtype)["PREC"],
+                      None if out is None else out[4][..., None])[..., 0]
     return dq, dk, dv, dbeta, dg, dh0
 
 
@@ -410,8 +410,9 @@ class DeltaChunk(torch.autograd.Function):
         if len(groups) == 1:
             return (*_backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta), None, None, None)
         # one group of segments at a time: the chunk states and the other row buffers of the backward
-        # exist for one group only (the inputs' gradients are rows, so each group owns a slice of them)
-        parts = []
+        # exist for one group only; each group writes its rows of the inputs' gradients
+        grads = [torch.empty_like(x) for x in (q, k, v, beta)] + [None if g is None else torch.empty_like(g)]
+        dh0 = []
         for n0, n1 in groups:
             a, b = meta.cu_host[n0], meta.cu_host[n1]
 
@@ -421,9 +422,9 @@ class DeltaChunk(torch.autograd.Function):
             def segs(x, n0=n0, n1=n1):
                 return None if x is None else x[n0:n1]
 
-            parts.append(_backward(rows(q), rows(k), rows(v), rows(beta), rows(g), segs(h0), rows(Tm), rows(do),
-                                   segs(dht), scale, meta.part(n0, n1)))
-        grads = [None if part[0] is None else torch.cat(part) for part in zip(*parts)]
+            dh0.append(_backward(rows(q), rows(k), rows(v), rows(beta), rows(g), segs(h0), rows(Tm), rows(do),
+                                 segs(dht), scale, meta.part(n0, n1), [rows(x) for x in grads])[-1])
+        grads.append(None if h0 is None else torch.cat(dh0))
         return (*grads, None, None, None)
 
 

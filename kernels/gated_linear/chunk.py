@@ -485,11 +485,12 @@ def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=Fals
     return (dv, qk) if no_diag else dv
 
 
-def chunk_dg(a: Tensor, b: Tensor, s: Tensor | None, meta, out_dtype, prec: str) -> Tensor:
-    """The log-decay gradient ``[Ttot, H, D]`` from its parts: a, b ``[P, Ttot, H, D]``, s ``[P, NT, H, D]``."""
+def chunk_dg(a: Tensor, b: Tensor, s: Tensor | None, meta, out_dtype, prec: str, out: Tensor | None = None) -> Tensor:
+    """The log-decay gradient ``[Ttot, H, D]`` from its parts: a, b ``[P, Ttot, H, D]``, s ``[P, NT, H, D]``
+    (into ``out`` where given)."""
     _, Ttot, H, D = a.shape
     BD = 1 if D == 1 else min(64, pow2(D))
-    out = a.new_empty(Ttot, H, D, dtype=out_dtype)
+    out = a.new_empty(Ttot, H, D, dtype=out_dtype) if out is None else out
     _chunk_dg_kernel[(meta.num_chunks, H, triton.cdiv(D, BD))](
         a, b, s, out, meta.cu, meta.chunk_indices, Ttot, meta.num_chunks, H=H, D=D, BT=CHUNK, BD=BD,
         NA=a.shape[0], NB=b.shape[0], NS=0 if s is None else s.shape[0], PREC=prec, **launch("gl.chunk_dg"))
