@@ -141,18 +141,23 @@ class MoMConfig:
 
     def _validate_official(self, p: str) -> None:
         """The official-code options need the parts they share or change."""
+        import torch
+
         from momkit.rules import get_rule, rule_names
         from momkit.rules.gates import beta_gates, decay_parameters
 
-        gates = get_rule(self.rule).gate_module(8, 1, 4)
+        def probe(rule: str):  # a tiny gate module to inspect; its initialisation must not draw from
+            with torch.random.fork_rng(devices=[]):  # the global generator, or validating a config would
+                return get_rule(rule).gate_module(8, 1, 4)  # change every model built after it
+
         if self.share_decay:
-            with_decay = [r for r in rule_names() if decay_parameters(get_rule(r).gate_module(8, 1, 4))]
-            _check(bool(decay_parameters(gates)), f"{p}share_decay", True,
+            with_decay = [r for r in rule_names() if decay_parameters(probe(r))]
+            _check(bool(decay_parameters(probe(self.rule))), f"{p}share_decay", True,
                    f"rule {self.rule!r} has no data-dependent decay (A_log, dt_bias); rules with one: "
                    f"{', '.join(with_decay)}")
         if not self.beta_bias:
-            with_beta = [r for r in rule_names() if beta_gates(get_rule(r).gate_module(8, 1, 4))]
-            _check(bool(beta_gates(gates)), f"{p}beta_bias", False,
+            with_beta = [r for r in rule_names() if beta_gates(probe(r))]
+            _check(bool(beta_gates(probe(self.rule))), f"{p}beta_bias", False,
                    f"rule {self.rule!r} has no beta gate; rules with one: {', '.join(with_beta)}")
         _check(not self.share_kv_conv or self.short_conv, f"{p}share_kv_conv", True,
                "needs short_conv=true (there is no convolution to share)")

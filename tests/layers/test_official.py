@@ -149,3 +149,20 @@ def test_the_official_preset_builds_the_official_model():
     ids = torch.randint(0, 50, (2, 12))
     out = model(ids, labels=ids)
     (out.loss + out.aux_loss).backward()
+
+
+@pytest.mark.parametrize("kw", [{}, {"share_decay": True}, {"beta_bias": False}], ids=["default", "share_decay",
+                                                                                          "no_beta_bias"])
+def test_validating_a_config_leaves_the_random_generator_alone(kw):
+    """The same seed builds the same model however often its config was validated: the official options'
+    checks build gate modules to inspect, outside the global generator."""
+    cfg = MoMConfig(hidden_size=16, num_heads=2, head_dim=8, rule="gated_deltanet", num_memories=2, **kw)
+    state = torch.get_rng_state()
+    cfg.validate()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(0)
+    a = MoMLayer(cfg).state_dict()
+    torch.manual_seed(0)
+    cfg.validate()
+    b = MoMLayer(cfg).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
