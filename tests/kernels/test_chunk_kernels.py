@@ -147,8 +147,8 @@ def test_state_passes_start_the_longest_segments_first():
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_backward_in_groups_of_segments(device, seed, name, monkeypatch, record_property):
     """The delta backward run group by group of segments (here forced by a state budget of one byte:
-    groups (0, 3), (3, 4), (4, 5) of the packed segments above), with initial states: the same gradients
-    as the reference."""
+    groups (0, 3) and (3, 5) of the packed segments above), with initial states: the same gradients as the
+    reference."""
     import momkit.kernels._common as common
     import momkit.kernels.delta.chunk as delta_chunk
 
@@ -165,12 +165,13 @@ def test_backward_in_groups_of_segments(device, seed, name, monkeypatch, record_
     cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
     leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
     check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
-    assert used and len(used[0]) == 3
+    assert used and used[0] == [(0, 3), (3, 5)]
 
 
 def test_segment_groups_cut_where_it_costs_no_time():
     """Many short segments split into groups of about equal chunks; a few long ones, whose state passes
-    would then run one after another, do not; no group is made of empty segments only."""
+    would then run one after another, do not; a large batch splits into fewer groups than its budget asks;
+    no group is made of empty segments only."""
     import itertools
 
     from momkit.kernels._common import CHUNK, chunk_meta, segment_groups
@@ -185,6 +186,8 @@ def test_segment_groups_cut_where_it_costs_no_time():
     assert groups(mom, 400) == [(0, 20)]
     assert groups([4096] * 4 + [8192], 200) == [(0, 5)]  # B1 T8192: the shared pass alone would double
     assert groups([256, 0, 64], 1, slots=1) == [(0, 1), (1, 3)]  # 4, 0, 1 chunks: no empty group
+    b16 = groups([1024] * 64 + [2048] * 16, 220)  # the budget asks for 7 groups, each of which leaves a tail
+    assert 1 < len(b16) < 7 and b16[0][0] == 0 and b16[-1][1] == 80
 
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
