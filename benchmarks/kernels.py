@@ -1,8 +1,10 @@
 """GPU benchmark of the Triton kernels, side by side with fla-core 0.6.0 (timed only, never a reference).
 
     python -m benchmarks.kernels --out benchmarks/results/kernels_<device>.json [--commit SHA] [--quick]
+        [--head-dims 128,256]
 
-bf16, B=4, T=4096, H=8, K=V=128, forward and forward+backward, the median of many runs
+bf16, B=4, T=4096, 1024 / K heads of K=V=128 (H=8) and of K=V=256 (H=4, the MoM layer's heads),
+forward and forward+backward, the median of many runs
 (``triton.testing.do_bench``: the time per call as a user sees it, host launch overhead included), and
 the GPU kernel time per call (torch.profiler, ``*_gpu_us``). Ratios are fla time / our time, for both
 (``ratio_*`` and ``ratio_*_gpu``; targets >= 1.0):
@@ -168,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time in ms")
-    ap.add_argument("--quick", action="store_true", help="main shape only")
+    ap.add_argument("--quick", action="store_true", help="main shapes only")
+    ap.add_argument("--head-dims", default="128,256", help="K = V of the main shapes (B4 T4096, H = 1024 / K)")
     ap.add_argument("--fla-long", action="store_true", help="time fla at T = 16k and 64k too")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--peers", default=",".join(PEERS), help="rules whose fla peer is timed (a rule timed in "
@@ -176,6 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.rules = name_list(ap, "--rules", args.rules, RULES)
     args.peers = name_list(ap, "--peers", args.peers, PEERS)
+    dims = [d.strip() for d in args.head_dims.split(",") if d.strip()]
+    if not dims or not all(d.isdigit() and int(d) in (16, 32, 64, 128, 256) for d in dims):
+        ap.error(f"--head-dims {args.head_dims!r}: a comma-separated list of 16, 32, 64, 128 or 256")
+    args.head_dims = [int(d) for d in dims]
     return args
 
 
@@ -185,7 +192,8 @@ def main() -> None:
     env = environment(args.commit, fla=True)
     ceil = ceilings(device)
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_tb_per_s']:.2f} TB/s")
-    shapes = [(4, 4096, 8, 128, 128)] + ([] if args.quick else [(1, 16384, 8, 128, 128), (1, 65536, 8, 128, 128)])
+    shapes = [(4, 4096, 1024 // d, d, d) for d in args.head_dims]
+    shapes += [] if args.quick else [(1, 16384, 8, 128, 128), (1, 65536, 8, 128, 128)]
     rows = []
     for B, T, H, K, V in shapes:
         for name in args.rules:
@@ -221,25 +229,25 @@ def main() -> None:
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
             with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
                 json.dump({"environment": env, "ceilings": ceil, "rows": rows}, f, indent=1)
-    main_rows = {r["rule"]: r for r in rows if r["T"] == 4096}
     summary = {}
-    for name, r in main_rows.items():
-        if "ratio_fwd" in r:
-            summary[name] = {m: r.get(f"ratio_{m}") for m in ("fwd", "fwd_bwd", "fwd_gpu", "fwd_bwd_gpu")}
-    if "titans" in main_rows and "gated_deltanet" in main_rows:
-        summary["titans_over_gated_deltanet"] = {
-            m: main_rows["titans"][f"ours_{m}_ms"] / main_rows["gated_deltanet"][f"ours_{m}_ms"]
-            for m in ("fwd", "fwd_bwd")}
-        summary["titans_over_gated_deltanet"].update({
-            f"{m}_gpu": main_rows["titans"][f"ours_{m}_gpu_us"] / main_rows["gated_deltanet"][f"ours_{m}_gpu_us"]
-            for m in ("fwd", "fwd_bwd")})
+    for K in args.head_dims:
+        main_rows = {r["rule"]: r for r in rows if r["T"] == 4096 and r["K"] == K}
+        for name, r in main_rows.items():
+            if "ratio_fwd" in r:
+                summary[f"{name} K={K}"] = {m: r.get(f"ratio_{m}")
+                                            for m in ("fwd", "fwd_bwd", "fwd_gpu", "fwd_bwd_gpu")}
+        if "titans" in main_rows and "gated_deltanet" in main_rows:
+            t, d = main_rows["titans"], main_rows["gated_deltanet"]
+            summary[f"titans_over_gated_deltanet K={K}"] = {
+                **{m: t[f"ours_{m}_ms"] / d[f"ours_{m}_ms"] for m in ("fwd", "fwd_bwd")},
+                **{f"{m}_gpu": t[f"ours_{m}_gpu_us"] / d[f"ours_{m}_gpu_us"] for m in ("fwd", "fwd_bwd")}}
     result = {"environment": env, "ceilings": ceil, "flop_model": __doc__.split("The FLOP model")[1].strip(),
               "summary": summary, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
     print("\nsummary (fla time / our time; titans: our titans / our gated_deltanet):")
     for name, s in summary.items():
-        print(f"  {name:<28} " + "  ".join(f"{m} {x:.2f}" for m, x in s.items() if x is not None))
+        print(f"  {name:<34} " + "  ".join(f"{m} {x:.2f}" for m, x in s.items() if x is not None))
 
 
 if __name__ == "__main__":

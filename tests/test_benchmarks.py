@@ -30,6 +30,14 @@ def test_kernels_benchmark_names_unknown_rules_and_peers(capsys):
 def test_kernels_benchmark_accepts_lists():
     args = kernels.parse_args(["--out", "x.json", "--rules", "gated_deltanet,titans", "--peers", "gated_deltanet"])
     assert args.rules == ["gated_deltanet", "titans"] and args.peers == ["gated_deltanet"]
+    assert args.head_dims == [128, 256]  # the main shapes: H8 K128 and the MoM layer's H4 K256
+    assert kernels.parse_args(["--out", "x.json", "--head-dims", "256"]).head_dims == [256]
+
+
+@pytest.mark.parametrize("dims", ["96", "128,x", ","])
+def test_kernels_benchmark_names_bad_head_dims(dims, capsys):
+    err = _error(kernels.parse_args, ["--out", "x.json", "--head-dims", dims], capsys)
+    assert f"--head-dims {dims!r}" in err and "128 or 256" in err
 
 
 def test_launch_keys_are_the_launchers_names():
