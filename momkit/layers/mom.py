@@ -168,10 +168,12 @@ class MoMLayer(nn.Module):
         q_in = disp.gather(self.q_proj(x), fused)
         q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in
         k_in, v_in, ks, vs, gates = [], [], [], [], {}
-        for mem, (a, b) in zip(self.all_memories, disp.memory_rows):
+        # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
+        # into one tensor, where slices would each make a zero tensor of all rows and add them up
+        x_parts = torch.split(x_rows, [b - a for a, b in disp.memory_rows])
+        for mem, (a, b), xm in zip(self.all_memories, disp.memory_rows, x_parts):
             if a == b:
                 continue
-            xm = x_rows[a:b]
             km, vm = mem.k_proj(xm), mem.v_proj(xm)
             k_in.append(km)
             v_in.append(vm)

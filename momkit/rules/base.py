@@ -220,7 +220,7 @@ class Rule:
                cu_seqlens: Tensor | None = None, **gates: Any) -> tuple[Tensor, Tensor | None]:
         """The Triton kernels (``momkit.kernels``), with the same arguments and checks as ``chunked``."""
         gates, opts = self._split_kwargs(gates)
-        scale, _, _ = self._validate(q, k, v, gates, scale, initial_state, cu_seqlens)
+        scale, _, _ = self._validate(q, k, v, gates, scale, initial_state, cu_seqlens, make_state=False)
         k, gates = self.kernel_inputs(k, gates)
         return _triton.chunk(self.name, q, k, v, gates, scale, initial_state, output_final_state, cu_seqlens, opts)
 
@@ -266,8 +266,11 @@ class Rule:
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor], scale: float | None,
                   initial_state: Tensor | None, cu_seqlens: Tensor | None,
-                  name_state: str = "initial_state") -> tuple[float, Tensor, list[tuple[int, int]]]:
-        """Check shapes, dtypes and devices; return (scale, initial state per segment, segments)."""
+                  name_state: str = "initial_state",
+                  make_state: bool = True) -> tuple[float, Tensor | None, list[tuple[int, int]]]:
+        """Check shapes, dtypes and devices; return (scale, initial state per segment, segments). Without
+        ``make_state`` the state is only checked, and None comes back: the kernels take a missing initial
+        state as zeros, and a zero ``[N, H, K, V]`` float32 tensor per call would cost them its memset."""
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -307,7 +310,7 @@ class Rule:
         cdt = compute_dtype(q.dtype)
         want_state = self.state_shape(n, H, K, V)
         if initial_state is None:
-            S0 = torch.zeros(want_state, dtype=cdt, device=q.device)
+            S0 = torch.zeros(want_state, dtype=cdt, device=q.device) if make_state else None
         else:
             if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want_state:
                 got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else initial_state
@@ -316,7 +319,7 @@ class Rule:
                 raise ValueError(f"{name_state} must be a float tensor, got {initial_state.dtype}")
             if initial_state.device != q.device:
                 raise ValueError(f"{name_state} is on {initial_state.device} but q is on {q.device}")
-            S0 = initial_state.to(cdt)
+            S0 = initial_state.to(cdt) if make_state else None
         return float(scale), S0, segs
 
     @staticmethod
