@@ -11,7 +11,9 @@ Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
   rule), ``objective_by_rule.png``, ``objective_by_router.png`` (where those vary), ``param_importances.png`` (the
   share of the objective's variance each parameter explains alone) and ``learning_curves.png`` (the pruner's view,
   coloured by the swept parameters);
-* ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``.
+* ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``;
+* ``claims.csv``, ``claims.md`` — where the spec lists a paper's claims, each one's verdict from the seeds
+  (``momkit.sweep.verdicts``).
 
 Where a cell (e.g. one num_memories x topk x shared memory) has several trials because other parameters
 (a learning rate) were searched too, the figures show the best trial of the cell, with the spread over its
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from momkit.config import ConfigError
-from momkit.sweep.runner import BUDGET_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna, _short_names
+from momkit.sweep.runner import BUDGET_ATTR, CLAIMS_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna, _short_names
 from momkit.sweep.storage import DEFAULT_STORAGE, describe, open_storage, study_names
 
 # config values every row carries (short name -> dotted key), whether searched or not
@@ -50,6 +52,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what could not be drawn or written, and why
     effects: dict[str, float] = field(default_factory=dict)  # main_effects of the searched parameters
     table: str = ""
+    verdicts: list[dict] = field(default_factory=list)  # the spec's claims judged (momkit.sweep.verdicts)
 
 
 def param_column(name: str) -> str:
@@ -359,6 +362,23 @@ def _best_config(study, df, direction: str, metric: str, out_dir: Path, report: 
     report.files.append(path)
 
 
+def _verdicts(df, claims: list[dict], fp: dict, metric: str, direction: str, out_dir: Path,
+              report: Report) -> list[dict]:
+    """The claims' verdicts, written to ``claims.csv`` and ``claims.md``; [] without claims."""
+    import pandas as pd
+
+    from momkit.sweep.verdicts import markdown, verdicts
+
+    if not claims:
+        return []
+    rows = verdicts(df, claims, {name: param_column(name) for name in fp.get("space", {})}, direction)
+    pd.DataFrame(rows).to_csv(out_dir / "claims.csv", index=False)
+    (out_dir / "claims.md").write_text(markdown(rows, metric))
+    report.files += [out_dir / "claims.csv", out_dir / "claims.md"]
+    report.verdicts = rows
+    return rows
+
+
 def write_report(study_name: str, storage_url: str | None = None, out_dir: str | Path | None = None, *,
                  out: TextIO | None = None, figures: bool = True) -> Report:
     """Export every trial of the study, draw the figures, print the table, write the best config."""
@@ -388,6 +408,8 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
     if figures:
         _figures(df, study, metric, direction, space, out_dir, report)
     _best_config(study, df, direction, metric, out_dir, report)
+    claims = study.user_attrs.get(CLAIMS_ATTR) or []
+    verdict_rows = _verdicts(df, claims, fp, metric, direction, out_dir, report)
     table = _display_frame(df, metric, direction, space)
     report.table = table.to_string(index=False)
     counts = df["state"].value_counts()
@@ -400,6 +422,12 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
         names = _short_names(space)
         print(f"variance of {metric} explained by each parameter alone: " + ", ".join(
             f"{names.get(k, k)} {v:.2f}" for k, v in sorted(report.effects.items(), key=lambda kv: -kv[1])), file=out)
+    if verdict_rows:
+        print(f"claims ({metric}; the best cell of each side, mean ± 95 % half-width over seeds):", file=out)
+        for r in verdict_rows:
+            group = f" [{r['group']}]" if r.get("group") else ""
+            print(f"  {r['claim']}{group}: {r['better']} vs {r['than']}; difference {r.get('difference', '-')}: "
+                  f"{r['verdict']}", file=out)
     for note in report.notes:
         print(f"note: {note}", file=out)
     print(f"wrote {', '.join(str(p) for p in report.files)}", file=out)

@@ -43,6 +43,7 @@ from momkit.sweep.storage import DEFAULT_STORAGE, claim_lock, describe, heartbea
 from momkit.sweep.workers import _cpu_count, _devices, plan_workers, worker_command, worker_env
 
 SPEC_ATTR = "momkit_spec"
+CLAIMS_ATTR = "momkit_claims"  # the latest spec's claims (not part of the fingerprint: editing them is fine)
 BUDGET_ATTR = "momkit_budget"
 RUNS_DIR_ATTR = "momkit_runs_dir"
 _READY_WAIT_S = 60.0
@@ -121,6 +122,7 @@ def prepare_study(spec: SweepSpec, storage, study_name: str, n_trials: int | Non
         study = None
     if study is not None:  # this process created it: record the spec, queue the budget, then mark it ready
         study.set_user_attr(SPEC_ATTR, _normalise(spec.fingerprint()))
+        study.set_user_attr(CLAIMS_ATTR, _normalise(spec.claims))
         study.set_user_attr(RUNS_DIR_ATTR, spec.runs_dir)
         queued = _queue(study, spec, n)
         study.set_user_attr(BUDGET_ATTR, queued)
@@ -141,6 +143,8 @@ def prepare_study(spec: SweepSpec, storage, study_name: str, n_trials: int | Non
         raise ConfigError(f"study {study_name!r} was created from a different spec ({', '.join(changed)} changed); "
                           f"use --study NEW_NAME for a new study, or delete it: optuna delete-study --study-name "
                           f"{study_name} --storage URL")
+    if study.user_attrs.get(CLAIMS_ATTR) != _normalise(spec.claims):
+        study.set_user_attr(CLAIMS_ATTR, _normalise(spec.claims))
     budget = study.user_attrs[BUDGET_ATTR]
     if n > budget:
         added = _queue(study, spec, n - budget)

@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from momkit.config import ConfigError, TrainConfig, _yaml_problem, load_config
+from momkit.sweep.verdicts import parse_claims
 
 SPEC_KEYS = ("study", "description", "base", "overrides", "space", "objective", "sampler", "pruner", "budget",
-             "seeds", "heartbeat", "runs_dir")
+             "seeds", "heartbeat", "runs_dir", "claims")
 PARAM_TYPES = ("categorical", "int", "float", "bundle")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -181,6 +182,7 @@ class SweepSpec:
     runs_dir: str
     description: str = ""
     base_written: str = ""  # base as the spec writes it (the resolved path can differ between machines)
+    claims: list[dict] = field(default_factory=list)  # a paper's claims to judge (momkit.sweep.verdicts)
     base_config: TrainConfig | None = field(default=None, repr=False)  # base + overrides, typed, not validated
     grid: list[dict[str, Any]] | None = field(default=None, repr=False)  # valid grid points (grid sampler)
 
@@ -442,6 +444,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise _fail(spec, f"space={space_raw!r} is invalid: a non-empty mapping of dotted config keys "
                           "(or bundle names) to values or distributions is required")
     space = {str(k): _parse_param(spec, str(k), v) for k, v in space_raw.items()}
+    try:
+        claims = parse_claims(raw.get("claims"), space)
+    except ConfigError as e:
+        raise _fail(spec, str(e)) from None
 
     objective = _section(raw, "objective", Objective, spec, {
         "metric": (lambda m: m in METRICS or m in RESULT_FIELDS or (isinstance(m, str) and
@@ -536,7 +542,7 @@ def load_spec(path: str | Path) -> SweepSpec:
                 raise _fail(spec, f"space.{name}: value {v!r}: {e}") from None
 
     result = SweepSpec(spec, study, base, dict(overrides), space, objective, sampler, pruner, budget, seeds,
-                       heartbeat, runs_dir, description, base_written, base_config=fixed_cfg)
+                       heartbeat, runs_dir, description, base_written, claims=claims, base_config=fixed_cfg)
     if pruner.name == "hyperband" and pruner.max_resource is None:
         result.pruner.max_resource = fixed_cfg.optim.max_steps
     points = _valid_points(spec, fixed_cfg, space, typed, grid=sampler.name == "grid", seed=sampler.seed)

@@ -184,6 +184,9 @@ def test_the_example_spec_in_the_docs_loads(tmp_path):
     params = {"layout": "single", "model.mom.shared_memory": False, "optim.lr": 1e-3, "model.num_layers": 1,
               "optim.batch_size": 32}
     assert spec.trial_config("mqar_lr", 0, params, seed=0).model.mixer == "single"
+    assert spec.claims == [{"claim": "MoM beats one memory", "better": {"layout": "mom4_top2"},
+                            "than": {"layout": "single"}, "per": ["model.mom.shared_memory"]}]
+    assert "claims" not in spec.fingerprint()  # editing claims does not make a new experiment
 
 
 def test_exponents_without_a_dot_are_numbers(tmp_path):
