@@ -12,8 +12,8 @@ Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
   share of the objective's variance each parameter explains alone) and ``learning_curves.png`` (the pruner's view,
   coloured by the swept parameters);
 * ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``;
-* ``claims.csv``, ``claims.md`` — where the spec lists a paper's claims, each one's verdict from the seeds
-  (``momkit.sweep.verdicts``).
+* ``claims.csv``, ``claims.md``, ``claims.png`` — where the spec lists a paper's claims, each one's verdict
+  from the seeds and both sides with their intervals (``momkit.sweep.verdicts``).
 
 Where a cell (e.g. one num_memories x topk x shared memory) has several trials because other parameters
 (a learning rate) were searched too, the figures show the best trial of the cell, with the spread over its
@@ -363,8 +363,8 @@ def _best_config(study, df, direction: str, metric: str, out_dir: Path, report: 
 
 
 def _verdicts(df, claims: list[dict], fp: dict, metric: str, direction: str, out_dir: Path,
-              report: Report) -> list[dict]:
-    """The claims' verdicts, written to ``claims.csv`` and ``claims.md``; [] without claims."""
+              report: Report, figures: bool = True) -> list[dict]:
+    """The claims' verdicts, written to ``claims.csv``, ``claims.md`` and ``claims.png``; [] without claims."""
     import pandas as pd
 
     from momkit.sweep.verdicts import markdown, verdicts
@@ -375,6 +375,16 @@ def _verdicts(df, claims: list[dict], fp: dict, metric: str, direction: str, out
     pd.DataFrame(rows).to_csv(out_dir / "claims.csv", index=False)
     (out_dir / "claims.md").write_text(markdown(rows, metric))
     report.files += [out_dir / "claims.csv", out_dir / "claims.md"]
+    if figures:
+        import matplotlib.pyplot as plt
+
+        from momkit.sweep.verdicts import figure
+
+        fig = figure(rows, metric)
+        if fig is not None:
+            fig.savefig(out_dir / "claims.png", dpi=FIGURE_DPI, bbox_inches="tight")
+            plt.close(fig)
+            report.files.append(out_dir / "claims.png")
     report.verdicts = rows
     return rows
 
@@ -409,7 +419,7 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
         _figures(df, study, metric, direction, space, out_dir, report)
     _best_config(study, df, direction, metric, out_dir, report)
     claims = study.user_attrs.get(CLAIMS_ATTR) or []
-    verdict_rows = _verdicts(df, claims, fp, metric, direction, out_dir, report)
+    verdict_rows = _verdicts(df, claims, fp, metric, direction, out_dir, report, figures)
     table = _display_frame(df, metric, direction, space)
     report.table = table.to_string(index=False)
     counts = df["state"].value_counts()

@@ -174,8 +174,11 @@ def verdicts(df, claims: list[dict], columns: dict[str, str], direction: str) ->
                 best = match.loc[(sign * match["objective"]).idxmax()]
                 values = _seed_values(best)
                 picked[side] = values
-                row[side] = _fmt(*_spread(values), len(values))
+                mean, half = _spread(values)
+                row[side] = _fmt(mean, half, len(values))
+                row[f"{side}_mean"], row[f"{side}_half"] = mean, half
                 row[f"{side}_trial"] = int(best["number"])
+                row[f"{side}_cell"] = ", ".join(f"{k}={v}" for k, v in c[side].items())
                 free = [n for n in columns if n not in fixed and n not in c[side]]
                 row[f"{side}_free"] = ", ".join(f"{n}={best[columns[n]]}" for n in free)
             if len(picked) < 2:
@@ -193,6 +196,29 @@ def verdicts(df, claims: list[dict], columns: dict[str, str], direction: str) ->
             row["verdict"] = _verdict(diff, half)
             rows.append(row)
     return rows
+
+
+def figure(rows: list[dict], metric: str):
+    """Both sides of every judged claim (mean and 95 % interval over seeds), one row per claim and group,
+    titled with the verdict; None where no claim has both sides."""
+    import matplotlib.pyplot as plt
+
+    judged = [r for r in rows if "better_mean" in r and "than_mean" in r]
+    if not judged:
+        return None
+    fig, axes = plt.subplots(len(judged), 1, figsize=(7.5, 0.35 + 1.05 * len(judged)), squeeze=False)
+    for ax, r in zip(axes[:, 0], judged):
+        for y, side, colour in ((1, "better", "#1b7837"), (0, "than", "#762a83")):
+            ax.errorbar(r[f"{side}_mean"], y, xerr=r[f"{side}_half"] or 0, fmt="o", color=colour, capsize=4)
+        ax.set_yticks([0, 1], [f"{r['than_cell']} (trial {r['than_trial']})",
+                               f"{r['better_cell']} (trial {r['better_trial']})"])
+        ax.set_ylim(-0.6, 1.6)
+        group = f" [{r['group']}]" if r.get("group") else ""
+        ax.set_title(f"{r['claim']}{group}: {r['verdict']}", fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel(f"{metric} (mean and 95 % interval over seeds)")
+    fig.tight_layout()
+    return fig
 
 
 def markdown(rows: list[dict], metric: str) -> str:

@@ -110,6 +110,7 @@ def test_sweep_report_judges_the_claims_and_picks_up_edited_ones(tmp_path, make_
     assert table["claim"].tolist() == ["two memories beat one"] and "(n=2)" in table["better"][0]
     assert table["verdict"][0].split(" (")[0] in ("supported", "not supported", "inconclusive")
     assert "| two memories beat one |" in (tmp_path / "report" / "claims.md").read_text()
+    assert (tmp_path / "report" / "claims.png").stat().st_size > 5000
 
     # claims are not part of the experiment: edited, the study resumes and the report judges the new ones
     make_spec(tmp_path / "c.yaml", seeds=2, claims=[{**claim, "claim": "one memory is worse"}])
