@@ -64,22 +64,23 @@ def chain(q, k, v, beta, g, do, scale):
     h, v_new, _, vr = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off)
     sync("h", h)
     sync("v_new", v_new)
-    dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated)
+    dv_local, qk = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated), None
+    if gated:
+        dv_local, qk = dv_local
     sync("dv_local", dv_local)
     NT = meta.num_chunks
-    qk = (q.float() * k.float()).sum(-1) if gated else None
     dh, dv_tot, du_inter, _, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, None, False, scale, meta)
     sync("dh", dh)
-    sync("dv_tot", dv_tot)
+    sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape)
     dk_part = q.new_empty(Ttot, H, K, dtype=torch.float32)
-    dw = q.new_empty(Ttot, H, K, dtype=torch.float32)
+    dw = q.new_empty(Ttot, H, K, dtype=u.dtype)
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=torch.float32) if gated else None
-    dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
-                                     meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
-                                     GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+    dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
+                                     a_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
+                                     BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     sync("dq", dq)
     sync("dk_part", dk_part)
     sync("dw", dw)

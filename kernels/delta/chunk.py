@@ -121,13 +121,15 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
 
 
 @triton.jit
-def _bwd_dqkw_kernel(q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk, dw, a_part, cu, chunk_indices, scale, Ttot,
+def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, cu,
+                     chunk_indices, scale, Ttot,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                      IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
-    of one chunk and key block; GATED: the per-token part ``q . dq`` of the decay gradient without
-    each token's pairing with its own value (through ``vr``, the pseudo-values without it)."""
+    of one chunk and key block; GATED: ``dv_tot`` summed here from its parts (``dv_local``, the scores'
+    diagonal ``scale * qk * do``, ``du_inter``), and the per-token part ``q . dq`` of the decay gradient
+    without each token's pairing with its own value (through ``vr``, the pseudo-values without it)."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -143,12 +145,20 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk, dw, a_part, 
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dovr = tl.zeros([BT], dtype=tl.float32)
+    if GATED:
+        b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
-        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_dv = tl.load(dv_tot + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        if GATED:
+            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+                    + tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
+                    + (scale * b_qk)[:, None] * b_do.to(tl.float32))
+        else:
+            b_dv = tl.load(dv_tot + p_v, mask=m_tv, other=0.0)
         b_vT = tl.load(v_new + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
                        other=0.0)
         b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
@@ -372,9 +382,9 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dk_part = q.new_empty(Ttot, H, K, dtype=f32)
     dw = q.new_empty(Ttot, H, K, dtype=wdt)
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
-    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, h, do, dh, dv_tot, dq, dk_part, dw, a_part, meta.cu,
-                                  meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb, BV=BVb,
-                                  GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
+                                  a_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb,
+                                  BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     dv_wy = dv_local if gated else dv_tot
     del h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,

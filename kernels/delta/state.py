@@ -224,9 +224,11 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
                    BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
                    STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
-    gradient of the pseudo-values ``v_new``: local part + ``k_dec dh``. GATED: the local part comes
-    without its diagonal (added here), ``du_inter = k_dec dh`` is stored, and the decay gradient's
-    per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V block). ``qk [Ttot, H]``: ``q_t . k_t``.
+    gradient of the pseudo-values ``v_new``: local part + ``k_dec dh`` (written over the local part).
+    GATED: the local part comes without its diagonal (added here, not stored), ``du_inter = k_dec dh`` is
+    stored instead of ``dv_tot`` (the dqkw kernel sums the three parts itself: one row buffer fewer at the
+    backward's peak), and the decay gradient's per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V
+    block). ``qk [Ttot, H]``: ``q_t . k_t``.
 
     The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
     arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
@@ -272,7 +274,6 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         if GATED:
             b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
             tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
-            tl.store(dv_tot + p_v, (b_dv + b_dui).to(dv_tot.dtype.element_ty), mask=m_tv)
         else:
             b_dv += b_dui
             tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
@@ -345,8 +346,10 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
 
 
 def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
-    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, s_part, dh0)``; the last
-    three None where not needed (ungated; no initial state)."""
+    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, s_part, dh0)``. Ungated,
+    ``dv_tot`` is ``dv_local`` itself, updated in place; gated it is None (its parts are ``dv_local``, the
+    diagonal ``scale * qk * do`` and ``du_inter``). None also where not needed: ``du_inter`` and ``s_part``
+    ungated, ``dh0`` without an initial state."""
     H, K = q.shape[1:]
     V = do.shape[-1]
     N, NT = meta.num_segments, meta.num_chunks
@@ -356,7 +359,7 @@ def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
     BV = opts.pop("BV")
     NV = triton.cdiv(V, BV)
     dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
-    dv_tot = torch.empty_like(dv_local)
+    dv_tot = None if gated else dv_local
     du_inter = torch.empty_like(dv_local) if gated else None
     s_part = q.new_zeros(NV, NT, H, 1, dtype=torch.float32) if gated else None
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
