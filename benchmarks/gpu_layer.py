@@ -15,7 +15,7 @@ cotangent; parameter gradients are cleared before every call, as an optimizer st
   the forward and the backward (what the graph saves),
 * ratios fla / ours (> 1: ours is faster or smaller),
 
-and a per-kernel breakdown (launches and microseconds per call) of our forward+backward. fla is only
+and a per-kernel breakdown (launches and microseconds per call) of both forward+backward passes. fla is only
 timed, never used as a reference; fla 0.6.0 refuses its gated backward on Triton < 3.7.1 (fla issue
 #640), which the benchmark switches off for timing.
 """
@@ -128,7 +128,8 @@ def main() -> None:
     env = environment(args.commit, fla=not args.no_fla)
     env.setdefault("fla", None)
     rows = {}
-    breakdowns: dict[str, list] = {}
+    breakdowns: dict[str, list] = {}  # ours, per case
+    fla_breakdowns: dict[str, list] = {}  # fla's, to compare kernel by kernel
     inputs = {}
     for name in args.cases:
         kind, B, T, M = CASES[name]
@@ -156,12 +157,13 @@ def main() -> None:
                     continue
                 row.update({f"{who}_{mode}_{k}": v for k, v in res.items()})
                 print(f"{name} {who} {mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
-                if who == "ours" and backward:
+                if backward:
                     top = sorted(kt.items(), key=lambda kv: -kv[1][1])
-                    breakdowns[name] = [{"kernel": n, "launches": c, "us": round(t, 1)} for n, (c, t) in top]
+                    (breakdowns if who == "ours" else fla_breakdowns)[name] = [
+                        {"kernel": n, "launches": c, "us": round(t, 1)} for n, (c, t) in top]
                 with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
-                    json.dump({"environment": env, "rows": list(rows.values()), "breakdown_fwd_bwd": breakdowns},
-                              f, indent=1)
+                    json.dump({"environment": env, "rows": list(rows.values()), "breakdown_fwd_bwd": breakdowns,
+                               "fla_breakdown_fwd_bwd": fla_breakdowns}, f, indent=1)
             del layer
             torch.cuda.empty_cache()
     for row in rows.values():
@@ -179,7 +181,8 @@ def main() -> None:
         if s is not None and s.get("ours_fwd_bwd_gpu_us"):
             r["mom_over_single_fwd_bwd_gpu"] = r["ours_fwd_bwd_gpu_us"] / s["ours_fwd_bwd_gpu_us"]
     with open(args.out, "w") as f:
-        json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns}, f, indent=1,
+        json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns,
+                   "fla_breakdown_fwd_bwd": fla_breakdowns}, f, indent=1,
                   default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
     print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  fla {env['fla']}  commit {env['commit']}")
     hdr = f"{'case':<18}{'mode':<8}{'ours ms':>9}{'fla ms':>9}{'ours GPU':>10}{'fla GPU':>9}{'wall x':>8}{'GPU x':>7}"
@@ -194,10 +197,11 @@ def main() -> None:
                   f"{f(f'ratio_{mode}_wall'):>8}{f(f'ratio_{mode}_gpu'):>7}"
                   + (f"{f('ours_fwd_bwd_peak_mib', 1, 0):>10}{f('fla_fwd_bwd_peak_mib', 1, 0):>9}"
                      if mode == "fwd_bwd" else ""))
-    for name, top in breakdowns.items():
-        print(f"\nours, {name}, forward+backward, per call (GPU ms {sum(t['us'] for t in top) / 1e3:.2f}):")
-        for t in top[: args.top]:
-            print(f"  {t['us']:>9.1f} us  {t['launches']:>4}x  {t['kernel'][:110]}")
+    for who, tables in (("ours", breakdowns), ("fla", fla_breakdowns)):
+        for name, top in tables.items():
+            print(f"\n{who}, {name}, forward+backward, per call (GPU ms {sum(t['us'] for t in top) / 1e3:.2f}):")
+            for t in top[: args.top]:
+                print(f"  {t['us']:>9.1f} us  {t['launches']:>4}x  {t['kernel'][:110]}")
 
 
 if __name__ == "__main__":
