@@ -36,11 +36,12 @@ class ChunkMeta:
     max_chunks: int  # chunks of the longest segment
     order: Tensor  # [N] int32: the segments by decreasing length (ties in segment order)
     cu_host: tuple[int, ...]  # ``cu`` on the host
+    chunk: int  # BT: tokens per chunk
 
     def part(self, n0: int, n1: int) -> ChunkMeta:
         """The layout of segments ``n0 .. n1 - 1`` alone (their rows ``cu_host[n0] .. cu_host[n1]``)."""
         a = self.cu_host[n0]
-        return _chunk_meta(tuple(c - a for c in self.cu_host[n0 : n1 + 1]), CHUNK, self.cu.device)
+        return _chunk_meta(tuple(c - a for c in self.cu_host[n0 : n1 + 1]), self.chunk, self.cu.device)
 
 
 def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: int,
@@ -75,6 +76,7 @@ def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta
         order=torch.tensor(sorted(range(len(lengths)), key=lambda n: -n_chunks[n]), dtype=torch.int32,
                            device=device),
         cu_host=cu,
+        chunk=BT,
     )
 
 
@@ -93,7 +95,7 @@ def segment_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int,
     split (a long segment would then run after the others instead of beside them); many groups of a
     large batch each leave a tail. H100, MoM layer, K = V = 256: two groups at B4 T2048 cost the reverse
     pass 1%; seven at B16 cost 15%, which the model puts at 25%."""
-    chunks = [(b - a + CHUNK - 1) // CHUNK for a, b in itertools.pairwise(meta.cu_host)]
+    chunks = [(b - a + meta.chunk - 1) // meta.chunk for a, b in itertools.pairwise(meta.cu_host)]
     total = sum(chunks)
     whole = [(0, len(chunks))]
 
