@@ -69,17 +69,18 @@ def chain(q, k, v, beta, g, do, scale):
         dv_local, qk = dv_local
     sync("dv_local", dv_local)
     NT = meta.num_chunks
-    dh, dv_tot, du_inter, _, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, None, False, scale, meta)
+    dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta)
     sync("dh", dh)
     sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape)
     dk_part = q.new_empty(Ttot, H, K, dtype=torch.float32)
-    dw = q.new_empty(Ttot, H, K, dtype=u.dtype)
+    dw = w.clone()  # the kernel reads w from its dw argument, then writes dw over it
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=torch.float32) if gated else None
+    s_part = q.new_empty(NK, NT, H, 1, dtype=torch.float32) if gated else None
     dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
-                                     a_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
+                                     a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
                                      BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     sync("dq", dq)
     sync("dk_part", dk_part)

@@ -121,15 +121,18 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
 
 
 @triton.jit
-def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, cu,
+def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part, cu,
                      chunk_indices, scale, Ttot,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                      IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
-    of one chunk and key block; GATED: ``dv_tot`` summed here from its parts (``dv_local``, the scores'
-    diagonal ``scale * qk * do``, ``du_inter``), and the per-token part ``q . dq`` of the decay gradient
-    without each token's pairing with its own value (through ``vr``, the pseudo-values without it)."""
+    of one chunk and key block. ``dw`` holds ``w`` on entry: each program reads its own tile of it
+    (GATED) before writing the gradient over it. GATED: ``dv_tot`` summed here from its parts
+    (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
+    of the decay gradient without each token's pairing with its own value (through ``vr``, the
+    pseudo-values without it); and this key block's part of the per-chunk term
+    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -140,6 +143,7 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     m_tk = m_t[:, None] & m_k[None, :]
     m_kt = m_k[:, None] & m_t[None, :]
     p_h = (i_t * H + i_h).to(tl.int64) * K * V
+    p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
@@ -147,22 +151,29 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     b_dovr = tl.zeros([BT], dtype=tl.float32)
     if GATED:
         b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
+        b_w = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        b_duih = tl.zeros([BT, BK], dtype=tl.float32)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
+        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         if GATED:
-            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
-                    + tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0)
+            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32) + b_dui.to(tl.float32)
                     + (scale * b_qk)[:, None] * b_do.to(tl.float32))
+            b_duih += mm(b_dui, b_hT, WT, INTERP, PREC)
+            b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_hdh += tl.sum(b_dh.to(tl.float32) * b_hc.to(tl.float32), axis=1)
         else:
             b_dv = tl.load(dv_tot + p_v, mask=m_tv, other=0.0)
         b_vT = tl.load(v_new + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
                        other=0.0)
-        b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
-        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
         b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
         b_dw += mm(b_dv, b_hT, WT, INTERP, PREC)
@@ -177,9 +188,12 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
         b_dq *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
         b_dkT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
         b_dA *= _decay_matrix(b_g, BT)
+        s = tl.exp(tl.sum(b_g, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w.to(tl.float32) * b_duih, axis=1),
+                                                                           axis=0)
+        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
+        tl.debug_barrier()  # every thread has read its w before any overwrites it with dw
     else:
         b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
-    p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
     if GATED:
@@ -369,24 +383,23 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
     if gated:
         dv_local, qk = dv_local
-    dh, dv_tot, du_inter, s_part, dh0 = delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, h0 is not None, scale,
-                                                      meta)
-    del w
+    dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta)
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape) if out is None else out[0]
-    # dw enters wy_bwd's products only, which round it to the work dtype anyway: stored in that dtype, it
-    # takes half the memory at bfloat16, at the backward's peak. dk_part stays float32: rounding it too
-    # (as fla does its dk) raised gated_deltanet's bfloat16 dk error from 2.8 to 4.3 roundoff units.
+    # dk_part stays float32: rounding it (as fla does its dk) raised gated_deltanet's bfloat16 dk error
+    # from 2.8 to 4.3 roundoff units. dw enters wy_bwd's products only, which round it to the work dtype
+    # anyway, so it is written over w (the same dtype and layout; the kernel reads each tile of w first)
     dk_part = q.new_empty(Ttot, H, K, dtype=f32)
-    dw = q.new_empty(Ttot, H, K, dtype=wdt)
+    dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
+    s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
-                                  a_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BKb,
-                                  BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+                                  a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
+                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     dv_wy = dv_local if gated else dv_tot
-    del h, dh, v_new, vr, dv_local, dv_tot
+    del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
                                   None if a_part is None else a_part[NK], scale, meta,
                                   None if out is None else out[1:4])

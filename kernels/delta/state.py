@@ -94,37 +94,24 @@ def _store_block(x, i_nh, i_k, b, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK
 
 
 @triton.jit
-def _dh_read(b_dh, k, tok, m_t, i_h, i_k, b_kdec, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-             GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """Key block ``i_k``'s part of ``(K ∘ gamma_C / gamma) dh``: ``[BT, BV]``."""
-    b_k = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, False)
-    if GATED:
-        b_k = b_k.to(tl.float32) * b_kdec[:, None]
-    return mm(b_k, b_dh, WT, INTERP, PREC)
+def _dh_read(b_dh, k, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, WT: tl.constexpr,
+             INTERP: tl.constexpr, PREC: tl.constexpr):
+    """Key block ``i_k``'s part of ``K dh``: ``[BT, BV]`` (the decay to the chunk end goes on the sum)."""
+    return mm(_key_block(k, tok, m_t, i_h, i_k, H, K, BK, False), b_dh, WT, INTERP, PREC)
 
 
 @triton.jit
-def _dh_update(b_dh, q, w, h, dh, base, tok, m_t, i_h, i_k, o_v, m_v, b_qdec, b_gC, b_do, b_dv, b_dui, scale,
+def _dh_update(b_dh, q, w, dh, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_doq, b_dv, scale,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
                WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
-    """Key block ``i_k`` of one chunk of the reverse pass: stores ``dh_{c+1}`` there, returns ``dh_c`` and,
-    GATED, the block's part of the decay gradient's per-chunk term (else 0)."""
+    """Key block ``i_k`` of one chunk of the reverse pass: stores ``dh_{c+1}`` there and returns
+    ``dh_c = gamma_C dh_{c+1} + scale Q^T b_doq - w^T b_dv`` (``b_doq = gamma ∘ dO``, ``b_dv = dv_new``)."""
     p_dh, m_dh = _state_block(dh, base, i_k, o_v, m_v, K, V, BK)
     tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_dh)
-    b_qT = _key_block(q, tok, m_t, i_h, i_k, H, K, BK, True)
-    b_wT = _key_block(w, tok, m_t, i_h, i_k, H, K, BK, True)
-    s = 0.0
     if GATED:
-        b_qT = b_qT.to(tl.float32) * b_qdec[None, :]
-        b_wdui = mm(b_wT, b_dui, WT, INTERP, PREC)
         b_dh *= b_gC
-        p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
-        b_hc = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
-        s = tl.sum(tl.sum((b_dh - b_wdui) * b_hc, axis=1), axis=0)
-        b_dh -= b_wdui
-    b_dh += scale * mm(b_qT, b_do, WT, INTERP, PREC)
-    b_dh -= mm(b_wT, b_dv, WT, INTERP, PREC)
-    return b_dh, s
+    b_dh += scale * mm(_key_block(q, tok, m_t, i_h, i_k, H, K, BK, True), b_doq, WT, INTERP, PREC)
+    return b_dh - mm(_key_block(w, tok, m_t, i_h, i_k, H, K, BK, True), b_dv, WT, INTERP, PREC)
 
 
 @triton.jit
@@ -135,18 +122,17 @@ def _h_read(b_h, w, tok, m_t, i_h, i_k, H: tl.constexpr, K: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_kdec, b_gC, b_v, H: tl.constexpr, K: tl.constexpr,
+def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_vd, H: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
               PREC: tl.constexpr):
     """Key block ``i_k`` of one chunk of the state pass: stores ``h_c`` there, returns
-    ``h_{c+1} = gamma_C h_c + (k ∘ gamma_C / gamma)^T v_new``."""
+    ``h_{c+1} = gamma_C h_c + k^T b_vd`` for ``b_vd = (gamma_C / gamma) ∘ v_new`` (the decay applied once
+    to the ``[BT, BV]`` values rather than to every ``[BK, BT]`` key block)."""
     p_h, m_h = _state_block(h, base, i_k, o_v, m_v, K, V, BK)
     tl.store(p_h, b_h.to(h.dtype.element_ty), mask=m_h)
-    b_kT = _key_block(k, tok, m_t, i_h, i_k, H, K, BK, True)
     if GATED:
-        b_kT = b_kT.to(tl.float32) * b_kdec[None, :]
         b_h *= b_gC
-    return b_h + mm(b_kT, b_v, WT, INTERP, PREC)
+    return b_h + mm(_key_block(k, tok, m_t, i_h, i_k, H, K, BK, True), b_vd, WT, INTERP, PREC)
 
 
 @triton.jit
@@ -156,7 +142,7 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
                   STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
-    ``h <- gamma_C h + (k ∘ gamma_C / gamma)^T v_new``. Stores ``h`` before each chunk and ``v_new``.
+    ``h <- gamma_C h + k^T ((gamma_C / gamma) ∘ v_new)``. Stores ``h`` before each chunk and ``v_new``.
     The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
     i_nh = i_n * H + i_h
@@ -194,19 +180,19 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
         if STORE_VR:
             tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
         b_g = b_g.to(tl.float32)
-        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
         b_gC = tl.exp(tl.sum(b_g, axis=0))
-        b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED, WT,
-                         INTERP, PREC)
+        if GATED:
+            b_v *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+        b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP, PREC)
         if NK > 1:
-            b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
-                             WT, INTERP, PREC)
+            b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
+                             PREC)
         if NK > 2:
-            b_h2 = _h_update(b_h2, k, h, base, tok, m_t, i_h, 2, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
-                             WT, INTERP, PREC)
+            b_h2 = _h_update(b_h2, k, h, base, tok, m_t, i_h, 2, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
+                             PREC)
         if NK > 3:
-            b_h3 = _h_update(b_h3, k, h, base, tok, m_t, i_h, 3, o_v, m_v, b_kdec, b_gC, b_v, H, K, V, BK, GATED,
-                             WT, INTERP, PREC)
+            b_h3 = _h_update(b_h3, k, h, base, tok, m_t, i_h, 3, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
+                             PREC)
     if STORE_HT:
         _store_block(ht, i_nh, 0, b_h0, o_v, m_v, K, V, BK)
         if NK > 1:
@@ -218,21 +204,23 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
 
 
 @triton.jit
-def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, cu, chunk_offsets, order,
-                   scale,
-                   NTtot, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _bwd_dh_kernel(q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, cu, chunk_offsets, order, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
                    STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
     gradient of the pseudo-values ``v_new``: local part + ``k_dec dh`` (written over the local part).
-    GATED: the local part comes without its diagonal (added here, not stored), ``du_inter = k_dec dh`` is
-    stored instead of ``dv_tot`` (the dqkw kernel sums the three parts itself: one row buffer fewer at the
-    backward's peak), and the decay gradient's per-chunk part ``<gamma_C dh - w^T du_inter, h_c>`` (this V
-    block). ``qk [Ttot, H]``: ``q_t . k_t``.
+    GATED: the local part comes without its diagonal (added here, not stored), and ``du_inter = k_dec dh``
+    is stored instead of ``dv_tot`` (the dqkw kernel sums the three parts itself: one row buffer fewer at
+    the backward's peak, and the decay gradient needs ``du_inter`` apart). ``qk [Ttot, H]``: ``q_t . k_t``.
+
+    The decays go on the ``[BT, BV]`` side (``K dh`` then ``k_dec ∘``, ``gamma ∘ dO``), so each key block
+    costs three products straight from its loaded tiles; the decay gradient's per-chunk term, which reads
+    the chunk states, is left to the parallel dqkw kernel.
 
     The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
     arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
-    needs ``[BT, K]`` operands whose float32 copies do not fit in registers at K >= 128."""
+    needs ``[BT, K]`` operands that do not fit in registers at K >= 128."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
     i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -251,8 +239,7 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         i_t = NT - 1 - ii
         b_qk, b_g = nx_qk, nx_g
         nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
-        i_c = boh + i_t
-        base = (i_c * H + i_h) * K * V
+        base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
         tok = bos + o_t
@@ -260,39 +247,36 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, d
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_g = b_g.to(tl.float32)
-        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
-        b_qdec = tl.exp(tl.cumsum(b_g, axis=0))
-        b_gC = tl.exp(tl.sum(b_g, axis=0))
-        b_dui = _dh_read(b_dh0, k, tok, m_t, i_h, 0, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+        b_dui = _dh_read(b_dh0, k, tok, m_t, i_h, 0, H, K, BK, WT, INTERP, PREC)
         if NK > 1:
-            b_dui += _dh_read(b_dh1, k, tok, m_t, i_h, 1, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+            b_dui += _dh_read(b_dh1, k, tok, m_t, i_h, 1, H, K, BK, WT, INTERP, PREC)
         if NK > 2:
-            b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+            b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
         if NK > 3:
-            b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, b_kdec, H, K, BK, GATED, WT, INTERP, PREC)
+            b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
+        b_g = b_g.to(tl.float32)
+        b_gC = tl.exp(tl.sum(b_g, axis=0))
         if GATED:
-            b_dv += (scale * b_qk)[:, None] * b_do.to(tl.float32)  # the diagonal of A
+            b_dui *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+            b_do = b_do.to(tl.float32)
+            b_dv += (scale * b_qk)[:, None] * b_do  # the diagonal of A
             tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
+            b_do *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
+            b_dv += b_dui
         else:
             b_dv += b_dui
             tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
-        b_dh0, s = _dh_update(b_dh0, q, w, h, dh, base, tok, m_t, i_h, 0, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
-                              b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
+        b_dh0 = _dh_update(b_dh0, q, w, dh, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_do, b_dv, scale, H, K, V, BK,
+                           GATED, WT, INTERP, PREC)
         if NK > 1:
-            b_dh1, s1 = _dh_update(b_dh1, q, w, h, dh, base, tok, m_t, i_h, 1, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
-                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
-            s += s1
+            b_dh1 = _dh_update(b_dh1, q, w, dh, base, tok, m_t, i_h, 1, o_v, m_v, b_gC, b_do, b_dv, scale, H, K, V,
+                               BK, GATED, WT, INTERP, PREC)
         if NK > 2:
-            b_dh2, s2 = _dh_update(b_dh2, q, w, h, dh, base, tok, m_t, i_h, 2, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
-                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
-            s += s2
+            b_dh2 = _dh_update(b_dh2, q, w, dh, base, tok, m_t, i_h, 2, o_v, m_v, b_gC, b_do, b_dv, scale, H, K, V,
+                               BK, GATED, WT, INTERP, PREC)
         if NK > 3:
-            b_dh3, s3 = _dh_update(b_dh3, q, w, h, dh, base, tok, m_t, i_h, 3, o_v, m_v, b_qdec, b_gC, b_do, b_dv,
-                                   b_dui, scale, H, K, V, BK, GATED, WT, INTERP, PREC)
-            s += s3
-        if GATED:
-            tl.store(s_part + (i_v * NTtot + i_c) * H + i_h, s)
+            b_dh3 = _dh_update(b_dh3, q, w, dh, base, tok, m_t, i_h, 3, o_v, m_v, b_gC, b_do, b_dv, scale, H, K, V,
+                               BK, GATED, WT, INTERP, PREC)
     if STORE_DH0:
         _store_block(dh0, i_nh, 0, b_dh0, o_v, m_v, K, V, BK)
         if NK > 1:
@@ -345,11 +329,11 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
     return h, v_new, ht, vr
 
 
-def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
-    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, s_part, dh0)``. Ungated,
-    ``dv_tot`` is ``dv_local`` itself, updated in place; gated it is None (its parts are ``dv_local``, the
-    diagonal ``scale * qk * do`` and ``du_inter``). None also where not needed: ``du_inter`` and ``s_part``
-    ungated, ``dh0`` without an initial state."""
+def delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, store_dh0, scale, meta):
+    """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, dh0)``. Ungated, ``dv_tot`` is
+    ``dv_local`` itself, updated in place; gated it is None (its parts are ``dv_local``, the diagonal
+    ``scale * qk * do`` and ``du_inter``). None also where not needed: ``du_inter`` ungated, ``dh0``
+    without an initial state."""
     H, K = q.shape[1:]
     V = do.shape[-1]
     N, NT = meta.num_segments, meta.num_chunks
@@ -361,10 +345,9 @@ def delta_bwd_dh(q, k, w, g, qk, do, h, dv_local, dht, store_dh0, scale, meta):
     dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
     dv_tot = None if gated else dv_local
     du_inter = torch.empty_like(dv_local) if gated else None
-    s_part = q.new_zeros(NV, NT, H, 1, dtype=torch.float32) if gated else None
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
-    _bwd_dh_kernel[(N * H * NV,)](q, k, w, g, qk, do, h, dv_local, dh, dv_tot, du_inter, dht, dh0, s_part, meta.cu,
-                                  meta.chunk_offsets, meta.order, scale, NT, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK,
-                                  BV=BV, GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
+    _bwd_dh_kernel[(N * H * NV,)](q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, meta.cu,
+                                  meta.chunk_offsets, meta.order, scale, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV,
+                                  GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
                                   **dots(q.dtype, False), **opts)
-    return dh, dv_tot, du_inter, s_part, dh0
+    return dh, dv_tot, du_inter, dh0
