@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .._common import (
     CHUNK,
+    chunk_gram,
     chunk_meta,
     chunk_start,
     contiguous,
@@ -239,39 +240,26 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, cu, chunk_indices, scale, sA,
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
     diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient, and
     stores that diagonal ``q_t . k_t`` in ``qk [Ttot, H]`` (float32) instead). GATE 2 (gla) takes
-    ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts)."""
-    i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts).
+
+    One program per chunk and head: the scores are formed once, then every value block of BV columns
+    is written in turn (a program per value block would form them V / BV times)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     tok = t0 + o_t
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     b_AT = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0)
-        if GATE != 2:
-            b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0)
-            b_AT += mm(b_k, b_qT, IT, INTERP, PREC)
-        if USE_DH:
-            b_dh = tl.load(dh + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
-                           mask=m_k[:, None] & m_v[None, :], other=0.0)
-            b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+    if GATE != 2:
+        b_AT = chunk_gram(k, q, tok, i_h, m_t, H, K, BT, BK, IT, INTERP, PREC)
     if NO_DIAG:
         diag = o_t[:, None] == o_t[None, :]
-        if i_v == 0:
-            tl.store(qk + tok * H + i_h, tl.sum(tl.where(diag, b_AT, 0.0), axis=1), mask=m_t)
+        tl.store(qk + tok * H + i_h, tl.sum(tl.where(diag, b_AT, 0.0), axis=1), mask=m_t)
         b_AT = tl.where(diag, 0.0, b_AT)
     if GATE == 1:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= _decay_matrix_t(b_g, BT)
-        if USE_DH:
-            b_dv *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+        b_kdec = tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)
     if GATE == 0:
         b_AT = tl.where(o_t[:, None] <= o_t[None, :], b_AT, 0.0)
     if GATE == 2:
@@ -281,11 +269,26 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, cu, chunk_indices, scale, sA,
     if HAS_DT:
         b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= b_dt[:, None]
-        b_dv *= b_dt[:, None]
-    b_do = tl.load(do + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_dv += scale * mm(b_AT, b_do, WT, INTERP, PREC)
-    tl.store(dv + tok[:, None] * H * V + i_h * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        if USE_DH:
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_k = o_k < K
+                b_k = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                              other=0.0)
+                b_dh = tl.load(dh + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                               mask=m_k[:, None] & (o_v[None, :] < V), other=0.0)
+                b_dv += mm(b_k, b_dh, WT, INTERP, PREC)
+            if GATE == 1:
+                b_dv *= b_kdec[:, None]
+            if HAS_DT:
+                b_dv *= b_dt[:, None]
+        p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
+        b_dv += scale * mm(b_AT, tl.load(do + p_v, mask=m_tv, other=0.0), WT, INTERP, PREC)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -437,8 +440,8 @@ def _a_parts(A: Tensor | None) -> dict:
 
 
 def _value_block(V: int, gate: int) -> int:
-    """The output and dv kernels' value block. gla (gate 2): 128 wide, so that each program reads the
-    parts of A once for all of V (H200, benchmark shape, with 4 parts: output 146 -> 91 us)."""
+    """The output kernel's value block. gla (gate 2): 128 wide, so that each program reads the parts of A
+    once for all of V (H200, benchmark shape, with 4 parts: output 146 -> 91 us)."""
     return min(128 if gate == 2 else 64, pow2(V))
 
 
@@ -475,13 +478,13 @@ def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=Fals
     """``dv``; with ``no_diag``, ``(dv, qk)``: the scores' diagonal ``q_t . k_t [Ttot, H]`` (float32) left
     out of dv."""
     Ttot, H, K = q.shape
-    opts = launch("gl.bwd_dv", BV=_value_block(V, gate))
+    opts = launch("gl.bwd_dv", BV=min(64, pow2(V)))
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
     qk = q.new_empty(Ttot, H, dtype=torch.float32) if no_diag else None
-    grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
-    _bwd_dv_kernel[grid](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K,
-                         V=V, BT=CHUNK, BK=min(64, pow2(K)), GATE=gate, HAS_DT=dt is not None, USE_DH=dh is not None,
-                         NO_DIAG=no_diag, **dots(q.dtype), **opts)
+    _bwd_dv_kernel[(meta.num_chunks, H)](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale,
+                                         **_a_parts(A), H=H, K=K, V=V, BT=CHUNK, BK=min(64, pow2(K)), GATE=gate,
+                                         HAS_DT=dt is not None, USE_DH=dh is not None, NO_DIAG=no_diag,
+                                         **dots(q.dtype), **opts)
     return (dv, qk) if no_diag else dv
 
 
