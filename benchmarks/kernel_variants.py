@@ -5,8 +5,8 @@
 A spec file is Python defining ``VARIANTS = {name: [(file, old, new), ...]}``: ``file`` relative to
 ``kernels/``, ``old`` a text that occurs exactly once in it, ``new`` its replacement. Each variant is a
 copy of ``kernels/`` with its edits applied, imported as a package of its own (Triton caches unchanged
-kernels by their source), and each rule's forward and forward+backward (bf16, B=4, T=4096, H=8,
-K=V=128) is profiled per kernel (torch.profiler), every variant in the same process.
+kernels by their source), and each rule's forward and forward+backward (bf16, by default B=4, T=4096,
+H=8, K=V=128; ``--shape``) is profiled per kernel (torch.profiler), every variant in the same process.
 
 This is how a kernel's cost is taken apart: a variant that drops a step (removes a store, skips an
 inverse, turns a product into an elementwise one) computes wrong values on purpose, and the time it
@@ -69,7 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rules", default="titans", help="comma-separated rules to profile under every variant")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--dest", default="/tmp/kernel_variants", help="where the variant copies go")
+    ap.add_argument("--shape", default="4x4096x8x128x128", help="B x T x H x K x V (bf16)")
     args = ap.parse_args(argv)
+    text = args.shape
+    try:
+        args.shape = tuple(int(x) for x in text.split("x"))
+    except ValueError:
+        args.shape = ()
+    if len(args.shape) != 5 or min(args.shape) < 1:
+        ap.error(f"--shape {text!r}: expected five positive integers B x T x H x K x V, e.g. 4x2048x4x256x256")
     args.rules = name_list(ap, "--rules", args.rules, sorted(supported_rules()))
     args.variants = load_spec(ap, args.spec)
     if args.only:
@@ -87,7 +95,7 @@ def main() -> None:
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(dest))
-    B, T, H, K, V = 4, 4096, 8, 128, 128
+    B, T, H, K, V = args.shape
     print(f"device: {torch.cuda.get_device_name()}, shape B={B} T={T} H={H} K={K} V={V} bf16", flush=True)
     data = {name: inputs(name, B, T, H, K, V, "cuda") for name in args.rules}
     do = {name: torch.randn_like(d[3]) for name, d in data.items()}

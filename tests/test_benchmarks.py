@@ -113,8 +113,12 @@ def test_kernel_variants_command_line_names_bad_specs(tmp_path, capsys):
     good.write_text("VARIANTS = {'base': [], 'nostore': [('titans/chunk.py', 'a', 'b')]}\n")
     assert "--only 'nope': unknown nope" in _error(kv.parse_args, ["--spec", str(good), "--only", "nope"], capsys)
     assert "--rules 'nope'" in _error(kv.parse_args, ["--spec", str(good), "--rules", "nope"], capsys)
+    assert "--shape '4x2048x4'" in _error(kv.parse_args, ["--spec", str(good), "--shape", "4x2048x4"], capsys)
+    assert "--shape '4xax4x1x1'" in _error(kv.parse_args, ["--spec", str(good), "--shape", "4xax4x1x1"], capsys)
     args = kv.parse_args(["--spec", str(good), "--only", "nostore", "--rules", "titans,gated_deltanet"])
     assert list(args.variants) == ["nostore"] and args.rules == ["titans", "gated_deltanet"]
+    assert args.shape == (4, 4096, 8, 128, 128)
+    assert kv.parse_args(["--spec", str(good), "--shape", "4x2048x4x256x256"]).shape == (4, 2048, 4, 256, 256)
 
 
 def test_committed_variant_specs_apply_to_the_current_kernels(tmp_path):
