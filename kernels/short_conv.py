@@ -99,10 +99,6 @@ def _conv_bwd_kernel(x, w, pos, dy, dx, dw_part, N, C: tl.constexpr, W: tl.const
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
-def _grid(N: int, C: int) -> tuple[int, int]:
-    return triton.cdiv(N, BN), triton.cdiv(C, BC)
-
-
 class ShortConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, position):
@@ -110,8 +106,9 @@ class ShortConvFn(torch.autograd.Function):
         W = weight.shape[1]
         y = torch.empty_like(x)
         if N:
-            _conv_fwd_kernel[_grid(N, C)](x, weight, position, y, N, C=C, W=W, BN=BN, BC=BC,
-                                          **launch("conv.fwd"))
+            opts = launch("conv.fwd", BN=BN, BC=BC)
+            grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
+            _conv_fwd_kernel[grid](x, weight, position, y, N, C=C, W=W, **opts)
         ctx.save_for_backward(x, weight, position)
         return y
 
@@ -123,11 +120,12 @@ class ShortConvFn(torch.autograd.Function):
         if N == 0:
             return torch.zeros_like(x), torch.zeros_like(weight), None
         dy = dy.contiguous()
-        grid = (triton.cdiv(N, BN), triton.cdiv(C, BC_BWD))
+        opts = launch("conv.bwd", BN=BN, BC=BC_BWD)
+        grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
         dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        _conv_bwd_kernel[grid](x, weight, position, dy, dx, dw_part, N, C=C, W=W, BN=BN, BC=BC_BWD,
-                               HB=max(2, triton.next_power_of_2(W - 1)), **launch("conv.bwd"))
+        _conv_bwd_kernel[grid](x, weight, position, dy, dx, dw_part, N, C=C, W=W,
+                               HB=max(2, triton.next_power_of_2(W - 1)), **opts)
         dw = dw_part.sum(0).flip(0).t().to(weight.dtype)  # tap s -> weight column W - 1 - s
         return dx, dw, None
 
