@@ -132,7 +132,10 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
     of the decay gradient without each token's pairing with its own value (through ``vr``, the
     pseudo-values without it); and this key block's part of the per-chunk term
-    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``."""
+    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
+    own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
+    accumulators it made the kernel spill more (local-memory instructions in the sm_90 code at
+    K = V = 256: 220 that way, 80 in a pass of its own, 56 without the term)."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -144,6 +147,26 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     m_kt = m_k[:, None] & m_t[None, :]
     p_h = (i_t * H + i_h).to(tl.int64) * K * V
     p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+    if GATED:
+        b_duih = tl.zeros([BT, BK], dtype=tl.float32)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_dui = tl.load(du_inter + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                            other=0.0)
+            b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
+            b_duih += mm(b_dui, b_hT, WT, INTERP, PREC)
+            b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_hdh += tl.sum(b_dh * b_hc, axis=1)
+        b_gl = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_w = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        s = tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w.to(tl.float32) * b_duih, axis=1),
+                                                                           axis=0)
+        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
+        tl.debug_barrier()  # every thread has read its w before any overwrites it with dw (at the end)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
@@ -151,29 +174,22 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     b_dovr = tl.zeros([BT], dtype=tl.float32)
     if GATED:
         b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
-        b_w = tl.load(dw + p_k, mask=m_tk, other=0.0)
-        b_duih = tl.zeros([BT, BK], dtype=tl.float32)
-        b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        m_kv = m_k[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
-        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         if GATED:
-            b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0)
-            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32) + b_dui.to(tl.float32)
+            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+                    + tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
                     + (scale * b_qk)[:, None] * b_do.to(tl.float32))
-            b_duih += mm(b_dui, b_hT, WT, INTERP, PREC)
-            b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            b_hdh += tl.sum(b_dh.to(tl.float32) * b_hc.to(tl.float32), axis=1)
         else:
             b_dv = tl.load(dv_tot + p_v, mask=m_tv, other=0.0)
         b_vT = tl.load(v_new + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
                        other=0.0)
+        b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
+        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
         b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
         b_dw += mm(b_dv, b_hT, WT, INTERP, PREC)
@@ -188,10 +204,6 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
         b_dq *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
         b_dkT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
         b_dA *= _decay_matrix(b_g, BT)
-        s = tl.exp(tl.sum(b_g, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w.to(tl.float32) * b_duih, axis=1),
-                                                                           axis=0)
-        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
-        tl.debug_barrier()  # every thread has read its w before any overwrites it with dw
     else:
         b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
