@@ -4,10 +4,11 @@ attention LM of the same width and depth; time and memory against the context le
     python -m benchmarks.inference --out benchmarks/results/inference_h100.json [--commit SHA]   # GPU, full
     python -m benchmarks.inference --size small --contexts 256,1024,4096 --out /tmp/inf.json   # CPU
 
-Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory) and ``attention`` (the same
-LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (184M attention, 300M MoM: d 1024,
-12 layers, MoM 4 heads x 256, attention 16 heads x 64, vocab 32000, SwiGLU 8/3), ``small`` (d 128, 2 layers,
-for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on
+Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory), ``mom:<rule>+graph`` (the
+same model decoded through one captured CUDA graph per cell, ``momkit.models.graphs``; capture not timed)
+and ``attention`` (the same LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (184M
+attention, 300M MoM: d 1024, 12 layers, MoM 4 heads x 256, attention 16 heads x 64, vocab 32000, SwiGLU 8/3),
+``small`` (d 128, 2 layers, for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on
 CPU). The command flushes denormal floats to zero (``momkit.runtime.flush_denormals``, as ``momkit`` does).
 
 Each cell (model, context L, batch B):
@@ -40,6 +41,7 @@ import torch
 
 from benchmarks._common import environment, name_list
 from momkit import LMConfig, MoMConfig, MoMLM
+from momkit.models.graphs import CapturedStep
 from momkit.rules import rule_names
 from momkit.runtime import flush_denormals
 
@@ -48,14 +50,15 @@ SIZES = {
     "small": dict(vocab=256, d=128, layers=2, heads=2, head_dim=64, attention_heads=4, mlp_ratio=8 / 3),
     "tiny": dict(vocab=64, d=32, layers=2, heads=2, head_dim=16, attention_heads=2, mlp_ratio=2.0),
 }
-MODELS = [f"mom:{r}" for r in rule_names()] + ["attention"]
+GRAPH = "+graph"  # a MoM model decoded through one captured CUDA graph per cell (momkit.models.graphs)
+MODELS = [f"mom:{r}" for r in rule_names()] + [f"mom:{r}{GRAPH}" for r in rule_names()] + ["attention"]
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def build(name: str, size: dict, device: torch.device, dtype: torch.dtype) -> MoMLM:
-    """``mom:<rule>`` or ``attention`` at ``size``, in eval mode."""
+    """``mom:<rule>`` (``+graph`` decodes the same model captured) or ``attention`` at ``size``, in eval mode."""
     torch.manual_seed(0)
-    rule = name.split(":", 1)[1] if name.startswith("mom:") else "gated_deltanet"
+    rule = name.removesuffix(GRAPH).split(":", 1)[1] if name.startswith("mom:") else "gated_deltanet"
     mom = MoMConfig(hidden_size=None, num_heads=size["heads"], head_dim=size["head_dim"], rule=rule,
                     num_memories=4, topk=2, shared_memory=True)
     cfg = LMConfig(vocab_size=size["vocab"], num_layers=size["layers"], hidden_size=size["d"],
@@ -122,13 +125,14 @@ def prefill(model: MoMLM, context: int, capacity: int, device: torch.device) -> 
 
 
 def decode(model: MoMLM, cache: list, token: torch.Tensor, steps: int, max_seconds: float,
-           device: torch.device) -> list[float]:
-    """Greedy steps; the latency of each (synchronised). Stops early past ``max_seconds``."""
+           device: torch.device, captured: bool = False) -> list[float]:
+    """Greedy steps; the latency of each (synchronised). Stops early past ``max_seconds``. ``captured``:
+    through one CUDA graph, captured first (not timed)."""
+    step = CapturedStep(model, cache) if captured else (lambda t: model.step(t, cache)[0])
     times, start = [], time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        logits, cache = model.step(token, cache)
-        token = logits.argmax(-1)
+        token = step(token).argmax(-1)
         _sync(device)
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds:
@@ -151,7 +155,7 @@ def run_cell(model: MoMLM, name: str, context: int, batch: int, steps: int, capa
             _free(device)
         cell["cache_bytes"] = tensor_bytes(cache)
         _reset_peak(device)
-        times = decode(model, cache, token, steps, args.max_decode_seconds, device)
+        times = decode(model, cache, token, steps, args.max_decode_seconds, device, name.endswith(GRAPH))
         ms = sorted(1e3 * t for t in times)
         cell.update(status="ok" if len(times) == steps else "truncated", steps_done=len(times),
                     decode_s=sum(times), decode_ms_median=statistics.median(ms),
@@ -169,11 +173,12 @@ def run_cell(model: MoMLM, name: str, context: int, batch: int, steps: int, capa
     return cell
 
 
-def warm_up(model: MoMLM, batches: list[int], device: torch.device) -> None:
+def warm_up(model: MoMLM, batches: list[int], device: torch.device, captured: bool = False) -> None:
     """Compile / load every kernel the cells use (prefill, and a few steps at each batch size)."""
     cache, token, _ = prefill(model, 64, 64 + 8, device)
     for b in batches:
-        decode(model, repeat_cache(cache, b) if b > 1 else cache, token.repeat_interleave(b, 0), 3, 60.0, device)
+        decode(model, repeat_cache(cache, b) if b > 1 else cache, token.repeat_interleave(b, 0), 3, 60.0, device,
+               captured)
 
 
 def _fmt(cell: dict) -> str:
@@ -242,8 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result JSON; the figure is written next to it (.png)")
     ap.add_argument("--size", default="full", help=f"model size: {', '.join(SIZES)} (default full)")
-    ap.add_argument("--models", default="mom:gated_deltanet,attention,mom:gla",
-                    help="comma-separated, run in this order (default mom:gated_deltanet,attention,mom:gla)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated, run in this order (default mom:gated_deltanet,attention,mom:gla, and "
+                         "on CUDA mom:gated_deltanet+graph after the first); mom:<rule>+graph: decoded through "
+                         "one captured CUDA graph (CUDA only)")
     ap.add_argument("--contexts", default="1024,4096,16384,65536,131072", help="batch-1 context lengths")
     ap.add_argument("--batches", default="1,16,64", help="batch sizes (1 is always run)")
     ap.add_argument("--batch-contexts", default="1024,4096,16384", help="context lengths of the B > 1 cells")
@@ -263,7 +270,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--device {args.device!r}: allowed: cuda, cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device 'cuda': no CUDA device is available")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if args.models is None:
+        args.models = "mom:gated_deltanet," + ("mom:gated_deltanet+graph," if cuda else "") + "attention,mom:gla"
     args.models = name_list(ap, "--models", args.models, MODELS)
+    graphs = [m for m in args.models if m.endswith(GRAPH)]
+    if graphs and not cuda:
+        ap.error(f"--models {','.join(graphs)}: {GRAPH} (a captured CUDA graph) needs --device cuda")
     args.contexts = _ints(ap, "--contexts", args.contexts)
     args.batches = sorted(set(_ints(ap, "--batches", args.batches)) | {1})
     args.batch_contexts = _ints(ap, "--batch-contexts", args.batch_contexts)
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {result['params'][name]:,} parameters", flush=True)
         with torch.no_grad():
             t0 = time.perf_counter()
-            warm_up(model, [b for b in args.batches], device)
+            warm_up(model, [b for b in args.batches], device, name.endswith(GRAPH))
             result.setdefault("warm_up_s", {})[name] = time.perf_counter() - t0
             for L in args.contexts:
                 for B in args.batches:

@@ -20,6 +20,7 @@ from momkit.layers.mom import MemoryProjections, fused_ops
 from momkit.layers.norm import GatedRMSNorm
 from momkit.layers.official import apply_official_options
 from momkit.rules import get_rule
+from momkit.rules.base import compute_dtype
 
 Tensor = torch.Tensor
 
@@ -107,7 +108,10 @@ class SingleMemoryLayer(nn.Module):
         o, S = self.rule.step(q[:, 0], k[:, 0], v.view(B, H, V), cache.state, position=cache.position,
                               **gates, **cfg.rule_options)
         y = self.o_proj(self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, H, V)).flatten(-2))
-        cache.state, cache.q_tail, cache.k_tail, cache.v_tail = S, tq, tk, tv
+        # in place, so that a captured decoding step (momkit.models.graphs) reads and writes the same buffers
+        for buf, new in zip((cache.state, cache.q_tail, cache.k_tail, cache.v_tail), (S, tq, tk, tv)):
+            if buf is not new:
+                buf.copy_(new)
         cache.position += 1
         return y, cache
 
@@ -115,5 +119,6 @@ class SingleMemoryLayer(nn.Module):
         cfg = self.cfg
         H, K, V, W = cfg.num_heads, cfg.key_dim, cfg.value_dim, cfg.conv_size
         z = lambda c: torch.zeros(batch_size, W - 1, c, device=device, dtype=dtype)  # noqa: E731
-        return SingleCache(self.rule.init_state(batch_size, H, K, V, device=device), z(H * K), z(H * K), z(H * V),
+        return SingleCache(self.rule.init_state(batch_size, H, K, V, dtype=compute_dtype(dtype), device=device),
+                           z(H * K), z(H * K), z(H * V),
                            torch.zeros(batch_size, dtype=torch.long, device=device))

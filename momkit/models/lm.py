@@ -209,11 +209,13 @@ class MoMLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
-                 on_token: Callable[[Tensor], None] | None = None) -> Tensor:
+                 on_token: Callable[[Tensor], None] | None = None, cuda_graph: bool = False) -> Tensor:
         """Prefill with the parallel path, then decode with the recurrent cache. Greedy when
         temperature is 0. Prompts of different lengths: left-pad them and pass attention_mask.
         Attention layers preallocate KV slots for the prompt and the new tokens. ``on_token`` is called
-        with each new token [B] as soon as it is chosen (streaming, progress).
+        with each new token [B] as soon as it is chosen (streaming, progress). ``cuda_graph``: decode
+        with the step captured as one CUDA graph (``momkit.models.graphs``; CUDA, no attention layers):
+        the same results, far fewer host calls per token.
         Returns [B, prompt + max_new_tokens]."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -221,9 +223,18 @@ class MoMLM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph and self.embed.weight.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {self.embed.weight.device}")
         out = self(input_ids, attention_mask=attention_mask, use_cache=True,
                    cache_capacity=input_ids.shape[1] + max_new_tokens, last_logits_only=True)
         cache, logits = out.cache, out.logits[:, -1]
+        step = None
+        if cuda_graph and max_new_tokens > 1:
+            from momkit.models.graphs import CapturedStep
+
+            step = CapturedStep(self, cache)
         tokens = [input_ids]
         for i in range(max_new_tokens):
             nxt = self._sample(logits, temperature, top_k, generator)
@@ -231,7 +242,7 @@ class MoMLM(nn.Module):
             if on_token is not None:
                 on_token(nxt)
             if i + 1 < max_new_tokens:
-                logits, cache = self.step(nxt, cache)
+                logits = step(nxt) if step is not None else self.step(nxt, cache)[0]
         return torch.cat(tokens, 1)
 
     @staticmethod

@@ -149,19 +149,76 @@ def test_generate_streams_each_token_and_step_advances_caches_in_place(mixer):
         assert [c.capacity for c in cache] == [8, 8] and cache[0].length == 6
 
 
-def _decode_logits(model, x, prefix, device, dtype):
-    """Logits of prefill(x[:, :prefix]) then one step per remaining token, in ``dtype`` on ``device``."""
+def _decode_logits(model, x, prefix, device, dtype, captured=False):
+    """Logits of prefill(x[:, :prefix]) then one step per remaining token, in ``dtype`` on ``device``;
+    ``captured``: the steps through one captured CUDA graph."""
     import copy
+
+    from momkit.models.graphs import CapturedStep
 
     model = copy.deepcopy(model).to(device=device, dtype=dtype)
     x = x.to(device)
     with torch.no_grad():
         out = model(x[:, :prefix], use_cache=True, last_logits_only=True)
         cache, steps = out.cache, [out.logits[:, -1]]
+        step = CapturedStep(model, cache) if captured else (lambda t: model.step(t, cache)[0])
         for t in range(prefix, x.shape[1]):
-            logits, cache = model.step(x[:, t], cache)
-            steps.append(logits)
+            steps.append(step(x[:, t]).clone())
     return torch.stack(steps, 1).double().cpu()
+
+
+def test_captured_decoding_refuses_what_it_cannot_capture():
+    model = make()
+    x = ids(2, 5)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, got cpu"):
+        model.generate(x, 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be True or False, got 'yes'"):
+        model.generate(x, 3, cuda_graph="yes")
+    from momkit.models.graphs import CapturedStep
+
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        CapturedStep(model, model(x, use_cache=True).cache)
+
+
+@pytest.mark.gpu
+def test_captured_decoding_refuses_attention_layers():
+    from momkit.models.graphs import CapturedStep
+
+    model = make(mixer="attention").float().cuda()
+    x = ids(2, 5).cuda()
+    with torch.no_grad():
+        cache = model(x, use_cache=True, cache_capacity=8).cache
+        with pytest.raises(ValueError, match=r"layers \[0, 1\] are attention layers"):
+            CapturedStep(model, cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rule", "mixer"), [(r, "mom") for r in rule_names()] + [("gated_deltanet", "single")])
+def test_captured_decoding_on_cuda_matches_the_float64_forward(rule, mixer, dtype):
+    """The decoding steps replayed from one CUDA graph against the float64 forward, with the bound of the
+    uncaptured steps' test; and against those steps themselves (the same kernels: equal up to a few ulps)."""
+    torch.manual_seed(0)
+    mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=32, rule=rule, router="round_robin", num_memories=3,
+                    topk=2, shared_memory=True, rule_options={"mini_batch": 4} if rule in ("titans", "ttt") else {})
+    model = MoMLM(LMConfig(vocab_size=V, num_layers=2, hidden_size=64, mixer=mixer, mom=mom)).double().eval()
+    x, P = ids(3, 40), 17
+    ref = model(x).logits[:, P - 1 :]
+    graph = _decode_logits(model, x, P, "cuda", dtype, captured=True)
+    eager = _decode_logits(model, x, P, "cuda", dtype)
+    err = (graph - ref).abs().max().item()
+    lp_err = (_decode_logits(model, x, P, "cpu", dtype) - ref).abs().max().item()
+    C, u = (16, 2.0**-24) if dtype == torch.float32 else (8, 2.0**-8)
+    atol = C * u * ref.abs().max().item()
+    assert err <= 2 * lp_err + atol, f"max error {err:.3e} > 2 * {lp_err:.3e} + {atol:.3e}"
+    assert (graph - eager).abs().max().item() <= atol, "the captured steps differ from the same steps uncaptured"
+
+
+@pytest.mark.gpu
+def test_generate_with_cuda_graph_equals_generate_without():
+    model = make(rule="gated_deltanet").float().cuda()
+    x = ids(2, 7).cuda()
+    assert torch.equal(model.generate(x, 12, cuda_graph=True), model.generate(x, 12))
 
 
 @pytest.mark.gpu
