@@ -4,11 +4,11 @@ attention LM of the same width and depth; time and memory against the context le
     python -m benchmarks.inference --out benchmarks/results/inference_h100.json [--commit SHA]   # GPU, full
     python -m benchmarks.inference --size small --contexts 256,1024,4096 --out /tmp/inf.json   # CPU
 
-Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory), ``mom:<rule>+graph`` (the
-same model decoded through one captured CUDA graph per cell, ``momkit.models.graphs``; capture not timed)
-and ``attention`` (the same LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (184M
-attention, 300M MoM: d 1024, 12 layers, MoM 4 heads x 256, attention 16 heads x 64, vocab 32000, SwiGLU 8/3),
-``small`` (d 128, 2 layers, for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on
+Models (``--models``): ``mom:<rule>`` (MoMLM, 4 memories, top-2, shared memory), ``mom:<rule>+graph`` (the same
+model decoded through one captured CUDA graph per cell, ``momkit.models.graphs``; capture not timed) and
+``attention`` (the same LM with causal softmax attention, SDPA). Sizes (``--size``): ``full`` (184M attention, 300M
+MoM: d 1024, 12 layers, MoM 4 heads x 256, attention 16 heads x 64, vocab 32000, SwiGLU 8/3), ``small`` (d 128, 2
+layers, for CPU), ``tiny`` (a few seconds, for tests). Weights in ``--dtype`` (auto: bfloat16 on CUDA, float32 on
 CPU). The command flushes denormal floats to zero (``momkit.runtime.flush_denormals``, as ``momkit`` does).
 
 Each cell (model, context L, batch B):
