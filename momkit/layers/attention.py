@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from momkit.rules.base import upcast
 
@@ -62,6 +63,12 @@ class AttentionCache:
             mask = self.key_mask.new_ones(self.key_mask.shape[0], cap)
             mask[:, :L] = self.key_mask[:, :L]
             self.key_mask = mask
+
+
+# The attention kernels a decoding step may use. cuDNN's is left out: it builds an execution plan for each new
+# key length, and a decoding step's key length grows by one every token, so every step would pay for a new plan
+# (milliseconds per layer, whatever the context).
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _check_capacity(capacity: int | None) -> None:
@@ -126,7 +133,8 @@ class CausalAttention(nn.Module):
         cache.length = L = t + 1
         cache.position += 1
         mask = None if cache.key_mask is None else cache.key_mask[:, None, None, :L]
-        o = F.scaled_dot_product_attention(q, cache.k[:, :, :L], cache.v[:, :, :L], attn_mask=mask)
+        with sdpa_kernel(DECODE_BACKENDS):
+            o = F.scaled_dot_product_attention(q, cache.k[:, :, :L], cache.v[:, :, :L], attn_mask=mask)
         return self.o_proj(o.reshape(B, D)), cache
 
     def init_cache(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
