@@ -407,11 +407,9 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
     s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
-    # 8 warps at full 64 x 64 blocks: at 4 the kernel spills (sm_90 resource report) and runs 13% slower
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                   a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
-                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
-                                  **launch("delta.bwd_dqkw", num_warps=8 if BKb * BVb >= 64 * 64 else 4))
+                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     dv_wy = dv_local if gated else dv_tot
     del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
