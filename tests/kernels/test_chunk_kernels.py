@@ -124,6 +124,15 @@ def test_chunk_matches_reference(device, seed, name, opts, dtype, record_propert
     check_against_reference(rule, opts, leaves, dtype, record=record_property)
 
 
+@pytest.mark.parametrize("name", ["linear_attn", "gla", "mamba2", "deltanet", "gated_deltanet"])
+def test_key_dim_16_in_bfloat16(device, seed, name, record_property):
+    """The capacity protocol's memories (momkit/configs/mqar_capacity.yaml): keys of 16, values of 32, bfloat16,
+    so every key block is a single 16-wide block."""
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 4, 70, 2, 16, 32, torch.bfloat16, seed, device)
+    check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
+
+
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_packed_segments_match_reference(device, seed, name, opts, record_property):
     """Packed input (B = 1, cu_seqlens) with segments of 1, 0, 65, 4 and 70 tokens: the reference runs

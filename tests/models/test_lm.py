@@ -239,3 +239,29 @@ def test_decoding_on_cuda_matches_the_float64_forward(rule, dtype):
     C, u = (16, 2.0**-24) if dtype == torch.float32 else (8, 2.0**-8)
     atol = C * u * ref.abs().max().item()
     assert err <= 2 * lp_err + atol, f"max error {err:.3e} > 2 * {lp_err:.3e} + {atol:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["mom", "single"])
+@pytest.mark.parametrize("rule", ["gated_deltanet", "gla", "linear_attn"])
+def test_capacity_model_trains_on_cuda_under_autocast(rule, mixer):
+    """The capacity protocol's model (momkit/configs/mqar_capacity.yaml: keys of 16 per head and memory) on
+    CUDA under bfloat16 autocast, as `momkit train` runs it: a finite loss near the float64 forward's, and
+    finite gradients."""
+    import copy
+
+    from momkit.config import load_config
+
+    cfg = load_config("mqar_capacity", [f"model.mixer={mixer}", f"model.mom.rule={rule}"])
+    torch.manual_seed(0)
+    model = MoMLM(cfg.model)
+    x = torch.randint(0, cfg.model.vocab_size, (16, 64), generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model).double()(x, labels=x).loss.item()
+    model = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x.cuda(), labels=x.cuda()).loss
+    loss.backward()
+    assert torch.isfinite(loss).item(), f"loss {loss.item()}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad[:5]}"
+    assert abs(loss.item() - ref) <= 0.02 * abs(ref), f"loss {loss.item():.4f} against the float64 forward's {ref:.4f}"
