@@ -116,3 +116,41 @@ def step(rule: str, q: Tensor, k: Tensor, v: Tensor, state: Tensor, gates: dict[
         o, state = fused_recurrent_titans(q, k, v, gates["theta"], gates["alpha"], gates["eta"], state, pos,
                                           scale=scale, mini_batch=mb)
     return o[:, 0], state
+
+
+def has_step_into(rule: str) -> bool:
+    """Whether ``step_into`` has a kernel for ``rule`` (the gated linear and delta families)."""
+    return rule in _RULES and _family(rule)[0] in ("gated_linear", "delta")
+
+
+def step_into(rule: str, q: Tensor, k: Tensor, v: Tensor, states: Tensor, slots: Tensor, keep: Tensor,
+              gates: dict[str, Tensor], *, scale: float) -> Tensor:
+    """One decoding token for n rows whose states are rows of ``states`` ``[N, H, K, V]`` (float32,
+    contiguous): row i reads ``states[slots[i]]`` and, where ``keep[i]``, overwrites it in place with its new
+    state (``slots`` distinct). q, k ``[n, H, K]``, v ``[n, H, V]``, gates ``[n, H]`` / ``[n, H, K]``; returns
+    o ``[n, H, V]``. The state is read and written once, where ``step`` on gathered states and a scatter back
+    would move it four times. Only for rules with ``has_step_into``."""
+    from ._common import check_dtype, interpreter_compat
+
+    family, gate = _family(rule)
+    check_dtype(q, k, v)
+    interpreter_compat()
+    if not has_step_into(rule):
+        raise NotImplementedError(f"no indexed decoding kernel for rule {rule!r}")
+    if states.dtype != torch.float32 or not states.is_contiguous():
+        raise ValueError(f"states must be a contiguous float32 tensor, got {states.dtype}"
+                         f"{'' if states.is_contiguous() else ', not contiguous'}")
+    q, k, v = q[:, None], k[:, None], v[:, None]
+    gates = {n: x[:, None] for n, x in gates.items()}
+    slots, keep = slots.to(torch.int64).contiguous(), keep.to(torch.int8).contiguous()
+    if family == "gated_linear":
+        from .gated_linear.fused_recurrent import fused_recurrent_gated_linear
+
+        o, _ = fused_recurrent_gated_linear(q, k, v, gates.get("g"), gates.get("dt"), states, gate=gate,
+                                            scale=scale, slots=slots, keep=keep)
+    else:
+        from .delta.fused_recurrent import fused_recurrent_delta
+
+        o, _ = fused_recurrent_delta(q, k, v, gates["beta"], gates.get("g"), states, scale=scale, slots=slots,
+                                     keep=keep)
+    return o[:, 0]

@@ -17,9 +17,9 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _fused_recurrent_kernel(q, k, v, g, dt, s0, o, s1, scale, T,
+def _fused_recurrent_kernel(q, k, v, g, dt, s0, o, s1, slot, keep, scale, T,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr):
+                            BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr, INDEXED: tl.constexpr):
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -27,7 +27,12 @@ def _fused_recurrent_kernel(q, k, v, g, dt, s0, o, s1, scale, T,
     m_k = o_k < K
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    # INDEXED: this row's state is row slot[i_b] of s0, updated there in place where keep[i_b] (s1 is s0)
+    if INDEXED:
+        i_s = tl.load(slot + i_b).to(tl.int64)
+    else:
+        i_s = i_b.to(tl.int64)
+    p_s = (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
     b_h = tl.load(s0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
     for t in range(0, T):
         tok = i_b.to(tl.int64) * T + t
@@ -43,19 +48,26 @@ def _fused_recurrent_kernel(q, k, v, g, dt, s0, o, s1, scale, T,
         b_h += b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
         tl.store(o + (tok * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    if INDEXED:
+        m_kv = m_kv & (tl.load(keep + i_b + 0 * o_v) != 0)[None, :]  # keep[i_b], one per column
     tl.store(s1 + p_s, b_h, mask=m_kv)
 
 
 def fused_recurrent_gated_linear(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, dt: Tensor | None,
-                                 state: Tensor, *, gate: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Returns ``(o [B, T, H, V], new state [B, H, K, V] float32)``; ``state`` is not modified."""
+                                 state: Tensor, *, gate: int, scale: float, slots: Tensor | None = None,
+                                 keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns ``(o [B, T, H, V], new state [B, H, K, V] float32)``; ``state`` is not modified. With ``slots``
+    ``[B]`` (distinct) and ``keep`` ``[B]``: row b's state is ``state[slots[b]]`` (``state`` ``[N, H, K, V]``
+    float32, contiguous), overwritten in place where ``keep[b]``; returns ``(o, state)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK = pow2(K, 1)
     BV = min(pow2(V, 1), max(8, 8192 // BK))
     o = v.new_empty(B, T, H, V)
-    s1 = state.new_empty(B, H, K, V, dtype=torch.float32)
-    args = [x.contiguous() if x is not None else None for x in (q, k, v, g, dt, state)]
-    _fused_recurrent_kernel[(B * H, triton.cdiv(V, BV))](*args, o, s1, float(scale), T, H=H, K=K, V=V, BK=BK, BV=BV,
-                                                         GATE=gate, HAS_DT=dt is not None)
+    indexed = slots is not None
+    s1 = state if indexed else state.new_empty(B, H, K, V, dtype=torch.float32)
+    args = [x.contiguous() if x is not None else None for x in (q, k, v, g, dt)]
+    _fused_recurrent_kernel[(B * H, triton.cdiv(V, BV))](*args, state if indexed else state.contiguous(), o, s1,
+                                                         slots, keep, float(scale), T, H=H, K=K, V=V, BK=BK, BV=BV,
+                                                         GATE=gate, HAS_DT=dt is not None, INDEXED=indexed)
     return o, s1

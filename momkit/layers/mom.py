@@ -293,11 +293,12 @@ class MoMLayer(nn.Module):
         q, k = self.rule.prepare_qk(q.reshape(B * n, H, K), k.reshape(B * n, H, K))
         gates = self.all_memories[0].gates.forward_stacked(st.gates, x)  # [B, M', H(, K)]
         gates = {name: g[rows, idx].flatten(0, 1) for name, g in gates.items()}
-        S_old = cache.states[rows, idx]  # [B, k', *state]
-        o, S = self.rule.step(q, k, v.reshape(B * n, H, V), S_old.flatten(0, 1),
-                              position=cache.counts[rows, idx].flatten(), **gates, **cfg.rule_options)
-        keep = kept.view(B, n, *[1] * (S.dim() - 1))
-        cache.states[rows, idx] = torch.where(keep, S.view(S_old.shape).to(S_old.dtype), S_old)
+        # the selected states are updated where they live: cache.states seen as [B * M', *state]
+        if not cache.states.is_contiguous():
+            cache.states = cache.states.contiguous()
+        states = cache.states.view(B * Mp, *cache.states.shape[2:])
+        o = self.rule.step_into(q, k, v.reshape(B * n, H, V), states, (rows * Mp + idx).flatten(), kept.flatten(),
+                                position=cache.counts[rows, idx].flatten(), **gates, **cfg.rule_options)
         cache.counts[rows, idx] += kept.long()
         cache.position += 1
         dt = torch.promote_types(x.dtype, torch.float32)

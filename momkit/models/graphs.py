@@ -58,6 +58,9 @@ class CapturedStep:
             for _ in range(warmup):
                 model.step(self.token_ids, cache)
         torch.cuda.current_stream(device).wait_stream(side)
+        if any(a is not b for a, b in zip(tensors, cache_tensors(cache))):
+            raise ValueError("a layer replaced a tensor of its cache during the warm-up steps; a captured step "
+                             "needs every layer to update its cache in place")
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.logits, _ = model.step(self.token_ids, cache)

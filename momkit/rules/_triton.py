@@ -1,7 +1,8 @@
 """Binding of the rules to the Triton kernels in ``momkit.kernels`` (imported lazily, on first use).
 
-``momkit.kernels`` exposes ``supported_rules()``, ``chunk(...)`` (sequence forward, autograd-aware)
-and ``step(...)`` (one decoding token); the rules validate inputs before calling them.
+``momkit.kernels`` exposes ``supported_rules()``, ``chunk(...)`` (sequence forward, autograd-aware),
+``step(...)`` (one decoding token) and ``step_into(...)`` (one decoding token on states updated in place where
+they live); the rules validate inputs before calling them.
 """
 
 from __future__ import annotations
@@ -48,3 +49,16 @@ def step(rule_name: str, q: Tensor, k: Tensor, v: Tensor, state: Tensor, gates: 
     from momkit import kernels
 
     return kernels.step(rule_name, q, k, v, state, gates, scale=scale, position=position, options=options)
+
+
+def has_step_into(rule_name: str) -> bool:
+    from momkit import kernels
+
+    return kernels.has_step_into(rule_name)
+
+
+def step_into(rule_name: str, q: Tensor, k: Tensor, v: Tensor, states: Tensor, slots: Tensor, keep: Tensor,
+              gates: dict[str, Tensor], scale: float) -> Tensor:
+    from momkit import kernels
+
+    return kernels.step_into(rule_name, q, k, v, states, slots, keep, gates, scale=scale)

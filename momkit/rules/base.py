@@ -171,6 +171,49 @@ class Rule:
         math depends on it (titans with ``mini_batch > 1``) need it. Returns ``(o [B, H, V], state)``.
         """
         gates, opts = self._split_kwargs(gates)
+        self._check_step_inputs(q, k, v, gates)
+        scale, S, _ = self._validate(q[:, None], k[:, None], v[:, None],
+                                     {n: x[:, None] for n, x in gates.items()}, scale, state, None,
+                                     name_state="state")
+        if q.is_cuda and self.triton_unavailable_reason(q) is None:
+            k, gates = self.kernel_inputs(k, gates)
+            return _triton.step(self.name, q, k, v, S, gates, scale, position, opts)
+        cdt = compute_dtype(q.dtype)
+        o, S = self._step(q.to(cdt), k.to(cdt), v.to(cdt), S,
+                          {n: x.to(cdt) for n, x in gates.items()}, scale, position, opts)
+        return o.to(v.dtype), S
+
+    def step_into(self, q: Tensor, k: Tensor, v: Tensor, states: Tensor, slots: Tensor, keep: Tensor, *,
+                  scale: float | None = None, position: int | Tensor | None = None, **gates: Any) -> Tensor:
+        """One decoding step for n rows whose states are rows of ``states`` ``[N, *state]``: row i reads
+        ``states[slots[i]]`` and, where ``keep[i]``, writes its new state there, in place (``slots`` [n]
+        distinct, ``keep`` [n] bool). q, k ``[n, H, K]``, v ``[n, H, V]``, gates as in ``step``; returns
+        o ``[n, H, V]``. The same as ``step`` on ``states[slots]`` and writing back the kept rows; on CUDA
+        the rules with an indexed kernel (``momkit.kernels.has_step_into``: the gated linear and delta
+        families) read and write each state once, in place, when ``states`` is contiguous float32."""
+        if not all(isinstance(x, torch.Tensor) for x in (states, slots, keep)):
+            raise ValueError("step_into expects states, slots and keep as tensors")
+        if slots.shape != (q.shape[0],) or keep.shape != (q.shape[0],):
+            raise ValueError(f"slots and keep must have shape [{q.shape[0]}] (one per row of q), got "
+                             f"{list(slots.shape)} and {list(keep.shape)}")
+        if (q.is_cuda and states.dtype == torch.float32 and states.is_contiguous()
+                and self.triton_unavailable_reason(q) is None and _triton.has_step_into(self.name)):
+            g, _ = self._split_kwargs(gates)
+            self._check_step_inputs(q, k, v, g)
+            H, K, V = q.shape[1], q.shape[2], v.shape[2]
+            want = self.state_shape(1, H, K, V)[1:]
+            if tuple(states.shape[1:]) != want:
+                raise ValueError(f"states must have shape [N, {', '.join(map(str, want))}], got {list(states.shape)}")
+            scale, _, _ = self._validate(q[:, None], k[:, None], v[:, None], {n: x[:, None] for n, x in g.items()},
+                                         scale, None, None)
+            k, g = self.kernel_inputs(k, g)
+            return _triton.step_into(self.name, q, k, v, states, slots, keep, g, scale)
+        old = states[slots]
+        o, S = self.step(q, k, v, old, scale=scale, position=position, **gates)
+        states[slots] = torch.where(keep.view(-1, *[1] * (S.dim() - 1)), S.to(states.dtype), old)
+        return o
+
+    def _check_step_inputs(self, q: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor]) -> None:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 3:
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -182,16 +225,6 @@ class Rule:
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"step: gate {spec.name!r} of rule {self.name!r} must have shape {list(want)}, "
                                  f"got {got}")
-        scale, S, _ = self._validate(q[:, None], k[:, None], v[:, None],
-                                     {n: x[:, None] for n, x in gates.items()}, scale, state, None,
-                                     name_state="state")
-        if q.is_cuda and self.triton_unavailable_reason(q) is None:
-            k, gates = self.kernel_inputs(k, gates)
-            return _triton.step(self.name, q, k, v, S, gates, scale, position, opts)
-        cdt = compute_dtype(q.dtype)
-        o, S = self._step(q.to(cdt), k.to(cdt), v.to(cdt), S,
-                          {n: x.to(cdt) for n, x in gates.items()}, scale, position, opts)
-        return o.to(v.dtype), S
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, impl: Impl = "auto", chunk_size: int = 64,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:

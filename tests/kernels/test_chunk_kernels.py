@@ -272,6 +272,51 @@ def test_step_kernel_matches_reference(device, seed, name, opts, dtype):
     assert_matches(S, Slp, S64, dtype, "step state")
 
 
+INDEXED = [(n, o) for n, o in VARIANTS if n not in ("titans", "ttt")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "opts"), INDEXED, ids=[n for n, _ in INDEXED])
+def test_indexed_step_kernel_updates_states_in_place(device, seed, name, opts, dtype):
+    """The decoding kernel on states where they live (a MoM cache's layout): rows 0, 1, 2 step the states in
+    slots 4, 0, 2 of a buffer of 5; row 1 is not kept, so its slot never changes and every one of its steps
+    reads the original state; slots 1 and 3 are nobody's and stay as they were, bit for bit."""
+    rule = get_rule(name)
+    n, T, H, K, V = 3, 5, 2, 20, 24
+    assert _triton.has_step_into(name)
+    leaves = make_leaves(rule, n, T, H, K, V, dtype, seed, device, N=5)
+    q, k, v, states = leaves.pop("q"), leaves.pop("k"), leaves.pop("v"), leaves.pop("initial_state").float()
+    gates, original = leaves, states.clone()
+    slots = torch.tensor([4, 0, 2], device=device)
+    keep = torch.tensor([True, False, True], device=device)
+    outs = []
+    for t in range(T):
+        g_t = {x: y[:, t] for x, y in gates.items()}
+        if device == "cuda":
+            outs.append(rule.step_into(q[:, t], k[:, t], v[:, t], states, slots, keep, **g_t, **opts))
+        else:  # what rule.step_into hands the kernel
+            k_t, g_t = rule.kernel_inputs(k[:, t], g_t)
+            outs.append(_triton.step_into(name, q[:, t], k_t, v[:, t], states, slots, keep, g_t, K**-0.5))
+    o = torch.stack(outs, 1)
+    S0 = original[slots]
+    ref = {x: y.to(F64) for x, y in gates.items()}
+    o64, S64 = rule.recurrent(q.to(F64), k.to(F64), v.to(F64), initial_state=S0.to(F64), output_final_state=True,
+                              **ref, **opts)
+    olp, Slp = rule.recurrent(q, k, v, initial_state=S0, output_final_state=True, **gates, **opts)
+    kept = [0, 2]
+    assert_matches(o[kept], olp[kept], o64[kept], dtype, "outputs of the kept rows")
+    assert_matches(states[slots[kept]], Slp[kept], S64[kept], dtype, "states of the kept rows")
+    # the row that is not kept: each step from the original state, one token at a time
+    one = [rule.recurrent(q[1:2, t:t + 1].to(F64), k[1:2, t:t + 1].to(F64), v[1:2, t:t + 1].to(F64),
+                          initial_state=S0[1:2].to(F64), **{x: y[1:2, t:t + 1] for x, y in ref.items()}, **opts)[0]
+           for t in range(T)]
+    one_lp = [rule.recurrent(q[1:2, t:t + 1], k[1:2, t:t + 1], v[1:2, t:t + 1], initial_state=S0[1:2],
+                             **{x: y[1:2, t:t + 1] for x, y in gates.items()}, **opts)[0] for t in range(T)]
+    assert_matches(o[1:2], torch.cat(one_lp, 1), torch.cat(one, 1), dtype, "outputs of the row not kept")
+    untouched = [0, 1, 3]  # slot 0 is the row not kept
+    assert torch.equal(states[untouched], original[untouched]), "a slot that no kept row owns changed"
+
+
 @pytest.mark.parametrize("case", ["titans_alpha1_eta0", "titans_eta1", "delta_beta1", "gla_strong_decay",
                                   "mamba2_strong_decay", "gated_deltanet_strong_decay"])
 def test_gate_domain_edges(device, seed, case):

@@ -119,6 +119,27 @@ def test_step_matches_recurrent(name, opts):
     _close(S, S_ref, "step final state")
 
 
+@pytest.mark.parametrize(("name", "opts"), CASES, ids=IDS)
+def test_step_into_is_step_on_the_selected_states_written_back(name, opts):
+    """``step_into`` on rows of a state buffer: the kept rows' slots end as ``step`` leaves their states, the
+    slot of the row not kept and the slots nobody owns do not change, and the outputs are ``step``'s."""
+    rule = get_rule(name)
+    q, k, v, gates = random_inputs(rule, 3, 1, H, K, V, F64, seed=5)
+    gates = {n: x[:, 0] for n, x in gates.items()}
+    states = torch.randn(rule.state_shape(5, H, K, V), dtype=F64)
+    original = states.clone()
+    slots, keep = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
+    o = rule.step_into(q[:, 0], k[:, 0], v[:, 0], states, slots, keep, position=torch.tensor([3, 0, 7]), **gates,
+                       **opts)
+    o_ref, S_ref = rule.step(q[:, 0], k[:, 0], v[:, 0], original[slots], position=torch.tensor([3, 0, 7]), **gates,
+                             **opts)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(states[[4, 2]], S_ref[[0, 2]], rtol=0, atol=0)
+    assert torch.equal(states[[0, 1, 3]], original[[0, 1, 3]])
+    with pytest.raises(ValueError, match=r"slots and keep must have shape \[3\]"):
+        rule.step_into(q[:, 0], k[:, 0], v[:, 0], states, slots[:2], keep, **gates, **opts)
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize(("name", "opts"), CASES, ids=IDS)
 def test_packed_segments_match_separate_runs(name, opts, chunk_size):
