@@ -4,6 +4,7 @@
     torchrun --nproc_per_node N -m momkit train CONFIG ...   (data-parallel on N processes; docs/training.md)
     momkit eval RUN_DIR [--checkpoint last|best] [--batch-size N]
     momkit generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+                    [--cuda-graph]
     momkit info
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
                  [--workers-per-gpu K] [--timeout S]
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated (no progress bar)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="decode through one captured CUDA graph (CUDA; models without attention layers)")
     sub.add_parser("info", help="versions, device and which kernels run",
                    description="Print library versions, the device and which update-rule paths run here.")
     _sweep_parsers(sub)
@@ -215,7 +218,13 @@ def cmd_generate(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device='cuda' is invalid: no CUDA device is available (use cpu)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"--cuda-graph needs a CUDA device; this run decodes on {device}")
     _, model = load_run(args.run_dir, args.checkpoint, validate_task=False)  # the training text is not needed
+    attention = [i for i, b in enumerate(model.blocks) if b.kind == "attention"]
+    if args.cuda_graph and attention:
+        raise ConfigError(f"--cuda-graph needs a model without attention layers; layers {attention} of RUN_DIR="
+                          f"{args.run_dir!r} are attention layers")
     model.to(device)
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt)[None].to(device)
@@ -233,7 +242,8 @@ def cmd_generate(args) -> int:
         sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=torch.Generator(device).manual_seed(args.seed), on_token=on_token)
+                         generator=torch.Generator(device).manual_seed(args.seed), on_token=on_token,
+                         cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - t0
     bar.close()
     print(text.decode(b"", final=True) if args.stream else tok.decode(out[0].cpu()))

@@ -78,6 +78,8 @@ def test_generate_continues_the_prompt_like_the_model(runs, momkit):
     (["{root}/text", "--prompt", "a", "--temperature", "-1"], "--temperature=-1.0 is invalid: must be >= 0"),
     (["{root}/text", "--prompt", "a", "--top-k", "0"], "--top-k=0 is invalid: must be a positive int"),
     (["{root}/text", "--prompt", "a", "--checkpoint", "best"], "checkpoint='best' is invalid"),
+    (["{root}/text", "--prompt", "a", "--device", "cpu", "--cuda-graph"],
+     "--cuda-graph needs a CUDA device; this run decodes on cpu"),
 ])
 def test_bad_input_is_one_line_exit_2(runs, momkit, args, message):
     root, _ = runs
