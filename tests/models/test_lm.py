@@ -167,6 +167,21 @@ def _decode_logits(model, x, prefix, device, dtype, captured=False):
     return torch.stack(steps, 1).double().cpu()
 
 
+@pytest.mark.parametrize("mixer", ["mom", "single"])
+def test_recurrent_layers_advance_their_cache_in_place(mixer):
+    """A step writes into the cache's own tensors (what a captured CUDA graph replays against)."""
+    from momkit.models.graphs import cache_tensors
+
+    model = make(mixer=mixer)
+    x = ids(2, 6)
+    cache = model(x[:, :5], use_cache=True).cache
+    before = [t.clone() for t in cache_tensors(cache)]
+    tensors = cache_tensors(cache)
+    model.step(x[:, 5], cache)
+    assert all(a is b for a, b in zip(tensors, cache_tensors(cache)))
+    assert all(not torch.equal(a, b) for a, b in zip(before, cache_tensors(cache)) if a.is_floating_point())
+
+
 def test_captured_decoding_refuses_what_it_cannot_capture():
     model = make()
     x = ids(2, 5)
