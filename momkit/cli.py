@@ -221,11 +221,13 @@ def cmd_generate(args) -> int:
     if args.cuda_graph and device.type != "cuda":
         raise ConfigError(f"--cuda-graph needs a CUDA device; this run decodes on {device}")
     _, model = load_run(args.run_dir, args.checkpoint, validate_task=False)  # the training text is not needed
-    attention = [i for i, b in enumerate(model.blocks) if b.kind == "attention"]
-    if args.cuda_graph and attention:
-        raise ConfigError(f"--cuda-graph needs a model without attention layers; layers {attention} of RUN_DIR="
-                          f"{args.run_dir!r} are attention layers")
     model.to(device)
+    if args.cuda_graph:
+        from momkit.models.graphs import capture_refusal
+
+        why = capture_refusal(model)
+        if why is not None:
+            raise ConfigError(f"--cuda-graph with RUN_DIR={args.run_dir!r} {why}")
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt)[None].to(device)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -32,20 +32,28 @@ def cache_tensors(cache) -> list[Tensor]:
     return out
 
 
+def capture_refusal(model) -> str | None:
+    """Why ``model``'s decoding step cannot be captured (None: it can), worded to follow what asked for it."""
+    device = model.embed.weight.device
+    if device.type != "cuda":
+        return f"needs the model on a CUDA device, got {device}"
+    attention = [i for i, b in enumerate(model.blocks) if b.kind == "attention"]
+    if attention:
+        return (f"needs every layer to keep its cache on the device; layers {attention} are attention layers, "
+                f"whose cache length is a host integer (decode them without cuda_graph)")
+    return None
+
+
 class CapturedStep:
     """``model.step`` on ``cache`` as one CUDA graph. ``warmup`` eager steps run first on a side stream
     (kernel compilation and autotuning, library workspaces: nothing of that may happen during capture);
     the cache is restored afterwards, so building the object leaves it as it was."""
 
     def __init__(self, model, cache: list, warmup: int = 2):
+        why = capture_refusal(model)
+        if why is not None:
+            raise ValueError(f"a captured decoding step {why}")
         device = model.embed.weight.device
-        if device.type != "cuda":
-            raise ValueError(f"a captured decoding step needs the model on a CUDA device, got {device}")
-        attention = [i for i, b in enumerate(model.blocks) if b.kind == "attention"]
-        if attention:
-            raise ValueError(f"a captured decoding step needs every layer to keep its cache on the device; "
-                             f"layers {attention} are attention layers, whose cache length is a host integer "
-                             f"(decode them without cuda_graph)")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         tensors = cache_tensors(cache)
@@ -66,7 +74,7 @@ class CapturedStep:
             self.logits, _ = model.step(self.token_ids, cache)
         for t, s in zip(tensors, saved):
             t.copy_(s)
-        self.cache = cache
+        self.cache = cache  # the graph reads and writes these buffers: they live as long as it does
 
     def __call__(self, token_ids: Tensor) -> Tensor:
         """token_ids [B] -> logits [B, vocab] (a buffer the next call overwrites); the cache advances."""

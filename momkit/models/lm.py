@@ -225,8 +225,12 @@ class MoMLM(nn.Module):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-        if cuda_graph and self.embed.weight.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {self.embed.weight.device}")
+        if cuda_graph:
+            from momkit.models.graphs import capture_refusal
+
+            why = capture_refusal(self)
+            if why is not None:
+                raise ValueError(f"cuda_graph=True {why}")
         out = self(input_ids, attention_mask=attention_mask, use_cache=True,
                    cache_capacity=input_ids.shape[1] + max_new_tokens, last_logits_only=True)
         cache, logits = out.cache, out.logits[:, -1]
