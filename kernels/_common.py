@@ -130,8 +130,11 @@ def program_slots(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pow2(x: int, at_least: int = 16) -> int:
-    """The block size covering ``x`` (a power of two, at least ``at_least``: ``tl.dot`` needs 16)."""
+def pow2(x: int, at_least: int = 32) -> int:
+    """The block size covering ``x``: a power of two, at least ``at_least``. ``tl.dot`` needs 16; the
+    default is 32 because on H100 with Triton 3.6, chunk kernels whose bfloat16 dots had a 16-wide
+    block gave wrong outputs and gradients at head dimension 16 (NaN for the delta rules), and
+    their 32-wide blocks (masked) give correct ones."""
     return max(at_least, triton.next_power_of_2(x))
 
 
