@@ -67,7 +67,8 @@ class AttentionCache:
 
 # The attention kernels a decoding step may use. cuDNN's is left out: it builds an execution plan for each new
 # key length, and a decoding step's key length grows by one every token, so every step would pay for a new plan
-# (milliseconds per layer, whatever the context).
+# (H100, torch 2.11, the benchmark's 12-layer attention LM at 4K context, batch 1: 45.7 ms per token with cuDNN
+# first, 9.6 without).
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
