@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,21 @@ def test_capacity_protocol_specs_are_the_protocol():
         (2, "renormalized"), (1, "renormalized"), (1, "unnormalized")}
     assert {cfg.model.mom.num_memories for _, cfg in cells["capacity_memories"]} == {1, 2, 4, 8}
     assert {cfg.model.mom.aux_loss_scale for _, cfg in cells["capacity_aux"]} == {0.0, 1e-3, 1e-2}
+
+
+def test_capacity_pilot_is_the_state_protocol_shortened():
+    """The pilot's cells are capacity_state's gated_deltanet cells for claims (1)-(3) (all but single_x4), with the
+    same learning rates and seeds; only the number of steps (and the evaluation interval) changed."""
+    pilot = {(p["layout"], p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_pilot")}
+    state = {(p["layout"], p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_state")
+             if cfg.model.mom.rule == "gated_deltanet"}
+    assert {layout for layout, _ in pilot} == {"single", "single_x5", "mom4_top2", "mom4_top2_shared"}
+    assert pilot.keys() == {key for key in state if key[0] != "single_x4"}
+    for key, cfg in pilot.items():
+        full = state[key]
+        assert cfg.optim.max_steps == 1500 < full.optim.max_steps
+        assert cfg.model == full.model and cfg.task == full.task
+        assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
 
 
 def test_mqar_memories_is_the_papers_ablation():
