@@ -90,7 +90,7 @@ def test_capacity_pilot_is_the_state_protocol_shortened():
     assert pilot.keys() == {key for key in state if key[0] != "single_x4"}
     for key, cfg in pilot.items():
         full = state[key]
-        assert cfg.optim.max_steps == 1500 < full.optim.max_steps
+        assert cfg.optim.max_steps == 1000 < full.optim.max_steps
         assert cfg.model == full.model and cfg.task == full.task
         assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
 
