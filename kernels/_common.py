@@ -132,9 +132,10 @@ def program_slots(device: torch.device) -> int:
 
 def pow2(x: int, at_least: int = 32) -> int:
     """The block size covering ``x``: a power of two, at least ``at_least``. ``tl.dot`` needs 16; the
-    default is 32 because on H100 with Triton 3.6, chunk kernels whose bfloat16 dots had a 16-wide
-    block gave wrong outputs and gradients at head dimension 16 (NaN for the delta rules), and
-    their 32-wide blocks (masked) give correct ones."""
+    default is 32 because on H100 with Triton 3.6, chunk kernels with 16-wide blocks gave wrong
+    bfloat16 outputs and gradients at head dimension 16 (NaN for the delta rules), where masked
+    32-wide blocks removed the delta forward's NaN (``test_key_dim_16_in_bfloat16`` checks every
+    rule there against the float64 token loop)."""
     return max(at_least, triton.next_power_of_2(x))
 
 
