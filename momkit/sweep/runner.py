@@ -15,7 +15,9 @@ How a study is run, on one machine or many:
 * **Dead workers.** On SQL storages a running trial records a heartbeat every ``heartbeat.interval`` seconds;
   a live worker fails trials whose heartbeat is older than ``heartbeat.grace_period`` and Optuna's retry
   callback queues them again with the same parameters (at most ``heartbeat.max_retry`` times). Idle workers
-  wait while other trials are running, so a retried trial is picked up.
+  wait while other trials are running, so a retried trial is picked up. Each seed's outcome is stored as it
+  finishes (``seeds_done``), and a retry keeps the seeds its failed attempt finished with the same config: a
+  trial cut short (a killed worker, a job's time limit) only trains the seeds it had not finished.
 * **Resuming.** Running the same command again continues the study: queued trials run, finished ones are
   kept. A larger ``--n-trials`` queues more.
 """
@@ -208,6 +210,18 @@ def _mean_metrics(evaluations: list[dict]) -> dict:
     return out
 
 
+def _config_key(cfg) -> str:
+    """A digest of a seed's resolved config, less what names the run (its name and directory hold the trial
+    number) and the worker's CPU threads: a finished seed is reused only for the same config."""
+    import dataclasses
+    import hashlib
+
+    from momkit.config import config_to_yaml
+
+    same = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="", dir=None, threads=None, progress=False))
+    return hashlib.sha256(config_to_yaml(same).encode()).hexdigest()[:16]
+
+
 def _run_trial(ctx: _Context, study, trial, queued) -> str:
     """Run one claimed trial to its end and tell the study; returns its final state's name. ``queued`` is the
     FrozenTrial as it waited in the queue (a retry carries the attributes of the trial it replaces)."""
@@ -246,24 +260,34 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at step {step}: {spec.objective.metric}={value:.4g}")
 
-        values, evaluations, results = [], [], []
+        # seed -> outcome; a retry starts from the seeds its failed attempt finished
+        done = dict(queued.user_attrs.get("seeds_done") or {})
+        outcomes = []
         for i, seed in enumerate(spec.seeds):
             if i:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
             cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
             cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-            result = train(cfg, overwrite=True, callback=report if i == 0 else None)
-            values.append(spec.objective.read(result))
-            evaluations.append(result.best if spec.objective.source == "best" else result.final)
-            results.append(result)
+            key = _config_key(cfg)
+            outcome = done.get(str(seed))
+            if outcome is None or outcome["config_key"] != key:
+                result = train(cfg, overwrite=True, callback=report if i == 0 else None)
+                outcome = {"value": spec.objective.read(result), "config_key": key, "run_dir": result.run_dir,
+                           "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
+                           "evaluation": result.best if spec.objective.source == "best" else result.final}
+                done[str(seed)] = outcome
+                trial.set_user_attr("seeds_done", done)
+            outcomes.append(outcome)
+        trial.set_user_attr("run_dirs", [o["run_dir"] for o in outcomes])  # a reused seed's run is its first attempt's
+        values = [o["value"] for o in outcomes]
         mean = sum(values) / len(values)
         if not math.isfinite(mean):
             raise ValueError(f"objective {spec.objective.metric} is {mean} (per seed: {values}), not a finite number")
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         for key, val in {"objective_per_seed": values, "objective_std": std,
-                         "metrics": _mean_metrics(evaluations), "steps": [r.steps for r in results],
-                         "stopped": [r.stopped for r in results],
-                         "train_s": round(sum(r.elapsed_s for r in results), 2)}.items():
+                         "metrics": _mean_metrics([o["evaluation"] for o in outcomes]),
+                         "steps": [o["steps"] for o in outcomes], "stopped": [o["stopped"] for o in outcomes],
+                         "train_s": round(sum(o["elapsed_s"] for o in outcomes), 2)}.items():
             trial.set_user_attr(key, val)
         study.tell(trial, mean)
         return "COMPLETE"

@@ -96,6 +96,37 @@ def test_a_killed_worker_is_detected_by_heartbeat_and_its_trial_retried(tmp_path
     assert csv.loc[0, "retried_as"] == 1 and csv.loc[1, "retry_of"] == 0
 
 
+def test_a_retried_trial_keeps_the_seeds_its_killed_attempt_finished(tmp_path, make_spec, momkit_cmd):
+    """Seeds run one after another; a worker killed during seed 1 has finished seed 0, whose outcome the retry
+    reuses (same config, same objective, the first attempt's run directory) while seed 1 trains again."""
+    url = f"sqlite:///{tmp_path / 'seeds.db'}"
+    spec = make_spec(tmp_path / "seeds.yaml", study="seeds", space={"model.mom.num_memories": [2]}, seeds=[0, 1],
+                     overrides={"optim.max_steps": 60, "run.eval_every": 5, "run.checkpoint_every": 60})
+    victim = _spawn(spec, url, tmp_path)
+    first = tmp_path / "runs" / "seeds" / "trial-0000"
+    deadline = time.monotonic() + 180
+    while not ((first / "seed-1" / "metrics.jsonl").is_file()
+               and '"valid"' in (first / "seed-1" / "metrics.jsonl").read_text()):
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline, "seed 1 never started training"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = optuna.load_study(study_name="seeds", storage=url).get_trials()[0]
+    assert list(killed.user_attrs["seeds_done"]) == ["0"]  # seed 0 was stored when it finished, seed 1 not
+
+    out = momkit_cmd("sweep", spec, "--storage", url, cwd=tmp_path).stdout
+    assert "retried as trial 1" in out, out
+    trials = optuna.load_study(study_name="seeds", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    retry = trials[1]
+    assert retry.user_attrs["objective_per_seed"][0] == killed.user_attrs["seeds_done"]["0"]["value"]
+    assert retry.user_attrs["run_dirs"] == [str(first / "seed-0"), str(tmp_path / "runs/seeds/trial-0001/seed-1")]
+    assert not (tmp_path / "runs" / "seeds" / "trial-0001" / "seed-0").exists()  # seed 0 did not train again
+    assert (tmp_path / "runs" / "seeds" / "trial-0001" / "seed-1" / "metrics.jsonl").is_file()
+    assert retry.value == pytest.approx(sum(retry.user_attrs["objective_per_seed"]) / 2)
+
+
 @pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
 def test_every_postgresql_url_form_opens(postgres_url, driver):
     """postgresql:// (docs/sweeps.md) and both explicit drivers reach the same server."""
