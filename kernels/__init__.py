@@ -132,11 +132,11 @@ def step_into(rule: str, q: Tensor, k: Tensor, v: Tensor, states: Tensor, slots:
     would move it four times. Only for rules with ``has_step_into``."""
     from ._common import check_dtype, interpreter_compat
 
+    if not has_step_into(rule):
+        raise NotImplementedError(f"no indexed decoding kernel for rule {rule!r}")
     family, gate = _family(rule)
     check_dtype(q, k, v)
     interpreter_compat()
-    if not has_step_into(rule):
-        raise NotImplementedError(f"no indexed decoding kernel for rule {rule!r}")
     if states.dtype != torch.float32 or not states.is_contiguous():
         raise ValueError(f"states must be a contiguous float32 tensor, got {states.dtype}"
                          f"{'' if states.is_contiguous() else ', not contiguous'}")

@@ -25,6 +25,8 @@ How a study is run, on one machine or many:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -213,9 +215,6 @@ def _mean_metrics(evaluations: list[dict]) -> dict:
 def _config_key(cfg) -> str:
     """A digest of a seed's resolved config, less what names the run (its name and directory hold the trial
     number) and the worker's CPU threads: a finished seed is reused only for the same config."""
-    import dataclasses
-    import hashlib
-
     from momkit.config import config_to_yaml
 
     same = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="", dir=None, threads=None, progress=False))
