@@ -221,7 +221,7 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, order, 
         if GATE == 1:
             b_dh *= tl.exp(tl.sum(b_g, axis=0))
             b_qT *= tl.exp(tl.cumsum(b_g, axis=0))[None, :]
-            tl.store(s_part + ((i_k * tl.num_programs(2) + i_v) * NTtot + i_c) * H + i_h,
+            tl.store(s_part + ((i_k * NV + i_v) * NTtot + i_c) * H + i_h,
                      tl.sum(tl.sum(b_dh * b_hc, axis=1), axis=0))
         if GATE == 2:
             b_dh *= b_g[:, None]

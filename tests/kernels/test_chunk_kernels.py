@@ -219,10 +219,11 @@ def test_forward_without_gradients(device, seed, name, opts):
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_several_key_blocks(device, seed, name, opts):
-    """K = 72 and V = 40: the kernels' loops over key and value blocks run more than once (the other
-    small shapes fit in one block), including the 32-wide key blocks of the delta WY backward."""
+    """K = V = 72: the kernels' loops and grids over key and value blocks run more than once in both
+    (the other small shapes fit in one block), including the 32-wide key blocks of the delta WY
+    backward and the per-(key block, value block) parts of the scalar decay gradient."""
     rule = get_rule(name)
-    leaves = make_leaves(rule, 1, 70, 2, 72, 40, torch.float32, seed, device)
+    leaves = make_leaves(rule, 1, 70, 2, 72, 72, torch.float32, seed, device)
     check_against_reference(rule, opts, leaves, torch.float32)
 
 
