@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -69,12 +70,19 @@ def main() -> None:
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",
            "-p", "no:benchmark", f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
     t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        output, status = proc.stdout + proc.stderr, f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode() + (e.stderr or b"").decode()
-        status = f"TIMED OUT after {args.timeout} s"
+        output, _ = proc.communicate(timeout=args.timeout)
+        status = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        # an interrupted pytest still prints its summary (the failures so far) and writes the JUnit file
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        status = f"TIMED OUT after {args.timeout} s (interrupted: the tests not yet run are not in the summary)"
     lines = [
         "momkit kernel tests on GPU",
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
