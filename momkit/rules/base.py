@@ -205,7 +205,7 @@ class Rule:
             if tuple(states.shape[1:]) != want:
                 raise ValueError(f"states must have shape [N, {', '.join(map(str, want))}], got {list(states.shape)}")
             scale, _, _ = self._validate(q[:, None], k[:, None], v[:, None], {n: x[:, None] for n, x in g.items()},
-                                         scale, None, None)
+                                         scale, None, None, make_state=False)
             k, g = self.kernel_inputs(k, g)
             return _triton.step_into(self.name, q, k, v, states, slots, keep, g, scale)
         old = states[slots]

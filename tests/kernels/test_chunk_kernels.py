@@ -318,6 +318,29 @@ def test_indexed_step_kernel_updates_states_in_place(device, seed, name, opts, d
     assert torch.equal(states[untouched], original[untouched]), "a slot that no kept row owns changed"
 
 
+@pytest.mark.gpu
+def test_rule_step_into_allocates_no_state_sized_buffer(seed):
+    """A decoding step reads and writes the selected states where they live: beyond its outputs it
+    allocates nothing near the size of the n states it steps (a zero initial state of that size, made
+    and dropped every step, cost a memset of n states per layer and token)."""
+    rule = get_rule("gated_deltanet")
+    n, H, K, V = 8, 2, 128, 128
+    leaves = make_leaves(rule, n, 1, H, K, V, torch.bfloat16, seed, "cuda", N=n + 2)
+    q, k, v, states = leaves.pop("q"), leaves.pop("k"), leaves.pop("v"), leaves.pop("initial_state").float()
+    slots = torch.randperm(n + 2, device="cuda")[:n]
+    keep = torch.ones(n, dtype=torch.bool, device="cuda")
+    gates = {x: y[:, 0] for x, y in leaves.items()}
+    rule.step_into(q[:, 0], k[:, 0], v[:, 0], states, slots, keep, **gates)  # compiled before measuring
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rule.step_into(q[:, 0], k[:, 0], v[:, 0], states, slots, keep, **gates)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    state_bytes = n * H * K * V * 4
+    assert extra < state_bytes / 4, f"step_into allocated {extra} bytes; the {n} states are {state_bytes}"
+
+
 @pytest.mark.parametrize("case", ["titans_alpha1_eta0", "titans_eta1", "delta_beta1", "gla_strong_decay",
                                   "mamba2_strong_decay", "gated_deltanet_strong_decay"])
 def test_gate_domain_edges(device, seed, case):
