@@ -16,6 +16,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -59,22 +60,37 @@ def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: 
 
 @functools.lru_cache(maxsize=128)
 def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta:
-    lengths = [b - a for a, b in itertools.pairwise(cu)]
-    n_chunks = [(L + BT - 1) // BT for L in lengths]
-    indices = [(n, c) for n, nc in enumerate(n_chunks) for c in range(nc)]
-    offsets = [0]
-    for nc in n_chunks:
-        offsets.append(offsets[-1] + nc)
-    idx = torch.tensor(indices if indices else [(0, 0)], dtype=torch.int32).reshape(-1, 2)
+    # NumPy and two host-to-device copies: a MoM call has thousands of segments, and Python lists built
+    # per segment, with one copy per tensor, made this milliseconds of host time per layer call
+    offs = np.asarray(cu, dtype=np.int64)
+    n_chunks = (np.diff(offs) + BT - 1) // BT
+    chunk_offsets = np.concatenate([[0], np.cumsum(n_chunks)])
+    NT = int(chunk_offsets[-1])
+    if NT:
+        seg = np.repeat(np.arange(len(n_chunks)), n_chunks)
+        idx = np.stack([seg, np.arange(NT) - chunk_offsets[:-1][seg]], 1)
+    else:
+        idx = np.zeros((1, 2), dtype=np.int64)
+    order = np.argsort(-n_chunks, kind="stable")
+    # the int32 tensors as views of one buffer, each starting on a 16-byte boundary (Triton specializes
+    # pointers on that alignment)
+    parts = [idx.reshape(-1), chunk_offsets, order]
+    starts = [0]
+    for a in parts:
+        starts.append(starts[-1] + -(-len(a) // 4) * 4)
+    buf = np.zeros(starts[-1], dtype=np.int32)
+    for a, s0 in zip(parts, starts, strict=False):
+        buf[s0 : s0 + len(a)] = a
+    dev = torch.from_numpy(buf).to(device)
+    idx_t, off_t, order_t = (dev[s0 : s0 + len(a)] for a, s0 in zip(parts, starts, strict=False))
     return ChunkMeta(
-        cu=torch.tensor(cu, dtype=torch.int64, device=device),
-        chunk_indices=idx.to(device),
-        chunk_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
-        num_segments=len(lengths),
-        num_chunks=len(indices),
-        max_chunks=max(n_chunks, default=0),
-        order=torch.tensor(sorted(range(len(lengths)), key=lambda n: -n_chunks[n]), dtype=torch.int32,
-                           device=device),
+        cu=torch.from_numpy(offs).to(device),
+        chunk_indices=idx_t.view(-1, 2),
+        chunk_offsets=off_t,
+        num_segments=len(n_chunks),
+        num_chunks=NT,
+        max_chunks=int(n_chunks.max()) if len(n_chunks) else 0,
+        order=order_t,
         cu_host=cu,
         chunk=BT,
     )

@@ -20,6 +20,7 @@ Devices: ``cpu`` runs the Triton interpreter (marker ``interpret``, small shapes
 
 from __future__ import annotations
 
+import random
 import zlib
 
 import pytest
@@ -151,6 +152,31 @@ def test_state_passes_start_the_longest_segments_first():
     meta = chunk_meta(1, 140, (0, 1, 1, 66, 70, 140), CHUNK, torch.device("cpu"))
     assert meta.order.tolist() == [2, 4, 0, 3, 1]
     assert meta.order.dtype == torch.int32
+
+
+def test_chunk_layout_matches_its_definition():
+    """The chunk layout of random packings (empty segments, segments of 1, 63, 64, 65 and up to 300 tokens)
+    against the module docstring's definition written out per segment and chunk; every index tensor
+    contiguous and on a 16-byte boundary, as the kernels' pointer specialization assumes."""
+    from momkit.kernels._common import _chunk_meta
+
+    rng = random.Random(0)
+    for case in range(100):
+        cu = [0]
+        for _ in range(rng.randint(0, 40)):
+            cu.append(cu[-1] + rng.choice([0, 1, 63, 64, 65, rng.randint(0, 300)]))
+        BT = rng.choice([16, 64])
+        meta = _chunk_meta(tuple(cu), BT, torch.device("cpu"))
+        n_chunks = [-(-(b - a) // BT) for a, b in zip(cu, cu[1:])]
+        indices = [[n, c] for n, nc in enumerate(n_chunks) for c in range(nc)]
+        assert meta.cu.tolist() == cu and meta.cu.dtype == torch.int64
+        assert meta.chunk_indices.tolist() == (indices or [[0, 0]])
+        assert meta.chunk_offsets.tolist() == [sum(n_chunks[:n]) for n in range(len(n_chunks) + 1)]
+        assert meta.order.tolist() == sorted(range(len(n_chunks)), key=lambda n: -n_chunks[n])
+        assert (meta.num_segments, meta.num_chunks, meta.max_chunks) == (len(cu) - 1, len(indices),
+                                                                          max(n_chunks, default=0))
+        for t in (meta.chunk_indices, meta.chunk_offsets, meta.order):
+            assert t.dtype == torch.int32 and t.is_contiguous() and t.data_ptr() % 16 == 0, case
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
