@@ -79,10 +79,10 @@ def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta
     for a in parts:
         starts.append(starts[-1] + -(-len(a) // 4) * 4)
     buf = np.zeros(starts[-1], dtype=np.int32)
-    for a, s0 in zip(parts, starts, strict=False):
+    for a, s0 in zip(parts, starts[:-1], strict=True):
         buf[s0 : s0 + len(a)] = a
     dev = torch.from_numpy(buf).to(device)
-    idx_t, off_t, order_t = (dev[s0 : s0 + len(a)] for a, s0 in zip(parts, starts, strict=False))
+    idx_t, off_t, order_t = (dev[s0 : s0 + len(a)] for a, s0 in zip(parts, starts[:-1], strict=True))
     return ChunkMeta(
         cu=torch.from_numpy(offs).to(device),
         chunk_indices=idx_t.view(-1, 2),
