@@ -17,7 +17,8 @@ How a study is run, on one machine or many:
   callback queues them again with the same parameters (at most ``heartbeat.max_retry`` times). Idle workers
   wait while other trials are running, so a retried trial is picked up. Each seed's outcome is stored as it
   finishes (``seeds_done``), and a retry keeps the seeds its failed attempt finished with the same config: a
-  trial cut short (a killed worker, a job's time limit) only trains the seeds it had not finished.
+  trial cut short (a killed worker, a job's time limit) only trains the seeds it had not finished, and the
+  seed it was training goes on from that run's last checkpoint where the run directory is at hand.
 * **Resuming.** Running the same command again continues the study: queued trials run, finished ones are
   kept. A larger ``--n-trials`` queues more.
 """
@@ -221,12 +222,33 @@ def _config_key(cfg) -> str:
     return hashlib.sha256(config_to_yaml(same).encode()).hexdigest()[:16]
 
 
+def _train_seed(cfg, key: str, before: dict | None, callback, trial, started: dict, seed: str):
+    """Train one seed of a trial. Where an earlier attempt of this trial trained the same config in a run
+    directory that holds a checkpoint, continue that run (a resumed run trains on as if never stopped);
+    otherwise start afresh. The run directory in use is stored (``seeds_started``) before training, so the
+    next retry finds it."""
+    from momkit.train import train
+
+    if before is not None and before["config_key"] == key and (Path(before["run_dir"]) / "last.pt").is_file():
+        fresh_dir = cfg.run.dir
+        cfg.run.dir = before["run_dir"]
+        started[seed] = before
+        trial.set_user_attr("seeds_started", started)
+        try:
+            return train(cfg, resume=True, callback=callback)
+        except ConfigError as e:  # e.g. complete, or an unreadable checkpoint: that run cannot go on
+            trial.set_user_attr(f"resume_refused_seed_{seed}", str(e))
+            cfg.run.dir = fresh_dir
+    started[seed] = {"run_dir": str(cfg.run_dir), "config_key": key}
+    trial.set_user_attr("seeds_started", started)
+    return train(cfg, overwrite=True, callback=callback)
+
+
 def _run_trial(ctx: _Context, study, trial, queued) -> str:
     """Run one claimed trial to its end and tell the study; returns its final state's name. ``queued`` is the
     FrozenTrial as it waited in the queue (a retry carries the attributes of the trial it replaces)."""
     optuna = _optuna()
     from momkit.config import config_to_yaml
-    from momkit.train import train
 
     spec, number = ctx.spec, trial.number
     # a retried trial inherits the user attributes of the one it replaces: reset its outcome
@@ -259,8 +281,10 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at step {step}: {spec.objective.metric}={value:.4g}")
 
-        # seed -> outcome; a retry starts from the seeds its failed attempt finished
+        # seed -> outcome; a retry starts from the seeds its failed attempt finished, and continues the seed it
+        # was training from that run's last checkpoint
         done = dict(queued.user_attrs.get("seeds_done") or {})
+        started = dict(queued.user_attrs.get("seeds_started") or {})
         outcomes = []
         for i, seed in enumerate(spec.seeds):
             if i:
@@ -270,7 +294,8 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
             key = _config_key(cfg)
             outcome = done.get(str(seed))
             if outcome is None or outcome["config_key"] != key:
-                result = train(cfg, overwrite=True, callback=report if i == 0 else None)
+                result = _train_seed(cfg, key, started.get(str(seed)), report if i == 0 else None, trial, started,
+                                     str(seed))
                 outcome = {"value": spec.objective.read(result), "config_key": key, "run_dir": result.run_dir,
                            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
                            "evaluation": result.best if spec.objective.source == "best" else result.final}

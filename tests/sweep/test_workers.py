@@ -127,6 +127,47 @@ def test_a_retried_trial_keeps_the_seeds_its_killed_attempt_finished(tmp_path, m
     assert retry.value == pytest.approx(sum(retry.user_attrs["objective_per_seed"]) / 2)
 
 
+def test_a_retried_trial_continues_the_seed_its_killed_attempt_was_training(tmp_path, make_spec, momkit_cmd):
+    """A worker killed during a seed after that run wrote a checkpoint: the retry continues the run in its
+    directory from the checkpoint (no new run directory), and the seed ends as an uninterrupted run does."""
+    import torch
+
+    from momkit.sweep.spec import load_spec
+    from momkit.train import train
+
+    url = f"sqlite:///{tmp_path / 'cont.db'}"
+    spec = make_spec(tmp_path / "cont.yaml", study="cont", space={"model.mom.num_memories": [2]}, seeds=[0],
+                     overrides={"optim.max_steps": 60, "run.eval_every": 5, "run.checkpoint_every": 10})
+    victim = _spawn(spec, url, tmp_path)
+    run = tmp_path / "runs" / "cont" / "trial-0000" / "seed-0"
+    deadline = time.monotonic() + 180
+    while not ((run / "metrics.jsonl").is_file() and '"step": 25, "split": "valid"' in (run / "metrics.jsonl").read_text()):
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline, "the run never reached step 25"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stopped_at = torch.load(run / "last.pt", weights_only=False)["state"]["step"]
+    assert 20 <= stopped_at < 60
+
+    out = momkit_cmd("sweep", spec, "--storage", url, cwd=tmp_path).stdout
+    assert "retried as trial 1" in out, out
+    trials = optuna.load_study(study_name="cont", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    retry = trials[1]
+    assert retry.user_attrs["run_dirs"] == [str(run)]
+    assert not (tmp_path / "runs" / "cont" / "trial-0001").exists()
+    valid = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"split": "valid"' in line]
+    assert valid == list(range(5, 65, 5))  # every evaluation once: the resumed run wrote on from the checkpoint
+
+    cfg = load_spec(str(spec)).trial_config("cont", 0, {"model.mom.num_memories": 2}, 0)
+    cfg.run.dir = str(tmp_path / "uninterrupted")
+    whole = train(cfg)
+    metric = "valid/accuracy"
+    assert retry.user_attrs["seeds_done"]["0"]["evaluation"][metric] == whole.final[metric]
+
+
 @pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
 def test_every_postgresql_url_form_opens(postgres_url, driver):
     """postgresql:// (docs/sweeps.md) and both explicit drivers reach the same server."""
