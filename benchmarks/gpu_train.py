@@ -1,16 +1,19 @@
 """GPU training throughput of a MoMLM against the same model with fla 0.6.0's ``MomAttention`` as mixers.
 
     python -m benchmarks.gpu_train --out benchmarks/results/gpu_train_<device>.json [--commit SHA]
-        [--batch 8] [--seq-len 2048] [--steps 10] [--no-fla]
+        [--batch 8] [--seq-len 2048] [--steps 10] [--no-fla] [--config NAME] [--set KEY=VALUE ...]
+        [--kernel-top N] [--host-profile N]
 
-The model is ``momkit/configs/lm_mom_120m.yaml`` (D = 768, 12 blocks, gated_deltanet, 4 memories top-2 with a
+The model is by default ``momkit/configs/lm_mom_120m.yaml`` (D = 768, 12 blocks, gated_deltanet, 4 memories top-2 with a
 shared memory, 6 heads of K = V = 128), trained as ``momkit train`` trains it: AdamW, bf16 autocast,
 gradient clipping at 1.0, one forward+backward+step per batch of random token ids (next-token labels).
 The fla twin is the same model with every mixer replaced by ``MomAttention`` of the same sizes; its
 router's balance loss is left out (fla's layer returns only the logits), which saves it a little work.
 Each model runs ``--warmup`` steps (compilation, autotuning) and then ``--steps`` timed steps; reported:
 tokens per second, milliseconds per step, the GPU time per step (sum of kernel times, torch.profiler),
-peak memory, and the ratio ours / fla of tokens per second (> 1: ours trains faster).
+peak memory, and the ratio ours / fla of tokens per second (> 1: ours trains faster). ``--config`` and
+``--set`` time another packaged config's model (e.g. ``--config mqar_capacity --batch 256 --seq-len 128
+--set model.mixer=single``); ``--kernel-top N`` lists the N kernels with the most GPU time per step.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from benchmarks._common import environment
 from benchmarks.kernels import kernel_times
 
 
-def build_ours(device) -> torch.nn.Module:
+def build_ours(device, config: str = "lm_mom_120m", sets: tuple[str, ...] = ()) -> torch.nn.Module:
     from momkit import MoMLM
     from momkit.config import load_config
 
-    cfg = load_config("lm_mom_120m")
+    cfg = load_config(config, list(sets))
     return MoMLM(cfg.model).to(device)
 
 
@@ -51,8 +54,8 @@ class FlaMixer(torch.nn.Module):
         return self.layer(x)[0], None
 
 
-def build_fla(device) -> torch.nn.Module:
-    model = build_ours("cpu")
+def build_fla(device, config: str = "lm_mom_120m", sets: tuple[str, ...] = ()) -> torch.nn.Module:
+    model = build_ours("cpu", config, sets)
     mom = model.cfg.resolved_mom()
     for block in model.blocks:
         block.mixer = FlaMixer(mom, model.cfg.hidden_size)
@@ -85,10 +88,15 @@ def measure(model, args, device) -> dict:
         step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    gpu = sum(t for _, t in kernel_times(step, 2).values()) / 1e3
+    kernels = kernel_times(step, 2)
+    gpu = sum(t for _, t in kernels.values()) / 1e3
     out = {"ms_per_step": dt * 1e3, "gpu_ms_per_step": gpu, "tokens_per_s": args.batch * args.seq_len / dt,
            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-           "parameters": sum(p.numel() for p in model.parameters())}
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "kernel_launches_per_step": sum(n for n, _ in kernels.values())}
+    if args.kernel_top:
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.kernel_top]
+        out["top_kernels"] = [{"kernel": k[:100], "launches": n, "us": round(t, 1)} for k, (n, t) in top]
     if args.host_profile:
         out["host_top_ops"] = host_profile(step, args.host_profile)
     return out
@@ -118,9 +126,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-fla", action="store_true", help="time ours only")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="also list the N operators with the most host time in one step")
+    ap.add_argument("--kernel-top", type=int, default=0, metavar="N",
+                    help="also list the N kernels with the most GPU time per step")
+    ap.add_argument("--config", default="lm_mom_120m", help="packaged config (or YAML file) whose model is timed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override, e.g. model.mixer=single (repeatable)")
     args = ap.parse_args(argv)
-    if args.host_profile < 0:
-        ap.error(f"--host-profile {args.host_profile}: must be >= 0")
+    for key in ("host_profile", "kernel_top"):
+        if getattr(args, key) < 0:
+            ap.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 0")
+    from momkit.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, list(args.set))
+    except ConfigError as e:
+        ap.error(f"--config {args.config} with --set {args.set}: {e}")
     for key in ("batch", "seq_len", "warmup", "steps"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
@@ -131,16 +151,20 @@ def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
     env = environment(args.commit)
-    result = {"environment": env, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps}
+    result = {"environment": env, "config": args.config, "set": args.set, "batch": args.batch,
+              "seq_len": args.seq_len, "steps": args.steps}
     builders = {"ours": build_ours} if args.no_fla else {"ours": build_ours, "fla": build_fla}
     for who, build in builders.items():
         model = None
         try:
-            model = build(device)
+            model = build(device, args.config, tuple(args.set))
             result[who] = measure(model, args, device)
         except Exception as e:  # report, don't hide
             result[who] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        print(who, json.dumps({k: v for k, v in result[who].items() if k != "host_top_ops"}), flush=True)
+        print(who, json.dumps({k: v for k, v in result[who].items() if k not in ("host_top_ops", "top_kernels")}),
+              flush=True)
+        for row in result[who].get("top_kernels", []):
+            print(f"    {row['us']:9.1f} us  {row['launches']:6d}x  {row['kernel']}")
         for row in result[who].get("host_top_ops", []):
             print(f"    {row['self_cpu_ms']:9.2f} ms  {row['calls']:6d}x  {row['op']}")
         del model

@@ -193,6 +193,11 @@ def test_layer_train_and_launch_benchmarks_name_bad_arguments(capsys):
     err = _error(gpu_layer.parse_args, ["--out", "x.json", "--cases", "mom_b4_t2048_m4,huge"], capsys)
     assert "--cases 'mom_b4_t2048_m4,huge': unknown huge" in err and "single_b4_t2048" in err
     assert "--steps 0: must be >= 1" in _error(gpu_train.parse_args, ["--out", "x", "--steps", "0"], capsys)
+    assert "--kernel-top -1: must be >= 0" in _error(gpu_train.parse_args, ["--out", "x", "--kernel-top", "-1"], capsys)
+    err = _error(gpu_train.parse_args, ["--out", "x", "--config", "mqar_capacity", "--set", "model.mixer=both"], capsys)
+    assert "--config mqar_capacity" in err and "model.mixer" in err and "both" in err
+    args = gpu_train.parse_args(["--out", "x", "--config", "mqar_capacity", "--set", "model.mixer=single"])
+    assert (args.config, args.set) == ("mqar_capacity", ["model.mixer=single"])
     err = _error(tune_launch.parse_args, ["--options", "BV=thirty"], capsys)
     assert "launch option 'BV=thirty' must look like name=int" in err
     assert "--shapes" in _error(tune_launch.parse_args, ["--shapes", "4x2048x4"], capsys)
