@@ -20,6 +20,7 @@ Devices: ``cpu`` runs the Triton interpreter (marker ``interpret``, small shapes
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 
@@ -167,7 +168,7 @@ def test_chunk_layout_matches_its_definition():
             cu.append(cu[-1] + rng.choice([0, 1, 63, 64, 65, rng.randint(0, 300)]))
         BT = rng.choice([16, 64])
         meta = _chunk_meta(tuple(cu), BT, torch.device("cpu"))
-        n_chunks = [-(-(b - a) // BT) for a, b in zip(cu, cu[1:])]
+        n_chunks = [-(-(b - a) // BT) for a, b in itertools.pairwise(cu)]
         indices = [[n, c] for n, nc in enumerate(n_chunks) for c in range(nc)]
         assert meta.cu.tolist() == cu and meta.cu.dtype == torch.int64
         assert meta.chunk_indices.tolist() == (indices or [[0, 0]])

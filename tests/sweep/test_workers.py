@@ -141,7 +141,8 @@ def test_a_retried_trial_continues_the_seed_its_killed_attempt_was_training(tmp_
     victim = _spawn(spec, url, tmp_path)
     run = tmp_path / "runs" / "cont" / "trial-0000" / "seed-0"
     deadline = time.monotonic() + 180
-    while not ((run / "metrics.jsonl").is_file() and '"step": 25, "split": "valid"' in (run / "metrics.jsonl").read_text()):
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and '"step": 25, "split": "valid"' in metrics.read_text()):
         assert victim.poll() is None, victim.communicate()[0]
         assert time.monotonic() < deadline, "the run never reached step 25"
         time.sleep(0.05)
@@ -157,7 +158,7 @@ def test_a_retried_trial_continues_the_seed_its_killed_attempt_was_training(tmp_
     retry = trials[1]
     assert retry.user_attrs["run_dirs"] == [str(run)]
     assert not (tmp_path / "runs" / "cont" / "trial-0001").exists()
-    valid = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    valid = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if '"split": "valid"' in line]
     assert valid == list(range(5, 65, 5))  # every evaluation once: the resumed run wrote on from the checkpoint
 
