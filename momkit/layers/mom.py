@@ -168,22 +168,40 @@ class MoMLayer(nn.Module):
         q_in = disp.gather(self.q_proj(x), fused)
         q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in
         k_in, v_in, ks, vs, gates = [], [], [], [], {}
+        # On the kernel path, fewer launches (a small model's step is bound by their count): each memory's k and
+        # v as one projection and one convolution over both (not for a rule that makes its key from its gates:
+        # its k projection gets no gradient), and every memory's gates in one stacked product over the tokens
+        # (per-head gates only: per-channel ones would be computed for M' memories where k' rows read them).
+        fuse_kv = fused and self.rule.uses_key
+        stacked_gates = fused and not any(spec.per_channel for spec in self.rule.gates)
+        conv = cfg.short_conv and not cfg.share_kv_conv  # each memory's own convolutions
+        if fuse_kv and conv:
+            from momkit.kernels.short_conv import short_conv
         # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
         # into one tensor, where slices would each make a zero tensor of all rows and add them up
         x_parts = torch.split(x_rows, [b - a for a, b in disp.memory_rows])
         for mem, (a, b), xm in zip(self.all_memories, disp.memory_rows, x_parts):
             if a == b:
                 continue
-            km, vm = mem.k_proj(xm), mem.v_proj(xm)
-            k_in.append(km)
-            v_in.append(vm)
-            if cfg.short_conv and not cfg.share_kv_conv:
-                km = mem.k_conv.forward_packed(km, pos[a:b], fused)
-                vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
+            if fuse_kv:
+                kv = F.linear(xm, torch.cat([mem.k_proj.weight, mem.v_proj.weight]))
+                k_pre, v_pre = kv.split([H * K, H * V], -1)
+                if conv:
+                    kv = short_conv(kv, torch.cat([mem.k_conv.weight, mem.v_conv.weight]), pos[a:b])
+                km, vm = kv.split([H * K, H * V], -1)
+            else:
+                k_pre, v_pre = mem.k_proj(xm), mem.v_proj(xm)
+                km, vm = k_pre, v_pre
+                if conv:
+                    km = mem.k_conv.forward_packed(km, pos[a:b], fused)
+                    vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
+            k_in.append(k_pre)
+            v_in.append(v_pre)
             ks.append(km)
             vs.append(vm)
-            for n, g in mem.gates(xm[None]).items():
-                gates.setdefault(n, []).append(g)
+            if not stacked_gates:
+                for n, g in mem.gates(xm[None]).items():
+                    gates.setdefault(n, []).append(g)
         N = disp.num_rows
         k, v = torch.cat(ks), torch.cat(vs)
         if cfg.short_conv and cfg.share_kv_conv:  # one convolution for every memory: one call over all rows
@@ -191,7 +209,7 @@ class MoMLayer(nn.Module):
             k, v = first.k_conv.forward_packed(k, pos, fused), first.v_conv.forward_packed(v, pos, fused)
         q, k = self.rule.prepare_qk(q.view(1, N, H, K), k.view(1, N, H, K), fused)
         v = v.view(1, N, H, V)
-        gates = {n: torch.cat(g, 1) for n, g in gates.items()}
+        gates = self._gate_rows(x, disp) if stacked_gates else {n: torch.cat(g, 1) for n, g in gates.items()}
         o_rows, final = self.rule.forward(
             q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.offsets,
             output_final_state=use_cache, **gates, **cfg.rule_options,
@@ -207,6 +225,13 @@ class MoMLayer(nn.Module):
         if use_cache:
             aux.cache = self._prefill_cache(disp, final, q_in, torch.cat(k_in), torch.cat(v_in), mask)
         return y, aux
+
+    def _gate_rows(self, x: Tensor, disp: Dispatch) -> dict[str, Tensor]:
+        """Every memory's gates for every token in one stacked product, then each row's own: ``[1, N, H]``."""
+        mems = self.all_memories
+        every = mems[0].gates.forward_stacked(stack_parameters([m.gates for m in mems]), x.flatten(0, 1))
+        row = disp.token * len(mems) + torch.div(disp.segment, disp.batch, rounding_mode="floor")
+        return {n: g.flatten(0, 1)[row][None] for n, g in every.items()}
 
     def _output(self, x: Tensor, o: Tensor, fused: bool = False) -> Tensor:
         cfg = self.cfg
