@@ -173,7 +173,7 @@ class MoMLayer(nn.Module):
         # its k projection gets no gradient), and every memory's gates in one stacked product over the tokens
         # (per-head gates only: per-channel ones would be computed for M' memories where k' rows read them).
         fuse_kv = fused and self.rule.uses_key
-        stacked_gates = fused and not any(spec.per_channel for spec in self.rule.gates)
+        stacked_gates = fused and bool(self.rule.gates) and not any(spec.per_channel for spec in self.rule.gates)
         conv = cfg.short_conv and not cfg.share_kv_conv  # each memory's own convolutions
         if fuse_kv and conv:
             from momkit.kernels.short_conv import short_conv
