@@ -222,13 +222,14 @@ def _config_key(cfg) -> str:
     return hashlib.sha256(config_to_yaml(same).encode()).hexdigest()[:16]
 
 
-def _train_seed(cfg, key: str, before: dict | None, callback, trial, started: dict, seed: str):
+def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     """Train one seed of a trial. Where an earlier attempt of this trial trained the same config in a run
-    directory that holds a checkpoint, continue that run (a resumed run trains on as if never stopped);
-    otherwise start afresh. The run directory in use is stored (``seeds_started``) before training, so the
-    next retry finds it."""
+    directory that holds a checkpoint (``started[seed]``), continue that run (a resumed run trains on as if
+    never stopped); otherwise start afresh. The run directory in use is stored (``seeds_started``) before
+    training, so the next retry finds it."""
     from momkit.train import train
 
+    before = started.get(seed)
     if before is not None and before["config_key"] == key and (Path(before["run_dir"]) / "last.pt").is_file():
         fresh_dir = cfg.run.dir
         cfg.run.dir = before["run_dir"]
@@ -294,8 +295,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
             key = _config_key(cfg)
             outcome = done.get(str(seed))
             if outcome is None or outcome["config_key"] != key:
-                result = _train_seed(cfg, key, started.get(str(seed)), report if i == 0 else None, trial, started,
-                                     str(seed))
+                result = _train_seed(cfg, key, report if i == 0 else None, trial, started, str(seed))
                 outcome = {"value": spec.objective.read(result), "config_key": key, "run_dir": result.run_dir,
                            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
                            "evaluation": result.best if spec.objective.source == "best" else result.final}
