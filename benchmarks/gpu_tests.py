@@ -1,9 +1,11 @@
 """Run the kernel test suite on a GPU and write the report (device, versions, commit, pytest summary).
 
     python -m benchmarks.gpu_tests --out benchmarks/results/gpu_tests_<date>.txt [--workers 8] [--commit SHA]
+        [--paths tests/kernels tests/models] [-- PYTEST_ARGS]
 
-Runs ``pytest tests/kernels -m gpu`` (the GPU-marked tests: every interpreter test again on CUDA,
-plus the odd sizes and the 65,536-token sequences) in parallel workers, with a JUnit file from which
+Runs ``pytest tests/kernels -m gpu`` (the GPU-marked kernel tests: every interpreter test again on CUDA,
+plus the odd sizes and the 65,536-token sequences; ``--paths`` names others, e.g. tests/models for the
+decoding tests) in parallel workers, with a JUnit file from which
 it adds, per tensor kind, the largest precision margin the tests recorded: ``C_needed`` is
 ``(max |kernel - ref64| - 2 max |ref_lowprec - ref64|) / (u max |ref64|)``, which the tests require
 to be at most C (8 for float16 / bfloat16, 16 for float32); and the tests with the largest peak
@@ -62,12 +64,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
     ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("--paths", nargs="+", default=["tests/kernels"], metavar="PATH",
+                    help="test files or folders (default tests/kernels; tests/models holds the decoding tests)")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
     env = environment(args.commit)
     junit = os.path.splitext(args.out)[0] + ".junit.xml"
     # pytest-benchmark (in the device image) warns once per worker that xdist disables it: not loaded
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *args.paths, "-m", "gpu", "-q", "-p", "no:cacheprovider",
            "-p", "no:benchmark", f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
