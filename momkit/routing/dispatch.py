@@ -50,20 +50,23 @@ class Dispatch:
     offsets: tuple[int, ...]  # the same offsets on the host (rules take them without a device sync)
     memory_rows: list[tuple[int, int]]  # rows [start, stop) of each memory (incl. shared)
     _inverse: Tensor | None = None  # [B * T * k'] row of each slot, -1 where none (the fused kernels')
+    _token: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
-        return self.token.numel()
+        return self.slot.numel()
 
     @property
     def token(self) -> Tensor:
-        """[N] flat token index b * T + t of each row."""
-        return self.slot // self.slots
+        """[N] flat token index b * T + t of each row (computed once)."""
+        if self._token is None:
+            self._token = self.slot // self.slots
+        return self._token
 
     @property
     def position(self) -> Tensor:
         """[N] index of each row within its segment."""
-        return torch.arange(self.num_rows, device=self.token.device) - self.cu_seqlens[self.segment]
+        return torch.arange(self.num_rows, device=self.slot.device) - self.cu_seqlens[self.segment]
 
     @staticmethod
     def build(indices: Tensor, weights: Tensor, kept: Tensor, num_memories: int) -> Dispatch:
