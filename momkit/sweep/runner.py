@@ -233,7 +233,6 @@ def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     if before is not None and before["config_key"] == key and (Path(before["run_dir"]) / "last.pt").is_file():
         fresh_dir = cfg.run.dir
         cfg.run.dir = before["run_dir"]
-        started[seed] = before
         trial.set_user_attr("seeds_started", started)
         try:
             return train(cfg, resume=True, callback=callback)
@@ -292,11 +291,11 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
             cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
             cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-            key = _config_key(cfg)
+            config_key = _config_key(cfg)
             outcome = done.get(str(seed))
-            if outcome is None or outcome["config_key"] != key:
-                result = _train_seed(cfg, key, report if i == 0 else None, trial, started, str(seed))
-                outcome = {"value": spec.objective.read(result), "config_key": key, "run_dir": result.run_dir,
+            if outcome is None or outcome["config_key"] != config_key:
+                result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
+                outcome = {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
                            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
                            "evaluation": result.best if spec.objective.source == "best" else result.final}
                 done[str(seed)] = outcome
