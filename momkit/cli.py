@@ -292,7 +292,7 @@ def _quiet_optuna() -> None:
 
 
 def cmd_sweep(args) -> int:
-    from momkit.sweep.runner import format_summary, run_sweep, run_worker
+    from momkit.sweep.runner import EXIT_DEVICE_LOST, DeviceLost, format_summary, run_sweep, run_worker
     from momkit.sweep.spec import check_study_name, load_spec
     from momkit.sweep.storage import check_url, describe
 
@@ -301,10 +301,18 @@ def cmd_sweep(args) -> int:
     check_url(args.storage)
     if args.worker_index is not None:  # one of the processes started by --workers
         study = check_study_name(args.study or spec.study, "--study")
-        run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
+        try:
+            run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
+        except DeviceLost as e:
+            _say(f"momkit: worker stopped: {e}")
+            return EXIT_DEVICE_LOST
         return 0
-    summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
-                        gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout)
+    try:
+        summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
+                            gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout)
+    except DeviceLost as e:  # the trials ran in this process: only a new one has a working GPU
+        _say(f"momkit: sweep stopped: {e}; run the same command again to continue them")
+        return 1
     print(format_summary(spec, summary))
     if summary.ran:
         print(f"this command ran trial{'s' if len(summary.ran) > 1 else ''} {', '.join(map(str, summary.ran))}")

@@ -19,6 +19,11 @@ How a study is run, on one machine or many:
   finishes (``seeds_done``), and a retry keeps the seeds its failed attempt finished with the same config: a
   trial cut short (a killed worker, a job's time limit) only trains the seeds it had not finished, and the
   seed it was training goes on from that run's last checkpoint where the run directory is at hand.
+* **A lost GPU.** Some CUDA errors (an illegal memory access, a device-side assert) are sticky: every later
+  call in the process fails. After a failed trial a worker checks its GPU; if it no longer works, the trial
+  stays failed with its error and the worker stops (``DeviceLost``) instead of failing every trial it would
+  claim next. A local worker started by ``momkit sweep`` is replaced by a fresh process, which has a working
+  GPU; the trials it had not claimed stay queued.
 * **Resuming.** Running the same command again continues the study: queued trials run, finished ones are
   kept. A larger ``--n-trials`` queues more.
 """
@@ -52,6 +57,11 @@ CLAIMS_ATTR = "momkit_claims"  # the latest spec's claims (not part of the finge
 BUDGET_ATTR = "momkit_budget"
 RUNS_DIR_ATTR = "momkit_runs_dir"
 _READY_WAIT_S = 60.0
+EXIT_DEVICE_LOST = 75  # a worker's exit status after DeviceLost: its parent starts a fresh one in its place
+
+
+class DeviceLost(RuntimeError):
+    """A trial left this process's GPU unusable: the worker must stop (a fresh process has a working one)."""
 
 
 def _optuna():
@@ -251,6 +261,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
     from momkit.config import config_to_yaml
 
     spec, number = ctx.spec, trial.number
+    cfg = None
     # a retried trial inherits the user attributes of the one it replaces: reset its outcome
     for key in ("error", "pruned", "skipped", "objective_per_seed", "metrics"):
         if queued.user_attrs.get(key) is not None:
@@ -328,7 +339,32 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         message = f"{type(e).__name__}: {e}"
         trial.set_user_attr("error", message)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        lost = _device_lost(cfg) if cfg is not None else None
+        if lost is not None:
+            raise DeviceLost(f"trial {number} failed with {message.splitlines()[0]}, and the GPU no longer works in "
+                             f"this process ({lost}): a CUDA error of this kind is sticky, so this worker stops; "
+                             "the trials it had not claimed stay queued") from e
         return "FAIL"
+
+
+def _device_lost(cfg) -> str | None:
+    """Why the trial's GPU no longer works in this process (a sticky CUDA error), or None: it works, or the
+    trial trained on the CPU."""
+    import torch
+
+    from momkit.train.loop import resolve_device
+
+    try:
+        device = resolve_device(cfg.run.device)
+    except Exception:  # no device to check
+        return None
+    if device.type != "cuda":
+        return None
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return None
+    except Exception as e:  # any failure of a one-element add: the context is gone
+        return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def _device_label(cfg) -> str:
@@ -455,7 +491,8 @@ def trial_line(spec: SweepSpec, t, trials_by_retry: dict[int, int]) -> str:
     elif state == "PRUNED":
         what = ua.get("pruned", "pruned")
     else:
-        what = ua.get("error") or f"worker died (no heartbeat for {spec.heartbeat.grace_period} s)"
+        what = (ua.get("error") or "").split("\n")[0]  # a CUDA error's advice lines stay in the attribute
+        what = what or f"worker died (no heartbeat for {spec.heartbeat.grace_period} s)"
         if t.number in trials_by_retry:
             what += f"; retried as trial {trials_by_retry[t.number]}"
     tail = ""
@@ -621,18 +658,32 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
 def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, workers: int, devices: list[str],
                        threads: int | None, timeout: float | None, monitor: Monitor) -> list[str]:
     """Start ``workers`` child processes (``momkit sweep ... --worker-index i``), each logging to
-    ``<runs_dir>/<study>/workers/worker-<i>.log``; poll the monitor until they end. Returns their errors."""
+    ``<runs_dir>/<study>/workers/worker-<i>.log``; poll the monitor until they end. A worker that stops because
+    a trial broke its GPU (exit status ``EXIT_DEVICE_LOST``) is replaced by a fresh process with the time left.
+    Returns their errors."""
     log_dir = Path(spec.runs_dir) / study_name / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(workers):
-        log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, timeout),
-                                       env=worker_env(i, devices, threads), stdout=log, stderr=subprocess.STDOUT),
-                      log))
+    start = time.monotonic()
+
+    def spawn(i: int, mode: str, left: float | None):
+        log = open(log_dir / f"worker-{i}.log", mode)  # noqa: SIM115 (closed below)
+        return subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, left),
+                                env=worker_env(i, devices, threads), stdout=log, stderr=subprocess.STDOUT), log
+
+    procs = [spawn(i, "w", timeout) for i in range(workers)]
+    logs = [log for _, log in procs]
     try:
-        while any(p.poll() is None for p, _ in procs):
+        while True:
             monitor.poll()
+            for i, (p, _) in enumerate(procs):
+                left = None if timeout is None else timeout - (time.monotonic() - start)
+                if p.poll() == EXIT_DEVICE_LOST and (left is None or left > 0):
+                    print(f"worker {i} stopped: a trial left its GPU unusable ({log_dir}/worker-{i}.log); a fresh "
+                          "worker takes its place", file=monitor.out, flush=True)
+                    procs[i] = spawn(i, "a", left)
+                    logs.append(procs[i][1])
+            if all(p.poll() is not None for p, _ in procs):
+                break
             time.sleep(monitor.interval)
     except KeyboardInterrupt:  # a terminal sends SIGINT to the children too; a parent killed alone passes it on
         for p, _ in procs:
@@ -645,7 +696,7 @@ def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, worke
                 p.kill()
         raise
     finally:
-        for _, log in procs:
+        for log in logs:
             log.close()
         monitor.close()
     errors = []
