@@ -135,6 +135,19 @@ def test_key_dim_16_in_bfloat16(device, seed, name, record_property):
     check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
 
 
+@pytest.mark.parametrize(("K", "V"), [(64, 32), (80, 40)], ids=["K64-V32", "K80-V40"])
+@pytest.mark.parametrize("name", ["linear_attn", "gla", "gated_deltanet"])
+def test_expanded_memories_of_the_capacity_study(device, seed, name, K, V, record_property):
+    """The capacity study's expanded single memories (sweeps/capacity_state.yaml: keys of 4 or 5 x 16, values
+    of 32 or 40) in bfloat16 at the study's batch, 256 rows of 128 tokens (2 rows of 130 on the interpreter).
+    On an H100 with Triton 3.6, at K = 64 and V = 32, the output kernel (linear_attn, gla) and the local-dv
+    kernel (gated_deltanet) stopped with an illegal memory access in training at this batch."""
+    rule = get_rule(name)
+    B, T = (256, 128) if device == "cuda" else (2, 130)
+    leaves = make_leaves(rule, B, T, 2, K, V, torch.bfloat16, seed, device)
+    check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
+
+
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
 def test_packed_segments_match_reference(device, seed, name, opts, record_property):
     """Packed input (B = 1, cu_seqlens) with segments of 1, 0, 65, 4 and 70 tokens: the reference runs
