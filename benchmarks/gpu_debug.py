@@ -34,7 +34,7 @@ import argparse
 import torch
 import triton
 from momkit.kernels import _common
-from momkit.kernels._common import CHUNK, chunk_meta, dots, launch, pow2
+from momkit.kernels._common import CHUNK, chunk_meta, dots, launch, launch_keys, parse_launch, pow2
 from momkit.kernels.delta import chunk as dc
 from momkit.kernels.gated_linear.chunk import bwd_dv
 
@@ -283,16 +283,6 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                   f"{len(re.findall(r' (?:LDL|STL)', sass)):>8}", flush=True)
 
 
-def launch_keys() -> list[str]:
-    """The kernel names that ``momkit.kernels._common.LAUNCH`` takes (``family.kernel``), read from the
-    launchers' ``launch("...")`` calls."""
-    import pathlib
-    import re
-
-    root = pathlib.Path(_common.__file__).parent
-    return sorted({m for f in root.glob("**/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", default="deltanet")
@@ -316,15 +306,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
         ap.error(f"--shape {args.shape!r}: expected three positive integers T x K x V, e.g. 70x32x32")
     args.shape = tuple(int(x) for x in shape)
-    launch = {}
-    for item in args.launch:
-        kern, _, opt = item.partition(":")
-        key, _, val = opt.partition("=")
-        if kern not in keys or key not in ("num_warps", "num_stages", "BK", "BV") or not val.isdigit():
-            ap.error(f"--launch {item!r}: expected kernel:option=value with kernel one of {', '.join(keys)}, "
-                     "option num_warps, num_stages, BK (gla prep and intra) or BV (gl.fwd_o, gl.bwd_dv) and a positive "
-                     "integer value")
-        launch.setdefault(kern, {})[key] = int(val)
+    try:
+        launch = parse_launch(args.launch, "--launch")
+    except ValueError as e:
+        ap.error(str(e))
     args.launch = launch
     if args.tune is not None:
         items = []

@@ -32,7 +32,7 @@ def parse_options(text: str) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from benchmarks.gpu_debug import launch_keys
+    from momkit.kernels._common import launch_keys
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rules", default="gated_deltanet")

@@ -259,13 +259,57 @@ def segment_start(cu, chunk_offsets, i_n):
     return bos, tl.load(cu + i_n + 1) - bos, tl.load(chunk_offsets + i_n).to(tl.int64)
 
 
-# Launch options (num_warps, num_stages) per kernel, on top of each launcher's defaults. Empty in
-# normal use; benchmarks/gpu_debug.py and tuning runs override entries to compare configurations.
-LAUNCH: dict[str, dict] = {}
+LAUNCH_ENV = "MOMKIT_LAUNCH"
+COMPILER_OPTIONS = ("num_warps", "num_stages")
+
+
+def launch_keys() -> list[str]:
+    """The kernel names ``LAUNCH`` takes (``family.kernel``), read from the launchers' calls of ``launch``."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parent
+    return sorted({m for f in root.glob("**/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
+
+
+def parse_launch(items: list[str], source: str) -> dict[str, dict[str, int]]:
+    """``kernel:option=value`` items -> ``{kernel: {option: value}}``; ``source`` names where they came from in
+    the error for a bad item (the option itself is checked against the launcher's when the kernel launches)."""
+    keys = launch_keys()
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        kern, _, opt = item.partition(":")
+        key, _, val = opt.partition("=")
+        if kern not in keys or not key.isidentifier() or not val.isdigit() or int(val) < 1:
+            raise ValueError(f"{source} item {item!r} is invalid: expected kernel:option=value with kernel one of "
+                             f"{', '.join(keys)}, an option such as num_warps, num_stages or a block size the "
+                             "kernel's launcher sets, and a positive integer value")
+        out.setdefault(kern, {})[key] = int(val)
+    return out
+
+
+def _launch_from_env() -> dict[str, dict[str, int]]:
+    import os
+
+    value = os.environ.get(LAUNCH_ENV, "").replace(",", " ").split()
+    return parse_launch(value, f"environment variable {LAUNCH_ENV}") if value else {}
+
+
+# Launch options (num_warps, num_stages, the block sizes a launcher passes) per kernel, on top of each
+# launcher's defaults. Empty in normal use; benchmarks/gpu_debug.py and tuning runs override entries to
+# compare configurations, and MOMKIT_LAUNCH (e.g. "gl.fwd_o:BV=64 gl.fwd_o:num_warps=8") sets entries in
+# every process that imports the kernels, sweep workers included.
+LAUNCH: dict[str, dict] = _launch_from_env()
 
 
 def launch(name: str, **defaults) -> dict:
-    return {**defaults, **LAUNCH.get(name, {})}
+    override = LAUNCH.get(name, {})
+    bad = [k for k in override if k not in defaults and k not in COMPILER_OPTIONS]
+    if bad:
+        allowed = ", ".join([*COMPILER_OPTIONS, *defaults])
+        raise ValueError(f"launch option {bad[0]}={override[bad[0]]} for kernel {name} (LAUNCH or {LAUNCH_ENV}) is "
+                         f"invalid: its launcher takes {allowed}")
+    return {**defaults, **override}
 
 
 def state_stages(BK: int, wdt: torch.dtype) -> int:

@@ -448,12 +448,11 @@ def _value_block(V: int, gate: int) -> int:
 def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    opts = launch("gl.fwd_o", BV=_value_block(V, gate))
+    opts = launch("gl.fwd_o", BV=_value_block(V, gate), BK=min(64, pow2(K)))
     o = q.new_empty(Ttot, H, V, dtype=out_dtype)
     grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
     _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K, V=V,
-                        BT=CHUNK, BK=min(64, pow2(K)), GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype),
-                        **opts)
+                        BT=CHUNK, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype), **opts)
     return o
 
 
@@ -478,11 +477,11 @@ def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=Fals
     """``dv``; with ``no_diag``, ``(dv, qk)``: the scores' diagonal ``q_t . k_t [Ttot, H]`` (float32) left
     out of dv."""
     Ttot, H, K = q.shape
-    opts = launch("gl.bwd_dv", BV=min(64, pow2(V)))
+    opts = launch("gl.bwd_dv", BV=min(64, pow2(V)), BK=min(64, pow2(K)))
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
     qk = q.new_empty(Ttot, H, dtype=torch.float32) if no_diag else None
     _bwd_dv_kernel[(meta.num_chunks, H)](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale,
-                                         **_a_parts(A), H=H, K=K, V=V, BT=CHUNK, BK=min(64, pow2(K)), GATE=gate,
+                                         **_a_parts(A), H=H, K=K, V=V, BT=CHUNK, GATE=gate,
                                          HAS_DT=dt is not None, USE_DH=dh is not None, NO_DIAG=no_diag,
                                          **dots(q.dtype), **opts)
     return (dv, qk) if no_diag else dv

@@ -26,6 +26,7 @@ import zlib
 
 import pytest
 import torch
+from momkit.kernels import _common
 
 from momkit.rules import _triton, get_rule
 from momkit.testing import random_inputs
@@ -145,6 +146,18 @@ def test_expanded_memories_of_the_capacity_study(device, seed, name, K, V, recor
     rule = get_rule(name)
     B, T = (256, 128) if device == "cuda" else (2, 130)
     leaves = make_leaves(rule, B, T, 2, K, V, torch.bfloat16, seed, device)
+    check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
+
+
+@pytest.mark.parametrize("opts", [{"BK": 32}, {"BV": 64}], ids=["BK32", "BV64"])
+@pytest.mark.parametrize("name", ["linear_attn", "gla", "gated_deltanet"])
+def test_block_sizes_of_the_output_and_local_dv_kernels(device, seed, name, opts, monkeypatch, record_property):
+    """Key dimension 64 and values of 32 (the capacity study's expanded memory) with the output and local-dv
+    kernels' key blocks of 32 (two per row) or value blocks of 64 (masked), against the float64 loop."""
+    for kernel in ("gl.fwd_o", "gl.bwd_dv"):
+        monkeypatch.setitem(_common.LAUNCH, kernel, opts)
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 2, 130, 2, 64, 32, torch.bfloat16, seed, device)
     check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
 
 

@@ -1,0 +1,36 @@
+"""Launch options per kernel (``momkit.kernels._common.LAUNCH``, and ``MOMKIT_LAUNCH`` for every process that
+imports the kernels, sweep workers included), parsed with one clear error for a bad item or option. (Results
+under other block sizes: ``test_chunk_kernels.py``.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from momkit.kernels import _common
+
+
+def test_the_environment_variable_sets_launch_options_in_a_new_process():
+    env = {**os.environ, "MOMKIT_LAUNCH": "gl.fwd_o:BV=64, gl.bwd_dv:BK=32 gl.bwd_dv:num_warps=8"}
+    out = subprocess.run([sys.executable, "-c", "from momkit.kernels import _common; print(_common.LAUNCH)"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'gl.fwd_o': {'BV': 64}, 'gl.bwd_dv': {'BK': 32, 'num_warps': 8}}"
+
+
+@pytest.mark.parametrize("item", ["gl.fwd_x:BV=64", "gl.fwd_o:BV", "gl.fwd_o:BV=0", "gl.fwd_o:BV=sixty", "gl.fwd_o"])
+def test_a_bad_item_is_one_clear_error(item):
+    with pytest.raises(ValueError) as e:
+        _common.parse_launch([item], "environment variable MOMKIT_LAUNCH")
+    msg = str(e.value)
+    assert msg.startswith(f"environment variable MOMKIT_LAUNCH item {item!r} is invalid: expected kernel:option=value")
+    assert "gl.fwd_o" in msg and "delta.wy_bwd" in msg  # the kernels it takes
+
+
+def test_an_option_the_launcher_does_not_take_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(_common.LAUNCH, "gl.bwd_dqk", {"BV": 64})
+    with pytest.raises(ValueError, match=r"launch option BV=64 for kernel gl.bwd_dqk \(LAUNCH or MOMKIT_LAUNCH\) is "
+                                         r"invalid: its launcher takes num_warps, num_stages$"):
+        _common.launch("gl.bwd_dqk")
+    assert _common.launch("gl.fwd_o", BV=32, BK=64) == {"BV": 32, "BK": 64}
