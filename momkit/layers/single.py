@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from momkit.config import MoMConfig
@@ -59,14 +60,35 @@ class SingleMemoryLayer(nn.Module):
         B, T, _ = x.shape
         H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
         mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-        q_in, k_in, v_in = (p(x) for p in (self.q_proj, mem.k_proj, mem.v_proj))
+        f = fused_ops(self.rule, cfg.impl, x)
+        widths = [H * K, H * K, H * V]
+        # On the kernel path q, k and v are one projection and one convolution (fewer launches; not for a rule
+        # that makes its key from its gates: its k projection gets no gradient)
+        fuse = f and self.rule.uses_key
+        if fuse:
+            qkv_in = F.linear(x, torch.cat([self.q_proj.weight, mem.k_proj.weight, mem.v_proj.weight]))
+        else:
+            q_in, k_in, v_in = (p(x) for p in (self.q_proj, mem.k_proj, mem.v_proj))
         if attention_mask is not None:  # padded positions (left padding) feed zeros: a fresh start for the conv
             keep = mask[..., None].to(x.dtype)
-            q_in, k_in, v_in = q_in * keep, k_in * keep, v_in * keep
-        q, k, v = q_in, k_in, v_in
-        f = fused_ops(self.rule, cfg.impl, x)
-        if cfg.short_conv:
-            q, k, v = (c.forward_dense(t, f) for c, t in ((self.q_conv, q), (mem.k_conv, k), (mem.v_conv, v)))
+            if fuse:
+                qkv_in = qkv_in * keep
+            else:
+                q_in, k_in, v_in = q_in * keep, k_in * keep, v_in * keep
+        if fuse:
+            q_in, k_in, v_in = qkv_in.split(widths, -1)
+            qkv = qkv_in
+            if cfg.short_conv:
+                from momkit.kernels.short_conv import short_conv
+
+                weight = torch.cat([self.q_conv.weight, mem.k_conv.weight, mem.v_conv.weight])
+                position = torch.arange(T, device=x.device).repeat(B)
+                qkv = short_conv(qkv_in.reshape(B * T, -1), weight, position).view(B, T, -1)
+            q, k, v = qkv.split(widths, -1)
+        else:
+            q, k, v = q_in, k_in, v_in
+            if cfg.short_conv:
+                q, k, v = (c.forward_dense(t, f) for c, t in ((self.q_conv, q), (mem.k_conv, k), (mem.v_conv, v)))
         q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K), f)
         v = v.view(B, T, H, V)
         gates = mem.gates(x)
