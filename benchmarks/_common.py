@@ -40,6 +40,9 @@ def environment(commit: str | None = None, fla: bool = False) -> dict:
             env["fla"] = fla_module.__version__
         except ImportError:
             env["fla"] = None
+    launch = os.environ.get("MOMKIT_LAUNCH", "").strip()
+    if launch:  # launch options other than the launchers' defaults (momkit.kernels._common.LAUNCH)
+        env["launch"] = launch
     return env
 
 

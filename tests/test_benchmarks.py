@@ -236,3 +236,13 @@ def test_triton_cache_keeps_autotuning_results_and_our_kernels(tmp_path, capsys)
         folders = {Path(n).parts[1] for n in tar.getnames()}
     assert folders == {"a", "b"}  # fla's compiled configuration ("c") stays behind
     assert "--cache 'nope': no such folder" in _error(triton_cache.main, ["--cache", "nope", "--out", "x"], capsys)
+
+
+def test_the_environment_records_launch_options_set_by_the_variable(monkeypatch):
+    """A result measured under MOMKIT_LAUNCH says so; without it there is no such key."""
+    from benchmarks._common import environment
+
+    monkeypatch.delenv("MOMKIT_LAUNCH", raising=False)
+    assert "launch" not in environment("abc1234")
+    monkeypatch.setenv("MOMKIT_LAUNCH", "delta.bwd_dqkw:num_warps=8")
+    assert environment("abc1234")["launch"] == "delta.bwd_dqkw:num_warps=8"
