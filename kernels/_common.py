@@ -274,14 +274,17 @@ def launch_keys() -> list[str]:
 
 def parse_launch(items: list[str], source: str) -> dict[str, dict[str, int]]:
     """``kernel:option=value`` items -> ``{kernel: {option: value}}``; ``source`` names where they came from in
-    the error for a bad item (the option itself is checked against the launcher's when the kernel launches)."""
+    the error for a bad item (the option itself is checked against the launcher's when the kernel launches).
+    Errors are ``ConfigError`` (a ValueError): the command line reports them as one line."""
+    from momkit.config import ConfigError
+
     keys = launch_keys()
     out: dict[str, dict[str, int]] = {}
     for item in items:
         kern, _, opt = item.partition(":")
         key, _, val = opt.partition("=")
         if kern not in keys or not key.isidentifier() or not val.isdigit() or int(val) < 1:
-            raise ValueError(f"{source} item {item!r} is invalid: expected kernel:option=value with kernel one of "
+            raise ConfigError(f"{source} item {item!r} is invalid: expected kernel:option=value with kernel one of "
                              f"{', '.join(keys)}, an option such as num_warps, num_stages or a block size the "
                              "kernel's launcher sets, and a positive integer value")
         out.setdefault(kern, {})[key] = int(val)
@@ -306,8 +309,10 @@ def launch(name: str, **defaults) -> dict:
     override = LAUNCH.get(name, {})
     bad = [k for k in override if k not in defaults and k not in COMPILER_OPTIONS]
     if bad:
+        from momkit.config import ConfigError
+
         allowed = ", ".join([*COMPILER_OPTIONS, *defaults])
-        raise ValueError(f"launch option {bad[0]}={override[bad[0]]} for kernel {name} (LAUNCH or {LAUNCH_ENV}) is "
+        raise ConfigError(f"launch option {bad[0]}={override[bad[0]]} for kernel {name} (LAUNCH or {LAUNCH_ENV}) is "
                          f"invalid: its launcher takes {allowed}")
     return {**defaults, **override}
 

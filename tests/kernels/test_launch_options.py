@@ -12,6 +12,19 @@ import pytest
 from momkit.kernels import _common
 
 
+def test_a_bad_environment_variable_is_one_line_from_the_command_line(tmp_path):
+    """``momkit train`` on the kernel path with a misspelt kernel name in MOMKIT_LAUNCH: exit 2 and one line naming
+    the variable and the item, no traceback."""
+    env = {**os.environ, "MOMKIT_LAUNCH": "gl.fwd_oo:BV=64", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "momkit", "train", "mqar_tiny", "run.device=cpu", "model.mom.impl=triton",
+           "optim.max_steps=1", f"run.dir={tmp_path / 'run'}", "--no-progress"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "momkit: error: environment variable MOMKIT_LAUNCH item 'gl.fwd_oo:BV=64' is invalid"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_the_environment_variable_sets_launch_options_in_a_new_process():
     env = {**os.environ, "MOMKIT_LAUNCH": "gl.fwd_o:BV=64, gl.bwd_dv:BK=32 gl.bwd_dv:num_warps=8"}
     out = subprocess.run([sys.executable, "-c", "from momkit.kernels import _common; print(_common.LAUNCH)"],
