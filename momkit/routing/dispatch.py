@@ -78,19 +78,33 @@ class Dispatch:
         M = num_memories
         dev = indices.device
         b = torch.arange(B, device=dev).view(B, 1, 1)
-        # dropped slots sort after every segment, into a last bucket that is cut off
+        # dropped slots go to a last bucket, after every segment, that is cut off
+        mem = torch.where(kept, indices, M).view(B, T * k)
         key = torch.where(kept, indices * B + b, M * B).reshape(-1)
-        order = torch.argsort(key, stable=True)
         counts = torch.zeros(M * B + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
         cu = torch.zeros(M * B + 1, dtype=torch.int64, device=dev)
         cu[1:] = counts[:-1].cumsum(0)
         offsets = tuple(cu.tolist())
-        order = order[: offsets[-1]]
+        order = Dispatch._bucket_order(mem, key, cu, M, offsets[-1])
         return Dispatch(
             batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=order, weight=weights.reshape(-1)[order],
             segment=key[order], cu_seqlens=cu, offsets=offsets,
             memory_rows=list(itertools.pairwise(offsets[:: B])),
         )
+
+    @staticmethod
+    def _bucket_order(mem: Tensor, key: Tensor, cu: Tensor, M: int, rows: int) -> Tensor:
+        """The kept slots in the order of a stable sort by ``key`` (a counting sort): each slot's row is its
+        segment's start plus the number of earlier slots of its sequence in the same memory. A segment holds one
+        sequence's slots, so the count runs along the sequence: a few elementwise passes and a cumulative sum
+        over ``[B, T * k', M + 1]`` instead of the several passes of a radix sort over all the slots."""
+        onehot = (mem[..., None] == torch.arange(M + 1, device=mem.device)).to(torch.int32)
+        rank = onehot.cumsum(1, dtype=torch.int32).gather(-1, mem[..., None])[..., 0] - 1  # [B, T * k']
+        row = cu[key] + rank.reshape(-1)
+        row = torch.where(mem.reshape(-1) < M, row, rows)  # dropped slots: one spare row, cut off below
+        order = torch.empty(rows + 1, dtype=torch.int64, device=mem.device)
+        order.scatter_(0, row, torch.arange(key.numel(), device=mem.device))
+        return order[:rows]
 
     @property
     def inverse(self) -> Tensor:

@@ -219,3 +219,22 @@ def test_top1_router_gets_task_gradient_only_with_unnormalized_weights(router):
         grads[weights] = g.abs().max().item()
     assert grads["renormalized"] < 1e-12, grads
     assert grads["unnormalized"] > 1e-3, grads
+
+
+def test_dispatch_orders_rows_as_a_stable_sort_by_segment():
+    """The counting sort of the dispatch against its definition, a stable argsort of the segment key
+    (memory * B + sequence; dropped slots last, cut off), on random routings with dropped slots, repeated
+    memories across slots, one memory, and nothing kept."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(60):
+        B, T, k = (int(torch.randint(1, n, (), generator=gen)) for n in (5, 40, 4))
+        M = int(torch.randint(1, 6, (), generator=gen))
+        indices = torch.randint(0, M, (B, T, k), generator=gen)
+        kept = torch.rand(B, T, k, generator=gen) < (0.0 if case == 0 else 0.8)
+        weights = torch.rand(B, T, k, generator=gen)
+        disp = Dispatch.build(indices, weights, kept, M)
+        key = torch.where(kept, indices * B + torch.arange(B).view(B, 1, 1), M * B).reshape(-1)
+        expected = torch.argsort(key, stable=True)[: int(kept.sum())]
+        assert torch.equal(disp.slot, expected), f"case {case}: B={B} T={T} k={k} M={M}"
+        assert torch.equal(disp.segment, key[expected])
+        assert torch.equal(disp.weight, weights.reshape(-1)[expected])
