@@ -263,30 +263,53 @@ LAUNCH_ENV = "MOMKIT_LAUNCH"
 COMPILER_OPTIONS = ("num_warps", "num_stages")
 
 
-def launch_keys() -> list[str]:
-    """The kernel names ``LAUNCH`` takes (``family.kernel``), read from the launchers' calls of ``launch``."""
+def launch_options() -> dict[str, tuple[str, ...]]:
+    """Per kernel name (``family.kernel``), the options ``LAUNCH`` takes for it: num_warps, num_stages and the
+    keywords of its launcher's ``launch`` call, read from the kernels' source."""
     import pathlib
     import re
 
-    root = pathlib.Path(__file__).parent
-    return sorted({m for f in root.glob("**/*.py") for m in re.findall(r'launch\("([\w.]+)"', f.read_text())})
+    out: dict[str, set[str]] = {}
+    for f in sorted(pathlib.Path(__file__).parent.glob("**/*.py")):
+        text = f.read_text()
+        for m in re.finditer(r'launch\("([\w.]+)"', text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):  # the call's arguments, nested calls included
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            args, words = text[m.end():i - 1], []
+            depth = 0
+            for j, ch in enumerate(args):  # keywords at the call's own level
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0 and ch == "=" and args[j + 1:j + 2] != "=" and args[j - 1:j] not in "=!<>":
+                    words.append(re.findall(r"(\w+)\s*$", args[:j])[-1])
+            out.setdefault(m.group(1), set()).update(words)
+    return {k: tuple(sorted(set(COMPILER_OPTIONS) | v)) for k, v in sorted(out.items())}
+
+
+def launch_keys() -> list[str]:
+    """The kernel names ``LAUNCH`` takes (``family.kernel``)."""
+    return list(launch_options())
 
 
 def parse_launch(items: list[str], source: str) -> dict[str, dict[str, int]]:
     """``kernel:option=value`` items -> ``{kernel: {option: value}}``; ``source`` names where they came from in
-    the error for a bad item (the option itself is checked against the launcher's when the kernel launches).
-    Errors are ``ConfigError`` (a ValueError): the command line reports them as one line."""
+    the error for a bad item. Errors are ``ConfigError`` (a ValueError): the command line reports them as one
+    line."""
     from momkit.config import ConfigError
 
-    keys = launch_keys()
+    options = launch_options()
     out: dict[str, dict[str, int]] = {}
     for item in items:
         kern, _, opt = item.partition(":")
         key, _, val = opt.partition("=")
-        if kern not in keys or not key.isidentifier() or not val.isdigit() or int(val) < 1:
+        if kern not in options or not key:
             raise ConfigError(f"{source} item {item!r} is invalid: expected kernel:option=value with kernel one of "
-                             f"{', '.join(keys)}, an option such as num_warps, num_stages or a block size the "
-                             "kernel's launcher sets, and a positive integer value")
+                              f"{', '.join(options)}")
+        if key not in options[kern]:
+            raise ConfigError(f"{source} item {item!r} is invalid: kernel {kern} takes {', '.join(options[kern])}")
+        if not val.isdigit() or int(val) < 1:
+            raise ConfigError(f"{source} item {item!r} is invalid: the value must be a positive integer")
         out.setdefault(kern, {})[key] = int(val)
     return out
 
