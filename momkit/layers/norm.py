@@ -17,7 +17,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        """``fused``: one Triton kernel forward and one backward (``momkit.kernels.norms``), for rows of at most
+        ``MAX_DIM`` values (longer rows run as torch ops)."""
+        if fused:
+            from momkit.kernels.norms import MAX_DIM, rms_norm
+
+            if x.shape[-1] <= MAX_DIM:
+                return rms_norm(x, self.weight, self.eps)
         xf = upcast(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 

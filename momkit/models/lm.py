@@ -19,7 +19,9 @@ from torch import nn
 
 from momkit.config import LMConfig
 from momkit.layers import CausalAttention, MoMAux, MoMLayer, RMSNorm, SingleMemoryLayer
+from momkit.layers.mom import fused_ops
 from momkit.routing import BalanceStats, RoutingStats, load_balancing_loss
+from momkit.rules import get_rule
 from momkit.rules.base import upcast
 
 Tensor = torch.Tensor
@@ -52,11 +54,12 @@ class Block(nn.Module):
             self.mixer = CausalAttention(cfg.hidden_size, heads, cfg.rope_theta)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_ratio)
 
-    def forward(self, x, attention_mask, token_ids, use_cache, cache_capacity=None):
+    def forward(self, x, attention_mask, token_ids, use_cache, cache_capacity=None, fused: bool = False):
+        """``fused``: the norms as Triton kernels (where the mixers run theirs, see ``MoMLM.forward``)."""
         kw = {"cache_capacity": cache_capacity} if self.kind == "attention" else {}  # KV slots to preallocate
-        h, extra = self.mixer(self.norm1(x), attention_mask, token_ids, use_cache=use_cache, **kw)
+        h, extra = self.mixer(self.norm1(x, fused), attention_mask, token_ids, use_cache=use_cache, **kw)
         x = x + h
-        return x + self.mlp(self.norm2(x)), extra
+        return x + self.mlp(self.norm2(x, fused)), extra
 
     def step(self, x, cache, token_ids):
         h, cache = self.mixer.step(self.norm1(x), cache, token_ids)
@@ -113,11 +116,13 @@ class MoMLM(nn.Module):
         if last_logits_only and labels is not None:
             raise ValueError("last_logits_only=True computes no loss: pass labels=None")
         x = self.embed(input_ids)
+        mom = self.cfg.resolved_mom()
+        fused = fused_ops(get_rule(mom.rule), mom.impl, x)  # the norms on the kernel path of the mixers
         extras = []
         for block in self.blocks:
-            x, extra = block(x, attention_mask, input_ids, use_cache, cache_capacity)
+            x, extra = block(x, attention_mask, input_ids, use_cache, cache_capacity, fused)
             extras.append(extra)
-        logits = self.head(self.norm(x[:, -1:] if last_logits_only else x))
+        logits = self.head(self.norm(x[:, -1:] if last_logits_only else x, fused))
         moms = [e if isinstance(e, MoMAux) else None for e in extras]
         auxes, ce = [a for a in moms if a is not None], None
         if global_sum is not None:

@@ -64,3 +64,37 @@ def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule, o
             assert grads64[name].grad is None, f"no gradient for {name}"
             continue
         assert _rel(p.grad.cpu(), grads64[name].grad) < 1e-4, f"gradient of {name}"
+
+
+@pytest.mark.parametrize("mixer", ["mom", "single"])
+def test_model_kernel_path_matches_float64_token_loop(device, mixer):
+    """A two-block MoMLM on its kernel path (the mixers' kernels and the blocks' fused RMSNorms) against the same
+    model in float64 on the token loop: logits, loss and every parameter's gradient."""
+    from momkit import LMConfig, MoMLM
+
+    torch.manual_seed(0)
+    mom = MoMConfig(hidden_size=None, num_heads=2, head_dim=16, rule="gated_deltanet", num_memories=3, topk=2,
+                    shared_memory=True, impl="triton")
+    model = MoMLM(LMConfig(vocab_size=50, num_layers=2, hidden_size=32, mixer=mixer, mom=mom))
+    with torch.no_grad():  # norm weights away from 1, so that their use is checked too
+        for name, p in model.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                p.add_(0.3 * torch.randn_like(p))
+    ref = copy.deepcopy(model).double()
+    ref.cfg = dataclasses.replace(model.cfg, mom=dataclasses.replace(mom, impl="recurrent"))
+    for block in ref.blocks:
+        block.mixer.cfg = dataclasses.replace(block.mixer.cfg, impl="recurrent")
+    ids = torch.randint(0, 50, (2, 71))
+    out64 = ref(ids[:, :-1], labels=ids[:, 1:])
+    out64.loss.backward()
+    model = model.to(device)
+    out = model(ids[:, :-1].to(device), labels=ids[:, 1:].to(device))
+    out.loss.backward()
+    assert _rel(out.logits.cpu(), out64.logits) < 1e-4, "logits"
+    assert abs(out.loss.item() - out64.loss.item()) < 1e-4 * abs(out64.loss.item()), "loss"
+    grads64 = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert grads64[name].grad is None, f"no gradient for {name}"
+            continue
+        assert _rel(p.grad.cpu(), grads64[name].grad) < 1e-4, f"gradient of {name}"

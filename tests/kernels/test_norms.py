@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from momkit.layers.norm import GatedRMSNorm
+from momkit.layers.norm import GatedRMSNorm, RMSNorm
 from momkit.rules.base import l2_normalize
 
 F64 = torch.float64
@@ -62,3 +62,40 @@ def test_gated_rms_norm_matches_float64(device, dtype, D):
     assert _rel(xd.grad.cpu(), x64.grad) < tol, "input gradient"
     assert _rel(gd.grad.cpu(), g64.grad) < tol, "gate gradient"
     assert _rel(fused.weight.grad.cpu(), ref.weight.grad) < tol, "weight gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [24, 1024])
+def test_rms_norm_matches_float64(device, dtype, D):
+    """The blocks' pre-norm (no gate) fused, against the module's torch ops in float64."""
+    gen = torch.Generator().manual_seed(D + 2)
+    norm = RMSNorm(D, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen))
+    x = torch.randn(3, 29, D, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    ref = RMSNorm(D, eps=1e-6).to(F64)
+    ref.load_state_dict(norm.state_dict())
+    x64 = x.to(F64).requires_grad_(True)
+    ref(x64).backward(dy.to(F64))
+    fused = RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
+    fused.load_state_dict(norm.state_dict())
+    xd = x.to(device=device, dtype=dtype).requires_grad_(True)
+    y = fused(xd, fused=True)
+    y.backward(dy.to(device=device, dtype=dtype))
+    tol = TOL[dtype]
+    assert y.dtype == dtype
+    assert _rel(y.cpu(), ref(x.to(F64))) < tol, "output"
+    assert _rel(xd.grad.cpu(), x64.grad) < tol, "input gradient"
+    assert _rel(fused.weight.grad.cpu(), ref.weight.grad) < tol, "weight gradient"
+
+
+def test_rms_norm_of_rows_longer_than_a_block_runs_as_torch_ops():
+    """Rows over ``MAX_DIM`` values: the module falls back to its torch ops (the kernel refuses them)."""
+    from momkit.kernels.norms import MAX_DIM, rms_norm
+
+    norm = RMSNorm(MAX_DIM + 8)
+    x = torch.randn(2, MAX_DIM + 8)
+    assert torch.equal(norm(x, fused=True), norm(x))
+    with pytest.raises(ValueError, match=f"rows of at most {MAX_DIM} values"):
+        rms_norm(x, norm.weight, 1e-6)
