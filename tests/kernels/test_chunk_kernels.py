@@ -149,6 +149,19 @@ def test_expanded_memories_of_the_capacity_study(device, seed, name, K, V, recor
     check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
 
 
+@pytest.mark.parametrize(("K", "V"), [(32, 32), (32, 64), (64, 64), (64, 128)], ids=lambda x: str(x))
+@pytest.mark.parametrize("name", ["linear_attn", "gla", "gated_deltanet"])
+def test_one_key_block_in_bfloat16_at_a_large_batch(device, seed, name, K, V, record_property):
+    """Key dimensions that fill exactly one key block (32, 64) with several value widths, bfloat16, 256 rows of
+    128 tokens: the family of sizes where K = 64, V = 32 faulted on an H100. GPU only: on the interpreter the
+    test above runs K = 64 at 2 x 130 tokens, and the batch is what the fault needed."""
+    if device == "cpu":
+        pytest.skip("GPU only (a batch of 256 x 128 tokens)")
+    rule = get_rule(name)
+    leaves = make_leaves(rule, 256, 128, 2, K, V, torch.bfloat16, seed, device)
+    check_against_reference(rule, {}, leaves, torch.bfloat16, record=record_property)
+
+
 @pytest.mark.parametrize("opts", [{"BK": 32}, {"BV": 64}], ids=["BK32", "BV64"])
 @pytest.mark.parametrize("name", ["linear_attn", "gla", "gated_deltanet"])
 def test_block_sizes_of_the_output_and_local_dv_kernels(device, seed, name, opts, monkeypatch, record_property):
