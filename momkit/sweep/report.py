@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from momkit.config import ConfigError
-from momkit.sweep.runner import BUDGET_ATTR, CLAIMS_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna, _short_names
+from momkit.sweep.progress import fmt_value, short_names
+from momkit.sweep.runner import BUDGET_ATTR, CLAIMS_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna
 from momkit.sweep.storage import DEFAULT_STORAGE, describe, open_storage, study_names
 
 # config values every row carries (short name -> dotted key), whether searched or not
@@ -149,7 +150,7 @@ def _arrow_safe(df):
 def _display_frame(df, metric: str, direction: str, space: list[str]):
     import pandas as pd
 
-    names = _short_names(space)
+    names = short_names(space)
     show = pd.DataFrame({"trial": df["number"], "state": df["state"]})
     seeds = df["seeds"].max() if "seeds" in df and df["seeds"].notna().any() else 1
     obj = []
@@ -244,7 +245,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     cell_keys = ["rule", "num_memories", "topk", "shared_memory"]
     others = [p for p in space if not any(p.endswith(k) for k in cell_keys) and complete[p].nunique(dropna=True) > 1] \
         if not complete.empty else []
-    over = f", best over {', '.join(_short_names(space)[p] for p in others)}" if others else ""
+    over = f", best over {', '.join(short_names(space)[p] for p in others)}" if others else ""
     if varies("num_memories"):
         data = _per_seed(_best_per_cell(df, cell_keys, direction), metric)
         data["shared_memory"] = data["shared_memory"].map({True: "shared", False: "no shared"})
@@ -270,7 +271,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     effects = main_effects(df, space)
     if effects:
         n = int((df["state"] == "COMPLETE").sum())
-        save(importance_figure(effects, metric, _short_names(space), n), "param_importances.png",
+        save(importance_figure(effects, metric, short_names(space), n), "param_importances.png",
              f"{study.study_name}: what each parameter explains of {metric}")
         report.effects = effects
     curves = df[df["intermediate"].notna()]
@@ -307,13 +308,11 @@ def learning_curves_figure(curves, space: list[str], metric: str, effects: dict[
     objective (``effects``) or, failing that, the first with at most 10 values; the line style is the outcome."""
     import matplotlib.pyplot as plt
 
-    from momkit.sweep.runner import _fmt
-
-    names = _short_names(space)
+    names = short_names(space)
     varying = [p for p in space if p in curves and curves[p].nunique(dropna=False) > 1]
 
     def label(r, params) -> str:
-        return " ".join(f"{names[p]}={_fmt(r[p])}" for p in params) or "all trials"
+        return " ".join(f"{names[p]}={fmt_value(r[p])}" for p in params) or "all trials"
 
     keys = [label(r, varying) for _, r in curves.iterrows()]
     colour_by = "the swept parameters"
@@ -429,7 +428,7 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
           + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()), file=out)
     print(report.table, file=out)
     if report.effects:
-        names = _short_names(space)
+        names = short_names(space)
         print(f"variance of {metric} explained by each parameter alone: " + ", ".join(
             f"{names.get(k, k)} {v:.2f}" for k, v in sorted(report.effects.items(), key=lambda kv: -kv[1])), file=out)
     if verdict_rows:
