@@ -7,7 +7,8 @@
     write_report("demo", "sqlite:///runs/sweeps.db")   # CSV, Parquet, figures, best config
 
 ``spec`` (the YAML format and its validation), ``storage`` (URL -> Optuna storage), ``runner`` (the study's
-queue of trials, workers, heartbeats and retries, progress), ``report`` (export and figures). Optuna, pandas
+queue of trials, workers, heartbeats and retries), ``progress`` (a line per finished trial, the progress bar),
+``report`` (export and figures). Optuna, pandas
 and seaborn are imported here, never by ``import momkit``. See docs/sweeps.md.
 """
 
