@@ -1,4 +1,4 @@
-"""The sweep runner: a study of queued trials, workers that claim and run them, and a progress monitor.
+"""The sweep runner: a study of queued trials and workers that claim and run them (progress lines: progress.py).
 
 How a study is run, on one machine or many:
 
