@@ -116,7 +116,7 @@ class MoMLM(nn.Module):
         if last_logits_only and labels is not None:
             raise ValueError("last_logits_only=True computes no loss: pass labels=None")
         x = self.embed(input_ids)
-        mom = self.cfg.resolved_mom()
+        mom = self.cfg.mom
         fused = fused_ops(get_rule(mom.rule), mom.impl, x)  # the norms on the kernel path of the mixers
         extras = []
         for block in self.blocks:
