@@ -175,19 +175,21 @@ class MoMLayer(nn.Module):
         fuse_kv = fused and self.rule.uses_key
         stacked_gates = fused and bool(self.rule.gates) and not any(spec.per_channel for spec in self.rule.gates)
         conv = cfg.short_conv and not cfg.share_kv_conv  # each memory's own convolutions
-        if fuse_kv and conv:
-            from momkit.kernels.short_conv import short_conv
+        if fuse_kv:
+            kv_weights, kv_conv_weights = self._kv_weights(x, conv)
+            if conv:
+                from momkit.kernels.short_conv import short_conv
         # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
         # into one tensor, where slices would each make a zero tensor of all rows and add them up
         x_parts = torch.split(x_rows, [b - a for a, b in disp.memory_rows])
-        for mem, (a, b), xm in zip(self.all_memories, disp.memory_rows, x_parts):
+        for i, (mem, (a, b), xm) in enumerate(zip(self.all_memories, disp.memory_rows, x_parts)):
             if a == b:
                 continue
             if fuse_kv:
-                kv = F.linear(xm, torch.cat([mem.k_proj.weight, mem.v_proj.weight]))
+                kv = F.linear(xm, kv_weights[i])
                 k_pre, v_pre = kv.split([H * K, H * V], -1)
                 if conv:
-                    kv = short_conv(kv, torch.cat([mem.k_conv.weight, mem.v_conv.weight]), pos[a:b])
+                    kv = short_conv(kv, kv_conv_weights[i], pos[a:b])
                 km, vm = kv.split([H * K, H * V], -1)
             else:
                 k_pre, v_pre = mem.k_proj(xm), mem.v_proj(xm)
@@ -225,6 +227,17 @@ class MoMLayer(nn.Module):
         if use_cache:
             aux.cache = self._prefill_cache(disp, final, q_in, torch.cat(k_in), torch.cat(v_in), mask)
         return y, aux
+
+    def _kv_weights(self, x: Tensor, conv: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+        """Each memory's k | v projection weight and, with ``conv``, k | v convolution weight, as views of one
+        tensor each: one concatenation (and, under autocast, one cast to the autocast dtype) for every memory,
+        and one of each in the backward."""
+        mems, width = self.all_memories, self.cfg.num_heads * (self.cfg.key_dim + self.cfg.value_dim)
+        proj = torch.cat([w for m in mems for w in (m.k_proj.weight, m.v_proj.weight)])
+        if torch.is_autocast_enabled(x.device.type):
+            proj = proj.to(torch.get_autocast_dtype(x.device.type))
+        convs = torch.cat([w for m in mems for w in (m.k_conv.weight, m.v_conv.weight)]).split(width) if conv else None
+        return proj.split(width), convs
 
     def _gate_rows(self, x: Tensor, disp: Dispatch) -> dict[str, Tensor]:
         """Every memory's gates for every token in one stacked product, then each row's own: ``[1, N, H]``."""
