@@ -19,6 +19,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _assert_gradients_match(module: torch.nn.Module, ref64: torch.nn.Module) -> None:
+    """Every parameter's gradient against the float64 copy's (both None, or within 1e-4 relative)."""
+    grads64 = dict(ref64.named_parameters())
+    for name, p in module.named_parameters():
+        if p.grad is None:
+            assert grads64[name].grad is None, f"no gradient for {name}"
+            continue
+        assert _rel(p.grad.cpu(), grads64[name].grad) < 1e-4, f"gradient of {name}"
+
+
 OFFICIAL = dict(share_decay=True, share_kv_conv=True, beta_bias=False, single_kv_proj=True,
                 shared_uses_routed_proj=True, init="fla")
 
@@ -58,12 +68,7 @@ def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule, o
     (y * dy.to(device))[mask.to(device)].sum().backward()
 
     assert _rel(y.cpu()[mask], y64[mask]) < 1e-4, "output"
-    grads64 = dict(ref.named_parameters())
-    for name, p in layer.named_parameters():
-        if p.grad is None:
-            assert grads64[name].grad is None, f"no gradient for {name}"
-            continue
-        assert _rel(p.grad.cpu(), grads64[name].grad) < 1e-4, f"gradient of {name}"
+    _assert_gradients_match(layer, ref)
 
 
 @pytest.mark.parametrize("mixer", ["mom", "single"])
@@ -92,9 +97,4 @@ def test_model_kernel_path_matches_float64_token_loop(device, mixer):
     out.loss.backward()
     assert _rel(out.logits.cpu(), out64.logits) < 1e-4, "logits"
     assert abs(out.loss.item() - out64.loss.item()) < 1e-4 * abs(out64.loss.item()), "loss"
-    grads64 = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            assert grads64[name].grad is None, f"no gradient for {name}"
-            continue
-        assert _rel(p.grad.cpu(), grads64[name].grad) < 1e-4, f"gradient of {name}"
+    _assert_gradients_match(model, ref)
