@@ -340,6 +340,28 @@ def launch(name: str, **defaults) -> dict:
     return {**defaults, **override}
 
 
+@functools.lru_cache(maxsize=8)
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def mixed_block_warps(opts: dict, device: torch.device, miscompiled: bool) -> dict:
+    """``opts`` with two warps where ``miscompiled`` (and no launch option names the warps) on a Hopper GPU.
+
+    Triton 3.6 compiles some of the chunk kernels wrongly for Hopper's warpgroup products (wgmma) when their
+    key and value blocks differ in width: on an H100, bfloat16, against the float64 loop, the output and
+    local-dv kernels with value blocks narrower than their key blocks (K = 64 with V = 16 or 32: wrong outputs
+    and value gradients, out-of-bounds shared-memory reads at a batch of 256 x 128), the WY forward likewise
+    (K = 64 or 128 with V <= 32: wrong delta-rule outputs, NaN at K = 128) and the delta gradient kernel with
+    value blocks wider than its key blocks (K = 32, V = 64: wrong q and gate gradients). Four or eight warps
+    and one pipeline stage gave the same; two warps (less than a warpgroup, so Triton uses the older mma.sync
+    products) and ``DISABLE_MMA_V3=1`` both gave results within tolerance everywhere. Equal blocks (every
+    width of 64 and up) keep the warpgroup products; ``test_chunk_kernels.py`` checks the mixed widths."""
+    if miscompiled and "num_warps" not in opts and _is_hopper(device) and not is_interpreting():
+        return {**opts, "num_warps": 2}
+    return opts
+
+
 def state_stages(BK: int, wdt: torch.dtype) -> int:
     """Pipeline depth of the sequential state kernels: their tiles span all of K, and at K = 256 (or
     K >= 128 in float32) two stages of them overflow Hopper's 227 KiB of shared memory."""

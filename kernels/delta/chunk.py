@@ -25,6 +25,7 @@ from .._common import (
     contiguous,
     dots,
     launch,
+    mixed_block_warps,
     mm,
     pow2,
     program_slots,
@@ -351,9 +352,11 @@ def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
     w = k.new_empty(Ttot, H, K, dtype=wdt)
     u = k.new_empty(Ttot, H, V, dtype=wdt)
     uo = k.new_empty(Ttot, H, V, dtype=wdt) if u_off else None
+    BK, BV = min(64, pow2(K)), min(64, pow2(V))
+    opts = mixed_block_warps(launch("delta.wy_fwd"), k.device, BV < BK)
     _wy_fwd_kernel[(meta.num_chunks, H)](k, v, beta, g, Tm, w, u, uo, meta.cu, meta.chunk_indices, H=H, K=K, V=V,
-                                         BT=CHUNK, BK=min(64, pow2(K)), BV=min(64, pow2(V)), GATED=g is not None,
-                                         LOAD_T=load, U_OFF=u_off, **dots(k.dtype), **launch("delta.wy_fwd"))
+                                         BT=CHUNK, BK=BK, BV=BV, GATED=g is not None, LOAD_T=load, U_OFF=u_off,
+                                         **dots(k.dtype), **opts)
     return Tm, w, u, uo
 
 
@@ -409,7 +412,8 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                   a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
-                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
+                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
+                                  **mixed_block_warps(launch("delta.bwd_dqkw"), q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
     del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,

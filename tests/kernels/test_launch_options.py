@@ -61,3 +61,20 @@ def test_an_option_the_launcher_does_not_take_is_one_clear_error(monkeypatch):
                                          r"invalid: its launcher takes num_warps, num_stages$"):
         _common.launch("gl.bwd_dqk")
     assert _common.launch("gl.fwd_o", BV=32, BK=64) == {"BV": 32, "BK": 64}
+
+
+def test_mixed_blocks_take_two_warps_on_hopper_only(monkeypatch):
+    """Where a launcher reports the Hopper miscompilation (``mixed_block_warps``), two warps on a Hopper GPU, nothing
+    elsewhere, and a num_warps set through the launch options wins."""
+    import torch
+
+    cuda = torch.device("cuda")
+    opts = {"BK": 64, "BV": 32}
+    monkeypatch.setattr(_common, "is_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_is_hopper", lambda device: device.type == "cuda")
+    assert _common.mixed_block_warps(opts, cuda, True) == {"BK": 64, "BV": 32, "num_warps": 2}
+    assert _common.mixed_block_warps(opts, cuda, False) == opts
+    assert _common.mixed_block_warps({**opts, "num_warps": 8}, cuda, True) == {**opts, "num_warps": 8}
+    assert _common.mixed_block_warps(opts, torch.device("cpu"), True) == opts
+    monkeypatch.setattr(_common, "_is_hopper", lambda device: False)
+    assert _common.mixed_block_warps(opts, cuda, True) == opts
