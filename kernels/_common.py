@@ -345,8 +345,9 @@ def _is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def mixed_block_warps(opts: dict, device: torch.device, miscompiled: bool) -> dict:
-    """``opts`` with two warps where ``miscompiled`` (and no launch option names the warps) on a Hopper GPU.
+def mixed_block_warps(name: str, opts: dict, device: torch.device, miscompiled: bool) -> dict:
+    """Kernel ``name``'s launch ``opts`` with two warps where ``miscompiled`` on a Hopper GPU, unless its launch
+    options (``LAUNCH``, ``MOMKIT_LAUNCH``) set the warps.
 
     Triton 3.6 compiles some of the chunk kernels wrongly for Hopper's warpgroup products (wgmma) when their
     key and value blocks differ in width: on an H100, bfloat16, against the float64 loop, the output and
@@ -357,7 +358,7 @@ def mixed_block_warps(opts: dict, device: torch.device, miscompiled: bool) -> di
     and one pipeline stage gave the same; two warps (less than a warpgroup, so Triton uses the older mma.sync
     products) and ``DISABLE_MMA_V3=1`` both gave results within tolerance everywhere. Equal blocks (every
     width of 64 and up) keep the warpgroup products; ``test_chunk_kernels.py`` checks the mixed widths."""
-    if miscompiled and "num_warps" not in opts and _is_hopper(device) and not is_interpreting():
+    if miscompiled and "num_warps" not in LAUNCH.get(name, {}) and _is_hopper(device) and not is_interpreting():
         return {**opts, "num_warps": 2}
     return opts
 

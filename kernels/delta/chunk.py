@@ -353,7 +353,7 @@ def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
     u = k.new_empty(Ttot, H, V, dtype=wdt)
     uo = k.new_empty(Ttot, H, V, dtype=wdt) if u_off else None
     BK, BV = min(64, pow2(K)), min(64, pow2(V))
-    opts = mixed_block_warps(launch("delta.wy_fwd"), k.device, BV < BK)
+    opts = mixed_block_warps("delta.wy_fwd", launch("delta.wy_fwd"), k.device, BV < BK)
     _wy_fwd_kernel[(meta.num_chunks, H)](k, v, beta, g, Tm, w, u, uo, meta.cu, meta.chunk_indices, H=H, K=K, V=V,
                                          BT=CHUNK, BK=BK, BV=BV, GATED=g is not None, LOAD_T=load, U_OFF=u_off,
                                          **dots(k.dtype), **opts)
@@ -413,7 +413,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                   a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
                                   BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
-                                  **mixed_block_warps(launch("delta.bwd_dqkw"), q.device, BVb > BKb))
+                                  **mixed_block_warps("delta.bwd_dqkw", launch("delta.bwd_dqkw"), q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
     del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,

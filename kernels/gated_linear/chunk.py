@@ -450,7 +450,7 @@ def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
     Ttot, H, K = q.shape
     V = v.shape[-1]
     opts = launch("gl.fwd_o", BV=_value_block(V, gate), BK=min(64, pow2(K)))
-    opts = mixed_block_warps(opts, q.device, opts["BV"] < opts["BK"])
+    opts = mixed_block_warps("gl.fwd_o", opts, q.device, opts["BV"] < opts["BK"])
     o = q.new_empty(Ttot, H, V, dtype=out_dtype)
     grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
     _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K, V=V,
@@ -480,7 +480,7 @@ def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=Fals
     out of dv."""
     Ttot, H, K = q.shape
     opts = launch("gl.bwd_dv", BV=min(64, pow2(V)), BK=min(64, pow2(K)))
-    opts = mixed_block_warps(opts, q.device, opts["BV"] < opts["BK"])
+    opts = mixed_block_warps("gl.bwd_dv", opts, q.device, opts["BV"] < opts["BK"])
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
     qk = q.new_empty(Ttot, H, dtype=torch.float32) if no_diag else None
     _bwd_dv_kernel[(meta.num_chunks, H)](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale,

@@ -64,17 +64,20 @@ def test_an_option_the_launcher_does_not_take_is_one_clear_error(monkeypatch):
 
 
 def test_mixed_blocks_take_two_warps_on_hopper_only(monkeypatch):
-    """Where a launcher reports the Hopper miscompilation (``mixed_block_warps``), two warps on a Hopper GPU, nothing
-    elsewhere, and a num_warps set through the launch options wins."""
+    """Where a launcher reports the Hopper miscompilation (``mixed_block_warps``): two warps on a Hopper GPU in
+    place of the launcher's own, nothing elsewhere, and warps set through the launch options win."""
     import torch
 
     cuda = torch.device("cuda")
-    opts = {"BK": 64, "BV": 32}
+    opts = {"BK": 64, "BV": 32, "num_warps": 4}
     monkeypatch.setattr(_common, "is_interpreting", lambda: False)
     monkeypatch.setattr(_common, "_is_hopper", lambda device: device.type == "cuda")
-    assert _common.mixed_block_warps(opts, cuda, True) == {"BK": 64, "BV": 32, "num_warps": 2}
-    assert _common.mixed_block_warps(opts, cuda, False) == opts
-    assert _common.mixed_block_warps({**opts, "num_warps": 8}, cuda, True) == {**opts, "num_warps": 8}
-    assert _common.mixed_block_warps(opts, torch.device("cpu"), True) == opts
+    monkeypatch.setattr(_common, "LAUNCH", {})
+    assert _common.mixed_block_warps("gl.fwd_o", opts, cuda, True) == {**opts, "num_warps": 2}
+    assert _common.mixed_block_warps("gl.fwd_o", opts, cuda, False) == opts
+    assert _common.mixed_block_warps("gl.fwd_o", opts, torch.device("cpu"), True) == opts
+    monkeypatch.setattr(_common, "LAUNCH", {"gl.fwd_o": {"num_warps": 8}})
+    assert _common.mixed_block_warps("gl.fwd_o", {**opts, "num_warps": 8}, cuda, True)["num_warps"] == 8
+    assert _common.mixed_block_warps("gl.bwd_dv", opts, cuda, True)["num_warps"] == 2
     monkeypatch.setattr(_common, "_is_hopper", lambda device: False)
-    assert _common.mixed_block_warps(opts, cuda, True) == opts
+    assert _common.mixed_block_warps("gl.bwd_dv", opts, cuda, True) == opts
