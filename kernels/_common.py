@@ -12,6 +12,7 @@ Axis letters: T tokens, H heads, K key dim, V value dim, N segments, NT chunks, 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from dataclasses import dataclass
@@ -38,11 +39,6 @@ class ChunkMeta:
     order: Tensor  # [N] int32: the segments by decreasing length (ties in segment order)
     cu_host: tuple[int, ...]  # ``cu`` on the host
     chunk: int  # BT: tokens per chunk
-
-    def part(self, n0: int, n1: int) -> ChunkMeta:
-        """The layout of segments ``n0 .. n1 - 1`` alone (their rows ``cu_host[n0] .. cu_host[n1]``)."""
-        a = self.cu_host[n0]
-        return _chunk_meta(tuple(c - a for c in self.cu_host[n0 : n1 + 1]), self.chunk, self.cu.device)
 
 
 def chunk_meta(B: int, T: int, cu_seqlens: Tensor | tuple[int, ...] | None, BT: int,
@@ -96,46 +92,83 @@ def _chunk_meta(cu: tuple[int, ...], BT: int, device: torch.device) -> ChunkMeta
     )
 
 
-def segment_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, budget: int,
-                   slots: int) -> list[tuple[int, int]]:
-    """Contiguous groups of segments ``(n0, n1)`` for a backward run group by group, so that its
-    per-chunk state buffers (``state_bytes`` per chunk, for all heads) of one group stay within
-    ``budget`` bytes where that costs little time; otherwise fewer groups, down to one.
+def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, budget: int,
+                 slots: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges ``(a, b)`` of the packed input, for a delta forward and backward run group by
+    group, so that the per-chunk state buffers of one group (``state_bytes`` per chunk, for all heads) stay
+    within ``budget`` bytes, or a quarter of the whole batch's where that is more, where that costs little
+    time; otherwise fewer groups, down to one (``[(0, Ttot)]``).
 
-    The sequential state passes run ``programs_per_segment`` programs per segment, each as long as its
-    segment, about ``slots`` at once, longest first: a group's pass takes between
-    ``chunks * programs_per_segment / slots`` and that plus its longest segment (in chunk-steps), and the
-    groups run one after another. The model takes the middle, ``work / slots + longest / 2``, and keeps
-    the most groups (at most what the budget asks) that cost at most a tenth over the whole batch's pass.
-    A MoM call packs many segments per memory and splits almost for free; a few long sequences do not
-    split (a long segment would then run after the others instead of beside them); many groups of a
-    large batch each leave a tail. H100, MoM layer, K = V = 256: two groups at B4 T2048 cost the reverse
-    pass 1%; seven at B16 cost 15%, which the model puts at 25%."""
-    chunks = [(b - a + meta.chunk - 1) // meta.chunk for a, b in itertools.pairwise(meta.cu_host)]
-    total = sum(chunks)
-    whole = [(0, len(chunks))]
+    Cuts fall on chunk starts: on a segment's first row where one lies within an eighth of a group's share
+    of chunks, otherwise inside a segment, whose state the group before then hands on to the group after
+    (``range_pieces``). The sequential state passes run ``programs_per_segment`` programs per segment piece,
+    each as long as its piece, about ``slots`` at once, longest first: a group's pass takes between
+    ``chunks * programs_per_segment / slots`` and that plus its longest piece (in chunk-steps), and the
+    groups run one after another. The model takes the middle, ``work / slots + longest / 2``, and keeps the
+    most groups (at most what the budget asks) that cost at most half again the whole batch's pass: a MoM
+    call packs many segments per memory and splits almost for free; a few long sequences split at a cost
+    (a piece of the longest then runs after the others instead of beside them). H100, MoM layer, K = V =
+    256: two groups of segments at B4 T2048 cost the reverse pass 1%; seven at B16 cost 15%, which the model
+    puts at 25%."""
+    BT = meta.chunk
+    cu = meta.cu_host
+    whole = [(0, cu[-1])]
+    if meta.num_chunks * state_bytes <= budget:  # the common case, decided without a loop over segments
+        return whole
+    chunks = [(b - a + BT - 1) // BT for a, b in itertools.pairwise(cu)]
+    starts = [0, *itertools.accumulate(chunks)]
+    total = starts[-1]
 
-    def cost(groups):
-        return sum(sum(chunks[a:b]) * programs_per_segment / slots + max(chunks[a:b], default=0) / 2
-                   for a, b in groups)
+    def row(c):  # the first row of global chunk c (c < total)
+        n = bisect.bisect_right(starts, c) - 1
+        while chunks[n] == 0:
+            n += 1
+        return cu[n] + (c - starts[n]) * BT
 
-    def split(G):  # cut where the running chunk count passes each multiple of total / G
-        cuts, run, k, since = [0], 0, 1, 0
-        for n, c in enumerate(chunks):
-            run += c
-            since += c
-            if k < G and run >= k * total / G and since and n + 1 < len(chunks):  # no group without chunks
-                cuts.append(n + 1)
-                k, since = k + 1, 0
-        cuts.append(len(chunks))
-        return list(itertools.pairwise(cuts))
+    def cost(cuts):
+        out = 0.0
+        for c0, c1 in itertools.pairwise(cuts):
+            lens = [min(starts[n + 1], c1) - max(starts[n], c0) for n in range(len(chunks))
+                    if starts[n] < c1 and starts[n + 1] > c0]
+            out += sum(lens) * programs_per_segment / slots + max(lens, default=0) / 2
+        return out
 
-    limit = 1.1 * cost(whole)
-    for G in range(min(len(chunks), -(-total * state_bytes // budget)), 1, -1):
-        groups = split(G)
-        if cost(groups) <= limit:
-            return groups
+    def split(G):  # chunk indices near each multiple of total / G, on a segment start where one is near
+        near = total / (8 * G)
+        seg_starts = sorted(set(starts[n] for n in range(len(chunks)) if chunks[n]))
+        cuts = [0]
+        for k in range(1, G):
+            t = round(k * total / G)
+            i = bisect.bisect_left(seg_starts, t)
+            best = min(seg_starts[max(i - 1, 0): i + 1], key=lambda c: abs(c - t), default=t)
+            c = best if abs(best - t) <= near else t
+            if cuts[-1] < c < total:
+                cuts.append(c)
+        return [*cuts, total]
+
+    need = -(-total * state_bytes // max(budget, total * state_bytes // 4))
+    limit = 1.5 * cost([0, total])
+    for G in range(min(total, need), 1, -1):
+        cuts = split(G)
+        if cost(cuts) <= limit:
+            return list(itertools.pairwise([0, *(row(c) for c in cuts[1:-1]), cu[-1]]))
     return whole
+
+
+def range_pieces(cu: tuple[int, ...], a: int, b: int) -> list[tuple[int, int, int]]:
+    """The segments of rows ``a .. b`` (a group of ``state_groups``) as pieces ``(n, lo, hi)``: segment ``n``'s
+    rows ``lo .. hi`` in the group, in order. A piece with ``lo`` past its segment's first row starts from the
+    state the group before left; one with ``hi`` short of its segment's end hands its state to the next
+    group. Empty segments belong to the group where they start (the last group: also those at the end)."""
+    out = []
+    last = b == cu[-1]
+    for n in range(max(bisect.bisect_right(cu, a) - 2, 0), len(cu) - 1):
+        s, e = cu[n], cu[n + 1]
+        if s > b or (s == b and not last):
+            break
+        if a <= s < b or s < a < e or (last and s == b):
+            out.append((n, max(s, a), min(e, b)))
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -250,3 +250,27 @@ def test_the_environment_records_launch_options_set_by_the_variable(monkeypatch)
     assert "launch" not in environment("abc1234")
     monkeypatch.setenv("MOMKIT_LAUNCH", "delta.bwd_dqkw:num_warps=8")
     assert environment("abc1234")["launch"] == "delta.bwd_dqkw:num_warps=8"
+
+
+def test_cpu_memory_simulation_sees_the_state_budget(monkeypatch):
+    """The simulated peak of a MoM layer's forward and backward on one long sequence: above what the forward
+    holds, and lower where the delta kernels' state budget splits the call into groups than where it fits."""
+    from benchmarks import cpu_memory
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with cpu_memory._NoKernels(132, 10_000):
+        whole = cpu_memory.simulate("mom", 1, 4096, 2)
+    with cpu_memory._NoKernels(132, 32):
+        grouped = cpu_memory.simulate("mom", 1, 4096, 2)
+    assert whole["peak_mib"] > whole["saved_mib"] > 0
+    assert grouped["peak_mib"] < whole["peak_mib"] - 20
+
+
+def test_cpu_memory_names_bad_arguments(capsys):
+    from benchmarks import cpu_memory
+
+    for argv, expected in ((["--slots", "0"], "--slots 0"), (["--budget-mib", "-1"], "--budget-mib -1"),
+                           (["--cases", "mom_b2"], "mom_b2")):
+        with pytest.raises(SystemExit):
+            cpu_memory.parse_args(argv)
+        assert expected in capsys.readouterr().err

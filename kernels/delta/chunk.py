@@ -29,7 +29,8 @@ from .._common import (
     mm,
     pow2,
     program_slots,
-    segment_groups,
+    range_pieces,
+    state_groups,
     work_dtype,
 )
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
@@ -37,10 +38,13 @@ from .state import _state_blocks, delta_bwd_dh, delta_fwd_h
 
 Tensor = torch.Tensor
 
-# The backward runs group by group of segments where its chunk states (h, and dh the same size) would pass
-# this many bytes and splitting costs no time (``segment_groups``): the MoM layer's packed call at B4 T2048,
-# K = V = 256 holds 200 MB of states per buffer.
-STATE_BUDGET = 128 * 2**20
+# The forward and backward run group by group of rows where their chunk states (h, and the backward's dh the
+# same size) would pass this many bytes and splitting costs little time (``state_groups``): the MoM layer's
+# packed call at B4 T2048 or B1 T8192, K = V = 256, holds 200 MB of states per buffer. At this budget the
+# simulated peak of the layer's forward and backward (``benchmarks/cpu_memory.py``; within 5 % of the H100's
+# at all five benchmark shapes before) drops from 943 to 761 MiB at B4 T2048 M4 and from 1204 to 795 MiB at
+# B1 T8192 (fla's MomAttention: 953 and 815 on the H100); the single-memory layer at B4 T2048 stays whole.
+STATE_BUDGET = 64 * 2**20
 
 
 @triton.jit
@@ -341,14 +345,15 @@ def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False):
-    """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it."""
+def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False, T_out=None):
+    """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it;
+    otherwise T goes into ``T_out`` where given."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     wdt = work_dtype(k.dtype)
     load = Tm is not None
     if not load:
-        Tm = k.new_empty(Ttot, H, CHUNK, dtype=torch.float32)
+        Tm = k.new_empty(Ttot, H, CHUNK, dtype=torch.float32) if T_out is None else T_out
     w = k.new_empty(Ttot, H, K, dtype=wdt)
     u = k.new_empty(Ttot, H, V, dtype=wdt)
     uo = k.new_empty(Ttot, H, V, dtype=wdt) if u_off else None
@@ -426,47 +431,102 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     return dq, dk, dv, dbeta, dg, dh0
 
 
+def _groups(q, v, meta) -> list[tuple[int, int]]:
+    _, H, K = q.shape
+    V = v.shape[-1]
+    BV = _state_blocks(K, V)[2]
+    return state_groups(meta, H * triton.cdiv(V, BV), H * K * V * work_dtype(q.dtype).itemsize, STATE_BUDGET,
+                        program_slots(q.device))
+
+
+def _group(cu: tuple[int, ...], a: int, b: int, device: torch.device):
+    """The pieces of rows ``a .. b`` (``range_pieces``) and their chunk layout."""
+    pieces = range_pieces(cu, a, b)
+    return pieces, chunk_meta(1, b - a, (*(lo - a for _, lo, _ in pieces), b - a), CHUNK, device)
+
+
+def _group_states(pieces, cu, cut, per_segment, at_start: bool, k, v):
+    """The per-piece initial states (``at_start``) or final-state gradients of a group: where a piece starts
+    (ends) inside its segment, the state handed over at that cut (``cut[(n, row)]``); otherwise the segment's
+    own (``per_segment``, or zeros without). None where no piece needs one and ``per_segment`` is None."""
+    rows = []
+    for n, lo, hi in pieces:
+        inside = lo > cu[n] if at_start else hi < cu[n + 1]
+        rows.append(cut[(n, lo if at_start else hi)] if inside else None if per_segment is None else per_segment[n])
+    if all(r is None for r in rows):
+        return None
+    zero = k.new_zeros(*k.shape[1:], v.shape[-1], dtype=torch.float32)
+    return torch.stack([zero if r is None else r for r in rows])
+
+
 class DeltaChunk(torch.autograd.Function):
-    """``(o, final_state)`` of deltanet / gated_deltanet on packed input ``[Ttot, H, *]``."""
+    """``(o, final_state)`` of deltanet / gated_deltanet on packed input ``[Ttot, H, *]``.
+
+    Where the chunk states of the whole input would pass the budget (``state_groups``), the forward and the
+    backward run group by group of rows: the chunk states and the other row buffers exist for one group at a
+    time. A segment cut between two groups hands its float32 state on in the forward (saved for the backward)
+    and the gradient of that state back in the backward, which runs the groups last to first."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, output_final_state, meta):
-        Tm, w, u, _ = wy_fwd(k, v, beta, g, meta)
-        h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta)
-        o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
-        ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
-        ctx.scale, ctx.meta = scale, meta
-        return o, ht
+        groups = _groups(q, v, meta)
+        ctx.scale, ctx.meta, ctx.groups = scale, meta, groups
+        if len(groups) == 1:
+            Tm, w, u, _ = wy_fwd(k, v, beta, g, meta)
+            h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta)
+            o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
+            ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
+            return o, ht
+        cu = meta.cu_host
+        o = torch.empty_like(v)
+        Tm = k.new_empty(*k.shape[:2], CHUNK, dtype=torch.float32)
+        finals, cut = [None] * meta.num_segments, {}
+        for a, b in groups:
+            pieces, sub = _group(cu, a, b, q.device)
+            _, w, u, _ = wy_fwd(k[a:b], v[a:b], beta[a:b], None if g is None else g[a:b], sub, T_out=Tm[a:b])
+            h0_g = _group_states(pieces, cu, cut, h0, True, k, v)
+            h, v_new, ht, _ = delta_fwd_h(k[a:b], w, u, None if g is None else g[a:b], h0_g, True, sub)
+            del w, u
+            fwd_o(q[a:b], k[a:b], v_new, None if g is None else g[a:b], None, h, None, 0 if g is None else 1, scale,
+                  sub, v.dtype, out=o[a:b])
+            del h, v_new
+            for i, (n, _, hi) in enumerate(pieces):
+                if hi < cu[n + 1]:
+                    cut[(n, hi)] = ht[i]
+                else:
+                    finals[n] = ht[i]
+        ctx.cuts = list(cut)
+        ctx.save_for_backward(q, k, v, beta, g, h0, Tm, *cut.values())
+        return o, (torch.stack(finals) if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, Tm = ctx.saved_tensors
-        scale, meta = ctx.scale, ctx.meta
+        q, k, v, beta, g, h0, Tm, *carried = ctx.saved_tensors
+        scale, meta, groups = ctx.scale, ctx.meta, ctx.groups
         do = do.contiguous()
         dht = contiguous(dht)
-        _, H, K = q.shape
-        V = v.shape[-1]
-        BV = _state_blocks(K, V)[2]
-        groups = segment_groups(meta, H * triton.cdiv(V, BV), H * K * V * work_dtype(q.dtype).itemsize,
-                                STATE_BUDGET, program_slots(q.device))
         if len(groups) == 1:
             return (*_backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta), None, None, None)
-        # one group of segments at a time: the chunk states and the other row buffers of the backward
-        # exist for one group only; each group writes its rows of the inputs' gradients
+        cu = meta.cu_host
+        cut = dict(zip(ctx.cuts, carried))
         grads = [torch.empty_like(x) for x in (q, k, v, beta)] + [None if g is None else torch.empty_like(g)]
-        dh0 = []
-        for n0, n1 in groups:
-            a, b = meta.cu_host[n0], meta.cu_host[n1]
+        dh0, dcut = [None] * meta.num_segments, {}
+        for a, b in reversed(groups):
+            pieces, sub = _group(cu, a, b, q.device)
 
             def rows(x, a=a, b=b):
                 return None if x is None else x[a:b]
 
-            def segs(x, n0=n0, n1=n1):
-                return None if x is None else x[n0:n1]
-
-            dh0.append(_backward(rows(q), rows(k), rows(v), rows(beta), rows(g), segs(h0), rows(Tm), rows(do),
-                                 segs(dht), scale, meta.part(n0, n1), [rows(x) for x in grads])[-1])
-        grads.append(None if h0 is None else torch.cat(dh0))
+            h0_g = _group_states(pieces, cu, cut, h0, True, k, v)
+            dht_g = _group_states(pieces, cu, dcut, dht, False, k, v)
+            dh0_g = _backward(rows(q), rows(k), rows(v), rows(beta), rows(g), h0_g, rows(Tm), rows(do), dht_g, scale,
+                              sub, [rows(x) for x in grads])[-1]
+            for i, (n, lo, _) in enumerate(pieces):
+                if lo > cu[n]:
+                    dcut[(n, lo)] = dh0_g[i]
+                elif h0 is not None:
+                    dh0[n] = dh0_g[i]
+        grads.append(None if h0 is None else torch.stack(dh0))
         return (*grads, None, None, None)
 
 

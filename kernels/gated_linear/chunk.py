@@ -446,12 +446,13 @@ def _value_block(V: int, gate: int) -> int:
     return min(128 if gate == 2 else 64, pow2(V))
 
 
-def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None):
+def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None, out=None):
+    """The outputs ``[Ttot, H, V]`` (into ``out`` where given)."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
     opts = launch("gl.fwd_o", BV=_value_block(V, gate), BK=min(64, pow2(K)))
     opts = mixed_block_warps("gl.fwd_o", opts, q.device, opts["BV"] < opts["BK"])
-    o = q.new_empty(Ttot, H, V, dtype=out_dtype)
+    o = q.new_empty(Ttot, H, V, dtype=out_dtype) if out is None else out
     grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))
     _fwd_o_kernel[grid](q, k, v, g, dt, h, A, o, meta.cu, meta.chunk_indices, scale, **_a_parts(A), H=H, K=K, V=V,
                         BT=CHUNK, GATE=gate, HAS_DT=dt is not None, **dots(in_dtype or q.dtype), **opts)

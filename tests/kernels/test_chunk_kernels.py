@@ -255,50 +255,68 @@ def test_chunk_layout_matches_its_definition():
             assert t.dtype == torch.int32 and t.is_contiguous() and t.data_ptr() % 16 == 0, case
 
 
+@pytest.mark.parametrize(("layout", "expected"), [
+    ("packed", [(0, 65), (65, 66), (66, 70), (70, 140)]),  # the packed segments above; one cut inside 1 .. 66
+    ("long", [(0, 64), (64, 128), (128, 192), (192, 200)]),  # one sequence of 200 tokens, cut three times
+    ("stateless", [(0, 64), (64, 128), (128, 160), (160, 190)]),  # segments of 130, 30, 30; no initial or
+    # final state, and a group where a segment's last rows come before a whole segment
+    ("batch", [(0, 128), (128, 130), (130, 194), (194, 260)]),  # two rows of 130, each cut once
+], ids=["packed", "long", "stateless", "batch"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_backward_in_groups_of_segments(device, seed, name, monkeypatch, record_property):
-    """The delta backward run group by group of segments (here forced by a state budget of one byte:
-    groups (0, 3) and (3, 5) of the packed segments above), with initial states: the same gradients as the
-    reference."""
+def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expected, monkeypatch, record_property):
+    """The delta forward and backward run group by group of rows (forced by a state budget of one byte), with
+    cuts inside segments (a group hands its state on, and the state's gradient back), with initial and final
+    states and without: the same outputs and gradients as the reference."""
     import momkit.kernels._common as common
     import momkit.kernels.delta.chunk as delta_chunk
 
     used = []
 
     def groups(*args):
-        used.append(common.segment_groups(*args))
+        used.append(common.state_groups(*args))
         return used[-1]
 
     monkeypatch.setattr(delta_chunk, "STATE_BUDGET", 1)
     monkeypatch.setattr(delta_chunk, "program_slots", lambda device: 1)  # no cost to splitting (GPU: 132)
-    monkeypatch.setattr(delta_chunk, "segment_groups", groups)
+    monkeypatch.setattr(delta_chunk, "state_groups", groups)
     rule = get_rule(name)
-    cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
-    leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
-    check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
-    assert used and used[0] == [(0, 3), (3, 5)]
+    kw = {}
+    if layout == "packed":
+        kw["cu_seqlens"] = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
+        leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
+    elif layout == "stateless":
+        kw.update(cu_seqlens=torch.tensor([0, 130, 160, 190], device=device), with_state=False)
+        leaves = make_leaves(rule, 1, 190, 2, 16, 32, torch.float32, seed, device, with_state=False)
+    else:
+        B, T = (2, 130) if layout == "batch" else (1, 200)
+        leaves = make_leaves(rule, B, T, 2, 16, 32, torch.float32, seed, device)
+    check_against_reference(rule, {}, leaves, torch.float32, record=record_property, **kw)
+    assert used and used[0] == expected
 
 
-def test_segment_groups_cut_where_it_costs_no_time():
-    """Many short segments split into groups of about equal chunks; a few long ones, whose state passes
-    would then run one after another, do not; a large batch splits into fewer groups than its budget asks;
-    no group is made of empty segments only."""
+def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
+    """Many short segments split on segment starts into groups of about equal chunks; one long sequence, or a
+    few long ones, split inside segments; a budget over four times the buffers asks no more than four groups;
+    a budget the buffers fit asks none; no group is made of empty segments only."""
     import itertools
 
-    from momkit.kernels._common import CHUNK, chunk_meta, segment_groups
+    from momkit.kernels._common import CHUNK, chunk_meta, range_pieces, state_groups
 
     def groups(lengths, budget_chunks, slots=132):
         cu = (0, *itertools.accumulate(lengths))
         meta = chunk_meta(1, cu[-1], cu, CHUNK, torch.device("cpu"))
-        return segment_groups(meta, 32, 1, budget_chunks, slots)
+        out = state_groups(meta, 32, 1, budget_chunks, slots)
+        assert all(range_pieces(cu, a, b) for a, b in out)
+        return out
 
     mom = [1024] * 16 + [2048] * 4  # B4 T2048 M4: routed memories' shares, then the shared memory
-    assert groups(mom, 200) == [(0, 12), (12, 20)]
-    assert groups(mom, 400) == [(0, 20)]
-    assert groups([4096] * 4 + [8192], 200) == [(0, 5)]  # B1 T8192: the shared pass alone would double
-    assert groups([256, 0, 64], 1, slots=1) == [(0, 1), (1, 3)]  # 4, 0, 1 chunks: no empty group
-    b16 = groups([1024] * 64 + [2048] * 16, 220)  # the budget asks for 7 groups, each of which leaves a tail
-    assert 1 < len(b16) < 7 and b16[0][0] == 0 and b16[-1][1] == 80
+    assert groups(mom, 200) == [(0, 12288), (12288, 24576)]
+    assert groups(mom, 128) == [(0, 8192), (8192, 16384), (16384, 24576)]
+    assert groups(mom, 400) == [(0, 24576)]
+    assert groups([8192], 64) == [(0, 4096), (4096, 8192)]  # one long sequence: a cut at its middle
+    assert groups([256, 0, 64], 1, slots=1) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]
+    b16 = groups([1024] * 64 + [2048] * 16, 1)  # the budget asks for 384 groups; a quarter each at most
+    assert len(b16) == 4 and b16[0][0] == 0 and b16[-1][1] == 98304
 
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
