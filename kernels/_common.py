@@ -119,23 +119,22 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
     starts = [0, *itertools.accumulate(chunks)]
     total = starts[-1]
 
-    def row(c):  # the first row of global chunk c (c < total)
+    def row(c):  # the first row of global chunk c < total (its segment: the last to start at or before c)
         n = bisect.bisect_right(starts, c) - 1
-        while chunks[n] == 0:
-            n += 1
         return cu[n] + (c - starts[n]) * BT
+
+    seg_starts = sorted({starts[n] for n in range(len(chunks)) if chunks[n]})
 
     def cost(cuts):
         out = 0.0
         for c0, c1 in itertools.pairwise(cuts):
-            lens = [min(starts[n + 1], c1) - max(starts[n], c0) for n in range(len(chunks))
-                    if starts[n] < c1 and starts[n + 1] > c0]
-            out += sum(lens) * programs_per_segment / slots + max(lens, default=0) / 2
+            longest = max(min(starts[n + 1], c1) - max(starts[n], c0) for n in range(len(chunks))
+                          if starts[n] < c1 and starts[n + 1] > c0)
+            out += (c1 - c0) * programs_per_segment / slots + longest / 2
         return out
 
     def split(G):  # chunk indices near each multiple of total / G, on a segment start where one is near
         near = total / (8 * G)
-        seg_starts = sorted(set(starts[n] for n in range(len(chunks)) if chunks[n]))
         cuts = [0]
         for k in range(1, G):
             t = round(k * total / G)

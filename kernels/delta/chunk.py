@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 # same size) would pass this many bytes and splitting costs little time (``state_groups``): the MoM layer's
 # packed call at B4 T2048 or B1 T8192, K = V = 256, holds 200 MB of states per buffer. At this budget the
 # simulated peak of the layer's forward and backward (``benchmarks/cpu_memory.py``; within 5 % of the H100's
-# at all five benchmark shapes before) drops from 943 to 761 MiB at B4 T2048 M4 and from 1204 to 795 MiB at
+# at all five benchmark shapes before) drops from 944 to 760 MiB at B4 T2048 M4 and from 1204 to 804 MiB at
 # B1 T8192 (fla's MomAttention: 953 and 815 on the H100); the single-memory layer at B4 T2048 stays whole.
 STATE_BUDGET = 64 * 2**20
 
@@ -439,6 +439,10 @@ def _groups(q, v, meta) -> list[tuple[int, int]]:
                         program_slots(q.device))
 
 
+def _rows(x: Tensor | None, a: int, b: int) -> Tensor | None:
+    return None if x is None else x[a:b]
+
+
 def _group(cu: tuple[int, ...], a: int, b: int, device: torch.device):
     """The pieces of rows ``a .. b`` (``range_pieces``) and their chunk layout."""
     pieces = range_pieces(cu, a, b)
@@ -483,12 +487,11 @@ class DeltaChunk(torch.autograd.Function):
         finals, cut = [None] * meta.num_segments, {}
         for a, b in groups:
             pieces, sub = _group(cu, a, b, q.device)
-            _, w, u, _ = wy_fwd(k[a:b], v[a:b], beta[a:b], None if g is None else g[a:b], sub, T_out=Tm[a:b])
-            h0_g = _group_states(pieces, cu, cut, h0, True, k, v)
-            h, v_new, ht, _ = delta_fwd_h(k[a:b], w, u, None if g is None else g[a:b], h0_g, True, sub)
+            k_g, g_g = k[a:b], _rows(g, a, b)
+            _, w, u, _ = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
+            h, v_new, ht, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub)
             del w, u
-            fwd_o(q[a:b], k[a:b], v_new, None if g is None else g[a:b], None, h, None, 0 if g is None else 1, scale,
-                  sub, v.dtype, out=o[a:b])
+            fwd_o(q[a:b], k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o[a:b])
             del h, v_new
             for i, (n, _, hi) in enumerate(pieces):
                 if hi < cu[n + 1]:
@@ -513,14 +516,10 @@ class DeltaChunk(torch.autograd.Function):
         dh0, dcut = [None] * meta.num_segments, {}
         for a, b in reversed(groups):
             pieces, sub = _group(cu, a, b, q.device)
-
-            def rows(x, a=a, b=b):
-                return None if x is None else x[a:b]
-
             h0_g = _group_states(pieces, cu, cut, h0, True, k, v)
             dht_g = _group_states(pieces, cu, dcut, dht, False, k, v)
-            dh0_g = _backward(rows(q), rows(k), rows(v), rows(beta), rows(g), h0_g, rows(Tm), rows(do), dht_g, scale,
-                              sub, [rows(x) for x in grads])[-1]
+            dh0_g = _backward(*(_rows(x, a, b) for x in (q, k, v, beta, g)), h0_g, Tm[a:b], do[a:b], dht_g, scale, sub,
+                              [_rows(x, a, b) for x in grads])[-1]
             for i, (n, lo, _) in enumerate(pieces):
                 if lo > cu[n]:
                     dcut[(n, lo)] = dh0_g[i]
