@@ -6,13 +6,14 @@ The cases and layers of ``benchmarks/gpu_layer.py`` (bf16, training mode). Each 
 interpreter with every kernel launch stubbed out: the launchers still allocate their outputs and buffers,
 and the torch ops between them run (on the CPU, so routing is real), but no kernel computes. The profiler's
 CPU allocator events give the same two figures as ``gpu_layer``: the peak of one forward+backward above what
-was allocated before it, and what the forward leaves held for the backward. Against the H100 (commit 45f4644,
-``benchmarks/results/gpu_layer_h100.json``) it read 944, 953, 1204, 3407 and 398 MiB at that code where the GPU
-measured 919, 914, 1178, 3366 and 388: within 5 %, and high, as it should read: the profiler does not see blocks
+was allocated before it, and what the forward leaves held for the backward. Against the H100's peaks at
+45f4644 (``benchmarks/results/gpu_layer_h100.json``: 919, 914, 1178, 3366 and 388 MiB) it read 944, 953, 1204,
+3415 and 398 at 0728da6, a few launch-count changes later: within 5 %, and high, as it should read: the
+profiler does not see blocks
 allocated before it started being freed, so the parameter gradients that the call replaces count twice, and
-the CUDA allocator rounds blocks differently. One thread, no cycle collection during a call, fixed weights
-and inputs; where the delta kernels run in groups the reading still moves a little with Python's hash seed
-(B1 T8192: 804 to 820 MiB over six seeds; why is not known), so figures are quoted at PYTHONHASHSEED=0.
+the CUDA allocator rounds blocks differently. Each case runs in a fresh process (one thread, no cycle
+collection during the call, fixed weights and inputs): after another case in the same process, what that one
+left cached moved the grouped B1 T8192 reading between 772 and 820 MiB.
 ``--slots`` is the number of programs the delta state passes run at once (an H100's SMs; the CPU reports
 one), which the grouping of the delta kernels reads; ``--budget-mib`` overrides their state budget.
 """
@@ -113,16 +114,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def _case(name: str, slots: int, budget_mib: int | None) -> dict:
     torch.set_num_threads(1)  # one thread allocates: the order of allocations and frees is the program's
+    with _NoKernels(slots, budget_mib):
+        return simulate(*CASES[name])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("benchmarks.cpu_memory: run with TRITON_INTERPRET=1 (the kernels' CPU interpreter)")
     print(f"{'case':<18}{'peak MiB':>10}{'saved MiB':>11}")
-    with _NoKernels(args.slots, args.budget_mib):
-        for name in args.cases:
-            out = simulate(*CASES[name])
-            print(f"{name:<18}{out['peak_mib']:>10.0f}{out['saved_mib']:>11.0f}", flush=True)
+    for name in args.cases:  # each case in a fresh process: what one leaves cached would change the next's reading
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = pool.submit(_case, name, args.slots, args.budget_mib).result()
+        print(f"{name:<18}{out['peak_mib']:>10.0f}{out['saved_mib']:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

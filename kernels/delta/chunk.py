@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 # same size) would pass this many bytes and splitting costs little time (``state_groups``): the MoM layer's
 # packed call at B4 T2048 or B1 T8192, K = V = 256, holds 200 MB of states per buffer. At this budget the
 # simulated peak of the layer's forward and backward (``benchmarks/cpu_memory.py``; within 5 % of the H100's
-# at all five benchmark shapes before) drops from 944 to 760 MiB at B4 T2048 M4 and from 1204 to 804 MiB at
+# at all five benchmark shapes before) drops from 944 to 760 MiB at B4 T2048 M4 and from 1204 to 820 MiB at
 # B1 T8192 (fla's MomAttention: 953 and 815 on the H100); the single-memory layer at B4 T2048 stays whole.
 STATE_BUDGET = 64 * 2**20
 
