@@ -161,7 +161,7 @@ def range_pieces(cu: tuple[int, ...], a: int, b: int) -> list[tuple[int, int, in
     group. Empty segments belong to the group where they start (the last group: also those at the end)."""
     out = []
     last = b == cu[-1]
-    for n in range(max(bisect.bisect_right(cu, a) - 2, 0), len(cu) - 1):
+    for n in range(max(bisect.bisect_left(cu, a) - 1, 0), len(cu) - 1):
         s, e = cu[n], cu[n + 1]
         if s > b or (s == b and not last):
             break

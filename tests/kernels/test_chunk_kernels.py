@@ -261,7 +261,8 @@ def test_chunk_layout_matches_its_definition():
     ("stateless", [(0, 64), (64, 128), (128, 160), (160, 190)]),  # segments of 130, 30, 30; no initial or
     # final state, and a group where a segment's last rows come before a whole segment
     ("batch", [(0, 128), (128, 130), (130, 194), (194, 260)]),  # two rows of 130, each cut once
-], ids=["packed", "long", "stateless", "batch"])
+    ("empty", [(0, 64), (64, 128)]),  # segments of 64, 0, 0, 64: two empty ones at the cut
+], ids=["packed", "long", "stateless", "batch", "empty"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expected, monkeypatch, record_property):
     """The delta forward and backward run group by group of rows (forced by a state budget of one byte), with
@@ -284,6 +285,9 @@ def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expe
     if layout == "packed":
         kw["cu_seqlens"] = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
         leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
+    elif layout == "empty":
+        kw["cu_seqlens"] = torch.tensor([0, 64, 64, 64, 128], device=device)
+        leaves = make_leaves(rule, 1, 128, 2, 16, 32, torch.float32, seed, device, N=4)
     elif layout == "stateless":
         kw.update(cu_seqlens=torch.tensor([0, 130, 160, 190], device=device), with_state=False)
         leaves = make_leaves(rule, 1, 190, 2, 16, 32, torch.float32, seed, device, with_state=False)
@@ -317,6 +321,20 @@ def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
     assert groups([256, 0, 64], 1, slots=1) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]
     b16 = groups([1024] * 64 + [2048] * 16, 1)  # the budget asks for 384 groups; a quarter each at most
     assert len(b16) == 4 and b16[0][0] == 0 and b16[-1][1] == 98304
+
+
+def test_range_pieces_give_every_segment_one_first_and_one_last_piece():
+    """Every segment, empty ones at a cut included, starts in exactly one group and ends in exactly one."""
+    import itertools
+
+    from momkit.kernels._common import range_pieces
+
+    cu = (0, 64, 64, 64, 100, 100, 228, 228)
+    for cuts in ([0, 64, 228], [0, 32, 64, 100, 164, 228], [0, 100, 228], [0, 228]):
+        pieces = [p for a, b in itertools.pairwise(cuts) for p in range_pieces(cu, a, b)]
+        assert sorted(n for n, lo, _ in pieces if lo == cu[n]) == list(range(len(cu) - 1)), cuts
+        assert sorted(n for n, _, hi in pieces if hi == cu[n + 1]) == list(range(len(cu) - 1)), cuts
+        assert all(cu[n] <= lo <= hi <= cu[n + 1] for n, lo, hi in pieces), cuts
 
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)
