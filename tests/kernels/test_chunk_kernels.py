@@ -329,8 +329,14 @@ def test_range_pieces_give_every_segment_one_first_and_one_last_piece():
 
     from momkit.kernels._common import range_pieces
 
-    cu = (0, 64, 64, 64, 100, 100, 228, 228)
-    for cuts in ([0, 64, 228], [0, 32, 64, 100, 164, 228], [0, 100, 228], [0, 228]):
+    rng = random.Random(0)
+    cases = [((0, 64, 64, 64, 100, 100, 228, 228), cuts)
+             for cuts in ([0, 64, 228], [0, 32, 64, 100, 164, 228], [0, 100, 228], [0, 228])]
+    for _ in range(200):  # random packings (empty segments among them), cut at random chunk starts
+        cu = (0, *itertools.accumulate(rng.choice([0, 0, 1, 63, 64, 65, 130]) for _ in range(rng.randint(1, 8))))
+        starts = sorted({a + j for a, b in itertools.pairwise(cu) for j in range(0, b - a, 64)} - {0})
+        cases.append((cu, [0, *sorted(rng.sample(starts, min(len(starts), rng.randint(0, 3)))), cu[-1]]))
+    for cu, cuts in cases:
         pieces = [p for a, b in itertools.pairwise(cuts) for p in range_pieces(cu, a, b)]
         assert sorted(n for n, lo, _ in pieces if lo == cu[n]) == list(range(len(cu) - 1)), cuts
         assert sorted(n for n, _, hi in pieces if hi == cu[n + 1]) == list(range(len(cu) - 1)), cuts
