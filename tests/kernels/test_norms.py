@@ -36,18 +36,24 @@ def test_l2_norm_matches_float64(device, dtype, D):
     assert _rel(xd.grad.cpu(), x64.grad) < TOL[dtype], "input gradient"
 
 
+def _norm_and_float64_copy(cls, D: int, seed: int):
+    """A norm of ``cls`` with random weights, its float64 copy, and the generator for the inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    norm = cls(D, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen))
+    ref = cls(D, eps=1e-6).to(F64)
+    ref.load_state_dict(norm.state_dict())
+    return gen, norm, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("D", [24, 256])
 def test_gated_rms_norm_matches_float64(device, dtype, D):
-    gen = torch.Generator().manual_seed(D + 1)
-    norm = GatedRMSNorm(D, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(D, generator=gen))
+    gen, norm, ref = _norm_and_float64_copy(GatedRMSNorm, D, seed=D + 1)
     x = torch.randn(2, 41, 3, D, generator=gen)
     gate = torch.randn(x.shape, generator=gen)
     dy = torch.randn(x.shape, generator=gen)
-    ref = GatedRMSNorm(D, eps=1e-6).to(F64)
-    ref.load_state_dict(norm.state_dict())
     x64, g64 = x.to(F64).requires_grad_(True), gate.to(F64).requires_grad_(True)
     ref(x64, g64).backward(dy.to(F64))
     fused = GatedRMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
@@ -68,14 +74,9 @@ def test_gated_rms_norm_matches_float64(device, dtype, D):
 @pytest.mark.parametrize("D", [24, 1024])
 def test_rms_norm_matches_float64(device, dtype, D):
     """The blocks' pre-norm (no gate) fused, against the module's torch ops in float64."""
-    gen = torch.Generator().manual_seed(D + 2)
-    norm = RMSNorm(D, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(D, generator=gen))
+    gen, norm, ref = _norm_and_float64_copy(RMSNorm, D, seed=D + 2)
     x = torch.randn(3, 29, D, generator=gen)
     dy = torch.randn(x.shape, generator=gen)
-    ref = RMSNorm(D, eps=1e-6).to(F64)
-    ref.load_state_dict(norm.state_dict())
     x64 = x.to(F64).requires_grad_(True)
     ref(x64).backward(dy.to(F64))
     fused = RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
