@@ -32,6 +32,7 @@ from .._common import (
     dots,
     is_interpreting,
     launch,
+    mixed_block_warps,
     mm,
     pow2,
     segment_start,
@@ -310,10 +311,12 @@ class TitansChunk(torch.autograd.Function):
         # states would take three stages of such tiles past Hopper's shared memory
         BV = min(128 if hM.dtype == torch.bfloat16 else 64, pow2(V))
         BKo = pow2(K) if BV == 128 and K <= 128 else min(64, pow2(K))  # one key block: 127 -> 119 us (H100)
+        # value blocks narrower than key blocks (K >= 64 with V <= 32): wrong outputs with Hopper's warpgroup
+        # products under Triton 3.6, as in the chunk rules' output kernels (mixed_block_warps)
+        opts = mixed_block_warps("titans.fwd_o", launch("titans.fwd_o"), q.device, BKo > BV)
         _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, hM, hS, r, Dth, coef, o, meta.cu,
                                                                 meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                                                                BK=BKo, BV=BV, **dots(q.dtype),
-                                                                    **launch("titans.fwd_o"))
+                                                                BK=BKo, BV=BV, **dots(q.dtype), **opts)
         # W and U0 are kept for the backward (bf16 at bf16 inputs), which then only recomputes the states
         ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs, *W)
         ctx.scale, ctx.mb, ctx.meta = scale, mb, meta

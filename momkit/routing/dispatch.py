@@ -97,9 +97,11 @@ class Dispatch:
         """The kept slots in the order of a stable sort by ``key`` (a counting sort): each slot's row is its
         segment's start plus the number of earlier slots of its sequence in the same memory. A segment holds one
         sequence's slots, so the count runs along the sequence: a few elementwise passes and a cumulative sum
-        over ``[B, T * k', M + 1]`` instead of the several passes of a radix sort over all the slots."""
-        onehot = (mem[..., None] == torch.arange(M + 1, device=mem.device)).to(torch.int32)
-        rank = onehot.cumsum(1, dtype=torch.int32).gather(-1, mem[..., None])[..., 0] - 1  # [B, T * k']
+        over ``[B, M + 1, T * k']`` instead of the several passes of a radix sort over all the slots. The sum
+        runs along the last dimension: along a middle one, CUDA's scan gives each of the B * (M + 1) columns
+        one thread (3 ms at B = 1, T = 8192 on an H100, against microseconds along the last)."""
+        onehot = (mem[:, None, :] == torch.arange(M + 1, device=mem.device)[:, None]).to(torch.int32)
+        rank = onehot.cumsum(2, dtype=torch.int32).gather(1, mem[:, None, :])[:, 0, :] - 1  # [B, T * k']
         row = cu[key] + rank.reshape(-1)
         row = torch.where(mem.reshape(-1) < M, row, rows)  # dropped slots: one spare row, cut off below
         order = torch.empty(rows + 1, dtype=torch.int64, device=mem.device)
