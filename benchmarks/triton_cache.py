@@ -1,6 +1,6 @@
 """Pack the part of a Triton cache worth carrying to a fresh device machine.
 
-    python -m benchmarks.triton_cache --cache .tcache --out $OUT/tcache.tgz
+    python -m benchmarks.triton_cache --cache .tcache --out $OUT/tcache.tgz [--autotune-only]
 
 Keeps every autotuning result (``*.autotune.json``, written under ``TRITON_CACHE_AUTOTUNING=1``: a later
 run compiles only the configuration chosen, instead of timing every one again) and the compiled kernels of
@@ -27,8 +27,8 @@ def our_kernel_names() -> set[str]:
     return names
 
 
-def folders_to_keep(cache: Path) -> list[Path]:
-    ours = our_kernel_names()
+def folders_to_keep(cache: Path, autotune_only: bool = False) -> list[Path]:
+    ours = set() if autotune_only else our_kernel_names()
     keep = []
     for d in sorted(p for p in cache.iterdir() if p.is_dir()):
         files = os.listdir(d)
@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True, help="the Triton cache folder (TRITON_CACHE_DIR)")
     ap.add_argument("--out", required=True, help="the .tgz to write")
+    ap.add_argument("--autotune-only", action="store_true",
+                    help="only the autotuning results (kilobytes): after a test run, our compiled kernels alone "
+                         "pass the 16 MB a returned file may have")
     args = ap.parse_args(argv)
     cache = Path(args.cache)
     if not cache.is_dir():
         ap.error(f"--cache {args.cache!r}: no such folder")
-    keep = folders_to_keep(cache)
+    keep = folders_to_keep(cache, args.autotune_only)
     with tarfile.open(args.out, "w:gz") as tar:
         for d in keep:
             tar.add(d, arcname=str(Path(cache.name) / d.name))

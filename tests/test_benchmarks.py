@@ -239,6 +239,9 @@ def test_triton_cache_keeps_autotuning_results_and_our_kernels(tmp_path, capsys)
     with tarfile.open(out) as tar:
         folders = {Path(n).parts[1] for n in tar.getnames()}
     assert folders == {"a", "b"}  # fla's compiled configuration ("c") stays behind
+    triton_cache.main(["--cache", str(cache), "--out", str(out), "--autotune-only"])
+    with tarfile.open(out) as tar:
+        assert {Path(n).parts[1] for n in tar.getnames()} == {"a"}
     assert "--cache 'nope': no such folder" in _error(triton_cache.main, ["--cache", "nope", "--out", "x"], capsys)
 
 

@@ -18,12 +18,15 @@ States ``[N, H, 3, K, V]`` = (M, S, M0), float32.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from .._common import (
     CHUNK,
+    _is_hopper,
     chunk_gram,
     chunk_meta,
     chunk_start,
@@ -32,7 +35,6 @@ from .._common import (
     dots,
     is_interpreting,
     launch,
-    mixed_block_warps,
     mm,
     pow2,
     segment_start,
@@ -311,12 +313,10 @@ class TitansChunk(torch.autograd.Function):
         # states would take three stages of such tiles past Hopper's shared memory
         BV = min(128 if hM.dtype == torch.bfloat16 else 64, pow2(V))
         BKo = pow2(K) if BV == 128 and K <= 128 else min(64, pow2(K))  # one key block: 127 -> 119 us (H100)
-        # value blocks narrower than key blocks (K >= 64 with V <= 32): wrong outputs with Hopper's warpgroup
-        # products under Triton 3.6, as in the chunk rules' output kernels (mixed_block_warps)
-        opts = mixed_block_warps("titans.fwd_o", launch("titans.fwd_o"), q.device, BKo > BV)
         _fwd_o_kernel[(meta.num_chunks, H, triton.cdiv(V, BV))](q, k, hM, hS, r, Dth, coef, o, meta.cu,
                                                                 meta.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK,
-                                                                BK=BKo, BV=BV, **dots(q.dtype), **opts)
+                                                                BK=BKo, BV=BV, **dots(q.dtype),
+                                                                    **launch("titans.fwd_o"))
         # W and U0 are kept for the backward (bf16 at bf16 inputs), which then only recomputes the states
         ctx.save_for_backward(q, k, v, theta, alpha, eta, h0, *coefs, *W)
         ctx.scale, ctx.mb, ctx.meta = scale, mb, meta
@@ -387,13 +387,38 @@ class TitansChunk(torch.autograd.Function):
         return dq, dk, dv, dtheta, dalpha, deta, dh0, None, None, None, None
 
 
+def miscompiled_widths(K: int, V: int, device: torch.device) -> bool:
+    """Whether the chunk kernels are known to compute wrong outputs at key width ``K`` and value width ``V``
+    on ``device``: on an H100 with Triton 3.6 (bfloat16, against the float64 token loop), every pairing with
+    K in {64, 128} and V in {16, 32} gave outputs off by 40-60% of their largest value, the others (K, V in
+    {16, 32, 64, 128}) were within tolerance. Two warps in the output kernel, the cure of the chunk rules'
+    mixed widths (``mixed_block_warps``), left the error unchanged: the miscompiled kernel is another one.
+    Checked for Hopper GPUs and Triton before 3.7.1 (the versions fla issue #640 names for its own Hopper
+    miscompiles); the chunk path refuses these widths there rather than return wrong numbers."""
+    return (K > 32 and V <= 32 and _is_hopper(device) and not is_interpreting()
+            and _version(triton.__version__) < (3, 7, 1))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def chunk_titans(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, alpha: Tensor, eta: Tensor, *, scale: float,
                  mini_batch: int, initial_state: Tensor | None, output_final_state: bool,
                  cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; theta, alpha, eta ``[B, T, H]``; initial_state
     ``[N, H, 3, K, V]``. Returns ``(o [B, T, H, V], final_state [N, H, 3, K, V] or None)``."""
-    B, T, H, _ = q.shape
+    B, T, H, K = q.shape
     V = v.shape[-1]
+    if miscompiled_widths(K, V, q.device):
+        raise ValueError(f"the titans chunk kernels give wrong outputs on this GPU (Hopper) with Triton "
+                         f"{triton.__version__} at key width K={K} with value width V={V}: on an H100 with Triton "
+                         "3.6 they do wherever K > 32 and V <= 32; use value widths above 32, impl='chunked' "
+                         "(the torch chunk path), or Triton >= 3.7.1")
     meta = chunk_meta(B, T, cu_seqlens, CHUNK, q.device)
 
     def flat(x):

@@ -81,3 +81,31 @@ def test_mixed_blocks_take_two_warps_on_hopper_only(monkeypatch):
     assert _common.mixed_block_warps("gl.bwd_dv", opts, cuda, True)["num_warps"] == 2
     monkeypatch.setattr(_common, "_is_hopper", lambda device: False)
     assert _common.mixed_block_warps("gl.bwd_dv", opts, cuda, True) == opts
+
+
+def test_titans_refuses_the_widths_miscompiled_on_hopper(monkeypatch):
+    """The titans chunk path refuses key widths above 32 with value widths of 32 or less on a Hopper GPU under
+    Triton before 3.7.1 (wrong outputs on an H100 with Triton 3.6), with one error naming the widths; other
+    widths, devices and versions run."""
+    import momkit.kernels.titans.chunk as titans
+    import torch
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(titans, "is_interpreting", lambda: False)
+    monkeypatch.setattr(titans, "_is_hopper", lambda device: device.type == "cuda")
+    monkeypatch.setattr(titans.triton, "__version__", "3.6.0")
+    wrong = {(K, V) for K in (16, 32, 33, 64, 128, 256) for V in (16, 32, 33, 64, 128)
+             if titans.miscompiled_widths(K, V, cuda)}
+    assert wrong == {(K, V) for K in (33, 64, 128, 256) for V in (16, 32)}
+    assert not titans.miscompiled_widths(64, 32, torch.device("cpu"))
+    for version, refused in (("3.7.0", True), ("3.7.1", False), ("3.8.0+git1234", False), ("3.4", True)):
+        monkeypatch.setattr(titans.triton, "__version__", version)
+        assert titans.miscompiled_widths(64, 32, cuda) is refused, version
+    monkeypatch.setattr(titans.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(titans, "miscompiled_widths", lambda K, V, device: (K, V) == (64, 32))
+    q = torch.zeros(1, 4, 1, 64)
+    v = torch.zeros(1, 4, 1, 32)
+    gate = torch.zeros(1, 4, 1)
+    with pytest.raises(ValueError, match="K=64 with value width V=32.*impl='chunked'"):
+        titans.chunk_titans(q, q, v, gate, gate, gate, scale=1.0, mini_batch=16, initial_state=None,
+                            output_final_state=False, cu_seqlens=None)
