@@ -418,7 +418,7 @@ def chunk_titans(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, alpha: Tensor, 
         raise ValueError(f"the titans chunk kernels give wrong outputs on this GPU (Hopper) with Triton "
                          f"{triton.__version__} at key width K={K} with value width V={V}: on an H100 with Triton "
                          "3.6 they do wherever K > 32 and V <= 32; use value widths above 32, impl='chunked' "
-                         "(the torch chunk path), or Triton >= 3.7.1")
+                         "(the torch chunk path; model.mom.impl=chunked in a config), or Triton >= 3.7.1")
     meta = chunk_meta(B, T, cu_seqlens, CHUNK, q.device)
 
     def flat(x):
