@@ -8,11 +8,19 @@ one card, and a worker's caching allocator would otherwise keep the peak of the 
 T = 1000, K = V = 256) out of reach of the others. The tests with the largest references share the
 xdist group ``large_reference``, which ``--dist loadgroup`` (benchmarks/gpu_tests.py) runs on one
 worker, one at a time.
+
+Some CUDA errors (an illegal memory access) are sticky: every later test of the process then fails at its
+set-up, whatever it tests, and a fast-failing xdist worker is handed more and more of the suite, so that one
+fault shows as dozens of set-up errors in unrelated tests. After each GPU test the process
+checks that its device still works; where it does not, it names the test and ends: under pytest-xdist the
+worker exits (xdist reports the crash against that test and starts a fresh worker for the rest), in a single
+process the session stops with its summary.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -48,6 +56,28 @@ def _device_memory(request):
         return
     torch.cuda.reset_peak_memory_stats()
     yield
+    lost = device_lost()
+    if lost is not None:
+        end_broken_process(request.node.nodeid, lost)
     peak = torch.cuda.max_memory_allocated() / 2**20
     request.node.user_properties.append(("peak_cuda_mib", round(peak, 1)))
     torch.cuda.empty_cache()
+
+
+def device_lost() -> str | None:
+    """Why the current CUDA device no longer works in this process (a sticky error), or None."""
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+        return None
+    except Exception as e:  # any failure of a one-element add: the context is gone
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def end_broken_process(nodeid: str, why: str) -> None:
+    message = (f"the CUDA context of this process no longer works after {nodeid} ({why}); every later test here "
+               "would fail at its set-up")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stderr.write(f"\n{message}: ending this worker\n")
+        sys.stderr.flush()
+        os._exit(3)
+    pytest.exit(message, returncode=3)
