@@ -36,13 +36,36 @@ def _torchrun(args: list[str], script: str = "-m momkit", timeout: float = 120) 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# Both sides train with float64 parameters: the data-parallel and the one-process runs sum the same gradients in
+# another order, and in float32 three AdamW steps carry that rounding to 1e-5 on some machines (some early
+# gradients are tiny sums that cancel). In float64 only the float32 steps inside the model remain (about 1e-7 at
+# most), so the comparison tells a data-parallel bug (parameters off by order lr = 1e-2) from rounding with room.
+FLOAT64_MAIN = """
+import sys
+import torch
+from momkit.cli import main
+
+torch.set_default_dtype(torch.float64)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
 
 
 def _assert_same_params(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:  # float32 sums in another order: rounding only
+    for k in a:  # sums in another order: rounding only
+        assert a[k].dtype == b[k].dtype == torch.float64, k
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
@@ -64,10 +87,12 @@ ROUTERS = {"topk_softmax": ["model.mom.router=topk_softmax", "optim.max_steps=8"
 def two_ranks(tmp_path_factory):
     """A 2-rank run for each of ROUTERS."""
     root = tmp_path_factory.mktemp("ddp")
+    script = root / "float64_main.py"
+    script.write_text(FLOAT64_MAIN)
     runs = {}
     for router, extra in ROUTERS.items():
         run_dir = root / router
-        proc = _torchrun(["train", "mqar_tiny", *TINY, *extra, f"run.dir={run_dir}"])
+        proc = _torchrun(["train", "mqar_tiny", *TINY, *extra, f"run.dir={run_dir}"], script=str(script))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[router] = (run_dir, proc)
     return runs
