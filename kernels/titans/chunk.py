@@ -18,7 +18,7 @@ States ``[N, H, 3, K, V]`` = (M, S, M0), float32.
 
 from __future__ import annotations
 
-import itertools
+import re
 
 import torch
 import triton
@@ -400,11 +400,8 @@ def miscompiled_widths(K: int, V: int, device: torch.device) -> bool:
 
 
 def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(itertools.takewhile(str.isdigit, piece))
-        parts.append(int(digits or 0))
-    return tuple(parts)
+    """'3.6.0' -> (3, 6, 0); '3.8.0+git1234' -> (3, 8, 0)."""
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
 
 
 def chunk_titans(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, alpha: Tensor, eta: Tensor, *, scale: float,

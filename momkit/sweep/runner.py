@@ -351,21 +351,13 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
 def _device_lost(cfg) -> str | None:
     """Why the trial's GPU no longer works in this process (a sticky CUDA error), or None: it works, or the
     trial trained on the CPU."""
-    import torch
-
-    from momkit.train.loop import resolve_device
+    from momkit.train.loop import device_lost, resolve_device
 
     try:
         device = resolve_device(cfg.run.device)
     except Exception:  # no device to check
         return None
-    if device.type != "cuda":
-        return None
-    try:
-        torch.ones(1, device=device).add_(1).item()
-        return None
-    except Exception as e:  # any failure of a one-element add: the context is gone
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return device_lost(device)
 
 
 def _device_label(cfg) -> str:

@@ -56,6 +56,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_lost(device: torch.device) -> str | None:
+    """Why a CUDA ``device`` no longer works in this process, or None (it works, or it is not a CUDA device).
+    Some CUDA errors (an illegal memory access, a device-side assert) are sticky: every later call on the
+    device fails, whatever it is, so a one-element add tells."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return None
+    except Exception as e:  # any failure of a one-element add: the context is gone
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -25,6 +25,8 @@ import sys
 import pytest
 import torch
 
+from momkit.train.loop import device_lost
+
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
            pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]
 
@@ -56,21 +58,12 @@ def _device_memory(request):
         return
     torch.cuda.reset_peak_memory_stats()
     yield
-    lost = device_lost()
+    lost = device_lost(torch.device("cuda"))
     if lost is not None:
         end_broken_process(request.node.nodeid, lost)
     peak = torch.cuda.max_memory_allocated() / 2**20
     request.node.user_properties.append(("peak_cuda_mib", round(peak, 1)))
     torch.cuda.empty_cache()
-
-
-def device_lost() -> str | None:
-    """Why the current CUDA device no longer works in this process (a sticky error), or None."""
-    try:
-        torch.ones(1, device="cuda").add_(1).item()
-        return None
-    except Exception as e:  # any failure of a one-element add: the context is gone
-        return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def end_broken_process(nodeid: str, why: str) -> None:

@@ -1,5 +1,6 @@
 """The GPU suite's guard against sticky CUDA errors (tests/kernels/conftest.py): a process whose device stopped
-working names the test after which it did and ends, instead of failing every later test at its set-up."""
+working (``momkit.train.loop.device_lost``, which sweep workers ask too) names the test after which it did and
+ends, instead of failing every later test at its set-up."""
 
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def test_a_worker_ends_and_a_single_process_stops(monkeypatch, capsys):
 
 
 def test_a_device_that_cannot_add_is_lost(monkeypatch):
-    conftest = _conftest()
+    import torch
+
+    from momkit.train import loop
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
 
-    monkeypatch.setattr(conftest.torch, "ones", broken)
-    assert conftest.device_lost() == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    monkeypatch.setattr(loop.torch, "ones", broken)
+    lost = loop.device_lost(torch.device("cuda", 0))
+    assert lost == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert loop.device_lost(torch.device("cpu")) is None
