@@ -108,8 +108,8 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
     most groups (at most what the budget asks) that cost at most half again the whole batch's pass: a MoM
     call packs many segments per memory and splits almost for free; a few long sequences split at a cost
     (a piece of the longest then runs after the others instead of beside them). H100, MoM layer, K = V =
-    256: two groups of segments at B4 T2048 cost the reverse pass 1%; seven at B16 cost 15%, which the model
-    puts at 25%."""
+    256, forward+backward at a 64 MiB budget against 128 (benchmarks/results/state_budget_h100_7e7db1b.txt):
+    four groups at B4 T2048 M4 cost 4 % of the layer's GPU time, three at B1 T8192 6 %."""
     BT = meta.chunk
     cu = meta.cu_host
     whole = [(0, cu[-1])]
