@@ -415,10 +415,13 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
     s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
+    # eight warps at K = V = 256 (H100: 382 -> 332 us at B4 T2048 H4, benchmarks/results/tune_launch_h100.txt);
+    # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
+    dqkw_opts = launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                   a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
                                   BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
-                                  **mixed_block_warps("delta.bwd_dqkw", launch("delta.bwd_dqkw"), q.device, BVb > BKb))
+                                  **mixed_block_warps("delta.bwd_dqkw", dqkw_opts, q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
     del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
