@@ -182,6 +182,7 @@ class _Context:
     threads: int | None
     worker: str
     retry: Any  # the retry callback: also queues a trial interrupted by Ctrl-C
+    storage: Any = None  # the study's storage, searched for seeds another trial or study already trained
 
 
 class _HeartbeatThread:
@@ -231,6 +232,24 @@ def _config_key(cfg) -> str:
 
     same = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="", dir=None, threads=None, progress=False))
     return hashlib.sha256(config_to_yaml(same).encode()).hexdigest()[:16]
+
+
+def _trained_elsewhere(storage, key: str, source: str, study_name: str, number: int) -> dict | None:
+    """The outcome of a seed that another trial, of this study or another in the same storage, finished with the
+    same resolved config (``key``, see ``_config_key``: the objective's metric and direction are part of it) and
+    evaluation (``source``), marked with where it came from (``reused_from``); None where no trial has one. Studies
+    that share cells (the capacity protocol's baselines) then train each cell once."""
+    if storage is None:
+        return None
+    for summary in storage.get_all_studies():
+        for t in storage.get_all_trials(storage.get_study_id_from_name(summary.study_name), deepcopy=False):
+            if summary.study_name == study_name and t.number == number:
+                continue
+            for seed, outcome in (t.user_attrs.get("seeds_done") or {}).items():
+                if outcome.get("config_key") == key and outcome.get("source", "best") == source:
+                    return outcome if "reused_from" in outcome else \
+                        {**outcome, "reused_from": f"{summary.study_name} trial {t.number} seed {seed}"}
+    return None
 
 
 def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
@@ -306,10 +325,14 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
             config_key = _config_key(cfg)
             outcome = done.get(str(seed))
             if outcome is None or outcome["config_key"] != config_key:
+                outcome = _trained_elsewhere(ctx.storage, config_key, spec.objective.source, ctx.study_name, number)
+            if outcome is None:
                 result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
                 outcome = {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
                            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
+                           "source": spec.objective.source,
                            "evaluation": result.best if spec.objective.source == "best" else result.final}
+            if done.get(str(seed)) is not outcome:
                 done[str(seed)] = outcome
                 trial.set_user_attr("seeds_done", done)
             outcomes.append(outcome)
@@ -417,7 +440,7 @@ def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: f
         raise ConfigError(f"no study {study_name!r} in {describe(storage_url)}: a worker joins a study that "
                           "`momkit sweep` created") from None
     study_id = storage.get_study_id_from_name(study_name)
-    ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry)
+    ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry, storage)
     beating = heartbeat_enabled(storage)
     poll = min(5.0, spec.heartbeat.interval / 2)
     ran: list[int] = []

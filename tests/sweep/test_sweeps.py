@@ -341,3 +341,27 @@ def test_learning_curves_are_coloured_by_the_swept_parameters():
     legend = fig.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["b=0", "b=1"]
     assert legend.get_title().get_text() == "colour: b"
+
+
+def test_a_cell_another_study_trained_is_reused_not_trained_again(tmp_path, make_spec, capsys):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = make_spec(tmp_path / "first.yaml", space={"model.mom.num_memories": [1, 2]})
+    second = make_spec(tmp_path / "second.yaml", space={"model.mom.num_memories": [2, 4]})
+    assert main(["sweep", str(first), "--storage", url]) == 0
+    assert main(["sweep", str(second), "--storage", url]) == 0
+    capsys.readouterr()
+    done = {t.params["model.mom.num_memories"]: t for t in _study(url, "first").get_trials()}
+    again = {t.params["model.mom.num_memories"]: t for t in _study(url, "second").get_trials()}
+    assert [t.state.name for t in again.values()] == ["COMPLETE", "COMPLETE"]
+    reused = again[2].user_attrs["seeds_done"]["0"]
+    assert reused["reused_from"] == f"first trial {done[2].number} seed 0"
+    assert again[2].value == done[2].value and again[2].user_attrs["run_dirs"] == done[2].user_attrs["run_dirs"]
+    assert not (tmp_path / "runs" / "second" / f"trial-{again[2].number:04d}" / "seed-0").exists()  # not trained
+    assert "reused_from" not in again[4].user_attrs["seeds_done"]["0"]  # a new cell trains
+    assert (tmp_path / "runs" / "second" / f"trial-{again[4].number:04d}" / "seed-0" / "metrics.jsonl").is_file()
+
+    # a different evaluation of the same runs (the last instead of the best) is not the same outcome
+    third = make_spec(tmp_path / "third.yaml", space={"model.mom.num_memories": [2]},
+                      objective={"metric": "valid/accuracy", "direction": "maximize", "from": "final"})
+    assert main(["sweep", str(third), "--storage", url]) == 0
+    assert "reused_from" not in _study(url, "third").get_trials()[0].user_attrs["seeds_done"]["0"]
