@@ -277,3 +277,14 @@ def test_bad_data_order_and_router_weights_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=r"^model.mom.router_weights='softmax' is invalid: one of renormalized, "
                                           r"unnormalized$"):
         load_config("mqar_tiny", ["model.mom.router_weights=softmax"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_adamw_is_fused_on_a_gpu_only(device):
+    from momkit.config import OptimConfig
+    from momkit.train import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).to(device)
+    opt, _ = make_optimizer(model, OptimConfig())
+    assert bool(opt.defaults.get("fused")) == (device == "cuda")
+    assert [g["weight_decay"] for g in opt.param_groups] == [OptimConfig().weight_decay, 0.0]
