@@ -45,46 +45,82 @@ def _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C: tl.constexpr, W: tl.c
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, pos, y, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    i_n, i_c = tl.program_id(0), tl.program_id(1)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < N
-    m_c = o_c < C
-    pos_t = tl.load(pos + o_n, mask=m_n, other=0)
-    z = _pre_activation(x, w, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
-    tl.store(y + o_n[:, None] * C + o_c[None, :], (z * tl.sigmoid(z)).to(y.dtype.element_ty),
-             mask=m_n[:, None] & m_c[None, :])
+def _block(table, most, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr):
+    """This program's rows ``[r0, r1)``, its group's weight offset and its slot of the weight-gradient parts: a
+    fixed block of ``BN`` rows (slot: the block), or with GROUPED the entry of ``table [P, 4]`` (group, block of
+    the group, first row, the group's end: no block holds rows of two groups; slot: group * most + block)."""
+    i_p = tl.program_id(0)
+    if GROUPED:
+        g = tl.load(table + i_p * 4)
+        j = tl.load(table + i_p * 4 + 1)
+        r0 = tl.load(table + i_p * 4 + 2)
+        r1 = tl.load(table + i_p * 4 + 3)
+        return r0, r1, g * C * W, g * most + j
+    return i_p * BN, N, 0, i_p
 
 
 @triton.jit
-def _dz_rows(x, w, pos, dy, o_r, o_c, m_c, N, C: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-             BC: tl.constexpr):
+def _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C: tl.constexpr, S: tl.constexpr):
+    """Pointers and masks of columns ``o_c`` of rows ``o_n`` in ``y1 [N, S]`` (columns < S) and ``y2 [N, C - S]``."""
+    lo = o_c < S
+    p1 = y1 + o_n[:, None] * S + o_c[None, :]
+    p2 = y2 + o_n[:, None] * (C - S) + (o_c - S)[None, :]
+    return p1, p2, m_n[:, None] & lo[None, :], m_n[:, None] & (m_c & ~lo)[None, :]
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, pos, table, y1, y2, N, C: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+                     BN: tl.constexpr, BC: tl.constexpr, GROUPED: tl.constexpr):
+    r0, r1, w_off, _ = _block(table, 0, N, C, W, BN, GROUPED)
+    i_c = tl.program_id(1)
+    o_n = r0 + tl.arange(0, BN)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_n = o_n < r1
+    m_c = o_c < C
+    pos_t = tl.load(pos + o_n, mask=m_n, other=0)
+    z = _pre_activation(x, w + w_off, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
+    y = z * tl.sigmoid(z)
+    p1, p2, m1, m2 = _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C, S)
+    tl.store(p1, y.to(y1.dtype.element_ty), mask=m1)
+    if S < C:
+        tl.store(p2, y.to(y2.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _dz_rows(x, w, pos, dy1, dy2, o_r, o_c, m_c, N, C: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+             BR: tl.constexpr, BC: tl.constexpr):
     """``dz = dy * silu'(z)`` at rows ``o_r`` (z recomputed; 0 past N) and those rows' positions."""
     m_r = o_r < N
     pos_r = tl.load(pos + o_r, mask=m_r, other=0)
     z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
     sig = tl.sigmoid(z)
-    b_dy = tl.load(dy + o_r[:, None] * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
-    return b_dy.to(tl.float32) * sig * (1.0 + z * (1.0 - sig)), pos_r
+    p1, p2, m1, m2 = _split_ptrs(dy1, dy2, o_r, o_c, m_r, m_c, C, S)
+    b_dy = tl.load(p1, mask=m1, other=0.0).to(tl.float32)
+    if S < C:
+        b_dy += tl.load(p2, mask=m2, other=0.0).to(tl.float32)
+    return b_dy * sig * (1.0 + z * (1.0 - sig)), pos_r
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, pos, dy, dx, dw_part, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
-                     BC: tl.constexpr, HB: tl.constexpr):
-    """``dx`` of a row block and its part of ``dweight`` (``dw_part [NB, W, C]``, tap ``s`` at index ``s``).
+def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.constexpr, S: tl.constexpr,
+                     W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, GROUPED: tl.constexpr):
+    """``dx`` of a row block and its part of ``dweight`` (``dw_part [P, W, C]``, tap ``s`` at index ``s``).
     ``dx_t`` needs ``dz_{t+s}``: rows of the block are shifted within registers (``tl.gather``), the
-    ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows."""
-    i_n, i_c = tl.program_id(0), tl.program_id(1)
-    o_n = i_n * BN + tl.arange(0, BN)
+    ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows. Rows past the block's
+    end (another group's, with this group's weights) enter only through taps that their positions
+    exclude, and not the weight gradient (their taps are masked)."""
+    r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
+    i_c = tl.program_id(1)
+    w += w_off
+    o_n = r0 + tl.arange(0, BN)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < N
+    m_n = o_n < r1
     m_c = o_c < C
-    b_dz, pos_t = _dz_rows(x, w, pos, dy, o_n, o_c, m_c, N, C, W, BN, BC)
+    b_dz, pos_t = _dz_rows(x, w, pos, dy1, dy2, o_n, o_c, m_c, N, C, S, W, BN, BC)
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
-        tl.store(dw_part + (i_n * W + s) * C + o_c, part, mask=m_c)
-    b_dzh, _ = _dz_rows(x, w, pos, dy, i_n * BN + BN + tl.arange(0, HB), o_c, m_c, N, C, W, HB, BC)
+        tl.store(dw_part + (slot * W + s) * C + o_c, part, mask=m_c)
+    b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S, W, HB, BC)
     acc = b_dz * tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
     r = tl.arange(0, BN)
     for s in tl.static_range(1, W):  # row t + s is in row t's segment exactly when its position is >= s
@@ -99,46 +135,90 @@ def _conv_bwd_kernel(x, w, pos, dy, dx, dw_part, N, C: tl.constexpr, W: tl.const
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
+def _group_table(groups, device) -> tuple[Tensor, int]:
+    """``[P, 4]`` int32 (group, block of the group, first row, the group's end row) of every ``BN``-row block of
+    every group's rows ``[a, b)``, and the most blocks one group has."""
+    rows = [(g, j, a + j * BN, b) for g, (a, b) in enumerate(groups) for j in range(triton.cdiv(b - a, BN))]
+    most = max((sum(1 for r in rows if r[0] == g) for g in range(len(groups))), default=0)
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device, non_blocking=True), most
+
+
 class ShortConvFn(torch.autograd.Function):
+    """``weight [C, W]``; or ``[G, C, W]`` with ``groups`` (G host ranges of rows, each with its own weight).
+    The output is ``[N, C]``, or with ``split`` two tensors of its first ``split`` and its last columns."""
+
     @staticmethod
-    def forward(ctx, x, weight, position):
+    def forward(ctx, x, weight, position, groups, split):
         N, C = x.shape
-        W = weight.shape[1]
-        y = torch.empty_like(x)
+        W = weight.shape[-1]
+        S = C if split is None else split
+        y1 = x.new_empty(N, S)
+        y2 = x.new_empty(N, C - S) if S < C else y1
+        table, most = _group_table(groups, x.device) if groups is not None else (x, triton.cdiv(N, BN))
         if N:
             opts = launch("conv.fwd", BN=BN, BC=BC)
-            grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
-            _conv_fwd_kernel[grid](x, weight, position, y, N, C=C, W=W, **opts)
-        ctx.save_for_backward(x, weight, position)
-        return y
+            if groups is not None:
+                opts["BN"] = BN  # the table's blocks
+            grid = (table.shape[0] if groups is not None else triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
+            _conv_fwd_kernel[grid](x, weight, position, table, y1, y2, N, C=C, S=S, W=W,
+                                   GROUPED=groups is not None, **opts)
+        ctx.save_for_backward(x, weight, position, table)
+        ctx.grouped, ctx.most, ctx.S = groups is not None, most, S
+        return y1 if S == C else (y1, y2)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, position = ctx.saved_tensors
+    def backward(ctx, dy1, dy2=None):
+        x, weight, position, table = ctx.saved_tensors
         N, C = x.shape
-        W = weight.shape[1]
+        W, S = weight.shape[-1], ctx.S
         if N == 0:
-            return torch.zeros_like(x), torch.zeros_like(weight), None
-        dy = dy.contiguous()
+            return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
+        dy1 = dy1.contiguous()
+        dy2 = dy1 if dy2 is None else dy2.contiguous()
         opts = launch("conv.bwd", BN=BN, BC=BC_BWD)
-        grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
-        dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
+        if ctx.grouped:
+            opts["BN"] = BN  # the table's blocks
+            grid = (table.shape[0], triton.cdiv(C, opts["BC"]))
+            # a slot per (group, block of the group), zero where a group has fewer blocks than the most
+            dw_part = x.new_zeros(weight.shape[0] * ctx.most, W, C, dtype=torch.float32)
+        else:
+            grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
+            dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        _conv_bwd_kernel[grid](x, weight, position, dy, dx, dw_part, N, C=C, W=W,
-                               HB=max(2, triton.next_power_of_2(W - 1)), **opts)
-        dw = dw_part.sum(0).flip(0).t().to(weight.dtype)  # tap s -> weight column W - 1 - s
-        return dx, dw, None
+        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dw_part, ctx.most, N, C=C, S=S, W=W,
+                               HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=ctx.grouped, **opts)
+        if ctx.grouped:  # tap s -> weight column W - 1 - s
+            dw = dw_part.view(weight.shape[0], ctx.most, W, C).sum(1).flip(1).transpose(1, 2)
+        else:
+            dw = dw_part.sum(0).flip(0).t()
+        return dx, dw.to(weight.dtype), None, None, None
 
 
-def short_conv(x: Tensor, weight: Tensor, position: Tensor) -> Tensor:
+def short_conv(x: Tensor, weight: Tensor, position: Tensor, groups: list[tuple[int, int]] | None = None,
+               split: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``x [N, C]`` (float32, float16 or bfloat16), ``weight [C, W]``, ``position [N]`` (int: each row's
-    index within its segment) -> ``silu(causal depthwise conv) [N, C]``, differentiable in x and weight."""
+    index within its segment) -> ``silu(causal depthwise conv) [N, C]``, differentiable in x and weight.
+
+    With ``groups``, ``weight [G, C, W]`` and G ranges ``[a, b)`` of rows, one after another from row 0 to N:
+    each range convolved with its own weight, in one launch (the mixture's memories). With ``split``, the
+    output's first ``split`` columns and the rest as two contiguous tensors (a memory's keys and values)."""
     from ._common import check_dtype, interpreter_compat
 
     check_dtype(x, weight)
     interpreter_compat()
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or position.shape != x.shape[:1]:
-        raise ValueError(f"short_conv takes x [N, C], weight [C, W], position [N]; got {tuple(x.shape)}, "
+    wdim = 2 if groups is None else 3
+    if x.dim() != 2 or weight.dim() != wdim or weight.shape[-2] != x.shape[1] or position.shape != x.shape[:1]:
+        want = "weight [C, W]" if groups is None else "weight [G, C, W] with groups"
+        raise ValueError(f"short_conv takes x [N, C], {want}, position [N]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(position.shape)}")
+    if groups is not None:
+        groups = [(int(a), int(b)) for a, b in groups]
+        ends = [0] + [b for _, b in groups]
+        if len(groups) != weight.shape[0] or any(a != e or b < a for (a, b), e in zip(groups, ends, strict=False)) \
+                or ends[-1] != x.shape[0]:
+            raise ValueError(f"short_conv groups={groups} are invalid: {weight.shape[0]} consecutive row ranges "
+                             f"[a, b) from 0 to N={x.shape[0]} (one per weight) expected")
+    if split is not None and not 0 < split < x.shape[1]:
+        raise ValueError(f"short_conv split={split} is invalid: 0 < split < C={x.shape[1]}")
     # the weight in its own dtype (float32 parameters under autocast): read as float32, its gradient in that dtype
-    return ShortConvFn.apply(x.contiguous(), weight.contiguous(), position.contiguous())
+    return ShortConvFn.apply(x.contiguous(), weight.contiguous(), position.contiguous(), groups, split)

@@ -39,6 +39,22 @@ def fused_ops(rule, impl: str, x: Tensor) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda and rule.triton_unavailable_reason(x) is None)
 
 
+
+def grouped_linear(x: Tensor, weight: Tensor, rows: list[tuple[int, int]], ends: Tensor) -> Tensor:
+    """``x [N, D]`` whose row ranges ``rows`` (one per group, consecutive from 0 to N; ``ends`` their end rows on
+    x's device) go through their own ``weight [G, C, D]`` (as ``F.linear``): ``[N, C]``. One grouped matrix
+    product where torch has one for these operands (bfloat16, 16-byte aligned rows; on CUDA from Hopper on),
+    otherwise one product per group. Under autocast, in the autocast dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    weight = weight.to(x.dtype)
+    grouped = (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
+               and weight.shape[1] % 8 == 0
+               and (x.device.type == "cpu" or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))))
+    if grouped:
+        return torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends.to(torch.int32))
+    return torch.cat([F.linear(x[a:b], weight[g]) for g, (a, b) in enumerate(rows)])
+
 @dataclass
 class MoMCache:
     """Decoding state of one layer, per sequence: every memory's state and convolution tail.
@@ -168,44 +184,47 @@ class MoMLayer(nn.Module):
         q_in = disp.gather(self.q_proj(x), fused)
         q = self.q_conv.forward_packed(q_in, pos, fused) if cfg.short_conv else q_in
         k_in, v_in, ks, vs, gates = [], [], [], [], {}
-        # On the kernel path, fewer launches (a small model's step is bound by their count): each memory's k and
-        # v as one projection and one convolution over both (not for a rule that makes its key from its gates:
-        # its k projection gets no gradient), and every memory's gates in one stacked product over the tokens
+        # On the kernel path, fewer launches (a small model's step is bound by their count): every memory's k and
+        # v as one grouped projection and one grouped convolution writing k and v apart (not for a rule that makes
+        # its key from its gates: its k projection gets no gradient), and every memory's gates in one stacked
+        # product over the tokens
         # (per-head gates only: per-channel ones would be computed for M' memories where k' rows read them).
         fuse_kv = fused and self.rule.uses_key
         stacked_gates = fused and bool(self.rule.gates) and not any(spec.per_channel for spec in self.rule.gates)
         conv = cfg.short_conv and not cfg.share_kv_conv  # each memory's own convolutions
         if fuse_kv:
             kv_weights, kv_conv_weights = self._kv_weights(x, conv)
+            kv = grouped_linear(x_rows, kv_weights, disp.memory_rows, disp.cu_seqlens[disp.batch:: disp.batch])
+            k_in, v_in = kv.split([H * K, H * V], -1)
             if conv:
                 from momkit.kernels.short_conv import short_conv
-        # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
-        # into one tensor, where slices would each make a zero tensor of all rows and add them up
-        x_parts = torch.split(x_rows, [b - a for a, b in disp.memory_rows])
-        for i, (mem, (a, b), xm) in enumerate(zip(self.all_memories, disp.memory_rows, x_parts)):
-            if a == b:
-                continue
-            if fuse_kv:
-                kv = F.linear(xm, kv_weights[i])
-                k_pre, v_pre = kv.split([H * K, H * V], -1)
-                if conv:
-                    kv = short_conv(kv, kv_conv_weights[i], pos[a:b])
-                km, vm = kv.split([H * K, H * V], -1)
+
+                k, v = short_conv(kv, kv_conv_weights, pos, groups=disp.memory_rows, split=H * K)
             else:
-                k_pre, v_pre = mem.k_proj(xm), mem.v_proj(xm)
-                km, vm = k_pre, v_pre
-                if conv:
-                    km = mem.k_conv.forward_packed(km, pos[a:b], fused)
-                    vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
-            k_in.append(k_pre)
-            v_in.append(v_pre)
-            ks.append(km)
-            vs.append(vm)
-            if not stacked_gates:
-                for n, g in mem.gates(xm[None]).items():
-                    gates.setdefault(n, []).append(g)
+                k, v = k_in, v_in
+            k_in, v_in = [k_in], [v_in]
+        if not fuse_kv or not stacked_gates:
+            # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
+            # into one tensor, where slices would each make a zero tensor of all rows and add them up
+            x_parts = torch.split(x_rows, [b - a for a, b in disp.memory_rows])
+            for mem, (a, b), xm in zip(self.all_memories, disp.memory_rows, x_parts, strict=True):
+                if a == b:
+                    continue
+                if not fuse_kv:
+                    km, vm = mem.k_proj(xm), mem.v_proj(xm)
+                    k_in.append(km)
+                    v_in.append(vm)
+                    if conv:
+                        km = mem.k_conv.forward_packed(km, pos[a:b], fused)
+                        vm = mem.v_conv.forward_packed(vm, pos[a:b], fused)
+                    ks.append(km)
+                    vs.append(vm)
+                if not stacked_gates:
+                    for n, g in mem.gates(xm[None]).items():
+                        gates.setdefault(n, []).append(g)
         N = disp.num_rows
-        k, v = torch.cat(ks), torch.cat(vs)
+        if not fuse_kv:
+            k, v = torch.cat(ks), torch.cat(vs)
         if cfg.short_conv and cfg.share_kv_conv:  # one convolution for every memory: one call over all rows
             first = self.all_memories[0]
             k, v = first.k_conv.forward_packed(k, pos, fused), first.v_conv.forward_packed(v, pos, fused)
@@ -228,16 +247,17 @@ class MoMLayer(nn.Module):
             aux.cache = self._prefill_cache(disp, final, q_in, torch.cat(k_in), torch.cat(v_in), mask)
         return y, aux
 
-    def _kv_weights(self, x: Tensor, conv: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
-        """Each memory's k | v projection weight and, with ``conv``, k | v convolution weight, as views of one
-        tensor each: one concatenation (and, under autocast, one cast to the autocast dtype) for every memory,
+    def _kv_weights(self, x: Tensor, conv: bool) -> tuple[Tensor, Tensor | None]:
+        """Every memory's k | v projection weight ``[M', C, D]`` and, with ``conv``, k | v convolution weight
+        ``[M', C, W]``: one concatenation (and, under autocast, one cast to the autocast dtype) for every memory,
         and one of each in the backward."""
         mems, width = self.all_memories, self.cfg.num_heads * (self.cfg.key_dim + self.cfg.value_dim)
         proj = torch.cat([w for m in mems for w in (m.k_proj.weight, m.v_proj.weight)])
         if torch.is_autocast_enabled(x.device.type):
             proj = proj.to(torch.get_autocast_dtype(x.device.type))
-        convs = torch.cat([w for m in mems for w in (m.k_conv.weight, m.v_conv.weight)]).split(width) if conv else None
-        return proj.split(width), convs
+        convs = torch.cat([w for m in mems for w in (m.k_conv.weight, m.v_conv.weight)]) if conv else None
+        G = len(mems)
+        return proj.view(G, width, -1), None if convs is None else convs.view(G, width, -1)
 
     def _gate_rows(self, x: Tensor, disp: Dispatch) -> dict[str, Tensor]:
         """Every memory's gates for every token in one stacked product, then each row's own: ``[1, N, H]``."""

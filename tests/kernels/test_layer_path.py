@@ -98,3 +98,53 @@ def test_model_kernel_path_matches_float64_token_loop(device, mixer):
     assert _rel(out.logits.cpu(), out64.logits) < 1e-4, "logits"
     assert abs(out.loss.item() - out64.loss.item()) < 1e-4 * abs(out64.loss.item()), "loss"
     _assert_gradients_match(model, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_linear_matches_one_product_per_group(device, dtype):
+    """Every memory's rows through its own projection: one grouped product in bfloat16 (torch._grouped_mm),
+    one product per group otherwise; output and gradients against float64, with an empty group."""
+    from momkit.layers.mom import grouped_linear
+
+    gen = torch.Generator().manual_seed(2)
+    rows = [(0, 37), (37, 37), (37, 100), (100, 131)]
+    x = torch.randn(131, 64, generator=gen)
+    w = torch.randn(4, 48, 64, generator=gen) / 8
+    dy = torch.randn(131, 48, generator=gen)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = torch.cat([x64[a:b] @ w64[g].T for g, (a, b) in enumerate(rows)])
+    ref.backward(dy.double())
+    xd = x.to(device=device, dtype=dtype).requires_grad_(True)
+    wd = w.to(device).requires_grad_(True)
+    ends = torch.tensor([b for _, b in rows], device=device)
+    y = grouped_linear(xd, wd, rows, ends)
+    y.backward(dy.to(device=device, dtype=dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and _rel(y.cpu(), ref) < tol
+    assert _rel(xd.grad.cpu(), x64.grad) < tol and _rel(wd.grad.cpu(), w64.grad) < tol
+    assert wd.grad[1].abs().max() == 0  # the empty group
+
+
+def test_mom_layer_under_bfloat16_autocast_takes_one_grouped_product(device, monkeypatch):
+    """The MoM layer's kernel path under bfloat16 autocast: every memory's k | v projection is one grouped
+    product, and the layer still matches the float64 token loop to bfloat16's precision."""
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    torch.manual_seed(0)
+    cfg = MoMConfig(hidden_size=64, num_heads=2, head_dim=16, rule="gated_deltanet", num_memories=3, topk=2,
+                    shared_memory=True, impl="triton")
+    layer = MoMLayer(cfg)
+    ref = copy.deepcopy(layer).double()
+    ref.cfg = dataclasses.replace(cfg, impl="recurrent")
+    x = torch.randn(2, 40, 64)
+    y64, _ = ref(x.double())
+    layer = layer.to(device)
+    kind = torch.device(device).type
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        y, _ = layer(x.to(device))
+    y.float().sum().backward()
+    # torch's grouped product runs on the CPU and, on CUDA, from Hopper on
+    assert calls == ([1] if kind == "cpu" or torch.cuda.get_device_capability() >= (9, 0) else [])
+    assert _rel(y.float().cpu(), y64) < 3e-2
+    assert all(p.grad is not None for n, p in layer.named_parameters() if "k_proj" in n or "v_proj" in n)

@@ -91,3 +91,72 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
     z.float().sum().backward()
     assert z.dtype == torch.bfloat16 and wnd.grad.dtype == torch.float32
     assert _rel(wnd.grad.cpu(), norm.weight.grad) < 1e-5, "norm weight gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split", [None, 24], ids=["whole", "split"])
+def test_groups_with_their_own_weights_match_float64(device, dtype, split):
+    """Row ranges each convolved with their own weight in one launch (a mixture's memories), with the output
+    in two column parts: against a float64 convolution per range. Ranges are not multiples of the 64-row
+    block (one is empty, one spans several blocks) and hold several segments each."""
+    from momkit.kernels.short_conv import short_conv
+
+    gen = torch.Generator().manual_seed(11 + int(dtype == torch.bfloat16) + (split or 0))
+    C, W = 72, 4
+    segments = [[5, 3], [], [70, 1, 66], [9]]  # segment lengths per group
+    groups, start = [], 0
+    for seg in segments:
+        groups.append((start, start + sum(seg)))
+        start += sum(seg)
+    N = start
+    position = torch.cat([torch.arange(n) for seg in segments for n in seg])
+    x = torch.randn(N, C, generator=gen)
+    weight = torch.randn(len(segments), C, W, generator=gen)
+    dy = torch.randn(N, C, generator=gen)
+
+    x64, w64 = x.to(F64).requires_grad_(True), weight.to(F64).requires_grad_(True)
+    ref = torch.cat([ShortConv.forward_packed(_weighted(w64[g], W), x64[a:b], position[a:b])
+                     for g, (a, b) in enumerate(groups)])
+    ref.backward(dy.to(F64))
+
+    xd = x.to(device=device, dtype=dtype).requires_grad_(True)
+    wd = weight.to(device).requires_grad_(True)
+    out = short_conv(xd, wd, position.to(device), groups=groups, split=split)
+    parts = (out,) if split is None else out
+    assert all(p.is_contiguous() and p.dtype == dtype for p in parts)
+    assert [p.shape[1] for p in parts] == ([C] if split is None else [split, C - split])
+    y = torch.cat(parts, 1)
+    y.backward(dy.to(device=device, dtype=dtype))
+    tol = TOL[dtype]
+    assert _rel(y.cpu(), ref) < tol, "output"
+    assert _rel(xd.grad.cpu(), x64.grad) < tol, "input gradient"
+    assert wd.grad.dtype == torch.float32
+    for g, (a, b) in enumerate(groups):
+        if a < b:
+            assert _rel(wd.grad[g].cpu(), w64.grad[g]) < tol, f"weight gradient of group {g}"
+        else:
+            assert wd.grad[g].abs().max() == 0, "an empty group's weight gets no gradient"
+
+
+def _weighted(weight: torch.Tensor, W: int):
+    """A stand-in ``self`` for ``ShortConv.forward_packed`` with ``weight`` (a slice of a stacked tensor)."""
+    class Holder:
+        pass
+
+    h = Holder()
+    h.weight, h.width = weight, W
+    return h
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(groups=[(0, 10), (10, 19)]), r"groups=\[\(0, 10\), \(10, 19\)\] are invalid"),
+    (dict(groups=[(0, 20)]), r"2 consecutive row ranges"),
+    (dict(groups=[(0, 12), (10, 20)]), r"are invalid"),
+    (dict(split=72), r"split=72 is invalid: 0 < split < C=72"),
+])
+def test_bad_groups_or_split_are_refused_with_the_reason(kwargs, message):
+    from momkit.kernels.short_conv import short_conv
+
+    weight = torch.randn(2, 72, 4) if "groups" in kwargs else torch.randn(72, 4)
+    with pytest.raises(ValueError, match=message):
+        short_conv(torch.randn(20, 72), weight, torch.arange(20), **kwargs)
