@@ -7,7 +7,7 @@
                     [--cuda-graph]
     momkit info
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
-                 [--workers-per-gpu K] [--timeout S]
+                 [--workers-per-gpu K] [--mps] [--timeout S]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
     momkit convert SRC DST     (an fla / Hugging Face MoM model folder <-> a momkit run directory)
 
@@ -97,6 +97,9 @@ def _sweep_parsers(sub) -> None:
                    help="GPUs for the workers, e.g. 0,1,3 (ids as in nvidia-smi; default: every visible GPU)")
     s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
                    help="workers on each GPU, for small models (default 1, or as many as --workers needs)")
+    s.add_argument("--mps", action="store_true",
+                   help="run the GPU workers under CUDA's Multi-Process Service (several small-model workers on one "
+                        "GPU then run their kernels side by side)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
@@ -309,7 +312,8 @@ def cmd_sweep(args) -> int:
         return 0
     try:
         summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
-                            gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout)
+                            gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout,
+                            mps=args.mps)
     except DeviceLost as e:  # the trials ran in this process: only a new one has a working GPU
         _say(f"momkit: sweep stopped: {e}; run the same command again to continue them")
         return 1

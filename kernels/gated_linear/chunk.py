@@ -440,17 +440,19 @@ def _a_parts(A: Tensor | None) -> dict:
     return {"sA": 0, "NA": 0} if A is None else {"sA": A.stride(0), "NA": A.shape[0]}
 
 
-def _value_block(V: int, gate: int) -> int:
-    """The output kernel's value block. gla (gate 2): 128 wide, so that each program reads the parts of A
-    once for all of V (H200, benchmark shape, with 4 parts: output 146 -> 91 us)."""
-    return min(128 if gate == 2 else 64, pow2(V))
+def _value_block(V: int) -> int:
+    """The output kernel's value block: 128 wide, so that each program reads q, k and the scores once for more
+    of V (H200, gla at the benchmark shape with 4 parts of A: 146 -> 91 us; gated_deltanet at B4 T2048 H4
+    K = V = 256: 66 -> 55 us, benchmarks/results/tune_fwd_o_h200_b23513f.txt; the GPU tests passed with 128-wide
+    blocks at every width, gpu_tests_fwdo128_h200_b23513f.txt)."""
+    return min(128, pow2(V))
 
 
 def fwd_o(q, k, v, g, dt, h, A, gate, scale, meta, out_dtype, in_dtype=None, out=None):
     """The outputs ``[Ttot, H, V]`` (into ``out`` where given)."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    opts = launch("gl.fwd_o", BV=_value_block(V, gate), BK=min(64, pow2(K)))
+    opts = launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))
     opts = mixed_block_warps("gl.fwd_o", opts, q.device, opts["BV"] < opts["BK"])
     o = q.new_empty(Ttot, H, V, dtype=out_dtype) if out is None else out
     grid = (meta.num_chunks, H, triton.cdiv(V, opts["BV"]))

@@ -51,7 +51,7 @@ from momkit.config import ConfigError
 from momkit.sweep.progress import Monitor, fmt_value, short_names, trial_line
 from momkit.sweep.spec import SweepSpec, check_study_name
 from momkit.sweep.storage import DEFAULT_STORAGE, claim_lock, describe, heartbeat_enabled, open_storage, retry_callback
-from momkit.sweep.workers import _cpu_count, _devices, plan_workers, worker_command, worker_env
+from momkit.sweep.workers import _cpu_count, _devices, mps_daemon, plan_workers, worker_command, worker_env
 
 SPEC_ATTR = "momkit_spec"
 CLAIMS_ATTR = "momkit_claims"  # the latest spec's claims (not part of the fingerprint: editing them is fine)
@@ -408,9 +408,11 @@ def _replace_skipped(study, spec: SweepSpec) -> None:
 
 def _claim(storage, study_id: int):
     """Move one WAITING trial to RUNNING (atomic in the storage): (trial id, its FrozenTrial as queued), or None
-    if none is left."""
+    if none is left. Retries of trials cut short come first: they carry the seeds their attempts finished and
+    go on from the checkpoint of the seed they were training, so a job shorter than a trial still adds to them."""
     optuna = _optuna()
     waiting = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    waiting = sorted(waiting, key=lambda t: "failed_trial" not in t.system_attrs)  # stable: queue order otherwise
     for t in waiting:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         if heartbeat_enabled(storage):  # beat before claiming: a claimed trial is never without a heartbeat
@@ -504,17 +506,21 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
 
 def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
               n_trials: int | None = None, workers: int | None = None, gpus: str | None = None,
-              workers_per_gpu: int | None = None, timeout: float | None = None,
+              workers_per_gpu: int | None = None, timeout: float | None = None, mps: bool = False,
               out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
     """Run a sweep from this machine: create or resume the study, then run ``workers`` workers here (in this
-    process when 1 and nothing needs pinning, else as child processes, each pinned to its GPU or sharing the
-    CPU cores; see ``plan_workers`` for ``workers``, ``gpus`` and ``workers_per_gpu``), printing one line per
-    finished trial. Other machines may run workers on the same study at the same time."""
+    process when 1 and nothing needs pinning, else as child processes, each pinned to its GPU and all sharing
+    the CPU cores; see ``plan_workers`` for ``workers``, ``gpus`` and ``workers_per_gpu``; with ``mps``, the
+    GPU workers under CUDA's Multi-Process Service), printing one line per finished trial. Other machines may
+    run workers on the same study at the same time."""
     out = out or sys.stdout
     storage_url = storage_url or DEFAULT_STORAGE
     study_name = check_study_name(study_name or spec.study, "--study")
     visible = _devices()
     workers, devices = plan_workers(visible, workers, gpus, workers_per_gpu)
+    if mps and not devices:
+        raise ConfigError("--mps is invalid: no CUDA GPU is visible on this machine (MPS shares a GPU between the "
+                          "worker processes)")
     if timeout is None:
         timeout = spec.budget.timeout
     elif not timeout > 0:
@@ -536,9 +542,9 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         monitor.close()
         print("nothing left to run", file=out, flush=True)
     else:
-        threads = None if devices or workers == 1 else max(1, _cpu_count() // workers)
+        threads = None if workers == 1 else max(1, _cpu_count() // workers)
         if devices:
-            where = ", ".join(f"worker {i} -> GPU {devices[i]}" for i in range(workers))
+            where = ", ".join(f"worker {i} -> GPU {devices[i]}" for i in range(workers)) + (", MPS" if mps else "")
         elif spec.sets("run.threads"):
             where = "CPU, threads per worker from the spec's run.threads"
         else:
@@ -547,20 +553,23 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         if not isinstance(storage, optuna.storages.RDBStorage):
             print("note: this storage has no heartbeats: a trial whose worker dies stays RUNNING and is not retried",
                   file=out, flush=True)
-        if workers == 1 and devices == visible:  # nothing to pin: trials run in this process
+        if workers == 1 and devices == visible and not mps:  # nothing to pin: trials run in this process
             monitor.start()
             try:
                 ran = run_worker(spec, storage_url, study_name, timeout=timeout, threads=threads)
             finally:
                 monitor.close()
         else:
-            errors = _run_local_workers(spec, storage_url, study_name, workers, devices, threads, timeout, monitor)
+            with mps_daemon(Path(spec.runs_dir) / study_name / "mps") if mps else contextlib.nullcontext({}) as env:
+                errors = _run_local_workers(spec, storage_url, study_name, workers, devices, threads, timeout,
+                                            monitor, env)
     counts, best, first_error = summarize(spec, storage, study_name)
     return SweepSummary(study_name, describe(storage_url), counts, best, ran, errors, first_error)
 
 
 def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, workers: int, devices: list[str],
-                       threads: int | None, timeout: float | None, monitor: Monitor) -> list[str]:
+                       threads: int | None, timeout: float | None, monitor: Monitor,
+                       extra_env: dict[str, str] | None = None) -> list[str]:
     """Start ``workers`` child processes (``momkit sweep ... --worker-index i``), each logging to
     ``<runs_dir>/<study>/workers/worker-<i>.log``; poll the monitor until they end. A worker that stops because
     a trial broke its GPU (exit status ``EXIT_DEVICE_LOST``) is replaced by a fresh process with the time left.
@@ -572,7 +581,8 @@ def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, worke
     def spawn(i: int, mode: str, left: float | None):
         log = open(log_dir / f"worker-{i}.log", mode)  # noqa: SIM115 (closed below)
         return subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, left),
-                                env=worker_env(i, devices, threads), stdout=log, stderr=subprocess.STDOUT), log
+                                env={**worker_env(i, devices, threads), **(extra_env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT), log
 
     procs = [spawn(i, "w", timeout) for i in range(workers)]
     logs = [log for _, log in procs]

@@ -1,10 +1,15 @@
 """Where a sweep's local worker processes run: which GPU each is pinned to (``--gpus``, ``--workers-per-gpu``),
-their share of the CPU cores, and the command that starts one."""
+their share of the CPU cores, CUDA's Multi-Process Service for several workers on one GPU (``--mps``), and the
+command that starts one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 from momkit.config import ConfigError
 
@@ -74,13 +79,43 @@ def _cpu_count() -> int:
 
 def worker_env(index: int, devices: list[str], threads: int | None) -> dict[str, str]:
     """The environment of local worker ``index``: its GPU (``devices[index]``, round robin when shorter; see
-    ``plan_workers``), or on a CPU machine its share of the cores."""
+    ``plan_workers``) and its share of the cores (``threads``; where several workers share the machine)."""
     env = dict(os.environ)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
-    elif threads is not None:
+    if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+@contextlib.contextmanager
+def mps_daemon(folder: Path):
+    """CUDA's Multi-Process Service for the worker processes started inside the block: its control daemon, with
+    its pipe and log folders under ``folder``, started here and told to quit when the block ends; yields the
+    environment entries that point a process at it. Without MPS, processes on one GPU take turns; with it, their
+    kernels run side by side, which is what a small model's many short kernels need."""
+    exe = shutil.which(MPS_CONTROL)
+    if exe is None:
+        raise ConfigError(f"--mps is invalid here: {MPS_CONTROL} (CUDA's Multi-Process Service, part of the NVIDIA "
+                          "driver) is not on the PATH")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    said = Path(env["CUDA_MPS_LOG_DIRECTORY"]) / "start.out"
+    with said.open("w") as out:  # a file, not a pipe: the daemon it forks may keep its output open
+        started = subprocess.run([exe, "-d"], env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    if started.returncode != 0:
+        raise ConfigError(f"--mps: {MPS_CONTROL} -d failed with status {started.returncode}: "
+                          f"{said.read_text().strip()[:300]}")
+    try:
+        yield env
+    finally:
+        subprocess.run([exe], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
+                       check=False)
 
 
 def worker_command(spec_path: str, storage_url: str, study_name: str, index: int, threads: int | None,

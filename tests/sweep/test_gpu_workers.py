@@ -90,3 +90,38 @@ def test_a_local_worker_process_is_pinned_to_its_gpu(tmp_path, make_spec, capsys
     assert started == [("0", "1")]
     assert "1 worker here (worker 0 -> GPU 1)" in out
     assert "2 complete" in out
+
+
+def test_mps_workers_share_one_daemon_started_and_stopped_by_the_command(tmp_path, make_spec, capsys, monkeypatch):
+    """``--workers 2 --mps`` on one (named) GPU: the command starts CUDA's MPS control daemon (a stand-in here) with
+    its folders under the study's runs, both workers get its pipe folder and a share of the cores, and the daemon
+    is told to quit once they are done."""
+    import os
+
+    from momkit.sweep.workers import MPS_CONTROL
+
+    monkeypatch.setattr(runner, "_devices", lambda: ["0"])
+    monkeypatch.setattr(runner, "_cpu_count", lambda: 4)
+    bin_dir, log = tmp_path / "bin", tmp_path / "mps.log"
+    bin_dir.mkdir()
+    (bin_dir / MPS_CONTROL).write_text(f'#!/bin/sh\necho "$* $(cat)" >> "{log}"\n')
+    (bin_dir / MPS_CONTROL).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    started = []
+    popen = runner.subprocess.Popen
+
+    def record(cmd, *args, env=None, **kw):
+        if "--worker-index" not in cmd:
+            return popen(cmd, *args, env=env, **kw)
+        started.append((env["CUDA_VISIBLE_DEVICES"], env["CUDA_MPS_PIPE_DIRECTORY"], env["OMP_NUM_THREADS"]))
+        return popen(cmd, *args, env={**env, "CUDA_VISIBLE_DEVICES": ""}, **kw)  # no GPU here: train on CPU
+
+    monkeypatch.setattr(runner.subprocess, "Popen", record)
+    spec = make_spec(tmp_path / "mps.yaml")
+    status = main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'mps.db'}", "--workers", "2", "--mps"])
+    out = capsys.readouterr().out
+    pipe = str(tmp_path / "runs" / "mps" / "mps" / "pipe")
+    assert status == 0, out
+    assert sorted(started) == [("0", pipe, "2"), ("0", pipe, "2")]
+    assert "2 workers here (worker 0 -> GPU 0, worker 1 -> GPU 0, MPS)" in out and "2 complete" in out
+    assert log.read_text().splitlines() == ["-d ", " quit"]

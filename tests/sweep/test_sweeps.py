@@ -206,6 +206,47 @@ def test_local_workers_get_a_gpu_each_or_a_share_of_the_cores():
     assert [worker_env(i, ["2", "5"], None)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["2", "5", "2"]
     env = worker_env(1, [], 4)
     assert env["OMP_NUM_THREADS"] == "4" and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = worker_env(3, ["0"], 2)  # several workers on one GPU share the cores too
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["OMP_NUM_THREADS"] == "2"
+
+
+FAKE_MPS = """#!/bin/sh
+echo "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> "{log}"; [ {status} = 0 ] || echo "cannot start: no GPU"
+exit {status}
+"""
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_mps_daemon_starts_and_quits_around_the_workers(tmp_path, monkeypatch, status):
+    """``--mps``: the control daemon is started (``-d``) with its folders under the study's runs, the workers get
+    its pipe folder, and it is told to quit when they end, also when they fail; a daemon that does not start is
+    one clear error; no daemon on the PATH is one too."""
+    from momkit.config import ConfigError
+    from momkit.sweep.workers import MPS_CONTROL, mps_daemon
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "mps.log"
+    bin_dir.mkdir()
+    fake = bin_dir / MPS_CONTROL
+    fake.write_text(FAKE_MPS.format(log=log, status=status))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "runs" / "study" / "mps"
+    if status:
+        failed = rf"--mps: {MPS_CONTROL} -d failed with status 3: cannot start: no GPU"
+        with pytest.raises(ConfigError, match=failed), mps_daemon(folder):
+            pass
+        return
+    with pytest.raises(RuntimeError, match="a worker failed"), mps_daemon(folder) as env:
+        assert env == {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+        assert (folder / "pipe").is_dir() and (folder / "log").is_dir()
+        raise RuntimeError("a worker failed")
+    calls = log.read_text().splitlines()
+    assert calls == [f"args=-d pipe={folder / 'pipe'} stdin=", f"args= pipe={folder / 'pipe'} stdin=quit"]
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match=rf"--mps is invalid here: {MPS_CONTROL} .* is not on the PATH"), \
+            mps_daemon(folder):
+        pass
 
 
 def test_a_different_spec_cannot_resume_a_study(tmp_path, make_spec, capsys):
@@ -231,6 +272,7 @@ BAD_INPUT = [
      r"--storage='postgresql://nobody@127.0.0.1:1/nodb': cannot open the storage: .*"),
     (["sweep", "{spec}", "--storage", "postgresql://u:secret@127.0.0.1:1/db"], r"postgresql://u:\*\*\*@127.0.0.1:1/db"),
     (["sweep", "{spec}", "--workers", "0"], r"--workers=0 is invalid: must be an int >= 1"),
+    (["sweep", "{spec}", "--workers", "2", "--mps"], r"--mps is invalid: no CUDA GPU is visible on this machine"),
     (["sweep", "{spec}", "--n-trials", "5"], r"--n-trials=5 is invalid: the grid of .* has 2 valid points"),
     (["sweep", "{spec}", "--timeout", "-1"], r"--timeout=-1.0 is invalid"),
     (["sweep", "{spec}", "--study", "../up"], r"--study='../up' is invalid"),

@@ -177,3 +177,27 @@ def test_every_postgresql_url_form_opens(postgres_url, driver):
     assert postgres_url.startswith("postgresql://")
     url = postgres_url.replace("postgresql://", f"postgresql{driver}://", 1)
     assert isinstance(study_names(open_storage(url)), list)
+
+
+def test_a_retried_trial_is_claimed_before_fresh_ones(tmp_path):
+    """A job cut short queues its trials again behind the fresh ones; the next job takes those retries first, so
+    the seeds they finished and the checkpoints they left are built on before anything new starts."""
+    from momkit.sweep.runner import _claim
+    from momkit.sweep.storage import retry_callback
+
+    url = f"sqlite:///{tmp_path / 'claim.db'}"
+    study = optuna.create_study(study_name="claim", storage=url)
+    for lr in (1e-3, 3e-3, 1e-2):
+        study.enqueue_trial({"lr": lr})
+    storage = optuna.storages.get_storage(url)
+    study_id = storage.get_study_id_from_name("claim")
+    first_id, first = _claim(storage, study_id)
+    assert first.number == 0
+    failed = storage.set_trial_state_values(first_id, state=optuna.trial.TrialState.FAIL)
+    assert failed
+    retry_callback(3)(study, study.get_trials()[0])  # queued again, behind trials 1 and 2
+    waiting = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert waiting == [1, 2, 3]
+    _, claimed = _claim(storage, study_id)
+    assert claimed.number == 3 and claimed.system_attrs["failed_trial"] == 0
+    assert [_claim(storage, study_id)[1].number for _ in range(2)] == [1, 2]
