@@ -9,11 +9,17 @@ launcher's defaults and under each option set, and the whole forward+backward's 
 kernel cannot launch with (shared memory, registers) is reported and skipped. Then the ten costliest
 kernels of the forward+backward at the defaults. Times only: a launch option that goes into a
 launcher must pass the GPU tests (benchmarks/gpu_tests.py) first.
+
+    python -m benchmarks.tune_launch --conv 8192x3072,24576x2048x5 --kernels conv.bwd --options BC=128 num_warps=8
+
+times the short convolution's forward+backward instead (``--conv``: N rows x C channels [x G groups, each with
+its own weight, as the MoM layer's k | v convolution runs], bf16, W = 4, segments of 2048 rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -39,7 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shapes", default="4x2048x4x256x256", help="comma-separated B x T x H x K x V")
     ap.add_argument("--kernels", default="delta.bwd_dh", help="comma-separated launch keys")
     ap.add_argument("--options", nargs="*", default=[], help='option sets, each "name=int,..."')
+    ap.add_argument("--conv", default=None, metavar="NxC[xG],...",
+                    help="time the short convolution at these sizes instead of the rules")
     args = ap.parse_args(argv)
+    if args.conv is not None:
+        try:
+            args.conv = [tuple(int(x) for x in s.split("x")) for s in args.conv.split(",")]
+        except ValueError:
+            args.conv = []
+        if not args.conv or any(len(s) not in (2, 3) or min(s) < 1 for s in args.conv):
+            ap.error("--conv: each size must be NxC or NxCxG positive ints, e.g. 8192x3072,24576x2048x5")
     args.rules = name_list(ap, "--rules", args.rules, RULES)
     args.kernels = name_list(ap, "--kernels", args.kernels, launch_keys())
     try:
@@ -52,36 +67,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def conv_fn(N: int, C: int, G: int, device):
+    """One forward+backward of the short convolution over ``N`` packed rows (segments of 2048) of ``C`` channels,
+    with ``G`` groups of rows each with its own weight (G = 1: one weight, no groups)."""
+    from momkit.kernels.short_conv import short_conv
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, C, device=device, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    position = torch.arange(N, device=device) % 2048
+    cuts = [N * g // G for g in range(G + 1)]
+    groups = list(itertools.pairwise(cuts)) if G > 1 else None
+    w = torch.randn(*((G,) if G > 1 else ()), C, 4, device=device, generator=gen).requires_grad_(True)
+    dy = torch.randn(N, C, device=device, generator=gen).to(torch.bfloat16)
+
+    def fn():
+        torch.autograd.grad(short_conv(x, w, position, groups=groups), (x, w), dy)
+    return fn
+
+
+def _cases(args, device):
+    """(label, forward+backward) of every case the command line names."""
+    if args.conv:
+        for size in args.conv:
+            N, C, G = (*size, 1)[:3]
+            yield f"conv N{N} C{C} G{G}", conv_fn(N, C, G, device)
+        return
+    for name in args.rules:
+        for B, T, H, K, V in args.shapes:
+            rule, q, k, v, gates = inputs(name, B, T, H, K, V, device)
+            yield f"{name} K{K}", ours_fn(rule, q, k, v, gates, True)
+
+
 def main() -> None:
     from momkit.kernels import _common
 
     args = parse_args()
     device = torch.device("cuda")
-    for name in args.rules:
-        for B, T, H, K, V in args.shapes:
-            rule, q, k, v, gates = inputs(name, B, T, H, K, V, device)
-            fn = ours_fn(rule, q, k, v, gates, True)
-            for key in args.kernels:
-                kname = f"_{key.split('.')[1]}_kernel"
-                saved = _common.LAUNCH.pop(key, None)
-                for opts in [None, *args.options]:
-                    _common.LAUNCH.pop(key, None)
-                    if opts:
-                        _common.LAUNCH[key] = dict(opts)
-                    label = f"{name} K{K} {kname} {opts or 'defaults'}"
-                    try:
-                        kt = kernel_times(fn, 5)
-                        total = sum(t for _, t in kt.values())
-                        t = kt.get(kname, (0, float("nan")))[1]
-                        print(f"{label:<80} {t:8.1f} us   fwd+bwd GPU {total:8.1f} us", flush=True)
-                    except Exception as e:  # out of shared memory or registers: report and go on
-                        print(f"{label:<80} {type(e).__name__}: {str(e)[:100]}", flush=True)
+    for case, fn in _cases(args, device):
+        for key in args.kernels:
+            family, kernel = key.split(".")
+            kname = f"_{'conv_' if family == 'conv' else ''}{kernel}_kernel"
+            saved = _common.LAUNCH.pop(key, None)
+            for opts in [None, *args.options]:
                 _common.LAUNCH.pop(key, None)
-                if saved is not None:
-                    _common.LAUNCH[key] = saved
-            for n, (c, t) in sorted(kernel_times(fn, 5).items(), key=lambda x: -x[1][1])[:10]:
-                print(f"    {t:8.1f} us {c}x {n[:90]}")
-            torch.cuda.empty_cache()
+                if opts:
+                    _common.LAUNCH[key] = dict(opts)
+                label = f"{case} {kname} {opts or 'defaults'}"
+                try:
+                    kt = kernel_times(fn, 5)
+                    total = sum(t for _, t in kt.values())
+                    t = kt.get(kname, (0, float("nan")))[1]
+                    print(f"{label:<80} {t:8.1f} us   fwd+bwd GPU {total:8.1f} us", flush=True)
+                except Exception as e:  # out of shared memory or registers: report and go on
+                    print(f"{label:<80} {type(e).__name__}: {str(e)[:100]}", flush=True)
+            _common.LAUNCH.pop(key, None)
+            if saved is not None:
+                _common.LAUNCH[key] = saved
+        for n, (c, t) in sorted(kernel_times(fn, 5).items(), key=lambda x: -x[1][1])[:10]:
+            print(f"    {t:8.1f} us {c}x {n[:90]}")
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -135,12 +135,24 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.con
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
-def _group_table(groups, device) -> tuple[Tensor, int]:
-    """``[P, 4]`` int32 (group, block of the group, first row, the group's end row) of every ``BN``-row block of
+def _group_table(groups, BR: int, device) -> tuple[Tensor, int]:
+    """``[P, 4]`` int32 (group, block of the group, first row, the group's end row) of every ``BR``-row block of
     every group's rows ``[a, b)``, and the most blocks one group has."""
-    rows = [(g, j, a + j * BN, b) for g, (a, b) in enumerate(groups) for j in range(triton.cdiv(b - a, BN))]
-    most = max((sum(1 for r in rows if r[0] == g) for g in range(len(groups))), default=0)
+    rows = [(g, j, a + j * BR, b) for g, (a, b) in enumerate(groups) for j in range(triton.cdiv(b - a, BR))]
+    most = max((triton.cdiv(b - a, BR) for a, b in groups), default=0)
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device, non_blocking=True), most
+
+
+def _grid(x: Tensor, groups, opts: dict) -> tuple[tuple[int, int], Tensor, int]:
+    """The launch grid (row blocks, channel blocks), the group table (x itself where there are no groups: the
+    kernels do not read it) and the most row blocks of one group (of all rows without groups)."""
+    N, C = x.shape
+    if groups is None:
+        table, blocks, most = x, triton.cdiv(N, opts["BN"]), triton.cdiv(N, opts["BN"])
+    else:
+        table, most = _group_table(groups, opts["BN"], x.device)
+        blocks = table.shape[0]
+    return (blocks, triton.cdiv(C, opts["BC"])), table, most
 
 
 class ShortConvFn(torch.autograd.Function):
@@ -154,44 +166,34 @@ class ShortConvFn(torch.autograd.Function):
         S = C if split is None else split
         y1 = x.new_empty(N, S)
         y2 = x.new_empty(N, C - S) if S < C else y1
-        table, most = _group_table(groups, x.device) if groups is not None else (x, triton.cdiv(N, BN))
         if N:
             opts = launch("conv.fwd", BN=BN, BC=BC)
-            if groups is not None:
-                opts["BN"] = BN  # the table's blocks
-            grid = (table.shape[0] if groups is not None else triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
+            grid, table, _ = _grid(x, groups, opts)
             _conv_fwd_kernel[grid](x, weight, position, table, y1, y2, N, C=C, S=S, W=W,
                                    GROUPED=groups is not None, **opts)
-        ctx.save_for_backward(x, weight, position, table)
-        ctx.grouped, ctx.most, ctx.S = groups is not None, most, S
+        ctx.save_for_backward(x, weight, position)
+        ctx.groups, ctx.S = groups, S
         return y1 if S == C else (y1, y2)
 
     @staticmethod
     def backward(ctx, dy1, dy2=None):
-        x, weight, position, table = ctx.saved_tensors
+        x, weight, position = ctx.saved_tensors
         N, C = x.shape
-        W, S = weight.shape[-1], ctx.S
+        W, S, groups = weight.shape[-1], ctx.S, ctx.groups
         if N == 0:
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
         dy1 = dy1.contiguous()
         dy2 = dy1 if dy2 is None else dy2.contiguous()
         opts = launch("conv.bwd", BN=BN, BC=BC_BWD)
-        if ctx.grouped:
-            opts["BN"] = BN  # the table's blocks
-            grid = (table.shape[0], triton.cdiv(C, opts["BC"]))
-            # a slot per (group, block of the group), zero where a group has fewer blocks than the most
-            dw_part = x.new_zeros(weight.shape[0] * ctx.most, W, C, dtype=torch.float32)
-        else:
-            grid = (triton.cdiv(N, opts["BN"]), triton.cdiv(C, opts["BC"]))
-            dw_part = x.new_empty(grid[0], W, C, dtype=torch.float32)
+        grid, table, most = _grid(x, groups, opts)
+        # a slot per row block; with groups per (group, block of the group), zero where a group has fewer
+        G = 1 if groups is None else weight.shape[0]
+        dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dw_part, ctx.most, N, C=C, S=S, W=W,
-                               HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=ctx.grouped, **opts)
-        if ctx.grouped:  # tap s -> weight column W - 1 - s
-            dw = dw_part.view(weight.shape[0], ctx.most, W, C).sum(1).flip(1).transpose(1, 2)
-        else:
-            dw = dw_part.sum(0).flip(0).t()
-        return dx, dw.to(weight.dtype), None, None, None
+        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dw_part, most, N, C=C, S=S, W=W,
+                               HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
+        dw = dw_part.view(G, most, W, C).sum(1).flip(1).transpose(1, 2)  # tap s -> weight column W - 1 - s
+        return dx, dw.reshape(weight.shape).to(weight.dtype), None, None, None
 
 
 def short_conv(x: Tensor, weight: Tensor, position: Tensor, groups: list[tuple[int, int]] | None = None,

@@ -209,6 +209,21 @@ def test_layer_train_and_launch_benchmarks_name_bad_arguments(capsys):
     assert "unknown delta.nope" in err and "delta.bwd_dh" in err and "conv.fwd" in err
     args = tune_launch.parse_args(["--kernels", "delta.bwd_dh,delta.fwd_h", "--options", "BV=32,num_warps=8"])
     assert args.options == [{"BV": 32, "num_warps": 8}] and args.shapes == [(4, 2048, 4, 256, 256)]
+    assert "NxC or NxCxG" in _error(tune_launch.parse_args, ["--conv", "8192", "--kernels", "conv.bwd"], capsys)
+    args = tune_launch.parse_args(["--conv", "8192x3072,24576x2048x5", "--kernels", "conv.bwd"])
+    assert args.conv == [(8192, 3072), (24576, 2048, 5)]
+    from benchmarks import concurrent_train
+
+    assert "--workers '0,4'" in _error(concurrent_train.parse_args, ["--out", "x", "--workers", "0,4"], capsys)
+    assert concurrent_train.parse_args(["--out", "x", "--workers", "2,8"]).counts == [2, 8]
+
+
+def test_conv_cases_of_the_launch_benchmark_run_with_and_without_groups():
+    """``tune_launch --conv``'s forward+backward, on the interpreter: one weight, and groups of rows."""
+    from benchmarks.tune_launch import conv_fn
+
+    for G in (1, 3):
+        conv_fn(300, 40, G, torch.device("cpu"))()
 
 
 @pytest.mark.parametrize("case", ["mom_b4_t2048_m8", "single_b4_t2048"])

@@ -95,11 +95,18 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("split", [None, 24], ids=["whole", "split"])
-def test_groups_with_their_own_weights_match_float64(device, dtype, split):
+@pytest.mark.parametrize("blocks", [{}, {"conv.fwd": {"BN": 16}, "conv.bwd": {"BN": 32, "BC": 32}}],
+                         ids=["default-blocks", "small-blocks"])
+def test_groups_with_their_own_weights_match_float64(device, dtype, split, blocks, monkeypatch):
     """Row ranges each convolved with their own weight in one launch (a mixture's memories), with the output
-    in two column parts: against a float64 convolution per range. Ranges are not multiples of the 64-row
-    block (one is empty, one spans several blocks) and hold several segments each."""
+    in two column parts: against a float64 convolution per range. Ranges are not multiples of the row block
+    (one is empty, one spans several blocks) and hold several segments each; the forward and backward row
+    blocks may differ (launch options)."""
+    from momkit.kernels import _common
     from momkit.kernels.short_conv import short_conv
+
+    for key, opts in blocks.items():
+        monkeypatch.setitem(_common.LAUNCH, key, opts)
 
     gen = torch.Generator().manual_seed(11 + int(dtype == torch.bfloat16) + (split or 0))
     C, W = 72, 4
