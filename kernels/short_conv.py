@@ -103,12 +103,14 @@ def _dz_rows(x, w, pos, dy1, dy2, o_r, o_c, m_c, N, C: tl.constexpr, S: tl.const
 
 @triton.jit
 def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.constexpr, S: tl.constexpr,
-                     W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, GROUPED: tl.constexpr):
+                     W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, GROUPED: tl.constexpr,
+                     SHIFT: tl.constexpr):
     """``dx`` of a row block and its part of ``dweight`` (``dw_part [P, W, C]``, tap ``s`` at index ``s``).
-    ``dx_t`` needs ``dz_{t+s}``: rows of the block are shifted within registers (``tl.gather``), the
-    ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows. Rows past the block's
-    end (another group's, with this group's weights) enter only through taps that their positions
-    exclude, and not the weight gradient (their taps are masked)."""
+    ``dx_t`` needs ``dz_{t+s}``. SHIFT 1: rows of the block are shifted within registers (``tl.gather``), the
+    ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows; SHIFT 2: ``dz`` is
+    recomputed at every shift (W - 1 more passes over rows the cache holds, no gathers). Rows past the block's
+    end (another group's, with this group's weights) enter only through taps that their positions exclude,
+    and not the weight gradient (their taps are masked)."""
     r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
     i_c = tl.program_id(1)
     w += w_off
@@ -120,17 +122,21 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.con
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
         tl.store(dw_part + (slot * W + s) * C + o_c, part, mask=m_c)
-    b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S, W, HB, BC)
     acc = b_dz * tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
-    r = tl.arange(0, BN)
+    if SHIFT == 1:
+        b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S, W, HB, BC)
+        r = tl.arange(0, BN)
     for s in tl.static_range(1, W):  # row t + s is in row t's segment exactly when its position is >= s
-        src = r + s
-        inside = src < BN
-        i_in = tl.broadcast_to(tl.where(inside, src, 0)[:, None], [BN, BC])
-        i_halo = tl.broadcast_to(tl.where(inside, 0, src - BN)[:, None], [BN, BC])
-        b_dzs = tl.where(inside[:, None], tl.gather(b_dz, i_in, 0), tl.gather(b_dzh, i_halo, 0))
-        pos_s = tl.load(pos + o_n + s, mask=(o_n + s) < N, other=0)
         b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        if SHIFT == 1:
+            src = r + s
+            inside = src < BN
+            i_in = tl.broadcast_to(tl.where(inside, src, 0)[:, None], [BN, BC])
+            i_halo = tl.broadcast_to(tl.where(inside, 0, src - BN)[:, None], [BN, BC])
+            b_dzs = tl.where(inside[:, None], tl.gather(b_dz, i_in, 0), tl.gather(b_dzh, i_halo, 0))
+            pos_s = tl.load(pos + o_n + s, mask=(o_n + s) < N, other=0)
+        else:
+            b_dzs, pos_s = _dz_rows(x, w, pos, dy1, dy2, o_n + s, o_c, m_c, N, C, S, W, BN, BC)
         acc += tl.where((pos_s >= s)[:, None], b_dzs, 0.0) * b_w[None, :]
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
@@ -184,7 +190,7 @@ class ShortConvFn(torch.autograd.Function):
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
         dy1 = dy1.contiguous()
         dy2 = dy1 if dy2 is None else dy2.contiguous()
-        opts = launch("conv.bwd", BN=BN, BC=BC_BWD)
+        opts = launch("conv.bwd", BN=BN, BC=BC_BWD, SHIFT=1)
         grid, table, most = _grid(x, groups, opts)
         # a slot per row block; with groups per (group, block of the group), zero where a group has fewer
         G = 1 if groups is None else weight.shape[0]
