@@ -39,7 +39,6 @@ def fused_ops(rule, impl: str, x: Tensor) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda and rule.triton_unavailable_reason(x) is None)
 
 
-
 def grouped_linear(x: Tensor, weight: Tensor, rows: list[tuple[int, int]], ends: Tensor) -> Tensor:
     """``x [N, D]`` whose row ranges ``rows`` (one per group, consecutive from 0 to N; ``ends`` their end rows on
     x's device) go through their own ``weight [G, C, D]`` (as ``F.linear``): ``[N, C]``. One grouped matrix
@@ -54,6 +53,7 @@ def grouped_linear(x: Tensor, weight: Tensor, rows: list[tuple[int, int]], ends:
     if grouped:
         return torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends.to(torch.int32))
     return torch.cat([F.linear(x[a:b], weight[g]) for g, (a, b) in enumerate(rows)])
+
 
 @dataclass
 class MoMCache:
@@ -187,8 +187,8 @@ class MoMLayer(nn.Module):
         # On the kernel path, fewer launches (a small model's step is bound by their count): every memory's k and
         # v as one grouped projection and one grouped convolution writing k and v apart (not for a rule that makes
         # its key from its gates: its k projection gets no gradient), and every memory's gates in one stacked
-        # product over the tokens
-        # (per-head gates only: per-channel ones would be computed for M' memories where k' rows read them).
+        # product over the tokens (per-head gates only: per-channel ones would be computed for M' memories where
+        # k' rows read them).
         fuse_kv = fused and self.rule.uses_key
         stacked_gates = fused and bool(self.rule.gates) and not any(spec.per_channel for spec in self.rule.gates)
         conv = cfg.short_conv and not cfg.share_kv_conv  # each memory's own convolutions
