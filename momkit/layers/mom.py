@@ -26,6 +26,7 @@ from momkit.layers.norm import GatedRMSNorm
 from momkit.layers.official import apply_official_options
 from momkit.routing import BalanceStats, Dispatch, RoutingPlan, RoutingStats, get_router, load_balancing_loss, z_loss
 from momkit.rules import get_rule
+from momkit.rules._chunking import gather_rows
 from momkit.rules.base import compute_dtype
 from momkit.rules.gates import stack_parameters
 
@@ -264,7 +265,7 @@ class MoMLayer(nn.Module):
         mems = self.all_memories
         every = mems[0].gates.forward_stacked(stack_parameters([m.gates for m in mems]), x.flatten(0, 1))
         row = disp.token * len(mems) + torch.div(disp.segment, disp.batch, rounding_mode="floor")
-        return {n: g.flatten(0, 1)[row][None] for n, g in every.items()}
+        return {n: gather_rows(g.flatten(0, 1), row)[None] for n, g in every.items()}  # (token, memory): no repeats
 
     def _output(self, x: Tensor, o: Tensor, fused: bool = False) -> Tensor:
         cfg = self.cfg

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from momkit.rules._chunking import scatter_rows
+from momkit.rules._chunking import gather_rows, scatter_rows
 
 Tensor = torch.Tensor
 
@@ -86,8 +86,11 @@ class Dispatch:
         cu[1:] = counts[:-1].cumsum(0)
         offsets = tuple(cu.tolist())
         order = Dispatch._bucket_order(mem, key, cu, M, offsets[-1])
+        # the weights through an injective gather: its backward is a copy, where indexing's would sort the
+        # indices for an accumulating scatter
+        weight = gather_rows(weights.reshape(-1), order)
         return Dispatch(
-            batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=order, weight=weights.reshape(-1)[order],
+            batch=B, seq_len=T, num_segments_per_seq=M, slots=k, slot=order, weight=weight,
             segment=key[order], cu_seqlens=cu, offsets=offsets,
             memory_rows=list(itertools.pairwise(offsets[:: B])),
         )
