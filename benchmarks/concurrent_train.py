@@ -9,23 +9,25 @@ kernels, so one process leaves most of the GPU idle. For each count N in ``--wor
 each training its own copy of the model as ``benchmarks.gpu_train`` does (AdamW, bf16 autocast, random token ids);
 after every process has warmed up (compilation, first steps), all of them train for ``--seconds`` and count their
 steps. Reported per N: the steps per second of all processes together, each process's milliseconds per step, and
-the speed-up over one process. With ``--mps`` the same counts run again under CUDA's Multi-Process Service (a
-control daemon started here with its pipe and log folders in a temporary folder, stopped at the end), which lets
-the processes' kernels run on the GPU at the same time instead of taking turns.
+the speed-up over one process. With ``--mps`` the same counts run again under CUDA's Multi-Process Service (the
+daemon that ``momkit sweep --mps`` starts, here with its folders in a temporary folder), which lets the
+processes' kernels run on the GPU at the same time instead of taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
-import shutil
-import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 from benchmarks._common import environment
+from momkit.config import ConfigError
+from momkit.sweep.workers import mps_daemon
 
 
 def _worker(config: str, sets: tuple[str, ...], batch: int, seq_len: int, warmup: int, threads: int,
@@ -77,28 +79,6 @@ def run_count(n: int, args, threads: int) -> dict:
             "tokens_per_s": steps_per_s * args.batch * args.seq_len}
 
 
-class Mps:
-    """CUDA's Multi-Process Service for the processes started inside the block (its daemon's folders in a
-    temporary folder, set in this process's environment, which the spawned workers inherit)."""
-
-    def __enter__(self):
-        self.dir = tempfile.mkdtemp(prefix="mps")
-        self.env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(self.dir, "pipe"),
-                    "CUDA_MPS_LOG_DIRECTORY": os.path.join(self.dir, "log")}
-        for d in self.env.values():
-            os.makedirs(d)
-        os.environ.update(self.env)
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
-        return self
-
-    def __exit__(self, *exc):
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
-        for key in self.env:
-            os.environ.pop(key, None)
-        time.sleep(1)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -135,26 +115,25 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     result = {"environment": environment(args.commit), "config": args.config, "set": args.set,
               "batch": args.batch, "seq_len": args.seq_len, "seconds": args.seconds, "runs": []}
-    modes = ["plain", "mps"] if args.mps else ["plain"]
-    for mode in modes:
-        try:
-            ctx = Mps() if mode == "mps" else None
-            if ctx:
-                ctx.__enter__()
-        except (OSError, subprocess.CalledProcessError) as e:
-            result["runs"].append({"mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
-            print(mode, "unavailable:", e, flush=True)
-            continue
-        try:
-            for n in args.counts:
-                row = {"mode": mode, **run_count(n, args, max(1, cores // n))}
-                result["runs"].append(row)
-                print(json.dumps(row), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
+    for mode in ["plain", "mps"] if args.mps else ["plain"]:
+        with tempfile.TemporaryDirectory(prefix="mps") as folder, contextlib.ExitStack() as stack:
+            try:
+                env = stack.enter_context(mps_daemon(Path(folder))) if mode == "mps" else {}
+            except ConfigError as e:
+                result["runs"].append({"mode": mode, "error": str(e)[:300]})
+                print(mode, "unavailable:", e, flush=True)
+                continue
+            os.environ.update(env)  # the spawned workers inherit it
+            try:
+                for n in args.counts:
+                    row = {"mode": mode, **run_count(n, args, max(1, cores // n))}
+                    result["runs"].append(row)
+                    print(json.dumps(row), flush=True)
+                    with open(args.out, "w") as f:
+                        json.dump(result, f, indent=1)
+            finally:
+                for key in env:
+                    os.environ.pop(key, None)
     one = {r["mode"]: r["steps_per_s"] for r in result["runs"] if r.get("workers") == 1 and "steps_per_s" in r}
     base = one.get("plain")
     print(f"{'mode':6} {'N':>3} {'steps/s':>9} {'ms/step':>8} {'x one':>6}")
