@@ -8,7 +8,10 @@ Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
   (``valid/load_imbalance``, ``valid/router_entropy``, ``valid/dead_memories``, ...), steps, times, worker,
   run directory, retry links and the error message of failed trials;
 * figures (seaborn, 150 dpi): ``objective_vs_num_memories.png`` (faceted by topk, hue shared memory, a row per
-  rule), ``objective_by_rule.png``, ``objective_by_router.png`` (where those vary), ``param_importances.png`` (the
+  rule), ``objective_by_<name>.png`` for a searched parameter of named values (a bundle: bars per rule and value,
+  the best of the other searched parameters in each, with the 95 % interval over seeds),
+  ``objective_by_rule.png`` (without such a parameter), ``objective_by_router.png`` (where those vary),
+  ``param_importances.png`` (the
   share of the objective's variance each parameter explains alone) and ``learning_curves.png`` (the pruner's view,
   coloured by the swept parameters);
 * ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``;
@@ -257,7 +260,27 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
                         linestyles=["-", "--"][:n_hue])
         g.set_axis_labels("memories (num_memories)", metric)
         save(g, "objective_vs_num_memories.png", f"{study.study_name}: {metric} vs memories{spread}{over}")
-    if varies("rule"):
+    # variants: searched parameters of named values that no config column shows (a bundle such as a protocol's
+    # layouts; a rule or a router, searched or bundled, has its own figure)
+    variants = [p for p in space if p not in CONFIG_COLUMNS and p not in CONFIG_COLUMNS.values() and varies(p)
+                and complete[p].map(lambda v: isinstance(v, str)).all()]
+    for name in variants:
+        x = "rule" if varies("rule") else None
+        cells = [c for c in (x, name) if c]
+        rest = [short for p, short in short_names(space).items() if short not in cells and p != name and varies(p)]
+        data = _per_seed(_best_per_cell(df, cells, direction), metric)
+        order = [v for v in dict.fromkeys(complete[name]) if v in set(data[name])]
+        g = sns.catplot(data=data, kind="bar", x=x or name, y=metric, hue=name, hue_order=order,
+                        order=None if x else order, errorbar=_t_interval if seeds > 1 else None, height=3.6,
+                        aspect=1.9 if x else 1.4, palette="colorblind", legend=bool(x), alpha=0.85)
+        for ax in g.axes.flat:  # every seed as a dot on its bar
+            sns.stripplot(data=data, x=x or name, y=metric, hue=name, hue_order=order, order=None if x else order,
+                          dodge=bool(x), color="black", size=3, jitter=0.08, legend=False, ax=ax)
+        g.set_axis_labels(x or name, metric.replace("/", "/\n"))
+        best = f", the best {' x '.join(rest)} of each" if rest else ""
+        ci = f"mean, 95 % interval and each of {seeds} seeds{best}" if seeds > 1 else best.lstrip(", ")
+        save(g, f"objective_by_{name}.png", f"{study.study_name}: {metric} per {name}" + (f"\n({ci})" if ci else ""))
+    if varies("rule") and not variants:
         data = _per_seed(_best_per_cell(df, ["rule", "num_memories"], direction), metric)
         g = sns.catplot(data=data, kind="bar", x="rule", y=metric, hue="num_memories", errorbar=errorbar,
                         height=3.5, aspect=1.6)
@@ -278,6 +301,19 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     if not curves.empty:
         save(learning_curves_figure(curves, space, metric, effects), "learning_curves.png",
              f"{study.study_name}: learning curves (first seed)")
+
+
+def _t_interval(values) -> tuple[float, float]:
+    """The 95 % interval of the mean of ``values`` (Student's t), as the claims' verdicts use it."""
+    from momkit.sweep.verdicts import t975
+
+    v = [float(x) for x in values]
+    n = len(v)
+    mean = sum(v) / n
+    if n < 2:
+        return mean, mean
+    half = t975(n - 1) * math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1) / n)
+    return mean - half, mean + half
 
 
 def importance_figure(effects: dict[str, float], metric: str, names: dict[str, str], n_complete: int):

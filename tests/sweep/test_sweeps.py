@@ -407,3 +407,30 @@ def test_a_cell_another_study_trained_is_reused_not_trained_again(tmp_path, make
                       objective={"metric": "valid/accuracy", "direction": "maximize", "from": "final"})
     assert main(["sweep", str(third), "--storage", url]) == 0
     assert "reused_from" not in _study(url, "third").get_trials()[0].user_attrs["seeds_done"]["0"]
+
+
+def test_a_bundle_of_named_variants_gets_its_own_figure(tmp_path, make_spec, capsys):
+    """A protocol's layouts (a bundle of named variants) beside a searched learning rate: one bar per variant,
+    the best learning rate of each, with the 95 % interval over seeds and every seed drawn."""
+    spec = make_spec(tmp_path / "lay.yaml", seeds=[0, 1],
+                     space={"layout": {"type": "bundle", "values": {"one": {"model.mom.num_memories": 1},
+                                                                     "two": {"model.mom.num_memories": 2}}},
+                            "optim.lr": [1e-3, 3e-3]})
+    url = f"sqlite:///{tmp_path / 'lay.db'}"
+    assert main(["sweep", str(spec), "--storage", url]) == 0
+    assert main(["sweep-report", "lay", "--storage", url, "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "objective_by_layout.png" in out
+    from PIL import Image
+
+    fig = tmp_path / "rep" / "objective_by_layout.png"
+    assert fig.stat().st_size > 5000 and Image.open(fig).info["dpi"] == pytest.approx((150, 150), abs=0.1)
+    assert not (tmp_path / "rep" / "objective_by_rule.png").exists()
+
+
+def test_the_t_interval_of_the_figures_is_the_claims_interval():
+    from momkit.sweep.report import _t_interval
+
+    lo, hi = _t_interval([0.2, 0.4, 0.6])
+    assert (lo + hi) / 2 == pytest.approx(0.4) and (hi - lo) / 2 == pytest.approx(4.303 * 0.2 / 3 ** 0.5)
+    assert _t_interval([0.5]) == (0.5, 0.5)
