@@ -239,7 +239,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
 
     def save(grid_or_fig, name: str, title: str) -> None:
         fig = grid_or_fig.figure if hasattr(grid_or_fig, "figure") else grid_or_fig
-        fig.suptitle(title, y=1.02)
+        fig.suptitle(title, y=1.02 + 0.06 * title.count("\n"))  # a second line clears the axes too
         path = out_dir / name
         fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
@@ -275,7 +275,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
                         aspect=1.9 if x else 1.4, palette="colorblind", legend=bool(x), alpha=0.85)
         for ax in g.axes.flat:  # every seed as a dot on its bar
             sns.stripplot(data=data, x=x or name, y=metric, hue=name, hue_order=order, order=None if x else order,
-                          dodge=bool(x), color="black", size=3, jitter=0.08, legend=False, ax=ax)
+                          dodge=bool(x), palette=["black"] * len(order), size=3, jitter=0.08, legend=False, ax=ax)
         g.set_axis_labels(x or name, metric.replace("/", "/\n"))
         best = f", the best {' x '.join(rest)} of each" if rest else ""
         ci = f"mean, 95 % interval and each of {seeds} seeds{best}" if seeds > 1 else best.lstrip(", ")
