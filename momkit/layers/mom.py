@@ -196,14 +196,13 @@ class MoMLayer(nn.Module):
         if fuse_kv:
             kv_weights, kv_conv_weights = self._kv_weights(x, conv)
             kv = grouped_linear(x_rows, kv_weights, disp.memory_rows, disp.cu_seqlens[disp.batch:: disp.batch])
-            k_in, v_in = kv.split([H * K, H * V], -1)
+            k, v = kv.split([H * K, H * V], -1)
+            k_in.append(k)
+            v_in.append(v)
             if conv:
                 from momkit.kernels.short_conv import short_conv
 
                 k, v = short_conv(kv, kv_conv_weights, pos, groups=disp.memory_rows, split=H * K)
-            else:
-                k, v = k_in, v_in
-            k_in, v_in = [k_in], [v_in]
         if not fuse_kv or not stacked_gates:
             # one split, not a slice per memory: the split's backward writes every memory's gradient of its rows
             # into one tensor, where slices would each make a zero tensor of all rows and add them up
