@@ -102,13 +102,14 @@ def _dz_rows(x, w, pos, dy1, dy2, o_r, o_c, m_c, N, C: tl.constexpr, S: tl.const
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.constexpr, S: tl.constexpr,
+def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl.constexpr, S: tl.constexpr,
                      W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, GROUPED: tl.constexpr,
                      SHIFT: tl.constexpr):
     """``dx`` of a row block and its part of ``dweight`` (``dw_part [P, W, C]``, tap ``s`` at index ``s``).
     ``dx_t`` needs ``dz_{t+s}``. SHIFT 1: rows of the block are shifted within registers (``tl.gather``), the
     ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows; SHIFT 2: ``dz`` is
-    recomputed at every shift (W - 1 more passes over rows the cache holds, no gathers). Rows past the block's
+    recomputed at every shift (W - 1 more passes over rows the cache holds, no gathers); SHIFT 0: ``dz`` written
+    to memory (float32) and ``dx`` left to ``_conv_dx_kernel`` (a second pass). Rows past the block's
     end (another group's, with this group's weights) enter only through taps that their positions exclude,
     and not the weight gradient (their taps are masked)."""
     r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
@@ -122,6 +123,15 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.con
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
         tl.store(dw_part + (slot * W + s) * C + o_c, part, mask=m_c)
+    if SHIFT == 0:  # dz to memory; _conv_dx_kernel reads its shifted rows
+        tl.store(dz + o_n[:, None] * C + o_c[None, :], b_dz, mask=m_n[:, None] & m_c[None, :])
+    else:
+        _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C, S, W, BN, BC, HB, SHIFT)
+
+
+@triton.jit
+def _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C: tl.constexpr, S: tl.constexpr,
+             W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, SHIFT: tl.constexpr):
     acc = b_dz * tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
     if SHIFT == 1:
         b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S, W, HB, BC)
@@ -138,6 +148,28 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dw_part, most, N, C: tl.con
         else:
             b_dzs, pos_s = _dz_rows(x, w, pos, dy1, dy2, o_n + s, o_c, m_c, N, C, S, W, BN, BC)
         acc += tl.where((pos_s >= s)[:, None], b_dzs, 0.0) * b_w[None, :]
+    tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(w, pos, table, dz, dx, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+                    BC: tl.constexpr, GROUPED: tl.constexpr):
+    """``dx`` of a row block from ``dz [N, C]`` (float32) in memory: the backward's second pass with SHIFT 0."""
+    r0, r1, w_off, _ = _block(table, 0, N, C, W, BN, GROUPED)
+    i_c = tl.program_id(1)
+    w += w_off
+    o_n = r0 + tl.arange(0, BN)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_n = o_n < r1
+    m_c = o_c < C
+    acc = tl.zeros([BN, BC], dtype=tl.float32)
+    for s in tl.static_range(W):
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        m_s = (o_n + s) < N
+        pos_s = tl.load(pos + o_n + s, mask=m_s, other=0)
+        m = m_s & (pos_s >= s)
+        b_dz = tl.load(dz + (o_n + s)[:, None] * C + o_c[None, :], mask=m[:, None] & m_c[None, :], other=0.0)
+        acc += b_dz * b_w[None, :]
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
@@ -196,8 +228,13 @@ class ShortConvFn(torch.autograd.Function):
         G = 1 if groups is None else weight.shape[0]
         dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dw_part, most, N, C=C, S=S, W=W,
+        dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 0 else dx
+        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dz, dw_part, most, N, C=C, S=S, W=W,
                                HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
+        if opts["SHIFT"] == 0:
+            extra = {k: v for k, v in opts.items() if k not in ("SHIFT", "BN", "BC")}
+            _conv_dx_kernel[grid](weight, position, table, dz, dx, N, C=C, W=W, BN=opts["BN"], BC=opts["BC"],
+                                  GROUPED=groups is not None, **extra)
         dw = dw_part.view(G, most, W, C).sum(1).flip(1).transpose(1, 2)  # tap s -> weight column W - 1 - s
         return dx, dw.reshape(weight.shape).to(weight.dtype), None, None, None
 

@@ -19,7 +19,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 70, 3], [130]], ids=["segments", "one"])
-@pytest.mark.parametrize("shift", [1, 2], ids=["gathered-shifts", "recomputed-shifts"])
+@pytest.mark.parametrize("shift", [1, 2, 0], ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory"])
 def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     from momkit.kernels import _common
 
@@ -100,13 +100,14 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("split", [None, 24], ids=["whole", "split"])
 @pytest.mark.parametrize("blocks", [{}, {"conv.fwd": {"BN": 16}, "conv.bwd": {"BN": 32, "BC": 32}},
-                                    {"conv.bwd": {"SHIFT": 2}}],
-                         ids=["default-blocks", "small-blocks", "recomputed-shifts"])
+                                    {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 0, "BN": 32}}],
+                         ids=["default-blocks", "small-blocks", "recomputed-shifts", "dz-in-memory"])
 def test_groups_with_their_own_weights_match_float64(device, dtype, split, blocks, monkeypatch):
     """Row ranges each convolved with their own weight in one launch (a mixture's memories), with the output
     in two column parts: against a float64 convolution per range. Ranges are not multiples of the row block
     (one is empty, one spans several blocks) and hold several segments each; the forward and backward row
-    blocks may differ (launch options), and the backward may recompute dz at each shift (SHIFT 2)."""
+    blocks may differ (launch options), and the backward may recompute dz at each shift (SHIFT 2) or write it to
+    memory for a second pass (SHIFT 0)."""
     from momkit.kernels import _common
     from momkit.kernels.short_conv import short_conv
 
