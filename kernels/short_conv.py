@@ -4,11 +4,12 @@
 within their segment is ``pos [N]``: a tap never reaches into another segment (memory, sequence).
 ``weight [C, W]`` in the layout of torch's causal conv1d (``weight[c, j]`` multiplies ``x_{t-(W-1)+j}``).
 
-One launch forward, one backward: ``dz = dy * silu'(z)`` (z recomputed) with per-row-block partial sums
-of ``dweight``, and ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` (row ``t+s`` is in ``t``'s
-segment exactly when its position is at least ``s``). The shifted rows of ``dz`` come from the block's
-own ``dz`` in registers (``tl.gather``) and, past the block's end, from a few halo rows recomputed; ``dz``
-never goes through memory. Arithmetic in float32.
+One launch forward; the backward computes ``dz = dy * silu'(z)`` (z recomputed) with per-row-block partial
+sums of ``dweight``, and ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` (row ``t+s`` is in ``t``'s
+segment exactly when its position is at least ``s``). With one weight, the shifted rows of ``dz`` come from
+the block's own ``dz`` in registers (``tl.gather``) and, past the block's end, from a few halo rows
+recomputed: one launch. With groups, ``dz`` goes through memory (float32) to a second launch for ``dx``
+(faster there on an H100). Arithmetic in float32.
 
 Axis letters: N rows, C channels, W taps.
 """
@@ -24,7 +25,12 @@ from ._common import launch
 Tensor = torch.Tensor
 
 BN, BC = 64, 128
-BC_BWD = 64  # the backward holds about four [BN, BC] float32 tiles
+# The backward's defaults, by the fastest forward+backward GPU time on an H100 (Triton 3.6, bf16, W = 4;
+# docs/performance.md, "Short-conv backward variants"): with groups (the MoM layer's k | v rows, 24576 x 2048
+# in 5 groups) dz through memory, 712 -> 609 us; without (8192 rows of 3072 or 1024 channels) dz shifted in
+# registers with 128-wide channel blocks, 307 -> 274 and 113 -> 104 us.
+BWD_GROUPED = {"BN": 64, "BC": 64, "SHIFT": 3}
+BWD_PLAIN = {"BN": 64, "BC": 128, "SHIFT": 1}
 
 
 @triton.jit
@@ -108,8 +114,8 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl
     """``dx`` of a row block and its part of ``dweight`` (``dw_part [P, W, C]``, tap ``s`` at index ``s``).
     ``dx_t`` needs ``dz_{t+s}``. SHIFT 1: rows of the block are shifted within registers (``tl.gather``), the
     ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows; SHIFT 2: ``dz`` is
-    recomputed at every shift (W - 1 more passes over rows the cache holds, no gathers); SHIFT 0: ``dz`` written
-    to memory (float32) and ``dx`` left to ``_conv_dx_kernel`` (a second pass). Rows past the block's
+    recomputed at every shift (W - 1 more passes over rows the cache holds, no gathers); SHIFT 3: ``dz``
+    written to memory (float32) and ``dx`` left to ``_conv_dx_kernel`` (a second pass). Rows past the block's
     end (another group's, with this group's weights) enter only through taps that their positions exclude,
     and not the weight gradient (their taps are masked)."""
     r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
@@ -123,7 +129,7 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
         tl.store(dw_part + (slot * W + s) * C + o_c, part, mask=m_c)
-    if SHIFT == 0:  # dz to memory; _conv_dx_kernel reads its shifted rows
+    if SHIFT == 3:  # dz to memory; _conv_dx_kernel reads its shifted rows
         tl.store(dz + o_n[:, None] * C + o_c[None, :], b_dz, mask=m_n[:, None] & m_c[None, :])
     else:
         _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C, S, W, BN, BC, HB, SHIFT)
@@ -222,16 +228,17 @@ class ShortConvFn(torch.autograd.Function):
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
         dy1 = dy1.contiguous()
         dy2 = dy1 if dy2 is None else dy2.contiguous()
-        opts = launch("conv.bwd", BN=BN, BC=BC_BWD, SHIFT=1)
+        best = BWD_PLAIN if groups is None else BWD_GROUPED
+        opts = launch("conv.bwd", BN=best["BN"], BC=best["BC"], SHIFT=best["SHIFT"])
         grid, table, most = _grid(x, groups, opts)
         # a slot per row block; with groups per (group, block of the group), zero where a group has fewer
         G = 1 if groups is None else weight.shape[0]
         dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 0 else dx
+        dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 3 else dx
         _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dz, dw_part, most, N, C=C, S=S, W=W,
                                HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
-        if opts["SHIFT"] == 0:
+        if opts["SHIFT"] == 3:
             extra = {k: v for k, v in opts.items() if k not in ("SHIFT", "BN", "BC")}
             _conv_dx_kernel[grid](weight, position, table, dz, dx, N, C=C, W=W, BN=opts["BN"], BC=opts["BC"],
                                   GROUPED=groups is not None, **extra)

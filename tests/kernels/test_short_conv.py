@@ -19,11 +19,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 70, 3], [130]], ids=["segments", "one"])
-@pytest.mark.parametrize("shift", [1, 2, 0], ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory"])
+@pytest.mark.parametrize("shift", [{"SHIFT": 1, "BC": 64}, {"SHIFT": 1, "BC": 128}, {"SHIFT": 2}, {"SHIFT": 3}],
+                         ids=["gathered-shifts", "gathered-shifts-bc128", "recomputed-shifts", "dz-in-memory"])
 def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     from momkit.kernels import _common
 
-    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", {"SHIFT": shift})
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", shift)
     gen = torch.Generator().manual_seed(len(lengths) * 7 + int(dtype == torch.bfloat16))
     C, W = 72, 4  # C past one 128-wide channel block is covered by the GPU run; here a partial block
     conv = ShortConv(C, W)
@@ -100,14 +101,14 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("split", [None, 24], ids=["whole", "split"])
 @pytest.mark.parametrize("blocks", [{}, {"conv.fwd": {"BN": 16}, "conv.bwd": {"BN": 32, "BC": 32}},
-                                    {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 0, "BN": 32}}],
+                                    {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 3, "BN": 32}}],
                          ids=["default-blocks", "small-blocks", "recomputed-shifts", "dz-in-memory"])
 def test_groups_with_their_own_weights_match_float64(device, dtype, split, blocks, monkeypatch):
     """Row ranges each convolved with their own weight in one launch (a mixture's memories), with the output
     in two column parts: against a float64 convolution per range. Ranges are not multiples of the row block
     (one is empty, one spans several blocks) and hold several segments each; the forward and backward row
     blocks may differ (launch options), and the backward may recompute dz at each shift (SHIFT 2) or write it to
-    memory for a second pass (SHIFT 0)."""
+    memory for a second pass (SHIFT 3)."""
     from momkit.kernels import _common
     from momkit.kernels.short_conv import short_conv
 
