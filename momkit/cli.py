@@ -101,7 +101,8 @@ def _sweep_parsers(sub) -> None:
                    help="run the GPU workers under CUDA's Multi-Process Service (several small-model workers on one "
                         "GPU then run their kernels side by side)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="seconds after which a worker starts no new trial")
+                   help="seconds after which a worker starts no new trial or seed (a trial with seeds left is "
+                        "queued again)")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
     s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     r = sub.add_parser("sweep-report", help="export, plot and summarise a sweep's trials",

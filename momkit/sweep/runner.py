@@ -183,6 +183,7 @@ class _Context:
     worker: str
     retry: Any  # the retry callback: also queues a trial interrupted by Ctrl-C
     storage: Any = None  # the study's storage, searched for seeds another trial or study already trained
+    deadline: float | None = None  # time.monotonic() after which no seed starts (the worker's timeout)
 
 
 class _HeartbeatThread:
@@ -326,6 +327,14 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
             outcome = done.get(str(seed))
             if outcome is None or outcome["config_key"] != config_key:
                 outcome = _trained_elsewhere(ctx.storage, config_key, spec.objective.source, ctx.study_name, number)
+            if outcome is None and ctx.deadline is not None and time.monotonic() > ctx.deadline:
+                # past the timeout a trial's seeds take longer than the job has left: queue it again, the
+                # seeds it finished kept
+                trial.set_user_attr("error", f"timeout before seed {seed}; queued again")
+                frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                with _quiet_experimental():
+                    ctx.retry(study, frozen)
+                return "FAIL"
             if outcome is None:
                 result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
                 outcome = {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
@@ -427,8 +436,9 @@ def _claim(storage, study_id: int):
 
 def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: float | None = None,
                threads: int | None = None) -> list[int]:
-    """Claim and run queued trials of the study until none is left (or ``timeout`` seconds have passed:
-    no trial starts after it). Returns the numbers of the trials this worker ran."""
+    """Claim and run queued trials of the study until none is left (or ``timeout`` seconds have passed: no
+    trial, and no seed of a trial, starts after it; a trial with seeds left is queued again, keeping those it
+    finished). Returns the numbers of the trials this worker ran."""
     start = time.monotonic()
     optuna = _optuna()
     from momkit.runtime import tune_cpu
@@ -442,7 +452,8 @@ def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: f
         raise ConfigError(f"no study {study_name!r} in {describe(storage_url)}: a worker joins a study that "
                           "`momkit sweep` created") from None
     study_id = storage.get_study_id_from_name(study_name)
-    ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry, storage)
+    ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry, storage,
+                   None if timeout is None else start + timeout)
     beating = heartbeat_enabled(storage)
     poll = min(5.0, spec.heartbeat.interval / 2)
     ran: list[int] = []
@@ -483,15 +494,18 @@ class SweepSummary:
 
 
 def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int], dict | None, str | None]:
-    """(trials per state, the best trial, "trial N: message" of the first failed trial or None)."""
+    """(trials per state, the best trial, "trial N: message" of the first failed trial that was not queued
+    again, or None)."""
     optuna = _optuna()
     study = optuna.load_study(study_name=study_name, storage=storage)
     counts: dict[str, int] = {}
     first_error = None
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    for t in trials:
         state = "SKIPPED" if t.user_attrs.get("skipped") else t.state.name
         counts[state] = counts.get(state, 0) + 1
-        if state == "FAIL" and first_error is None:
+        if state == "FAIL" and first_error is None and t.number not in retried:
             why = t.user_attrs.get("error") or f"worker died (no heartbeat for {spec.heartbeat.grace_period} s)"
             first_error = f"trial {t.number}: {why}"
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]

@@ -83,11 +83,12 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    # the generators take their states as CPU byte tensors; a checkpoint read onto a GPU holds them there
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _atomic_save(obj, path: Path) -> None:

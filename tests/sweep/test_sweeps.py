@@ -200,6 +200,38 @@ def test_timeout_stops_starting_trials_and_a_journal_storage_resumes(tmp_path, m
     assert len(pd.read_parquet(tmp_path / "rep" / "trials.parquet")) == 2
 
 
+def test_timeout_stops_starting_seeds_and_queues_the_trial_again_with_its_finished_seeds(tmp_path, make_spec,
+                                                                                         monkeypatch, capsys):
+    """A trial's seeds run one after another: past the timeout its next seed does not start; the trial is queued
+    again and the retry trains only the seeds left."""
+    import time
+
+    from momkit.sweep import runner
+
+    train_seed = runner._train_seed
+
+    def slow(*args, **kwargs):  # each seed outlasts the timeout
+        result = train_seed(*args, **kwargs)
+        time.sleep(1.5)
+        return result
+
+    monkeypatch.setattr(runner, "_train_seed", slow)
+    spec = make_spec(tmp_path / "t.yaml", study="t", space={"model.mom.num_memories": [2]}, seeds=[0, 1])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    assert main(["sweep", str(spec), "--storage", url, "--timeout", "1"]) == 0
+    first = _study(url, "t").get_trials()
+    assert [t.state.name for t in first] == ["FAIL", "WAITING"]
+    assert first[0].user_attrs["error"] == "timeout before seed 1; queued again"
+    assert list(first[0].user_attrs["seeds_done"]) == ["0"]
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "_train_seed", train_seed)
+    assert main(["sweep", str(spec), "--storage", url]) == 0
+    retry = _study(url, "t").get_trials()[1]
+    assert retry.state.name == "COMPLETE"
+    assert retry.user_attrs["run_dirs"] == [str(tmp_path / "runs/t/trial-0000/seed-0"),
+                                            str(tmp_path / "runs/t/trial-0001/seed-1")]
+
+
 def test_local_workers_get_a_gpu_each_or_a_share_of_the_cores():
     from momkit.sweep.workers import worker_env
 

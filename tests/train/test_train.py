@@ -72,6 +72,24 @@ def test_resume_after_a_crash_mid_run_is_exact(tmp_path, monkeypatch):
         train(tiny(tmp_path / "crash", "optim.lr=0.5"), resume=True)
 
 
+@pytest.mark.gpu
+def test_resume_on_a_gpu_restores_the_random_generators(tmp_path):
+    """A run on CUDA resumed from its checkpoint (read onto the GPU, random generator states included) goes on
+    to the end with the same evaluation steps as an uninterrupted one."""
+    ref = train(tiny(tmp_path / "ref", "run.device=cuda"))
+    cfg = tiny(tmp_path / "crash", "run.device=cuda")
+
+    def crash(step, metrics):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callback=crash)
+    resumed = train(cfg, resume=True)
+    assert resumed.steps == ref.steps == 24
+    assert [e["step"] for e in resumed.history if e.get("split") == "valid"] == [6, 12, 18, 24]
+
+
 def test_in_order_data_feeds_the_segments_in_order_every_epoch_and_resumes_exactly(tmp_path, monkeypatch):
     """``optim.data_order=in_order``: segment by segment, examples in order, the same each epoch (zoology's
     order); a run killed after its step-2 checkpoint and resumed sees the same batches and logs the same."""
