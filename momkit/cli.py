@@ -7,7 +7,7 @@
                     [--cuda-graph]
     momkit info
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
-                 [--workers-per-gpu K] [--mps] [--timeout S]
+                 [--workers-per-gpu K] [--mps] [--timeout S] [--retry-failed]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
     momkit convert SRC DST     (an fla / Hugging Face MoM model folder <-> a momkit run directory)
 
@@ -100,6 +100,9 @@ def _sweep_parsers(sub) -> None:
     s.add_argument("--mps", action="store_true",
                    help="run the GPU workers under CUDA's Multi-Process Service (several small-model workers on one "
                         "GPU then run their kernels side by side)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="first queue again every failed trial that no retry replaces (after fixing what failed "
+                        "them; the seeds they finished are kept)")
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial or seed (a trial with seeds left is "
                         "queued again)")
@@ -314,7 +317,7 @@ def cmd_sweep(args) -> int:
     try:
         summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
                             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout,
-                            mps=args.mps)
+                            mps=args.mps, retry=args.retry_failed)
     except DeviceLost as e:  # the trials ran in this process: only a new one has a working GPU
         _say(f"momkit: sweep stopped: {e}; run the same command again to continue them")
         return 1
@@ -324,7 +327,8 @@ def cmd_sweep(args) -> int:
     print(f"report: momkit sweep-report {summary.study} --storage {describe(args.storage)}")
     if summary.first_error is not None and not summary.counts.get("COMPLETE"):
         print(f"momkit: no trial of study {summary.study!r} completed ({summary.counts['FAIL']} failed); the first "
-              f"failure: {summary.first_error}", file=sys.stderr)
+              f"failure: {summary.first_error} (once fixed, --retry-failed runs the failed trials again)",
+              file=sys.stderr)
         return 1
     return 1 if summary.worker_errors else 0
 

@@ -493,6 +493,33 @@ class SweepSummary:
     first_error: str | None = None  # "trial N: message" of the first failed trial, if any failed
 
 
+def _retried(trials) -> set[int]:
+    """The numbers of the trials that were queued again (a retry lists every attempt before it)."""
+    out = set()
+    for t in trials:
+        out.update(t.system_attrs.get("retry_history", []))
+        if "failed_trial" in t.system_attrs:
+            out.add(t.system_attrs["failed_trial"])
+    return out
+
+
+def retry_failed(storage, study_name: str) -> list[int]:
+    """Queue again every failed trial that no retry replaces yet (an error, a worker that died after the job's
+    retries ran out), with the seeds it finished kept, and return their numbers: after a fix, the cells a bug
+    failed run again."""
+    optuna = _optuna()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    failed = [t for t in sorted(trials, key=lambda t: t.number)
+              if t.state == optuna.trial.TrialState.FAIL and t.number not in retried]
+    again = retry_callback(None)
+    with _quiet_experimental():
+        for t in failed:
+            again(study, t)
+    return [t.number for t in failed]
+
+
 def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int], dict | None, str | None]:
     """(trials per state, the best trial, "trial N: message" of the first failed trial that was not queued
     again, or None)."""
@@ -501,7 +528,7 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
     counts: dict[str, int] = {}
     first_error = None
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    retried = _retried(trials)
     for t in trials:
         state = "SKIPPED" if t.user_attrs.get("skipped") else t.state.name
         counts[state] = counts.get(state, 0) + 1
@@ -521,12 +548,13 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
 def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
               n_trials: int | None = None, workers: int | None = None, gpus: str | None = None,
               workers_per_gpu: int | None = None, timeout: float | None = None, mps: bool = False,
-              out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
+              retry: bool = False, out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
     """Run a sweep from this machine: create or resume the study, then run ``workers`` workers here (in this
     process when 1 and nothing needs pinning, else as child processes, each pinned to its GPU and all sharing
     the CPU cores; see ``plan_workers`` for ``workers``, ``gpus`` and ``workers_per_gpu``; with ``mps``, the
-    GPU workers under CUDA's Multi-Process Service), printing one line per finished trial. Other machines may
-    run workers on the same study at the same time."""
+    GPU workers under CUDA's Multi-Process Service), printing one line per finished trial. With ``retry``, the
+    failed trials no retry replaces are queued again first (``retry_failed``). Other machines may run workers on
+    the same study at the same time."""
     out = out or sys.stdout
     storage_url = storage_url or DEFAULT_STORAGE
     study_name = check_study_name(study_name or spec.study, "--study")
@@ -547,6 +575,10 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
     storage = open_storage(storage_url)
     _, line = prepare_study(spec, storage, study_name, n_trials)
     print(f"{line} in {describe(storage_url)}; runs in {spec.runs_dir}/{study_name}/", file=out, flush=True)
+    if retry:
+        again = retry_failed(storage, study_name)
+        print(f"queued again: {len(again)} failed trial{'' if len(again) == 1 else 's'}"
+              + (f" ({', '.join(map(str, again))})" if again else ""), file=out, flush=True)
     monitor = Monitor(spec, storage_url, study_name, out, bar=progress_bar)
     ran: list[int] = []
     errors: list[str] = []

@@ -166,7 +166,8 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path,
     assert r.stderr.strip().splitlines()[-1] == (
         f"momkit: no trial of study 'allfail' completed (2 failed); the first failure: trial 0: ConfigError: "
         f"model.vocab_size="
-        f"{first.params['model.vocab_size']} is invalid: the task needs at least 32 (task.vocab_size)")
+        f"{first.params['model.vocab_size']} is invalid: the task needs at least 32 (task.vocab_size) (once fixed, "
+        "--retry-failed runs the failed trials again)")
 
 
 def test_invalid_sampled_combinations_are_skipped_and_replaced(tmp_path, make_spec, capsys):
@@ -230,6 +231,42 @@ def test_timeout_stops_starting_seeds_and_queues_the_trial_again_with_its_finish
     assert retry.state.name == "COMPLETE"
     assert retry.user_attrs["run_dirs"] == [str(tmp_path / "runs/t/trial-0000/seed-0"),
                                             str(tmp_path / "runs/t/trial-0001/seed-1")]
+
+
+def test_retry_failed_queues_the_trials_an_error_failed_and_keeps_their_finished_seeds(tmp_path, make_spec,
+                                                                                        monkeypatch, capsys):
+    from momkit.sweep import runner
+
+    train_seed = runner._train_seed
+    calls = []
+
+    def broken(cfg, *args, **kwargs):  # seed 1 of every trial fails (a bug, since fixed)
+        calls.append(cfg.run.seed)
+        if cfg.run.seed == 1:
+            raise RuntimeError("a bug")
+        return train_seed(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_train_seed", broken)
+    spec = make_spec(tmp_path / "r.yaml", study="r", seeds=[0, 1])
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["sweep", str(spec), "--storage", url]) == 1  # no trial completed
+    assert [t.state.name for t in _study(url, "r").get_trials()] == ["FAIL", "FAIL"]
+    monkeypatch.setattr(runner, "_train_seed", train_seed)
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--storage", url]) == 1  # without the option the failed cells stay failed
+    out, err = capsys.readouterr()
+    assert "nothing left to run" in out and "--retry-failed runs the failed trials again" in err
+    calls.clear()
+    monkeypatch.setattr(runner, "_train_seed",
+                        lambda cfg, *a, **k: calls.append(cfg.run.seed) or train_seed(cfg, *a, **k))
+    assert main(["sweep", str(spec), "--storage", url, "--retry-failed"]) == 0
+    assert "queued again: 2 failed trials (0, 1)" in capsys.readouterr().out
+    trials = _study(url, "r").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert calls == [1, 1]  # only the seeds the bug failed trained again
+    assert sorted(t.params["model.mom.num_memories"] for t in trials[2:]) == [1, 2]
+    assert main(["sweep", str(spec), "--storage", url, "--retry-failed"]) == 0  # nothing failed is left to retry
+    assert "queued again: 0 failed trials" in capsys.readouterr().out
 
 
 def test_local_workers_get_a_gpu_each_or_a_share_of_the_cores():
