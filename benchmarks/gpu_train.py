@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_train --out benchmarks/results/gpu_train_<device>.json [--commit SHA]
         [--batch 8] [--seq-len 2048] [--steps 10] [--no-fla] [--config NAME] [--set KEY=VALUE ...]
-        [--kernel-top N] [--host-profile N]
+        [--kernel-top N] [--host-profile N] [--op-profile N]
 
 The model is by default ``momkit/configs/lm_mom_120m.yaml`` (D = 768, 12 blocks, gated_deltanet, 4 memories top-2 with a
 shared memory, 6 heads of K = V = 128), trained as ``momkit train`` trains it: AdamW, bf16 autocast,
@@ -99,7 +99,29 @@ def measure(model, args, device) -> dict:
         out["top_kernels"] = [{"kernel": k[:100], "launches": n, "us": round(t, 1)} for k, (n, t) in top]
     if args.host_profile:
         out["host_top_ops"] = host_profile(step, args.host_profile)
+    if args.op_profile:
+        out["device_top_ops"] = op_profile(step, args.op_profile)
     return out
+
+
+def op_profile(step, top: int) -> list[dict]:
+    """Which operators launch one training step's GPU time: the ``top`` (operator, calling line) pairs by the
+    device time of the kernels they launch themselves (torch.profiler), with their launches; the calling line
+    is the innermost frame of momkit or torch.nn code."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_stack_n=12):
+        if e.self_device_time_total <= 0:
+            continue
+        frames = [f for f in (e.stack or []) if "momkit/" in f or "torch/nn/" in f or "benchmarks/" in f]
+        rows.append({"op": e.key[:80], "where": frames[0][-90:] if frames else "", "calls": e.count,
+                     "self_device_us": round(e.self_device_time_total, 1)})
+    return sorted(rows, key=lambda r: -r["self_device_us"])[:top]
 
 
 def host_profile(step, top: int) -> list[dict]:
@@ -126,13 +148,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-fla", action="store_true", help="time ours only")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="also list the N operators with the most host time in one step")
+    ap.add_argument("--op-profile", type=int, default=0, metavar="N",
+                    help="also list the N operators (with their calling line) whose kernels take the most GPU time")
     ap.add_argument("--kernel-top", type=int, default=0, metavar="N",
                     help="also list the N kernels with the most GPU time per step")
     ap.add_argument("--config", default="lm_mom_120m", help="packaged config (or YAML file) whose model is timed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override, e.g. model.mixer=single (repeatable)")
     args = ap.parse_args(argv)
-    for key in ("host_profile", "kernel_top"):
+    for key in ("host_profile", "kernel_top", "op_profile"):
         if getattr(args, key) < 0:
             ap.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 0")
     from momkit.config import ConfigError, load_config
@@ -161,12 +185,14 @@ def main() -> None:
             result[who] = measure(model, args, device)
         except Exception as e:  # report, don't hide
             result[who] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        print(who, json.dumps({k: v for k, v in result[who].items() if k not in ("host_top_ops", "top_kernels")}),
-              flush=True)
+        lists = ("host_top_ops", "top_kernels", "device_top_ops")
+        print(who, json.dumps({k: v for k, v in result[who].items() if k not in lists}), flush=True)
         for row in result[who].get("top_kernels", []):
             print(f"    {row['us']:9.1f} us  {row['launches']:6d}x  {row['kernel']}")
         for row in result[who].get("host_top_ops", []):
             print(f"    {row['self_cpu_ms']:9.2f} ms  {row['calls']:6d}x  {row['op']}")
+        for row in result[who].get("device_top_ops", []):
+            print(f"    {row['self_device_us']:9.1f} us  {row['calls']:6d}x  {row['op']:<40} {row['where']}")
         del model
         torch.cuda.empty_cache()
     if "tokens_per_s" in result.get("fla", {}) and "tokens_per_s" in result["ours"]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from momkit.routing.plan import RoutingPlan
+from momkit.routing.plan import RoutingPlan, slot_counts
 from momkit.rules.base import upcast
 
 Tensor = torch.Tensor
@@ -33,8 +33,7 @@ class BalanceStats:
             return None
         M = plan.num_memories
         routed = mask[..., None].expand_as(plan.indices)  # selections of real tokens, before capacity
-        counts = torch.zeros(M, dtype=torch.float32, device=mask.device)
-        counts.index_add_(0, plan.indices.reshape(-1), routed.reshape(-1).to(torch.float32))
+        counts = slot_counts(plan.indices, routed, M).to(torch.float32)
         prob_sum = (upcast(plan.probs) * mask[..., None]).sum((0, 1))
         return BalanceStats(counts, prob_sum, mask.sum().float())
 

@@ -13,6 +13,15 @@ import torch
 Tensor = torch.Tensor
 
 
+def slot_counts(indices: Tensor, selected: Tensor, num_memories: int) -> Tensor:
+    """``[M]`` int64: how many of the slots ``indices [..., k]`` where ``selected [..., k]`` (bool) hold each
+    memory. A comparison with every memory and a sum: an ``index_add_`` into M counters makes every slot an
+    atomic add on a handful of addresses (on a GPU, tens of microseconds per call at a batch of 32k tokens)."""
+    memories = torch.arange(num_memories, device=indices.device)
+    hits = (indices[..., None] == memories) & selected[..., None]
+    return hits.reshape(-1, num_memories).sum(0)
+
+
 @dataclass
 class RoutingPlan:
     """A router's decision for a batch.
@@ -80,8 +89,7 @@ class RoutingStats:
     def from_plan(plan: RoutingPlan, mask: Tensor | None) -> RoutingStats:
         with torch.no_grad():
             M = plan.num_memories
-            counts = torch.zeros(M, dtype=torch.float64, device=plan.indices.device)
-            counts.index_add_(0, plan.indices.reshape(-1), plan.kept.reshape(-1).to(torch.float64))
+            counts = slot_counts(plan.indices, plan.kept, M).to(torch.float64)
             entropy = None
             if plan.probs is not None:
                 p = plan.probs.double().clamp_min(1e-30)

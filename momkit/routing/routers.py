@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from momkit.routing.plan import RoutingPlan
+from momkit.routing.plan import RoutingPlan, slot_counts
 
 Tensor = torch.Tensor
 
@@ -102,8 +102,8 @@ class TopKSigmoid(Router):
         indices = (scores.detach() + self.bias).topk(self.topk, dim=-1).indices
         if self.training:
             with torch.no_grad():
-                real = mask[..., None].expand_as(indices).reshape(-1).to(self.load_since_update.dtype)
-                self.load_since_update.index_add_(0, indices.reshape(-1), real)
+                real = mask[..., None].expand_as(indices)
+                self.load_since_update += slot_counts(indices, real, self.load_since_update.numel())
         probs = scores / scores.sum(-1, keepdim=True)
         return self._plan(indices, self._selected_weights(scores, indices), mask, probs, logits)
 

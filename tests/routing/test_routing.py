@@ -150,6 +150,8 @@ def test_dense_router_uses_every_memory_with_softmax_weights():
 def test_telemetry_reports_load_entropy_and_dead_memories():
     layer, x, mask, plan, _ = _plan("topk_softmax", capacity=0.5)
     stats = RoutingStats.from_plan(plan, mask)
+    kept = plan.indices[plan.kept]  # the load counts the slots capacity kept, per memory
+    assert stats.load == pytest.approx((torch.bincount(kept, minlength=M) / kept.numel()).tolist(), abs=1e-12)
     assert abs(sum(stats.load) - 1) < 1e-9
     assert stats.max_load == max(stats.load) and stats.min_load == min(stats.load)
     assert 0 < stats.entropy <= torch.log(torch.tensor(float(M))) + 1e-9
