@@ -151,7 +151,7 @@ def test_telemetry_reports_load_entropy_and_dead_memories():
     layer, x, mask, plan, _ = _plan("topk_softmax", capacity=0.5)
     stats = RoutingStats.from_plan(plan, mask)
     kept = plan.indices[plan.kept]  # the load counts the slots capacity kept, per memory
-    assert stats.load == pytest.approx((torch.bincount(kept, minlength=M) / kept.numel()).tolist(), abs=1e-12)
+    assert stats.load == pytest.approx([int(c) / kept.numel() for c in torch.bincount(kept, minlength=M)], abs=1e-12)
     assert abs(sum(stats.load) - 1) < 1e-9
     assert stats.max_load == max(stats.load) and stats.min_load == min(stats.load)
     assert 0 < stats.entropy <= torch.log(torch.tensor(float(M))) + 1e-9
