@@ -279,6 +279,10 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         g.set_axis_labels(x or name, metric.replace("/", "/\n"))
         best = f", the best {' x '.join(rest)} of each" if rest else ""
         ci = f"mean, 95 % interval and each of {seeds} seeds{best}" if seeds > 1 else best.lstrip(", ")
+        if seeds > 1 and data[metric].between(0, 1).all():  # a fraction (an accuracy): its axis stays [0, 1]
+            for ax in g.axes.flat:
+                ax.set_ylim(-0.02, 1.05)
+            ci += "; intervals cut at 0 and 1"
         save(g, f"objective_by_{name}.png", f"{study.study_name}: {metric} per {name}" + (f"\n({ci})" if ci else ""))
     if varies("rule") and not variants:
         data = _per_seed(_best_per_cell(df, ["rule", "num_memories"], direction), metric)
