@@ -576,7 +576,8 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
     _, line = prepare_study(spec, storage, study_name, n_trials)
     print(f"{line} in {describe(storage_url)}; runs in {spec.runs_dir}/{study_name}/", file=out, flush=True)
     if retry:
-        again = retry_failed(storage, study_name)
+        with claim_lock(storage_url):  # two jobs here starting together queue each failed trial once
+            again = retry_failed(storage, study_name)
         print(f"queued again: {len(again)} failed trial{'' if len(again) == 1 else 's'}"
               + (f" ({', '.join(map(str, again))})" if again else ""), file=out, flush=True)
     monitor = Monitor(spec, storage_url, study_name, out, bar=progress_bar)
