@@ -76,38 +76,43 @@ class RoutingStats:
     ``load`` (fraction of kept slots that went to each memory), ``entropy`` (mean entropy of the router
     distribution per real token, nats; nan if not learned), ``max_load``, ``min_load``,
     ``dead_memories`` (memories that received no slot), ``dropped_slots`` (by capacity) and
-    ``dropped_fraction``. They are computed on the device in the forward pass and read back on first
-    use, so that a forward pass never waits for its telemetry."""
+    ``dropped_fraction``. They are computed from the plan on first use, on its device, and read back then: a
+    forward pass never waits for its telemetry, and a training step whose telemetry nobody reads (all but the
+    logged ones) launches nothing for it."""
 
-    def __init__(self, counts: Tensor, entropy: Tensor | None, dropped_slots: int, extra: dict | None = None):
-        self._counts, self._entropy = counts, entropy
-        self.dropped_slots = dropped_slots
+    def __init__(self, plan: RoutingPlan, mask: Tensor | None, extra: dict | None = None):
+        self._plan, self._mask = plan, mask
+        self.dropped_slots = plan.dropped
         self.extra = {} if extra is None else extra
         self._values: dict | None = None
 
     @staticmethod
     def from_plan(plan: RoutingPlan, mask: Tensor | None) -> RoutingStats:
+        probs = None if plan.probs is None else plan.probs.detach()  # the stats hold no autograd graph
+        return RoutingStats(RoutingPlan(plan.indices, plan.weights.detach(), plan.kept, plan.num_memories, probs,
+                                        None, plan.dropped, plan.renormalized), mask)
+
+    def _device_values(self) -> tuple[Tensor, Tensor | None]:
+        plan, mask = self._plan, self._mask
         with torch.no_grad():
-            M = plan.num_memories
-            counts = slot_counts(plan.indices, plan.kept, M).to(torch.float64)
+            counts = slot_counts(plan.indices, plan.kept, plan.num_memories).to(torch.float64)
             entropy = None
             if plan.probs is not None:
                 p = plan.probs.double().clamp_min(1e-30)
                 ent = -(p * p.log()).sum(-1)
-                if mask is None:
-                    entropy = ent.mean()
-                else:
-                    entropy = (ent * mask).sum() / mask.sum()
-            return RoutingStats(counts, entropy, plan.dropped)
+                entropy = ent.mean() if mask is None else (ent * mask).sum() / mask.sum()
+        return counts, entropy
 
     def _read(self) -> dict:
         if self._values is None:
-            counts = self._counts.tolist()
+            counts_t, entropy_t = self._device_values()
+            self._plan = self._mask = None  # read once: the plan's tensors go
+            counts = counts_t.tolist()
             total = max(sum(counts), 1.0)
             load = [c / total for c in counts]
             n_slots = int(sum(counts)) + self.dropped_slots
             self._values = {
-                "load": load, "entropy": math.nan if self._entropy is None else float(self._entropy),
+                "load": load, "entropy": math.nan if entropy_t is None else float(entropy_t),
                 "max_load": max(load), "min_load": min(load),
                 "dead_memories": sum(1 for c in counts if c == 0),
                 "dropped_fraction": self.dropped_slots / max(n_slots, 1),
