@@ -66,6 +66,17 @@ def _block(table, most, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, G
 
 
 @triton.jit
+def _tile(table, most, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+          GROUPED: tl.constexpr):
+    """This program's tile: its rows ``o_n`` (``m_n``: inside its block), channels ``o_c`` (``m_c``: < C), the
+    block's first row, its group's weight offset and its weight-gradient slot (``_block``)."""
+    r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
+    o_n = r0 + tl.arange(0, BN)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    return o_n, o_c, o_n < r1, o_c < C, r0, w_off, slot
+
+
+@triton.jit
 def _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C: tl.constexpr, S: tl.constexpr):
     """Pointers and masks of columns ``o_c`` of rows ``o_n`` in ``y1 [N, S]`` (columns < S) and ``y2 [N, C - S]``."""
     lo = o_c < S
@@ -77,12 +88,7 @@ def _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C: tl.constexpr, S: tl.constexpr):
 @triton.jit
 def _conv_fwd_kernel(x, w, pos, table, y1, y2, N, C: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
                      BN: tl.constexpr, BC: tl.constexpr, GROUPED: tl.constexpr):
-    r0, r1, w_off, _ = _block(table, 0, N, C, W, BN, GROUPED)
-    i_c = tl.program_id(1)
-    o_n = r0 + tl.arange(0, BN)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < r1
-    m_c = o_c < C
+    o_n, o_c, m_n, m_c, _, w_off, _ = _tile(table, 0, N, C, W, BN, BC, GROUPED)
     pos_t = tl.load(pos + o_n, mask=m_n, other=0)
     z = _pre_activation(x, w + w_off, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
     y = z * tl.sigmoid(z)
@@ -118,13 +124,8 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl
     written to memory (float32) and ``dx`` left to ``_conv_dx_kernel`` (a second pass). Rows past the block's
     end (another group's, with this group's weights) enter only through taps that their positions exclude,
     and not the weight gradient (their taps are masked)."""
-    r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
-    i_c = tl.program_id(1)
+    o_n, o_c, m_n, m_c, r0, w_off, slot = _tile(table, most, N, C, W, BN, BC, GROUPED)
     w += w_off
-    o_n = r0 + tl.arange(0, BN)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < r1
-    m_c = o_c < C
     b_dz, pos_t = _dz_rows(x, w, pos, dy1, dy2, o_n, o_c, m_c, N, C, S, W, BN, BC)
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
@@ -160,14 +161,9 @@ def _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C: tl.con
 @triton.jit
 def _conv_dx_kernel(w, pos, table, dz, dx, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
                     BC: tl.constexpr, GROUPED: tl.constexpr):
-    """``dx`` of a row block from ``dz [N, C]`` (float32) in memory: the backward's second pass with SHIFT 0."""
-    r0, r1, w_off, _ = _block(table, 0, N, C, W, BN, GROUPED)
-    i_c = tl.program_id(1)
+    """``dx`` of a row block from ``dz [N, C]`` (float32) in memory: the backward's second pass with SHIFT 3."""
+    o_n, o_c, m_n, m_c, _, w_off, _ = _tile(table, 0, N, C, W, BN, BC, GROUPED)
     w += w_off
-    o_n = r0 + tl.arange(0, BN)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_n = o_n < r1
-    m_c = o_c < C
     acc = tl.zeros([BN, BC], dtype=tl.float32)
     for s in tl.static_range(W):
         b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
