@@ -88,14 +88,19 @@ class TaskData:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.train if split == "train" else self.valid
 
-    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """All of a split as one ``(inputs, labels)`` pair; only when its segments share one sequence length."""
+    def tensors(self, split: str, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of a split as one ``(inputs, labels)`` pair, or with ``seq_len`` its segments of that length;
+        without it, only when the split's segments share one sequence length."""
         segments = self.split(split)
         lengths = sorted({s.seq_len for s in segments})
-        if len(lengths) != 1:
+        if seq_len is not None:
+            if seq_len not in lengths:
+                raise ValueError(f"seq_len={seq_len!r} is invalid: the {split} split has sequence lengths {lengths}")
+            segments = [s for s in segments if s.seq_len == seq_len]
+        elif len(lengths) != 1:
             raise ValueError(
-                f"the {split} split mixes sequence lengths {lengths}; use TaskData.batches, which keeps each "
-                "length in its own batches"
+                f"the {split} split mixes sequence lengths {lengths}; pass seq_len= for one of them, or use "
+                "TaskData.batches, which keeps each length in its own batches"
             )
         return torch.cat([s.inputs for s in segments]), torch.cat([s.labels for s in segments])
 

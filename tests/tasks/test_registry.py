@@ -132,8 +132,14 @@ def test_drop_last_and_tensors():
     assert all(b.inputs.shape[0] == 8 for b in full)
     inputs, labels = data.tensors("valid")
     assert inputs.shape == (10, 32) and labels.shape == (10, 32)
-    with pytest.raises(ValueError, match=r"the train split mixes sequence lengths \[32, 64\]"):
+    with pytest.raises(ValueError, match=r"the train split mixes sequence lengths \[32, 64\]; pass seq_len="):
         data.tensors("train")
+    inputs, labels = data.tensors("train", seq_len=64)  # one length of a mixed split: its segments, in order
+    want = [s for s in data.train if s.seq_len == 64]
+    assert torch.equal(inputs, torch.cat([s.inputs for s in want])) and inputs.shape[1] == 64
+    assert torch.equal(labels, torch.cat([s.labels for s in want]))
+    with pytest.raises(ValueError, match=r"seq_len=48 is invalid: the train split has sequence lengths \[32, 64\]"):
+        data.tensors("train", seq_len=48)
     with pytest.raises(ValueError, match=r"split must be one of \('train', 'valid'\), got 'test'"):
         data.split("test")
     with pytest.raises(ConfigError, match="batch_size must be an integer >= 1, got 0"):
