@@ -275,6 +275,14 @@ def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     return train(cfg, overwrite=True, callback=callback)
 
 
+def _queue_again(ctx: _Context, study, trial, why: str) -> None:
+    """End the trial as failed and queue a retry of it (the seeds it finished kept)."""
+    trial.set_user_attr("error", f"{why}; queued again")
+    frozen = study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+    with _quiet_experimental():
+        ctx.retry(study, frozen)
+
+
 def _run_trial(ctx: _Context, study, trial, queued) -> str:
     """Run one claimed trial to its end and tell the study; returns its final state's name. ``queued`` is the
     FrozenTrial as it waited in the queue (a retry carries the attributes of the trial it replaces)."""
@@ -330,10 +338,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
             if outcome is None and ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 # past the timeout a trial's seeds take longer than the job has left: queue it again, the
                 # seeds it finished kept
-                trial.set_user_attr("error", f"timeout before seed {seed}; queued again")
-                frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                with _quiet_experimental():
-                    ctx.retry(study, frozen)
+                _queue_again(ctx, study, trial, f"timeout before seed {seed}")
                 return "FAIL"
             if outcome is None:
                 result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
@@ -363,10 +368,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return "PRUNED"
     except KeyboardInterrupt:
-        trial.set_user_attr("error", "interrupted (Ctrl-C); queued again")
-        frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        with _quiet_experimental():
-            ctx.retry(study, frozen)
+        _queue_again(ctx, study, trial, "interrupted (Ctrl-C)")
         raise
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
