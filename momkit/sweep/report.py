@@ -301,10 +301,27 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         save(importance_figure(effects, metric, short_names(space), n), "param_importances.png",
              f"{study.study_name}: what each parameter explains of {metric}")
         report.effects = effects
-    curves = df[df["intermediate"].notna()]
+    curves = _curve_rows(df)
     if not curves.empty:
         save(learning_curves_figure(curves, space, metric, effects), "learning_curves.png",
              f"{study.study_name}: learning curves (first seed)")
+
+
+def _curve_rows(df):
+    """One row per trial that was not queued again, with the learning curve of its first seed: its own or, where
+    that seed ran in a trial it replaces (a run stopped by the job's end and queued again keeps its finished
+    seeds), the longest of theirs. A trial that was queued again is left out: its cell's curve is its retry's."""
+    rows = df[df["retried_as"].isna()].copy()
+    earlier = df[df["retried_as"].notna() & df["intermediate"].notna()]
+
+    def curve(r):
+        if isinstance(r["intermediate"], str):
+            return r["intermediate"]
+        found = earlier.loc[earlier["retried_as"] == r["number"], "intermediate"]
+        return max(found, key=lambda c: len(json.loads(c)), default=None)
+
+    rows["intermediate"] = [curve(r) for _, r in rows.iterrows()]
+    return rows[rows["intermediate"].notna()]
 
 
 def _t_interval(values) -> tuple[float, float]:

@@ -177,6 +177,7 @@ def verdicts(df, claims: list[dict], columns: dict[str, str], direction: str) ->
                 mean, half = _spread(values)
                 row[side] = _fmt(mean, half, len(values))
                 row[f"{side}_mean"], row[f"{side}_half"] = mean, half
+                row[f"{side}_seeds"] = [round(float(v), 6) for v in values]
                 row[f"{side}_trial"] = int(best["number"])
                 row[f"{side}_cell"] = ", ".join(f"{k}={v}" for k, v in c[side].items())
                 free = [n for n in columns if n not in fixed and n not in c[side]]
@@ -199,24 +200,33 @@ def verdicts(df, claims: list[dict], columns: dict[str, str], direction: str) ->
 
 
 def figure(rows: list[dict], metric: str):
-    """Both sides of every judged claim (mean and 95 % interval over seeds), one row per claim and group,
-    titled with the verdict; None where no claim has both sides."""
+    """Both sides of every judged claim (mean, 95 % interval over seeds and each seed), one row per claim and
+    group, titled with the verdict; None where no claim has both sides. A fraction (every seed in [0, 1], as an
+    accuracy) keeps one axis [0, 1] for all rows, its intervals cut there."""
     import matplotlib.pyplot as plt
 
     judged = [r for r in rows if "better_mean" in r and "than_mean" in r]
     if not judged:
         return None
-    fig, axes = plt.subplots(len(judged), 1, figsize=(7.5, 0.35 + 1.05 * len(judged)), squeeze=False)
+    seeds = [v for r in judged for side in ("better", "than") for v in r.get(f"{side}_seeds", [])]
+    fraction = bool(seeds) and all(0.0 <= v <= 1.0 for v in seeds)
+    fig, axes = plt.subplots(len(judged), 1, figsize=(7.5, 0.35 + 1.05 * len(judged)), squeeze=False,
+                             sharex=fraction)
     for ax, r in zip(axes[:, 0], judged):
         for y, side, colour in ((1, "better", "#1b7837"), (0, "than", "#762a83")):
             ax.errorbar(r[f"{side}_mean"], y, xerr=r[f"{side}_half"] or 0, fmt="o", color=colour, capsize=4)
+            values = r.get(f"{side}_seeds", [])
+            ax.plot(values, [y - 0.25] * len(values), "|", color=colour, ms=7, alpha=0.8)
         ax.set_yticks([0, 1], [f"{r['than_cell']} (trial {r['than_trial']})",
                                f"{r['better_cell']} (trial {r['better_trial']})"])
         ax.set_ylim(-0.6, 1.6)
+        if fraction:
+            ax.set_xlim(-0.02, 1.02)
         group = f" [{r['group']}]" if r.get("group") else ""
         ax.set_title(f"{r['claim']}{group}: {r['verdict']}", fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel(f"{metric} (mean and 95 % interval over seeds)")
+    cut = "; intervals cut at 0 and 1" if fraction else ""
+    axes[-1, 0].set_xlabel(f"{metric} (mean and 95 % interval over seeds; ticks: each seed{cut})")
     fig.tight_layout()
     return fig
 

@@ -454,6 +454,19 @@ def test_learning_curves_are_coloured_by_the_swept_parameters():
     assert legend.get_title().get_text() == "colour: b"
 
 
+def test_a_trial_queued_again_gives_its_curve_to_its_retry():
+    """A cell stopped by the job's end ran its first seed in the trial that was queued again; the learning curves
+    show that curve once, under the retry that completed the cell, and not the replaced trials."""
+    from momkit.sweep.report import _curve_rows
+
+    short, full = json.dumps({"4": 0.1}), json.dumps({"4": 0.1, "8": 0.3})
+    df = pd.DataFrame({"number": [0, 1, 2, 3, 4], "state": ["FAIL", "FAIL", "FAIL", "COMPLETE", "COMPLETE"],
+                       "retry_of": [None, 0, 0, 0, None], "retried_as": [3, 3, 3, None, None],
+                       "intermediate": [short, full, None, None, short]})
+    rows = _curve_rows(df)
+    assert rows["number"].tolist() == [3, 4]
+    assert rows["intermediate"].tolist() == [full, short]  # the longest of the replaced trials' curves
+
 def test_a_cell_another_study_trained_is_reused_not_trained_again(tmp_path, make_spec, capsys):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     first = make_spec(tmp_path / "first.yaml", space={"model.mom.num_memories": [1, 2]})

@@ -117,3 +117,20 @@ def test_sweep_report_judges_the_claims_and_picks_up_edited_ones(tmp_path, make_
     assert main(["sweep", str(spec), "--storage", url]) == 0
     assert main(["sweep-report", "c", "--storage", url, "--out", str(tmp_path / "report")]) == 0
     assert "one memory is worse:" in capsys.readouterr().out
+
+
+def test_claims_figure_keeps_a_fraction_on_one_axis_from_0_to_1():
+    from momkit.sweep.verdicts import figure
+
+    def row(values_better, values_than):
+        r = {"claim": "c", "better_cell": "a", "than_cell": "b", "better_trial": 1, "than_trial": 2, "verdict": "v"}
+        for side, vals in (("better", values_better), ("than", values_than)):
+            r[f"{side}_mean"], r[f"{side}_half"], r[f"{side}_seeds"] = sum(vals) / len(vals), 0.5, vals
+        return r
+
+    fig = figure([row([0.9, 0.95, 1.0], [0.1, 0.5, 0.9]), row([0.2, 0.3, 0.4], [0.0, 0.1, 0.2])], "accuracy")
+    assert all(ax.get_xlim() == (-0.02, 1.02) for ax in fig.axes)
+    assert "intervals cut at 0 and 1" in fig.axes[-1].get_xlabel()
+    assert len([ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 3]) == 2  # each side's seeds
+    loss = figure([row([2.0, 2.5, 3.0], [3.0, 3.5, 4.0])], "loss")
+    assert loss.axes[0].get_xlim()[1] > 3.0 and "cut" not in loss.axes[0].get_xlabel()
