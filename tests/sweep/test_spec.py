@@ -95,6 +95,29 @@ def test_capacity_pilot_is_the_state_protocol_shortened():
         assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
 
 
+def test_capacity_controls_change_only_what_they_control():
+    """capacity_long: capacity_state's gated_deltanet and gla mixtures with the shared memory at their two best
+    learning rates, trained 3x as long; capacity_lr_edge: its gated_deltanet and gla mixtures at the next rate
+    above the grid. Nothing else differs from the capacity_state cell."""
+    state = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_state")}
+    long = _capacity_cells("capacity_long")
+    assert {(cfg.model.mom.rule, p["optim.lr"]) for p, cfg in long} == {
+        (r, lr) for r in ("gated_deltanet", "gla") for lr in (3e-3, 1e-2)}
+    for p, cfg in long:
+        full = state["mom4_top2_shared", cfg.model.mom.rule, p["optim.lr"]]
+        assert cfg.optim.max_steps == 3 * full.optim.max_steps
+        assert cfg.model == full.model and cfg.task == full.task
+        assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
+    spec = load_spec(ROOT / "sweeps" / "capacity_lr_edge.yaml")
+    edge = [spec.trial_config("capacity_lr_edge", 0, p, seed=0) for p in spec.grid]
+    assert len(edge) == 4 and len(spec.seeds) >= 3
+    for cfg in edge:
+        layout = "mom4_top2_shared" if cfg.model.mom.shared_memory else "mom4_top2"
+        full = state[layout, cfg.model.mom.rule, 1e-2]
+        assert cfg.optim.lr == 3e-2 and cfg.model == full.model and cfg.task == full.task
+        assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
+
+
 def test_mqar_memories_is_the_papers_ablation():
     spec = load_spec(ROOT / "sweeps" / "mqar_memories.yaml")
     cells = {(p["model.mom.num_memories"], p["model.mom.topk"], p["model.mom.shared_memory"], p["model.mom.rule"])
