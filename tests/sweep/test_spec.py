@@ -95,27 +95,36 @@ def test_capacity_pilot_is_the_state_protocol_shortened():
         assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
 
 
-def test_capacity_controls_change_only_what_they_control():
-    """capacity_long: capacity_state's gated_deltanet and gla mixtures with the shared memory at their two best
-    learning rates, trained 3x as long; capacity_lr_edge: its gated_deltanet and gla mixtures at the next rate
-    above the grid. Nothing else differs from the capacity_state cell."""
+def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_control():
+    """capacity_long: capacity_state's gated_deltanet and gla mixtures with the shared memory trained 3x as long,
+    against the expanded memories; capacity_lr_edge: their mixtures and expanded memories on the learning-rate
+    grid widened by 3e-2. Every other cell is capacity_state's own resolved config (a storage holding
+    capacity_state reuses its seeds), and a new cell differs from capacity_state's only in what it controls."""
+    from momkit.sweep.runner import _config_key
+
     state = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_state")}
-    long = _capacity_cells("capacity_long")
-    assert {(cfg.model.mom.rule, p["optim.lr"]) for p, cfg in long} == {
-        (r, lr) for r in ("gated_deltanet", "gla") for lr in (3e-3, 1e-2)}
-    for p, cfg in long:
-        full = state["mom4_top2_shared", cfg.model.mom.rule, p["optim.lr"]]
-        assert cfg.optim.max_steps == 3 * full.optim.max_steps
-        assert cfg.model == full.model and cfg.task == full.task
-        assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
-    spec = load_spec(ROOT / "sweeps" / "capacity_lr_edge.yaml")
-    edge = [spec.trial_config("capacity_lr_edge", 0, p, seed=0) for p in spec.grid]
-    assert len(edge) == 4 and len(spec.seeds) >= 3
-    for cfg in edge:
-        layout = "mom4_top2_shared" if cfg.model.mom.shared_memory else "mom4_top2"
-        full = state[layout, cfg.model.mom.rule, 1e-2]
-        assert cfg.optim.lr == 3e-2 and cfg.model == full.model and cfg.task == full.task
-        assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
+    keys = {_config_key(cfg) for cfg in state.values()}
+    long = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_long")}
+    assert {(layout, rule) for layout, rule, _ in long} == {
+        (layout, rule) for layout in ("single_x4", "single_x5", "mom4_top2_shared_12k")
+        for rule in ("gated_deltanet", "gla")}
+    for (layout, rule, lr), cfg in long.items():
+        if layout == "mom4_top2_shared_12k":
+            full = state["mom4_top2_shared", rule, lr]
+            assert _config_key(cfg) not in keys and cfg.optim.max_steps == 3 * full.optim.max_steps
+            assert cfg.model == full.model and cfg.task == full.task
+            assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
+        else:
+            assert _config_key(cfg) == _config_key(state[layout, rule, lr])
+    edge = _capacity_cells("capacity_lr_edge")
+    assert {p["optim.lr"] for p, _ in edge} == {1e-3, 3e-3, 1e-2, 3e-2}
+    for p, cfg in edge:
+        if p["optim.lr"] < 3e-2:
+            assert _config_key(cfg) == _config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
+        else:
+            full = state[p["layout"], cfg.model.mom.rule, 1e-2]
+            assert _config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
+            assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
 
 
 def test_mqar_memories_is_the_papers_ablation():
