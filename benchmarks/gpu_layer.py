@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 
 import torch
 
@@ -122,6 +123,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Where a layer's GPU time goes, by part: the update rule's chunk kernels (ours and fla's), the short
+# convolutions, the norms, the matrix products (projections), routing (router, sort, dispatch, combine) and the
+# rest (copies, casts, element-wise and reductions). First match wins; names are the profiler's kernel names.
+PARTS = (
+    ("conv", re.compile(r"_conv_|causal_conv1d")),
+    ("norm", re.compile(r"^_rms_|^_l2_|l2norm|layer_norm|rms_norm|rmsnorm")),
+    ("matmul", re.compile(r"nvjet|cutlass|gemm|cublas|splitKreduce")),
+    ("rule", re.compile(r"^_(wy|fwd|bwd|chunk|prep|coef)_|^chunk_|recompute_w_u|prepare_wy|solve_tril|merge_16x16|"
+                        r"kkt")),
+    ("routing", re.compile(r"sort|[Tt]op[Kk]|gather|scatter|softmax|^_slot|^_combine|^_dispatch|scan|index|"
+                           r"cumsum|bitonic|radix")),
+)
+GATE_ACTIVATIONS = re.compile(r"gdn_gate|beta_sigmoid")  # fla's fused gate activations; ours are element-wise
+
+
+def kernel_part(name: str) -> str:
+    """The part of the layer a kernel belongs to (``PARTS``), else "other"."""
+    if GATE_ACTIVATIONS.search(name):
+        return "other"
+    return next((part for part, pattern in PARTS if pattern.search(name)), "other")
+
+
+def parts_us(top: list[dict]) -> dict[str, float]:
+    """Microseconds per call of each part of a per-kernel breakdown (every part present, 0 where none)."""
+    out = {part: 0.0 for part, _ in PARTS} | {"other": 0.0}
+    for t in top:
+        out[kernel_part(t["kernel"])] += t["us"]
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
@@ -176,6 +207,10 @@ def main() -> None:
         if row.get("fla_fwd_bwd_peak_mib") and row.get("ours_fwd_bwd_peak_mib"):
             row["ratio_fwd_bwd_memory"] = row["fla_fwd_bwd_peak_mib"] / row["ours_fwd_bwd_peak_mib"]
     rows = list(rows.values())
+    for r in rows:
+        for who, tables in (("ours", breakdowns), ("fla", fla_breakdowns)):
+            if r["case"] in tables:
+                r[f"{who}_fwd_bwd_parts_us"] = parts_us(tables[r["case"]])
     single = {r["B"]: r for r in rows if r["layer"] == "single"}
     for r in rows:  # the MoM layer's cost over one memory's (3 writes per token at top-2 + shared)
         s = single.get(r["B"]) if r["layer"] == "mom" and r["T"] == 2048 else None
@@ -198,6 +233,18 @@ def main() -> None:
                   f"{f(f'ratio_{mode}_wall'):>8}{f(f'ratio_{mode}_gpu'):>7}"
                   + (f"{f('ours_fwd_bwd_peak_mib', 1, 0):>10}{f('fla_fwd_bwd_peak_mib', 1, 0):>9}"
                      if mode == "fwd_bwd" else ""))
+    print("\nforward+backward GPU ms by part; / single: each part of our MoM layer over our single-memory layer's")
+    for r in rows:
+        for who in ("ours", "fla"):
+            parts = r.get(f"{who}_fwd_bwd_parts_us")
+            if parts is None:
+                continue
+            line = "  ".join(f"{k} {v / 1e3:.2f}" for k, v in parts.items())
+            s = single.get(r["B"]) if who == "ours" and r["layer"] == "mom" and r["T"] == 2048 else None
+            if s is not None and s.get("ours_fwd_bwd_parts_us"):
+                line += "  | / single: " + "  ".join(f"{k} {v / s['ours_fwd_bwd_parts_us'][k]:.2f}"
+                                                      for k, v in parts.items() if s["ours_fwd_bwd_parts_us"][k] > 0)
+            print(f"{r['case']:<18}{who:<5} {line}")
     for who, tables in (("ours", breakdowns), ("fla", fla_breakdowns)):
         for name, top in tables.items():
             print(f"\n{who}, {name}, forward+backward, per call (GPU ms {sum(t['us'] for t in top) / 1e3:.2f}):")

@@ -237,6 +237,36 @@ def test_gpu_layer_builds_our_layer_of_every_kind(case):
     assert isinstance(layer, MoMLayer if kind == "mom" else SingleMemoryLayer)
     assert layer.cfg.num_memories == M and layer.cfg.key_dim == gpu_layer.HEAD
 
+def test_gpu_layer_sorts_kernels_into_the_layers_parts():
+    """Kernel names as the profiler gives them (ours, fla's, PyTorch's and cuBLAS's) go to the part of the layer
+    they serve, so that ours and fla's compare part by part."""
+    from benchmarks.gpu_layer import kernel_part, parts_us
+
+    expect = {
+        "_bwd_dqkw_kernel": "rule", "_wy_fwd_kernel": "rule", "_fwd_o_kernel": "rule", "_chunk_dg_kernel": "rule",
+        "chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64": "rule", "recompute_w_u_fwd_kernel": "rule",
+        "prepare_wy_repr_bwd_kernel": "rule", "chunk_gated_delta_rule_fwd_kkt_solve_kernel": "rule",
+        "_conv_bwd_kernel": "conv", "_conv_dx_kernel": "conv", "causal_conv1d_fwd_kernel": "conv",
+        "_rms_bwd_kernel": "norm", "_l2_fwd_kernel": "norm", "layer_norm_gated_bwd_kernel": "norm",
+        "l2norm_fwd_kernel": "norm",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
+        "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x64_64x3_nt_align2>": "matmul",
+        "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel": "matmul",
+        "chunk_local_cumsum_scalar_kernel": "rule", "gdn_gate_chunk_cumsum_scalar_kernel": "other",
+        "fused_beta_sigmoid_bwd_kernel": "other", "_slot_sum_kernel": "routing", "_combine_bwd_kernel": "routing",
+        "void at::native::vectorized_gather_kernel<16, long>(char*, char*, long*, int, long)": "routing",
+        "void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<": "routing",
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>": "routing",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda": "other",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>": "other",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    assert {name: kernel_part(name) for name in expect} == expect
+    parts = parts_us([{"kernel": "_wy_fwd_kernel", "us": 10.0}, {"kernel": "_fwd_h_kernel", "us": 5.0},
+                      {"kernel": "Memset (Device)", "us": 1.0}])
+    assert parts == {"conv": 0.0, "norm": 0.0, "matmul": 0.0, "rule": 15.0, "routing": 0.0, "other": 1.0}
+
+
 
 def test_triton_cache_keeps_autotuning_results_and_our_kernels(tmp_path, capsys):
     import tarfile
