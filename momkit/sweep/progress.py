@@ -9,7 +9,7 @@ import threading
 from typing import Any, TextIO
 
 from momkit.sweep.spec import SweepSpec
-from momkit.sweep.storage import open_storage
+from momkit.sweep.storage import open_storage, retried_as
 
 
 def short_names(names: list[str]) -> dict[str, str]:
@@ -89,11 +89,7 @@ class Monitor:
 
             self.bar = tqdm(total=len(trials), initial=len(self.seen), desc=self.study_name, unit="trial",
                             disable=not self.show_bar, dynamic_ncols=True, file=sys.stderr)
-        by_retry = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
-        # the retried original keeps pointing at the newest retry
-        for t in trials:
-            for n in t.system_attrs.get("retry_history", []):
-                by_retry[n] = t.number
+        by_retry = retried_as(trials)
         finished = [t for t in trials if t.state.is_finished()]
         new = [t for t in finished if t.number not in self.seen]
         for t in sorted(new, key=lambda t: t.datetime_complete or t.datetime_start or 0):

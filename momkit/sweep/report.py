@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from momkit.config import ConfigError
 from momkit.sweep.progress import fmt_value, short_names
 from momkit.sweep.runner import BUDGET_ATTR, CLAIMS_ATTR, RUNS_DIR_ATTR, SPEC_ATTR, _optuna
-from momkit.sweep.storage import DEFAULT_STORAGE, describe, open_storage, study_names
+from momkit.sweep.storage import DEFAULT_STORAGE, describe, open_storage, retried_as, study_names
 
 # config values every row carries (short name -> dotted key), whether searched or not
 CONFIG_COLUMNS = {
@@ -93,10 +93,7 @@ def trials_frame(study):
     fp = study.user_attrs.get(SPEC_ATTR, {})
     space = list(fp.get("space", {}))
     trials = study.get_trials(deepcopy=False)
-    retried_as = {}
-    for t in trials:
-        for n in t.system_attrs.get("retry_history", []):
-            retried_as[n] = t.number
+    replaced_by = retried_as(trials)
     rows = []
     for t in trials:
         # a queued retry carries the attributes of the trial it replaces until it runs: not its own outcome
@@ -129,7 +126,7 @@ def trials_frame(study):
         row["device"] = ua.get("device")
         row["run_dir"] = ua.get("run_dir")
         row["retry_of"] = ua.get("retry_of", t.system_attrs.get("failed_trial"))
-        row["retried_as"] = retried_as.get(t.number)
+        row["retried_as"] = replaced_by.get(t.number)
         error = ua.get("error") or ua.get("skipped") or ua.get("pruned")
         if t.state.name == "FAIL" and not error:
             error = "worker died (no heartbeat)"

@@ -50,7 +50,15 @@ from typing import Any, TextIO
 from momkit.config import ConfigError
 from momkit.sweep.progress import Monitor, fmt_value, short_names, trial_line
 from momkit.sweep.spec import SweepSpec, check_study_name
-from momkit.sweep.storage import DEFAULT_STORAGE, claim_lock, describe, heartbeat_enabled, open_storage, retry_callback
+from momkit.sweep.storage import (
+    DEFAULT_STORAGE,
+    claim_lock,
+    describe,
+    heartbeat_enabled,
+    open_storage,
+    retried_as,
+    retry_callback,
+)
 from momkit.sweep.workers import _cpu_count, _devices, mps_daemon, plan_workers, worker_command, worker_env
 
 SPEC_ATTR = "momkit_spec"
@@ -495,16 +503,6 @@ class SweepSummary:
     first_error: str | None = None  # "trial N: message" of the first failed trial, if any failed
 
 
-def _retried(trials) -> set[int]:
-    """The numbers of the trials that were queued again (a retry lists every attempt before it)."""
-    out = set()
-    for t in trials:
-        out.update(t.system_attrs.get("retry_history", []))
-        if "failed_trial" in t.system_attrs:
-            out.add(t.system_attrs["failed_trial"])
-    return out
-
-
 def retry_failed(storage, study_name: str) -> list[int]:
     """Queue again every failed trial that no retry replaces yet (an error, a worker that died after the job's
     retries ran out), with the seeds it finished kept, and return their numbers: after a fix, the cells a bug
@@ -512,7 +510,7 @@ def retry_failed(storage, study_name: str) -> list[int]:
     optuna = _optuna()
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
+    retried = retried_as(trials)
     failed = [t for t in sorted(trials, key=lambda t: t.number)
               if t.state == optuna.trial.TrialState.FAIL and t.number not in retried]
     again = retry_callback(None)
@@ -530,7 +528,7 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
     counts: dict[str, int] = {}
     first_error = None
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    retried = _retried(trials)
+    retried = retried_as(trials)
     for t in trials:
         state = "SKIPPED" if t.user_attrs.get("skipped") else t.state.name
         counts[state] = counts.get(state, 0) + 1

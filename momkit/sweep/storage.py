@@ -206,6 +206,18 @@ def retry_callback(max_retry: int):
         return cls(max_retry=max_retry)
 
 
+def retried_as(trials) -> dict[int, int]:
+    """Each trial that was queued again -> the newest retry that replaces it (a retry names the attempt it
+    replaces, ``failed_trial``, and lists every attempt before it, ``retry_history``)."""
+    out = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if "failed_trial" in t.system_attrs:
+            out[t.system_attrs["failed_trial"]] = t.number
+        for n in t.system_attrs.get("retry_history", []):
+            out[n] = t.number
+    return out
+
+
 def heartbeat_enabled(storage) -> bool:
     get = getattr(storage, "get_heartbeat_interval", None)
     return callable(get) and get() is not None
