@@ -422,8 +422,6 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
     wdt = u.dtype
     del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
-    # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
-    # diagonal q_t . k_t of the output scores, which both state-pass kernels read
     # DA_ONCE (a launch option, off until measured on a GPU): with several key blocks, also the scores' gradient
     # dA, formed once per chunk rather than once per key block: at K = V = 256 it takes a [64, 64] product per
     # value block off each of the four dq/dk/dw programs and that kernel's largest accumulator; with one key
@@ -434,6 +432,8 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
     dqkw_opts = launch("delta.bwd_dqkw", S_MAIN=0, DA_ONCE=0, **({"num_warps": 8} if min(K, V) >= 256 else {}))
     da_once = dqkw_opts.pop("DA_ONCE") and NK > 1
+    # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
+    # diagonal q_t . k_t of the output scores, which both state-pass kernels read
     dv_local, qk, dA = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated,
                               scores_of=v_new if da_once else None)
     dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta)
