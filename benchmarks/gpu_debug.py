@@ -64,27 +64,24 @@ def chain(q, k, v, beta, g, do, scale):
     h, v_new, _, vr = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off)
     sync("h", h)
     sync("v_new", v_new)
-    BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
-    NK = triton.cdiv(K, BKb)
-    dqkw_opts = launch("delta.bwd_dqkw", S_MAIN=0, DA_ONCE=0)
-    dv_local, qk, dA = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated,
-                              scores_of=v_new if NK > 1 and dqkw_opts.pop("DA_ONCE") else None)
+    dv_local, qk = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated), None
+    if gated:
+        dv_local, qk = dv_local
     sync("dv_local", dv_local)
-    if dA is not None:
-        sync("dA", dA)
     NT = meta.num_chunks
     dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta)
     sync("dh", dh)
     sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
+    BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
+    NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape)
     dk_part = q.new_empty(Ttot, H, K, dtype=torch.float32)
     dw = w.clone()  # the kernel reads w from its dw argument, then writes dw over it
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=torch.float32) if gated else None
     s_part = q.new_empty(NK, NT, H, 1, dtype=torch.float32) if gated else None
-    dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du_inter, dq, dk_part, dw,
+    dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                      a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
-                                     BK=BKb, BV=BVb, GATED=gated, LOAD_DA=dA is not None, **dots(q.dtype),
-                                     **dqkw_opts)
+                                     BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype), **launch("delta.bwd_dqkw"))
     sync("dq", dq)
     sync("dk_part", dk_part)
     sync("dw", dw)

@@ -126,37 +126,21 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
 
 
 @triton.jit
-def _store_s(g, w, s_part, b_hdh, b_duih, tok, m_t, m_tk, p_k, i_t, i_h, i_k, H: tl.constexpr):
-    """This key block's part of ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` from its sums
-    ``b_hdh = sum_v dh ∘ h`` and ``b_duih = du_inter h^T``; then a barrier: every thread has read its tile
-    of ``w`` before any overwrites it with dw."""
-    b_gl = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    b_w = tl.load(w + p_k, mask=m_tk, other=0.0).to(tl.float32)
-    s = tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w * b_duih, axis=1), axis=0)
-    tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part,
-                     cu, chunk_indices, scale, Ttot,
+def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part, cu,
+                     chunk_indices, scale, Ttot,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, LOAD_DA: tl.constexpr,
-                     S_MAIN: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                      IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
-    of one chunk and key block. The scores' gradient ``dA = scale (do v_new^T) ∘ decays`` is read
-    from ``dA`` with LOAD_DA (formed once per chunk by ``bwd_dv``: with several key blocks each program
-    would form it over all of V again), otherwise formed here. ``dw`` holds ``w`` on entry: each program
-    reads its own tile of it (GATED) before writing the gradient over it. GATED: ``dv_tot`` summed here
-    from its parts (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token
-    part ``q . dq`` of the decay gradient without each token's pairing with its own value (through
-    ``vr``, the pseudo-values without it); and this key block's part of the per-chunk term
-    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``: with S_MAIN summed in
-    the main pass over the value blocks (h, dh and du_inter read once), otherwise in a pass of its own
-    before it (read twice; with dA formed here as well, summing in the main pass made the kernel spill
-    more: local-memory instructions in the sm_90 code at K = V = 256, 220 that way, 80 in a pass of its
-    own, 56 without the term)."""
+    of one chunk and key block. ``dw`` holds ``w`` on entry: each program reads its own tile of it
+    (GATED) before writing the gradient over it. GATED: ``dv_tot`` summed here from its parts
+    (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
+    of the decay gradient without each token's pairing with its own value (through ``vr``, the
+    pseudo-values without it); and this key block's part of the per-chunk term
+    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
+    own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
+    accumulators it made the kernel spill more (local-memory instructions in the sm_90 code at
+    K = V = 256: 220 that way, 80 in a pass of its own, 56 without the term)."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -171,7 +155,6 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du
     if GATED:
         b_duih = tl.zeros([BT, BK], dtype=tl.float32)
         b_hdh = tl.zeros([BK], dtype=tl.float32)
-    if GATED and not S_MAIN:
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
@@ -183,12 +166,16 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du
             b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_hdh += tl.sum(b_dh * b_hc, axis=1)
-        _store_s(g, dw, s_part, b_hdh, b_duih, tok, m_t, m_tk, p_k, i_t, i_h, i_k, H)
+        b_gl = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_w = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        s = tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w.to(tl.float32) * b_duih, axis=1),
+                                                                           axis=0)
+        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
+        tl.debug_barrier()  # every thread has read its w before any overwrites it with dw (at the end)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
-    if not LOAD_DA:
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dovr = tl.zeros([BT], dtype=tl.float32)
     if GATED:
         b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
@@ -199,8 +186,8 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du
         m_tv = m_t[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         if GATED:
-            b_dui = tl.load(du_inter + p_v, mask=m_tv, other=0.0)
-            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32) + b_dui.to(tl.float32)
+            b_dv = (tl.load(dv_local + p_v, mask=m_tv, other=0.0).to(tl.float32)
+                    + tl.load(du_inter + p_v, mask=m_tv, other=0.0).to(tl.float32)
                     + (scale * b_qk)[:, None] * b_do.to(tl.float32))
         else:
             b_dv = tl.load(dv_tot + p_v, mask=m_tv, other=0.0)
@@ -208,34 +195,22 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du
                        other=0.0)
         b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
         b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if not LOAD_DA:
-            b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
+        b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
         b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
         b_dw += mm(b_dv, b_hT, WT, INTERP, PREC)
         b_dkT += mm(b_dh, b_vT, WT, INTERP, PREC)
         if GATED:
             b_vr = tl.load(vr + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             b_dovr += tl.sum(b_do.to(tl.float32) * b_vr, axis=1)
-            if S_MAIN:
-                b_duih += mm(b_dui, b_hT, WT, INTERP, PREC)
-                b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                               other=0.0).to(tl.float32)
-                b_hdh += tl.sum(b_dh.to(tl.float32) * b_hc, axis=1)
-    if GATED and S_MAIN:
-        _store_s(g, dw, s_part, b_hdh, b_duih, tok, m_t, m_tk, p_k, i_t, i_h, i_k, H)
+    b_dA = b_dA * scale
     b_dq = b_dq * scale
     if GATED:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_dq *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
         b_dkT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
-    if LOAD_DA:
-        b_dA = tl.load(dA + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+        b_dA *= _decay_matrix(b_g, BT)
     else:
-        b_dA *= scale
-        if GATED:
-            b_dA *= _decay_matrix(b_g, BT)
-        else:
-            b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
+        b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_qT = tl.load(q + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0)
     if GATED:
@@ -422,22 +397,16 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
     wdt = u.dtype
     del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
-    # DA_ONCE (a launch option, off until measured on a GPU): with several key blocks, also the scores' gradient
-    # dA, formed once per chunk rather than once per key block: at K = V = 256 it takes a [64, 64] product per
-    # value block off each of the four dq/dk/dw programs and that kernel's largest accumulator; with one key
-    # block it would only add a float32 [64, 64] round trip, so there it is never used
-    BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
-    NK = triton.cdiv(K, BKb)
-    # eight warps at K = V = 256 (H100: 382 -> 332 us at B4 T2048 H4, benchmarks/results/tune_launch_h100.txt);
-    # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
-    dqkw_opts = launch("delta.bwd_dqkw", S_MAIN=0, DA_ONCE=0, **({"num_warps": 8} if min(K, V) >= 256 else {}))
-    da_once = dqkw_opts.pop("DA_ONCE") and NK > 1
     # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
     # diagonal q_t . k_t of the output scores, which both state-pass kernels read
-    dv_local, qk, dA = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated,
-                              scores_of=v_new if da_once else None)
+    qk = None
+    dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
+    if gated:
+        dv_local, qk = dv_local
     dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta)
 
+    BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
+    NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape) if out is None else out[0]
     # dk_part stays float32: rounding it (as fla does its dk) raised gated_deltanet's bfloat16 dk error
     # from 2.8 to 4.3 roundoff units. dw enters wy_bwd's products only, which round it to the work dtype
@@ -446,12 +415,15 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
     s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
-    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dA, dv_tot, dv_local, du_inter, dq, dk_part, dw,
+    # eight warps at K = V = 256 (H100: 382 -> 332 us at B4 T2048 H4, benchmarks/results/tune_launch_h100.txt);
+    # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
+    dqkw_opts = launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))
+    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
                                   a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
-                                  BK=BKb, BV=BVb, GATED=gated, LOAD_DA=dA is not None, **dots(q.dtype),
+                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
                                   **mixed_block_warps("delta.bwd_dqkw", dqkw_opts, q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
-    del w, h, dh, dA, v_new, vr, dv_local, dv_tot
+    del w, h, dh, v_new, vr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
                                   None if a_part is None else a_part[NK], scale, meta,
                                   None if out is None else out[1:4])

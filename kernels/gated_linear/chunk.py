@@ -233,18 +233,15 @@ def _bwd_dh_kernel(q, g, do, h, dh, dht, dh0, s_part, cu, chunk_offsets, order, 
 
 
 @triton.jit
-def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, vs, dA, cu, chunk_indices, scale, sA,
+def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, cu, chunk_indices, scale, sA,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NA: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
-                   USE_DH: tl.constexpr, NO_DIAG: tl.constexpr, STORE_DA: tl.constexpr,
+                   USE_DH: tl.constexpr, NO_DIAG: tl.constexpr,
                    IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """``dv = scale (A ∘ Γ ∘ M)^T do`` (+ ``(k ∘ decay to chunk end) dh`` with USE_DH; without the
     diagonal of A with NO_DIAG: the delta family adds it later, apart, for its decay gradient, and
     stores that diagonal ``q_t . k_t`` in ``qk [Ttot, H]`` (float32) instead). GATE 2 (gla) takes
-    ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts). With STORE_DA, also
-    the scores' gradient ``dA = scale (do vs^T) ∘ M`` (``∘ Γ`` at GATE 1; diagonal included) into
-    ``dA [Ttot, H, BT]`` (float32, row i of a chunk at token i): the dq / dk kernels run a program per key
-    block, and each would otherwise form it over all of V again.
+    ``k ∘ exp(G_C - G)`` (``kg``) for k and reads the scores from ``A`` (NA parts).
 
     One program per chunk and head: the scores are formed once, then every value block of BV columns
     is written in turn (a program per value block would form them V / BV times)."""
@@ -273,8 +270,6 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, vs, dA, cu, chunk_indices, sc
     if HAS_DT:
         b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_AT *= b_dt[:, None]
-    if STORE_DA:
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
@@ -293,33 +288,19 @@ def _bwd_dv_kernel(q, k, g, dt, A, do, dh, dv, qk, vs, dA, cu, chunk_indices, sc
             if HAS_DT:
                 b_dv *= b_dt[:, None]
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_dv += scale * mm(b_AT, b_do, WT, INTERP, PREC)
+        b_dv += scale * mm(b_AT, tl.load(do + p_v, mask=m_tv, other=0.0), WT, INTERP, PREC)
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        if STORE_DA:
-            b_vT = tl.load(vs + tok[None, :] * H * V + i_h * V + o_v[:, None], mask=(o_v[:, None] < V) & m_t[None, :],
-                           other=0.0)
-            b_dA += mm(b_do, b_vT, WT, INTERP, PREC)
-    if STORE_DA:
-        b_dA *= scale
-        if GATE == 1:
-            b_dA *= _decay_matrix(b_g, BT)
-        else:
-            b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
-        tl.store(dA + tok[:, None] * H * BT + i_h * BT + o_t[None, :], b_dA, mask=m_t[:, None])
 
 
 @triton.jit
 def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_part, cu, chunk_indices, scale, Ttot,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr,
-                    LOAD_DA: tl.constexpr,
                     IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq and dk of one chunk and key block. dk is built transposed ``[BK, BT]`` (from loads, never
-    by transposing a matmul result). GATE 2 stores only the inter-chunk parts and (unless LOAD_DA)
-    ``dA``; the intra-chunk parts follow in ``_gla_bwd_intra_kernel``. GATE 1 also stores the per-token
-    parts (this key block) of the decay gradient (``_chunk_dg_kernel``) and of ddt. With LOAD_DA the
-    scores' gradient ``dA`` was formed by ``bwd_dv`` (once per chunk, not once per key block)."""
+    by transposing a matmul result). GATE 2 stores only the inter-chunk parts and ``dA``; the
+    intra-chunk parts follow in ``_gla_bwd_intra_kernel``. GATE 1 also stores the per-token parts
+    (this key block) of the decay gradient (``_chunk_dg_kernel``) and of ddt."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -332,8 +313,7 @@ def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_p
     p_h = (i_t * H + i_h).to(tl.int64) * K * V
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
-    if not LOAD_DA:
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -343,19 +323,17 @@ def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_p
                        other=0.0)
         b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
         b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if not LOAD_DA:
-            b_dA += mm(b_do, b_vT, IT, INTERP, PREC)
+        b_dA += mm(b_do, b_vT, IT, INTERP, PREC)
         b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
         b_dkT += mm(b_dh, b_vT, WT, INTERP, PREC)
-    if not LOAD_DA:
-        b_dA = b_dA * scale
+    b_dA = b_dA * scale
     b_dq = b_dq * scale
     if GATE == 2:
         b_g = tl.load(g + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_gT = tl.load(g + tok[None, :] * H * K + i_h * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
         b_dq *= tl.exp(tl.cumsum(b_g, axis=0))
         b_dkT *= tl.exp(tl.cumsum(b_gT, axis=1, reverse=True) - b_gT)
-        if i_k == 0 and not LOAD_DA:
+        if i_k == 0:
             b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
             tl.store(dA + tok[:, None] * H * BT + i_h * BT + o_t[None, :], b_dA, mask=m_t[:, None])
         tl.store(dq + tok[:, None] * H * K + i_h * K + o_k[None, :], b_dq, mask=m_tk)
@@ -365,9 +343,6 @@ def _bwd_dqk_kernel(q, k, v, g, dt, h, do, dh, dq, dk, dA, a_part, b_part, ddt_p
             b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
             b_dq *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
             b_dkT *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[None, :]
-        if LOAD_DA:
-            b_dA = tl.load(dA + tok[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-        elif GATE == 1:
             b_dA *= _decay_matrix(b_g, BT)
         else:
             b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
@@ -503,23 +478,19 @@ def bwd_dh(q, g, do, h, dht, gate, scale, need_dh0, meta, K, V, wdt, in_dtype=No
     return dh, dh0, s
 
 
-def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=False, scores_of=None):
-    """``(dv, qk, dA)``. ``qk`` with ``no_diag`` (else None): the scores' diagonal ``q_t . k_t [Ttot, H]``
-    (float32) left out of dv. ``dA`` with ``scores_of`` (the values ``[Ttot, H, V]``; else None): the scores'
-    gradient ``[Ttot, H, CHUNK]`` (float32; at gate 1 with the decays, at gate 2 without)."""
+def bwd_dv(q, k, g, dt, A, do, dh, gate, scale, meta, out_dtype, V, no_diag=False):
+    """``dv``; with ``no_diag``, ``(dv, qk)``: the scores' diagonal ``q_t . k_t [Ttot, H]`` (float32) left
+    out of dv."""
     Ttot, H, K = q.shape
     opts = launch("gl.bwd_dv", BV=min(64, pow2(V)), BK=min(64, pow2(K)))
     opts = mixed_block_warps("gl.bwd_dv", opts, q.device, opts["BV"] < opts["BK"])
     dv = q.new_empty(Ttot, H, V, dtype=out_dtype)
     qk = q.new_empty(Ttot, H, dtype=torch.float32) if no_diag else None
-    dA = None
-    if scores_of is not None:
-        dA = q.new_empty(Ttot, H, CHUNK, dtype=torch.float32)
-    _bwd_dv_kernel[(meta.num_chunks, H)](q, k, g, dt, A, do, dh, dv, qk, scores_of, dA, meta.cu, meta.chunk_indices,
-                                         scale, **_a_parts(A), H=H, K=K, V=V, BT=CHUNK, GATE=gate,
+    _bwd_dv_kernel[(meta.num_chunks, H)](q, k, g, dt, A, do, dh, dv, qk, meta.cu, meta.chunk_indices, scale,
+                                         **_a_parts(A), H=H, K=K, V=V, BT=CHUNK, GATE=gate,
                                          HAS_DT=dt is not None, USE_DH=dh is not None, NO_DIAG=no_diag,
-                                         STORE_DA=dA is not None, **dots(q.dtype), **opts)
-    return dv, qk, dA
+                                         **dots(q.dtype), **opts)
+    return (dv, qk) if no_diag else dv
 
 
 def chunk_dg(a: Tensor, b: Tensor, s: Tensor | None, meta, out_dtype, prec: str, out: Tensor | None = None) -> Tensor:
@@ -561,37 +532,30 @@ class GatedLinearChunk(torch.autograd.Function):
         do = do.contiguous()
         dht = contiguous(dht)
         wdt = work_dtype(q.dtype)
-        BK, BV = min(64, pow2(K)), min(64, pow2(V))
-        NK = triton.cdiv(K, BK)
-        # DA_ONCE (a launch option, off until measured on a GPU): with several key blocks the local-dv kernel
-        # forms the scores' gradient once per chunk (else each key block's dq/dk program forms it again over
-        # all of V); with one, the dq/dk kernel always forms it
-        dqk_opts = launch("gl.bwd_dqk", DA_ONCE=0)
-        scores_of = v if dqk_opts.pop("DA_ONCE") and NK > 1 else None
         if gate == 2:
             A, qg, kg, gC = ctx.saved_tensors[6:]
             h, _ = fwd_h(kg, v, gC, None, gate, h0, False, meta, in_dtype=q.dtype)
             dh, dh0, s = bwd_dh(qg, gC, do, h, dht, gate, scale, h0 is not None, meta, K, V, wdt, in_dtype=q.dtype)
-            dv, _, dA = bwd_dv(q, kg, None, dt, A, do, dh, gate, scale, meta, v.dtype, V, scores_of=scores_of)
+            dv = bwd_dv(q, kg, None, dt, A, do, dh, gate, scale, meta, v.dtype, V)
         else:
             h, _ = fwd_h(k, v, g, dt, gate, h0, False, meta)
             dh, dh0, s = bwd_dh(q, g, do, h, dht, gate, scale, h0 is not None, meta, K, V, wdt)
-            dv, _, dA = bwd_dv(q, k, g, dt, None, do, dh, gate, scale, meta, v.dtype, V, scores_of=scores_of)
+            dv = bwd_dv(q, k, g, dt, None, do, dh, gate, scale, meta, v.dtype, V)
 
+        BK, BV = min(64, pow2(K)), min(64, pow2(V))
+        NK = triton.cdiv(K, BK)
         f32 = torch.float32
-        load_dA = dA is not None
         if gate == 2:
             dq_i, dk_i = q.new_empty(Ttot, H, K, dtype=f32), q.new_empty(Ttot, H, K, dtype=f32)
-            if dA is None:
-                dA = q.new_empty(Ttot, H, CHUNK, dtype=f32)
+            dA = q.new_empty(Ttot, H, CHUNK, dtype=f32)
         else:
-            dq_i, dk_i = q.new_empty(q.shape), k.new_empty(k.shape)
+            dq_i, dk_i, dA = q.new_empty(q.shape), k.new_empty(k.shape), None
         a_part, b_part = (q.new_empty(NK, Ttot, H, dtype=f32) for _ in range(2)) if gate == 1 else (None, None)
         ddt_part = q.new_empty(NK, Ttot, H, dtype=f32) if dt is not None else None
         grid = (meta.num_chunks, H, NK)
         _bwd_dqk_kernel[grid](q, k, v, g, dt, h, do, dh, dq_i, dk_i, dA, a_part, b_part, ddt_part, meta.cu,
                               meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, GATE=gate,
-                              HAS_DT=dt is not None, LOAD_DA=load_dA, **dots(q.dtype), **dqk_opts)
+                              HAS_DT=dt is not None, **dots(q.dtype), **launch("gl.bwd_dqk"))
         dg = ddt = None
         prec = dots(q.dtype)["PREC"]
         if gate == 2:

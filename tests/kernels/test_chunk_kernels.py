@@ -379,19 +379,6 @@ def test_several_key_blocks(device, seed, name, opts):
     check_against_reference(rule, opts, leaves, torch.float32)
 
 
-@pytest.mark.parametrize("K", [72, 200])
-@pytest.mark.parametrize("name", ["linear_attn", "mamba2", "gla", "deltanet", "gated_deltanet"])
-def test_scores_gradient_formed_once(device, seed, name, K, monkeypatch, record_property):
-    """The launch options DA_ONCE (the dq/dk kernels read the scores' gradient that the local-dv kernel forms
-    once per chunk) and S_MAIN (the delta decay term summed in the main pass), at two and four key blocks, the
-    last one partly past K, against the float64 loop."""
-    monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dqkw", {"DA_ONCE": 1, "S_MAIN": 1})
-    monkeypatch.setitem(_common.LAUNCH, "gl.bwd_dqk", {"DA_ONCE": 1})
-    rule = get_rule(name)
-    leaves = make_leaves(rule, 1, 134, 1, K, 24, torch.float32, seed, device)
-    check_against_reference(rule, {}, leaves, torch.float32, record=record_property)
-
-
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_four_key_blocks_of_the_state(device, seed, name):
     """K = 200: the delta reverse state pass holds its state as four 64-row key blocks, the last one

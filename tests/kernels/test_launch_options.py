@@ -36,7 +36,7 @@ def test_the_environment_variable_sets_launch_options_in_a_new_process():
     ("gl.fwd_x:BV=64", "expected kernel:option=value with kernel one of conv.bwd, conv.fwd, delta.bwd_dh"),
     ("gl.fwd_o", "expected kernel:option=value with kernel one of"),
     ("gl.fwd_o:BQ=64", "kernel gl.fwd_o takes BK, BV, num_stages, num_warps"),
-    ("norm.rms_fwd:BV=64", "kernel norm.rms_fwd takes num_stages, num_warps"),
+    ("gl.bwd_dqk:BV=64", "kernel gl.bwd_dqk takes num_stages, num_warps"),
     ("gl.fwd_o:BV", "the value must be a positive integer"),
     ("gl.fwd_o:BV=0", "the value must be a positive integer"),
     ("gl.fwd_o:BV=sixty", "the value must be a positive integer")])
@@ -58,8 +58,8 @@ def test_the_options_read_from_the_source_are_those_each_launcher_takes():
 def test_an_option_the_launcher_does_not_take_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(_common.LAUNCH, "gl.bwd_dqk", {"BV": 64})
     with pytest.raises(ValueError, match=r"launch option BV=64 for kernel gl.bwd_dqk \(LAUNCH or MOMKIT_LAUNCH\) is "
-                                         r"invalid: its launcher takes num_warps, num_stages, DA_ONCE$"):
-        _common.launch("gl.bwd_dqk", DA_ONCE=0)
+                                         r"invalid: its launcher takes num_warps, num_stages$"):
+        _common.launch("gl.bwd_dqk")
     assert _common.launch("gl.fwd_o", BV=32, BK=64) == {"BV": 32, "BK": 64}
 
 
