@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_layer --out benchmarks/results/gpu_layer_<device>.json [--commit SHA]
         [--cases mom_b4_t2048_m4,...] [--no-fla] [--top 25]
+    python -m benchmarks.gpu_layer --report FILE.json[.partial] [--out FILE.json]   # no GPU needed
 
 Public classes as a user builds them, bf16 parameters and inputs, training mode: ``momkit.MoMLayer``
 against fla's ``MomAttention`` and ``momkit.SingleMemoryLayer`` against fla's ``GatedDeltaNet``, with
@@ -110,13 +111,17 @@ def measure(fn, device, rep_ms: int, backward: bool, layer=None, x=None) -> dict
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the results file to write (with --report: the report's rows, summarised)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time in ms")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-fla", action="store_true", help="time ours only")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per breakdown")
+    ap.add_argument("--report", metavar="JSON", help="time nothing: print the report of a results file, finished "
+                    "or the .partial one a run cut short leaves (the cases it finished)")
     args = ap.parse_args(argv)
+    if args.out is None and args.report is None:
+        ap.error("--out is required (where the results go), unless --report names a results file to print")
     args.cases = name_list(ap, "--cases", args.cases, CASES)
     if args.top < 1:
         ap.error(f"--top {args.top}: must be >= 1")
@@ -153,8 +158,34 @@ def parts_us(top: list[dict]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def main() -> None:
-    args = parse_args()
+def load_results(path: str) -> dict:
+    """A results file's content, or one clear error naming it."""
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        for key in ("environment", "rows", "breakdown_fwd_bwd", "fla_breakdown_fwd_bwd"):
+            res[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--report {path}: not a gpu_layer results file ({type(e).__name__}: {e})") from None
+    return res
+
+
+def write_results(path: str, env: dict, rows: list[dict], breakdowns: dict, fla_breakdowns: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns,
+                   "fla_breakdown_fwd_bwd": fla_breakdowns}, f, indent=1,
+                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report is not None:
+        res = load_results(args.report)
+        rows = summarise(res["rows"], res["breakdown_fwd_bwd"], res["fla_breakdown_fwd_bwd"])
+        if args.out is not None:
+            write_results(args.out, res["environment"], rows, res["breakdown_fwd_bwd"], res["fla_breakdown_fwd_bwd"])
+        report(res["environment"], rows, res["breakdown_fwd_bwd"], res["fla_breakdown_fwd_bwd"], args.top)
+        return
     device = torch.device("cuda")
     env = environment(args.commit, fla=not args.no_fla)
     env.setdefault("fla", None)
@@ -193,12 +224,18 @@ def main() -> None:
                     top = sorted(kt.items(), key=lambda kv: -kv[1][1])
                     (breakdowns if who == "ours" else fla_breakdowns)[name] = [
                         {"kernel": n, "launches": c, "us": round(t, 1)} for n, (c, t) in top]
-                with open(args.out + ".partial", "w") as f:  # what is done so far survives a time limit
-                    json.dump({"environment": env, "rows": list(rows.values()), "breakdown_fwd_bwd": breakdowns,
-                               "fla_breakdown_fwd_bwd": fla_breakdowns}, f, indent=1)
+                # what is done so far survives a time limit (--report prints it)
+                write_results(args.out + ".partial", env, list(rows.values()), breakdowns, fla_breakdowns)
             del layer
             torch.cuda.empty_cache()
-    for row in rows.values():
+    rows = summarise(list(rows.values()), breakdowns, fla_breakdowns)
+    write_results(args.out, env, rows, breakdowns, fla_breakdowns)
+    report(env, rows, breakdowns, fla_breakdowns, args.top)
+
+
+def summarise(rows: list[dict], breakdowns: dict, fla_breakdowns: dict) -> list[dict]:
+    """The rows with their ratios (fla / ours), GPU time by part and MoM over single added."""
+    for row in rows:
         for mode in ("fwd", "fwd_bwd"):
             for k, key in (("ms", "wall"), ("gpu_us", "gpu")):
                 a, b = row.get(f"fla_{mode}_{k}"), row.get(f"ours_{mode}_{k}")
@@ -206,7 +243,6 @@ def main() -> None:
                     row[f"ratio_{mode}_{key}"] = a / b
         if row.get("fla_fwd_bwd_peak_mib") and row.get("ours_fwd_bwd_peak_mib"):
             row["ratio_fwd_bwd_memory"] = row["fla_fwd_bwd_peak_mib"] / row["ours_fwd_bwd_peak_mib"]
-    rows = list(rows.values())
     for r in rows:
         for who, tables in (("ours", breakdowns), ("fla", fla_breakdowns)):
             if r["case"] in tables:
@@ -216,10 +252,12 @@ def main() -> None:
         s = single.get(r["B"]) if r["layer"] == "mom" and r["T"] == 2048 else None
         if s is not None and s.get("ours_fwd_bwd_gpu_us"):
             r["mom_over_single_fwd_bwd_gpu"] = r["ours_fwd_bwd_gpu_us"] / s["ours_fwd_bwd_gpu_us"]
-    with open(args.out, "w") as f:
-        json.dump({"environment": env, "rows": rows, "breakdown_fwd_bwd": breakdowns,
-                   "fla_breakdown_fwd_bwd": fla_breakdowns}, f, indent=1,
-                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    return rows
+
+
+def report(env: dict, rows: list[dict], breakdowns: dict, fla_breakdowns: dict, top_n: int) -> None:
+    """Print the table of every case, GPU time by part and both per-kernel breakdowns."""
+    single = {r["B"]: r for r in rows if r["layer"] == "single"}
     print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  fla {env['fla']}  commit {env['commit']}")
     hdr = f"{'case':<18}{'mode':<8}{'ours ms':>9}{'fla ms':>9}{'ours GPU':>10}{'fla GPU':>9}{'wall x':>8}{'GPU x':>7}"
     print(hdr + f"{'ours MiB':>10}{'fla MiB':>9}")
@@ -248,7 +286,7 @@ def main() -> None:
     for who, tables in (("ours", breakdowns), ("fla", fla_breakdowns)):
         for name, top in tables.items():
             print(f"\n{who}, {name}, forward+backward, per call (GPU ms {sum(t['us'] for t in top) / 1e3:.2f}):")
-            for t in top[: args.top]:
+            for t in top[:top_n]:
                 print(f"  {t['us']:>9.1f} us  {t['launches']:>4}x  {t['kernel'][:110]}")
 
 

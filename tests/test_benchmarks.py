@@ -3,6 +3,7 @@ option, the value and what is allowed (they run on a rented GPU: a typo should c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,36 @@ def test_gpu_layer_sorts_kernels_into_the_layers_parts():
     parts = parts_us([{"kernel": "_wy_fwd_kernel", "us": 10.0}, {"kernel": "_fwd_h_kernel", "us": 5.0},
                       {"kernel": "Memset (Device)", "us": 1.0}])
     assert parts == {"conv": 0.0, "norm": 0.0, "matmul": 0.0, "rule": 15.0, "routing": 0.0, "other": 1.0}
+
+
+def test_gpu_layer_reports_a_run_cut_short_from_its_partial_file(tmp_path, capsys):
+    """A run stopped by a time limit leaves ``OUT.partial`` with the cases it finished; ``--report`` prints them
+    with their ratios and the MoM layer's cost over the single layer's, and writes the summarised file."""
+    from benchmarks import gpu_layer
+
+    def row(case, layer, B, **times):
+        return {"case": case, "layer": layer, "B": B, "T": 2048} | times
+    part = {"environment": {"device": "dev", "torch": "t", "triton": "tr", "fla": "0.6.0", "commit": "abc"},
+            "rows": [row("mom_b4_t2048_m4", "mom", 4, ours_fwd_bwd_gpu_us=600.0, fla_fwd_bwd_gpu_us=900.0,
+                         ours_fwd_bwd_ms=2.0, fla_fwd_bwd_ms=3.0, ours_fwd_bwd_peak_mib=100.0,
+                         fla_fwd_bwd_peak_mib=150.0),
+                     row("single_b4_t2048", "single", 4, ours_fwd_bwd_gpu_us=200.0)],
+            "breakdown_fwd_bwd": {"mom_b4_t2048_m4": [{"kernel": "_fwd_h_kernel", "launches": 2, "us": 400.0},
+                                                      {"kernel": "_conv_bwd_kernel", "launches": 1, "us": 200.0}]},
+            "fla_breakdown_fwd_bwd": {}}
+    src = tmp_path / "r.json.partial"
+    src.write_text(json.dumps(part))
+    gpu_layer.main(["--report", str(src), "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "commit abc" in out and "_fwd_h_kernel" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("mom_b4_t2048_m4   fwd_bwd"))
+    assert line.split()[2:] == ["2.00", "3.00", "0.60", "0.90", "1.50", "1.50", "100", "150"]
+    rows = {r["case"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert rows["mom_b4_t2048_m4"]["mom_over_single_fwd_bwd_gpu"] == 3.0
+    assert rows["mom_b4_t2048_m4"]["ours_fwd_bwd_parts_us"]["rule"] == 400.0
+    with pytest.raises(SystemExit, match="--report .*nope.json: not a gpu_layer results file"):
+        gpu_layer.main(["--report", str(tmp_path / "nope.json")])
+    assert "--out is required" in _error(gpu_layer.parse_args, [], capsys)
 
 
 
