@@ -57,11 +57,11 @@ def chain(q, k, v, beta, g, do, scale):
         out[name] = x
         print(f"  ok: {name}", flush=True)
 
-    Tm, w, u, _ = dc.wy_fwd(k, v, beta, g, meta)
+    Tm, w, u, _, _ = dc.wy_fwd(k, v, beta, g, meta)
     sync("T", Tm)
     sync("w", w)
-    _, w, u, u_off = dc.wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
-    h, v_new, _, vr = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off)
+    _, w, u, u_off, gc = dc.wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
+    h, v_new, _, vr = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off, gc)
     sync("h", h)
     sync("v_new", v_new)
     dv_local, qk = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated), None
@@ -69,7 +69,7 @@ def chain(q, k, v, beta, g, do, scale):
         dv_local, qk = dv_local
     sync("dv_local", dv_local)
     NT = meta.num_chunks
-    dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta)
+    dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta, gc)
     sync("dh", dh)
     sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))

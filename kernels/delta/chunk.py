@@ -34,7 +34,7 @@ from .._common import (
     work_dtype,
 )
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
-from .state import _state_blocks, delta_bwd_dh, delta_fwd_h
+from .state import _state_blocks, delta_bwd_dh, delta_fwd_h, gc_wanted
 
 Tensor = torch.Tensor
 
@@ -76,14 +76,18 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
+def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, gc, cu, chunk_indices,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, LOAD_T: tl.constexpr,
-                   U_OFF: tl.constexpr, IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
-                   PREC: tl.constexpr):
+                   U_OFF: tl.constexpr, STORE_GC: tl.constexpr, IT: tl.constexpr, WT: tl.constexpr,
+                   INTERP: tl.constexpr, PREC: tl.constexpr):
     """``T = (I + A)^{-1}`` (stored unless LOAD_T, which reads it), ``w = T diag(beta)(k ∘ gamma)``,
     ``u = T diag(beta) v`` of one chunk; with U_OFF also ``u`` without each token's own value
-    (the diagonal ``beta_t v_t``), for the decay gradient."""
+    (the diagonal ``beta_t v_t``), for the decay gradient; with STORE_GC (gated) ``gc [Ttot, H, 2]``
+    (float32): per token the log decays summed from the chunk's start to it and from it (excluded) to the
+    chunk's end, which the state passes can read instead of summing them in their sequential loop. Both
+    sums are kept: the second as the difference of the first's values lost precision under strong decays
+    (about -8 per token: 64 of them sum to -500, whose float32 rounding is 3e-5)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -92,7 +96,11 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, cu, chunk_indices,
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     if GATED:
         b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_gam = tl.exp(tl.cumsum(b_g, axis=0))
+        b_gcs = tl.cumsum(b_g, axis=0)
+        b_gam = tl.exp(b_gcs)
+        if STORE_GC:
+            tl.store(gc + (tok * H + i_h) * 2, b_gcs, mask=m_t)
+            tl.store(gc + (tok * H + i_h) * 2 + 1, tl.cumsum(b_g, axis=0, reverse=True) - b_g, mask=m_t)
     p_T = tok[:, None] * H * BT + i_h * BT + o_t[None, :]
     if LOAD_T:
         b_T = tl.load(Tm + p_T, mask=m_t[:, None], other=0.0)
@@ -346,8 +354,10 @@ def _wy_bwd_kernel(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, dk, dv,
 
 # ---------------------------------------------------------------------------------------------- launchers
 def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False, T_out=None):
-    """``(T, w, u, u_off or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed from it;
-    otherwise T goes into ``T_out`` where given."""
+    """``(T, w, u, u_off or None, gc or None)``; with ``Tm`` given, only ``w, u`` (and ``u_off``) are recomputed
+    from it; otherwise T goes into ``T_out`` where given. ``gc``: gated, where a state pass is set to read
+    them (``gc_wanted``), the chunk-local cumulative log decays from and to the chunk's ends
+    (``_wy_fwd_kernel``)."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     wdt = work_dtype(k.dtype)
@@ -357,12 +367,13 @@ def wy_fwd(k, v, beta, g, meta, Tm=None, u_off=False, T_out=None):
     w = k.new_empty(Ttot, H, K, dtype=wdt)
     u = k.new_empty(Ttot, H, V, dtype=wdt)
     uo = k.new_empty(Ttot, H, V, dtype=wdt) if u_off else None
+    gc = k.new_empty(Ttot, H, 2, dtype=torch.float32) if g is not None and gc_wanted() else None
     BK, BV = min(64, pow2(K)), min(64, pow2(V))
     opts = mixed_block_warps("delta.wy_fwd", launch("delta.wy_fwd"), k.device, BV < BK)
-    _wy_fwd_kernel[(meta.num_chunks, H)](k, v, beta, g, Tm, w, u, uo, meta.cu, meta.chunk_indices, H=H, K=K, V=V,
-                                         BT=CHUNK, BK=BK, BV=BV, GATED=g is not None, LOAD_T=load, U_OFF=u_off,
-                                         **dots(k.dtype), **opts)
-    return Tm, w, u, uo
+    _wy_fwd_kernel[(meta.num_chunks, H)](k, v, beta, g, Tm, w, u, uo, gc, meta.cu, meta.chunk_indices, H=H, K=K,
+                                         V=V, BT=CHUNK, BK=BK, BV=BV, GATED=g is not None, LOAD_T=load, U_OFF=u_off,
+                                         STORE_GC=gc is not None, **dots(k.dtype), **opts)
+    return Tm, w, u, uo, gc
 
 
 def wy_bwd(qk, k, v, beta, g, Tm, do, dw, du, du_inter, dk_part, a_neg, scale, meta, out=None):
@@ -393,8 +404,8 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     NT = meta.num_chunks
     gated = g is not None
     f32 = torch.float32
-    _, w, u, u_off = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
-    h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off)
+    _, w, u, u_off, gc = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
+    h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off, gc)
     wdt = u.dtype
     del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
     # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
@@ -403,7 +414,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dv_local = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, wdt, V, no_diag=gated)
     if gated:
         dv_local, qk = dv_local
-    dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta)
+    dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta, gc)
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
@@ -479,8 +490,8 @@ class DeltaChunk(torch.autograd.Function):
         groups = _groups(q, v, meta)
         ctx.scale, ctx.meta, ctx.groups = scale, meta, groups
         if len(groups) == 1:
-            Tm, w, u, _ = wy_fwd(k, v, beta, g, meta)
-            h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta)
+            Tm, w, u, _, gc = wy_fwd(k, v, beta, g, meta)
+            h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=gc)
             o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
             ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
             return o, ht
@@ -491,9 +502,10 @@ class DeltaChunk(torch.autograd.Function):
         for a, b in groups:
             pieces, sub = _group(cu, a, b, q.device)
             k_g, g_g = k[a:b], _rows(g, a, b)
-            _, w, u, _ = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
-            h, v_new, ht, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub)
-            del w, u
+            _, w, u, _, gc = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
+            h, v_new, ht, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub,
+                                          gc=gc)
+            del w, u, gc
             fwd_o(q[a:b], k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o[a:b])
             del h, v_new
             for i, (n, _, hi) in enumerate(pieces):

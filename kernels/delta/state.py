@@ -17,14 +17,51 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _common
 from .._common import CHUNK, dots, launch, mm, pow2, segment_program, segment_start
 
 
 @triton.jit
-def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-               GATED: tl.constexpr, U_OFF: tl.constexpr):
-    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
-    (else zeros), as stored, 0 outside the segment."""
+def _chunk_g(g, gc, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr, GC: tl.constexpr):
+    """Chunk ``i_t``'s decays ``[BT]``: GC, the log decays summed from the chunk's start, those summed from
+    each token (excluded) to the chunk's end (``gc``) and the whole chunk's sum; otherwise the log decays
+    ``g`` twice and 0 (ungated: zeros). 0 outside the segment."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = (o_t >= 0) & (o_t < L)
+    if GATED and GC:
+        p = gc + ((bos + o_t) * H + i_h) * 2
+        b_g = tl.load(p, mask=m_t, other=0.0)
+        b_gr = tl.load(p + 1, mask=m_t, other=0.0)
+        last = tl.minimum(i_t * BT + BT, L) - 1
+        b_gl = tl.load(gc + ((bos + last) * H + i_h) * 2, mask=(last >= i_t * BT) & (last >= 0), other=0.0)
+    elif GATED:
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_gr = b_g
+        b_gl = tl.full([], 0.0, tl.float32)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+        b_gr = b_g
+        b_gl = tl.full([], 0.0, tl.float32)
+    return b_g, b_gr, b_gl
+
+
+@triton.jit
+def _decays(b_g, b_gr, b_gl, GC: tl.constexpr):
+    """From ``_chunk_g``: the decay over the whole chunk ``gamma_C``, per token the decay from it to the chunk's
+    end ``gamma_C / gamma`` and from the chunk's start ``gamma`` (``[BT]``). Without GC they are summed here,
+    in the sequential loop (a reduction and two scans over the chunk's tokens)."""
+    if GC:
+        return tl.exp(b_gl), tl.exp(b_gr), tl.exp(b_g)
+    else:
+        return (tl.exp(tl.sum(b_g, axis=0)), tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g),
+                tl.exp(tl.cumsum(b_g, axis=0)))
+
+
+@triton.jit
+def _chunk_u(u, u_off, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             U_OFF: tl.constexpr):
+    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]``, as stored, 0 outside the
+    segment."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t >= 0) & (o_t < L)
     tok = bos + o_t
@@ -35,25 +72,18 @@ def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.conste
         b_uo = tl.load(u_off + p_v, mask=m_tv, other=0.0)
     else:
         b_uo = tl.zeros([BT, 1], dtype=tl.float32)
-    if GATED:
-        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-    else:
-        b_g = tl.zeros([BT], dtype=tl.float32)
-    return b_u, b_uo, b_g
+    return b_u, b_uo
 
 
 @triton.jit
-def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
-    """Chunk ``i_t``'s ``q . k`` and decays ``[BT]`` (GATED, else zeros), 0 outside the segment."""
+def _chunk_qk(qk, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """Chunk ``i_t``'s ``q . k [BT]`` (GATED, else zeros), 0 outside the segment."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t >= 0) & (o_t < L)
     if GATED:
-        b_qk = tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
-        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        return tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
     else:
-        b_qk = tl.zeros([BT], dtype=tl.float32)
-        b_g = tl.zeros([BT], dtype=tl.float32)
-    return b_qk, b_g
+        return tl.zeros([BT], dtype=tl.float32)
 
 
 @triton.jit
@@ -136,10 +166,10 @@ def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_vd, H: tl.c
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, order,
+def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets, order,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
-                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr,
+                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr, GC: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
     ``h <- gamma_C h + k^T ((gamma_C / gamma) ∘ v_new)``. Stores ``h`` before each chunk and ``v_new``.
@@ -158,10 +188,12 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
         b_h3 = _state_init(h0, i_nh, 3, o_v, m_v, K, V, BK, USE_H0)
     # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
     # sequential loop: they are loaded one chunk ahead
-    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+    nx_u, nx_uo = _chunk_u(u, u_off, bos, 0, L, i_h, o_v, H, V, BT, STORE_VR)
+    nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, 0, L, i_h, H, BT, GATED, GC)
     for i_t in range(0, tl.cdiv(L, BT)):
-        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
-        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+        b_u, b_uo, b_g, b_gr, b_gl = nx_u, nx_uo, nx_g, nx_gr, nx_gl
+        nx_u, nx_uo = _chunk_u(u, u_off, bos, i_t + 1, L, i_h, o_v, H, V, BT, STORE_VR)
+        nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, i_t + 1, L, i_h, H, BT, GATED, GC)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -179,10 +211,9 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         if STORE_VR:
             tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
-        b_g = b_g.to(tl.float32)
-        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_gC, b_to_end, _ = _decays(b_g, b_gr, b_gl, GC)
         if GATED:
-            b_v *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+            b_v *= b_to_end[:, None]
         b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP, PREC)
         if NK > 1:
             b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
@@ -204,10 +235,11 @@ def _fwd_h_kernel(k, w, u, u_off, g, h, v_new, vr, h0, ht, cu, chunk_offsets, or
 
 
 @triton.jit
-def _bwd_dh_kernel(q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, cu, chunk_offsets, order, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, cu, chunk_offsets, order,
+                   scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr,
-                   STORE_DH0: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
+                   STORE_DH0: tl.constexpr, GC: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr,
+                   PREC: tl.constexpr):
     """Reverse state pass: ``dh`` (gradient of the state after each chunk) and ``dv_tot``, the full
     gradient of the pseudo-values ``v_new``: local part + ``k_dec dh`` (written over the local part).
     GATED: the local part comes without its diagonal (added here, not stored), and ``du_inter = k_dec dh``
@@ -234,11 +266,17 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0,
     if NK > 3:
         b_dh3 = _state_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
     NT = tl.cdiv(L, BT)
-    nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
+    nx_qk = _chunk_qk(qk, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
+    nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, NT - 1, L, i_h, H, BT, GATED, GC)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
-        b_qk, b_g = nx_qk, nx_g
-        nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
+        b_qk = nx_qk
+        nx_qk = _chunk_qk(qk, bos, i_t - 1, L, i_h, H, BT, GATED)
+        if GC:  # read in the iteration: a copy loaded one chunk ahead spilled registers at K = V = 256
+            b_g, b_gr, b_gl = _chunk_g(g, gc, bos, i_t, L, i_h, H, BT, GATED, GC)
+        else:
+            b_g, b_gr, b_gl = nx_g, nx_gr, nx_gl
+            nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, i_t - 1, L, i_h, H, BT, GATED, GC)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -254,14 +292,13 @@ def _bwd_dh_kernel(q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0,
             b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
         if NK > 3:
             b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
-        b_g = b_g.to(tl.float32)
-        b_gC = tl.exp(tl.sum(b_g, axis=0))
+        b_gC, b_to_end, b_from_start = _decays(b_g, b_gr, b_gl, GC)
         if GATED:
-            b_dui *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+            b_dui *= b_to_end[:, None]
             b_do = b_do.to(tl.float32)
             b_dv += (scale * b_qk)[:, None] * b_do  # the diagonal of A
             tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
-            b_do *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
+            b_do *= b_from_start[:, None]
             b_dv += b_dui
         else:
             b_dv += b_dui
@@ -309,27 +346,44 @@ def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
     return 3 if width <= 256 else 1
 
 
-def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None):
+def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None):
     """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``u_off``, the
-    pseudo-values without each token's own value ``vr``."""
+    pseudo-values without each token's own value ``vr``. ``gc``: the chunk-local cumulative log decays
+    (``wy_fwd``), read instead of ``g`` under the launch option GC."""
     H, K = k.shape[1:]
     V = u.shape[-1]
     N = meta.num_segments
     BK, NK, BV = _state_blocks(K, V)
-    opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False, u.dtype), BV=BV)
-    BV = opts.pop("BV")
+    opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False, u.dtype), BV=BV, GC=0)
+    BV, GC = opts.pop("BV"), _use_gc(opts, g, gc)
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
     v_new = torch.empty_like(u)
     vr = None if u_off is None else torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = (N * H * triton.cdiv(V, BV),)
-    _fwd_h_kernel[grid](k, w, u, u_off, g, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets, meta.order,
+    _fwd_h_kernel[grid](k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets, meta.order,
                         H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
-                        STORE_HT=output_final_state, STORE_VR=u_off is not None, **dots(k.dtype, False), **opts)
+                        STORE_HT=output_final_state, STORE_VR=u_off is not None, GC=GC, **dots(k.dtype, False),
+                        **opts)
     return h, v_new, ht, vr
 
 
-def delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, store_dh0, scale, meta):
+def gc_wanted() -> bool:
+    """Whether a state pass is set to read the chunk-local cumulative log decays (launch option GC), so that
+    ``wy_fwd`` stores them."""
+    return any(_common.LAUNCH.get(name, {}).get("GC") for name in ("delta.fwd_h", "delta.bwd_dh"))
+
+
+def _use_gc(opts: dict, g, gc) -> bool:
+    """Whether a state pass reads the chunk-local cumulative log decays (launch option GC, gated only)."""
+    on = bool(opts.pop("GC")) and g is not None
+    if on and gc is None:
+        raise ValueError("the launch option GC of the delta state passes needs gc, the chunk-local cumulative "
+                         "log decays that wy_fwd returns")
+    return on
+
+
+def delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, store_dh0, scale, meta, gc=None):
     """The reverse state pass (``_bwd_dh_kernel``): ``(dh, dv_tot, du_inter, dh0)``. Ungated, ``dv_tot`` is
     ``dv_local`` itself, updated in place; gated it is None (its parts are ``dv_local``, the diagonal
     ``scale * qk * do`` and ``du_inter``). None also where not needed: ``du_inter`` ungated, ``dh0``
@@ -339,15 +393,15 @@ def delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, store_dh0, scale, meta):
     N, NT = meta.num_segments, meta.num_chunks
     gated = g is not None
     BK, NK, BV = _state_blocks(K, V)
-    opts = launch("delta.bwd_dh", num_warps=4, num_stages=_state_stages(BK, NK, True, w.dtype), BV=BV)
-    BV = opts.pop("BV")
+    opts = launch("delta.bwd_dh", num_warps=4, num_stages=_state_stages(BK, NK, True, w.dtype), BV=BV, GC=0)
+    BV, GC = opts.pop("BV"), _use_gc(opts, g, gc)
     NV = triton.cdiv(V, BV)
     dh = q.new_empty(NT, H, K, V, dtype=w.dtype)
     dv_tot = None if gated else dv_local
     du_inter = torch.empty_like(dv_local) if gated else None
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if store_dh0 else None
-    _bwd_dh_kernel[(N * H * NV,)](q, k, w, g, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, meta.cu,
+    _bwd_dh_kernel[(N * H * NV,)](q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, dh0, meta.cu,
                                   meta.chunk_offsets, meta.order, scale, H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV,
-                                  GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0,
+                                  GATED=gated, USE_DHT=dht is not None, STORE_DH0=store_dh0, GC=GC,
                                   **dots(q.dtype, False), **opts)
     return dh, dv_tot, du_inter, dh0

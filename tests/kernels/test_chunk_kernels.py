@@ -306,6 +306,39 @@ def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expe
     assert used and used[0] == expected
 
 
+@pytest.mark.parametrize(("name", "grouped"), [("deltanet", False), ("gated_deltanet", False),
+                                               ("gated_deltanet", True)], ids=["deltanet", "gated", "gated-groups"])
+def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name, grouped, monkeypatch,
+                                                              record_property):
+    """The launch option GC of the delta state passes: the decays of each chunk come from the chunk-local
+    cumulative log decays that wy_fwd stores, not summed in the sequential loop. Packed segments of 1, 0, 65,
+    4 and 70 tokens (chunks ending past the segment, a segment of one chunk and an empty one), with initial
+    and final states, as one call and in groups of rows (cuts inside segments), against the float64 loop
+    (test_gate_domain_edges has it under strong decays)."""
+    import momkit.kernels.delta.chunk as delta_chunk
+    import momkit.kernels.delta.state as delta_state
+
+    monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": 1})
+    monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": 1})
+    read = []
+
+    def use_gc(opts, g, gc):
+        read.append(delta_state_use_gc(opts, g, gc))
+        return read[-1]
+
+    delta_state_use_gc = delta_state._use_gc  # the launcher's own decision, recorded
+    monkeypatch.setattr(delta_state, "_use_gc", use_gc)
+    if grouped:
+        monkeypatch.setattr(delta_chunk, "STATE_BUDGET", 1)
+        monkeypatch.setattr(delta_chunk, "program_slots", lambda device: 1)
+    rule = get_rule(name)
+    cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
+    leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
+    check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
+    # forward (once per group), and the backward's forward and reverse passes (once per group)
+    assert len(read) == (3 * 4 if grouped else 3) and all(read) == (name == "gated_deltanet")
+
+
 def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
     """Many short segments split on segment starts into groups of about equal chunks; one long sequence, or a
     few long ones, split inside segments; a budget over four times the buffers asks no more than four groups;
@@ -494,15 +527,21 @@ def test_rule_step_into_allocates_no_state_sized_buffer(seed):
 
 
 @pytest.mark.parametrize("case", ["titans_alpha1_eta0", "titans_eta1", "delta_beta1", "gla_strong_decay",
-                                  "mamba2_strong_decay", "gated_deltanet_strong_decay"])
-def test_gate_domain_edges(device, seed, case):
+                                  "mamba2_strong_decay", "gated_deltanet_strong_decay",
+                                  "gated_deltanet_strong_decay_gc"])
+def test_gate_domain_edges(device, seed, case, monkeypatch, request):
     """Gates at the ends of their domains: exact zeros and ones (titans' cumulative products through
-    an exact zero), beta = 1, log decays around -8 per token."""
+    an exact zero), beta = 1, log decays around -8 per token (gated_deltanet also with its state passes reading
+    the chunk-local cumulative decays: launch option GC)."""
     name = {"titans_alpha1_eta0": "titans", "titans_eta1": "titans", "delta_beta1": "gated_deltanet",
             "gla_strong_decay": "gla", "mamba2_strong_decay": "mamba2",
-            "gated_deltanet_strong_decay": "gated_deltanet"}[case]
+            "gated_deltanet_strong_decay": "gated_deltanet", "gated_deltanet_strong_decay_gc": "gated_deltanet"}[case]
     rule = get_rule(name)
-    regime = "strong_decay" if case.endswith("strong_decay") else "typical"
+    regime = "strong_decay" if "strong_decay" in case else "typical"
+    if case.endswith("_gc"):
+        monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": 1})
+        monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": 1})
+        seed = zlib.crc32(request.node.nodeid.replace("_gc]", "]").encode())  # the inputs of the case above
     leaves = make_leaves(rule, 1, 70, 2, 16, 16, torch.float32, seed, device, regime=regime)
     if case == "titans_alpha1_eta0":
         gen = torch.Generator().manual_seed(seed)
