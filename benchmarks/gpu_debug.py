@@ -5,7 +5,8 @@
     python -m benchmarks.gpu_debug --profile gated_deltanet,mamba2 [--fla] [--launch ...]
     python -m benchmarks.gpu_debug --check gated_deltanet [--launch ...]
     python -m benchmarks.gpu_debug --tune mamba2:gl.fwd_h,titans:titans.prep [--budget 300]
-    python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--sass DIR]     (no GPU needed)
+    python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--resources-shape 4x2048x4x256x256]
+        [--sass DIR]     (no GPU needed)
 
 ``--profile``: per-kernel GPU time (torch.profiler, CUDA activity) of forward and forward+backward at
 the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128), ours and, with ``--fla``, fla-core's peer,
@@ -14,10 +15,12 @@ tests' float64 comparison (tests/kernels) at a few shapes under the given launch
 forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
 ``--tune``: one kernel's time under several (num_warps, num_stages), inside its rule's forward+backward.
 ``--resources``: runs on a machine without a GPU. Every kernel that a rule's forward and backward
-launch at the benchmark shape is compiled for sm_90 (Hopper) instead of launched, and its resource
-report is read from the compiler: registers per thread, spill stores and loads (ptxas -v), shared
-memory, and from the SASS the matrix instructions (HGMMA: Hopper's warpgroup MMA, needs >= 4 warps;
-HMMA: the older per-warp MMA) and local-memory accesses (LDL / STL: spills in the instruction stream).
+launch at the benchmark shape (or ``--resources-shape``) is compiled for sm_90 (Hopper) instead of
+launched, and its resource report is read from the compiler: registers per thread, spill stores and loads
+(ptxas -v), shared memory, and from the SASS the matrix instructions (HGMMA: Hopper's warpgroup MMA, needs
+>= 4 warps; HMMA: the older per-warp MMA), local-memory accesses (LDL / STL: spills in the instruction
+stream), barriers (BAR) and warp shuffles (SHFL: reductions and scans across threads). It reports the Triton
+it runs under: compare with the device's (``docs/performance.md`` says how to run it under another).
 
 Runs the backward chain of ``DeltaChunk`` kernel by kernel on bf16 inputs and on float32 copies of
 them, synchronising after each kernel, and prints for every intermediate whether it is finite, its
@@ -253,14 +256,20 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
     finally:
         jit.JITFunction.run = run
         driver._active = previous
-    print(f"{'rule':<16}{'kernel':<24}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL")
+    print(f"Triton {triton.__version__}, sm_90, B x T x H x K x V = {' x '.join(map(str, shape))}")
+    print(f"{'rule':<16}{'kernel':<24}{'module':<14}warps stages  regs  spill st/ld B  smem KiB  HGMMA  HMMA  LDL+STL"
+          "   BAR  SHFL")
     with tempfile.TemporaryDirectory() as tmp:
         for n, ((rule, fname, module, _), ck) in enumerate(seen.items()):
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(ck.asm["ptx"])
-            info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                                   os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+            for exe in ("ptxas", "ptxas-blackwell"):  # newer Triton wheels emit PTX that only the second reads
+                run_ptxas = subprocess.run([os.path.join(bin_dir, exe), "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                                            os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+                if run_ptxas.returncode == 0 or not os.path.exists(os.path.join(bin_dir, "ptxas-blackwell")):
+                    break
+            info = run_ptxas.stderr
             regs = re.search(r"Used (\d+) registers", info)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
             cubin = os.path.join(tmp, "t.cubin")
@@ -280,7 +289,8 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                   f"{regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>6}/"
                   f"{spill.group(2) if spill else '?':<6} {md.shared / 1024:>8.1f} "
                   f"{len(re.findall(r'HGMMA', sass)):>6} {len(re.findall(r' HMMA', sass)):>5} "
-                  f"{len(re.findall(r' (?:LDL|STL)', sass)):>8}", flush=True)
+                  f"{len(re.findall(r' (?:LDL|STL)', sass)):>8} {len(re.findall(r' BAR[.]', sass)):>5} "
+                  f"{len(re.findall(r'SHFL', sass)):>5}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
     ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
+    ap.add_argument("--resources-shape", default="4x4096x8x128x128", metavar="BxTxHxKxV",
+                    help="with --resources: the shape the kernels are compiled for")
     ap.add_argument("--sass", default=None,
                     help="with --resources: write each kernel's SASS and Triton GPU IR into this folder")
     args = ap.parse_args(argv)
@@ -306,6 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
         ap.error(f"--shape {args.shape!r}: expected three positive integers T x K x V, e.g. 70x32x32")
     args.shape = tuple(int(x) for x in shape)
+    rshape = args.resources_shape.split("x")
+    if len(rshape) != 5 or not all(x.isdigit() and int(x) > 0 for x in rshape):
+        ap.error(f"--resources-shape {args.resources_shape!r}: expected five positive integers B x T x H x K x V, "
+                 "e.g. 4x2048x4x256x256")
+    args.resources_shape = tuple(int(x) for x in rshape)
     try:
         launch = parse_launch(args.launch, "--launch")
     except ValueError as e:
@@ -338,7 +355,7 @@ def main() -> None:
         tune(args.tune, args.budget)
         return
     if args.resources:
-        resource_report(args.resources, sass_dir=args.sass)
+        resource_report(args.resources, shape=args.resources_shape, sass_dir=args.sass)
         return
     T, K, V = args.shape
     rule = get_rule(args.rule)

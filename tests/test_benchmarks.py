@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from benchmarks import gpu_debug, kernels
 
@@ -61,6 +62,8 @@ def test_launch_keys_are_the_launchers_names():
     (["--profile", "gla,nope"], "--profile 'gla,nope': unknown nope"),
     (["--resources", "titan"], "--resources 'titan': unknown titan"),
     (["--shape", "70x32"], "--shape '70x32': expected three positive integers"),
+    (["--resources", "gla", "--resources-shape", "4x2048x256"],
+     "--resources-shape '4x2048x256': expected five positive integers B x T x H x K x V"),
 ])
 def test_gpu_debug_names_bad_arguments(argv, expected, capsys):
     assert expected in _error(gpu_debug.parse_args, argv, capsys)
@@ -74,6 +77,27 @@ def test_gpu_debug_parses_items():
     assert args.launch == {"delta.wy_bwd": {"num_warps": 2, "num_stages": 1}, "gl.gla_prep": {"BK": 32},
                            "gl.fwd_o": {"BV": 128}}
     assert args.shape == (65, 100, 64)
+
+
+def test_resource_report_compiles_for_sm90_without_a_gpu():
+    """Every kernel of a rule's forward and backward, compiled (not run) for Hopper on this machine, with its
+    registers, spills, matrix instructions, barriers and shuffles read from ptxas and the SASS (in a process
+    of its own: the kernel tests run Triton's interpreter, which compiles nothing)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_debug", "--resources", "linear_attn",
+                          "--resources-shape", "1x64x1x16x16"], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout.splitlines()
+    assert out[0].startswith(f"Triton {triton.__version__}, sm_90, B x T x H x K x V = 1 x 64 x 1 x 16 x 16")
+    assert out[1].split()[-2:] == ["BAR", "SHFL"]
+    rows = [ln.split() for ln in out[2:]]
+    assert {"_fwd_h_kernel", "_fwd_o_kernel", "_bwd_dh_kernel"} <= {r[1] for r in rows}
+    assert all(r[0] == "linear_attn" and len(r) == 13 and r[5].isdigit() for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------- kernel_variants
