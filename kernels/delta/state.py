@@ -22,46 +22,10 @@ from .._common import CHUNK, dots, launch, mm, pow2, segment_program, segment_st
 
 
 @triton.jit
-def _chunk_g(g, gc, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr, GC: tl.constexpr):
-    """Chunk ``i_t``'s decays ``[BT]``: GC, the log decays summed from the chunk's start, those summed from
-    each token (excluded) to the chunk's end (``gc``) and the whole chunk's sum; otherwise the log decays
-    ``g`` twice and 0 (ungated: zeros). 0 outside the segment."""
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = (o_t >= 0) & (o_t < L)
-    if GATED and GC:
-        p = gc + ((bos + o_t) * H + i_h) * 2
-        b_g = tl.load(p, mask=m_t, other=0.0)
-        b_gr = tl.load(p + 1, mask=m_t, other=0.0)
-        last = tl.minimum(i_t * BT + BT, L) - 1
-        b_gl = tl.load(gc + ((bos + last) * H + i_h) * 2, mask=(last >= i_t * BT) & (last >= 0), other=0.0)
-    elif GATED:
-        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_gr = b_g
-        b_gl = tl.full([], 0.0, tl.float32)
-    else:
-        b_g = tl.zeros([BT], dtype=tl.float32)
-        b_gr = b_g
-        b_gl = tl.full([], 0.0, tl.float32)
-    return b_g, b_gr, b_gl
-
-
-@triton.jit
-def _decays(b_g, b_gr, b_gl, GC: tl.constexpr):
-    """From ``_chunk_g``: the decay over the whole chunk ``gamma_C``, per token the decay from it to the chunk's
-    end ``gamma_C / gamma`` and from the chunk's start ``gamma`` (``[BT]``). Without GC they are summed here,
-    in the sequential loop (a reduction and two scans over the chunk's tokens)."""
-    if GC:
-        return tl.exp(b_gl), tl.exp(b_gr), tl.exp(b_g)
-    else:
-        return (tl.exp(tl.sum(b_g, axis=0)), tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g),
-                tl.exp(tl.cumsum(b_g, axis=0)))
-
-
-@triton.jit
-def _chunk_u(u, u_off, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-             U_OFF: tl.constexpr):
-    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]``, as stored, 0 outside the
-    segment."""
+def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               GATED: tl.constexpr, U_OFF: tl.constexpr):
+    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
+    (else zeros), as stored, 0 outside the segment."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t >= 0) & (o_t < L)
     tok = bos + o_t
@@ -72,18 +36,38 @@ def _chunk_u(u, u_off, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, 
         b_uo = tl.load(u_off + p_v, mask=m_tv, other=0.0)
     else:
         b_uo = tl.zeros([BT, 1], dtype=tl.float32)
-    return b_u, b_uo
+    if GATED:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_u, b_uo, b_g
 
 
 @triton.jit
-def _chunk_qk(qk, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
-    """Chunk ``i_t``'s ``q . k [BT]`` (GATED, else zeros), 0 outside the segment."""
+def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """Chunk ``i_t``'s ``q . k`` and decays ``[BT]`` (GATED, else zeros), 0 outside the segment."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t >= 0) & (o_t < L)
     if GATED:
-        return tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_qk = tl.load(qk + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
     else:
-        return tl.zeros([BT], dtype=tl.float32)
+        b_qk = tl.zeros([BT], dtype=tl.float32)
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return b_qk, b_g
+
+
+@triton.jit
+def _chunk_gc(gc, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """Launch option GC: chunk ``i_t``'s decays as ``wy_fwd`` stored them in ``gc [Ttot, H, 2]``: per token the
+    log decays summed from the chunk's start and those summed from the token (excluded) to the chunk's end
+    ``[BT]``, and the whole chunk's sum (0 outside the segment)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < L
+    p = gc + ((bos + o_t) * H + i_h) * 2
+    last = tl.minimum(i_t * BT + BT, L) - 1
+    b_gl = tl.load(gc + ((bos + last) * H + i_h) * 2)
+    return tl.load(p, mask=m_t, other=0.0), tl.load(p + 1, mask=m_t, other=0.0), b_gl
 
 
 @triton.jit
@@ -173,7 +157,9 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
     ``h <- gamma_C h + k^T ((gamma_C / gamma) ∘ v_new)``. Stores ``h`` before each chunk and ``v_new``.
-    The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``."""
+    The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``. Gated, the
+    chunk's decays are summed in the loop (a reduction and a scan over its tokens), or with GC read from
+    ``gc`` (``_chunk_gc``)."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
     i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -188,12 +174,10 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets
         b_h3 = _state_init(h0, i_nh, 3, o_v, m_v, K, V, BK, USE_H0)
     # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
     # sequential loop: they are loaded one chunk ahead
-    nx_u, nx_uo = _chunk_u(u, u_off, bos, 0, L, i_h, o_v, H, V, BT, STORE_VR)
-    nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, 0, L, i_h, H, BT, GATED, GC)
+    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
     for i_t in range(0, tl.cdiv(L, BT)):
-        b_u, b_uo, b_g, b_gr, b_gl = nx_u, nx_uo, nx_g, nx_gr, nx_gl
-        nx_u, nx_uo = _chunk_u(u, u_off, bos, i_t + 1, L, i_h, o_v, H, V, BT, STORE_VR)
-        nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, i_t + 1, L, i_h, H, BT, GATED, GC)
+        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
+        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -211,9 +195,15 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         if STORE_VR:
             tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
-        b_gC, b_to_end, _ = _decays(b_g, b_gr, b_gl, GC)
-        if GATED:
-            b_v *= b_to_end[:, None]
+        if GC:
+            _, b_gr, b_gl = _chunk_gc(gc, bos, i_t, L, i_h, H, BT)
+            b_gC = tl.exp(b_gl)
+            b_v *= tl.exp(b_gr)[:, None]
+        else:
+            b_g = b_g.to(tl.float32)
+            b_gC = tl.exp(tl.sum(b_g, axis=0))
+            if GATED:
+                b_v *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
         b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP, PREC)
         if NK > 1:
             b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
@@ -266,17 +256,11 @@ def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, 
     if NK > 3:
         b_dh3 = _state_init(dht, i_nh, 3, o_v, m_v, K, V, BK, USE_DHT)
     NT = tl.cdiv(L, BT)
-    nx_qk = _chunk_qk(qk, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
-    nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, NT - 1, L, i_h, H, BT, GATED, GC)
+    nx_qk, nx_g = _chunk_qk_g(qk, g, bos, NT - 1, L, i_h, H, BT, GATED)  # one chunk ahead (see _fwd_h_kernel)
     for ii in range(0, NT):
         i_t = NT - 1 - ii
-        b_qk = nx_qk
-        nx_qk = _chunk_qk(qk, bos, i_t - 1, L, i_h, H, BT, GATED)
-        if GC:  # read in the iteration: a copy loaded one chunk ahead spilled registers at K = V = 256
-            b_g, b_gr, b_gl = _chunk_g(g, gc, bos, i_t, L, i_h, H, BT, GATED, GC)
-        else:
-            b_g, b_gr, b_gl = nx_g, nx_gr, nx_gl
-            nx_g, nx_gr, nx_gl = _chunk_g(g, gc, bos, i_t - 1, L, i_h, H, BT, GATED, GC)
+        b_qk, b_g = nx_qk, nx_g
+        nx_qk, nx_g = _chunk_qk_g(qk, g, bos, i_t - 1, L, i_h, H, BT, GATED)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -292,17 +276,28 @@ def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, 
             b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
         if NK > 3:
             b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
-        b_gC, b_to_end, b_from_start = _decays(b_g, b_gr, b_gl, GC)
-        if GATED:
-            b_dui *= b_to_end[:, None]
+        if GC:  # (gated) read here, not one chunk ahead: that copy spilled registers at K = V = 256
+            b_gf, b_gr, b_gl = _chunk_gc(gc, bos, i_t, L, i_h, H, BT)
+            b_gC = tl.exp(b_gl)
+            b_dui *= tl.exp(b_gr)[:, None]
             b_do = b_do.to(tl.float32)
             b_dv += (scale * b_qk)[:, None] * b_do  # the diagonal of A
             tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
-            b_do *= b_from_start[:, None]
+            b_do *= tl.exp(b_gf)[:, None]
             b_dv += b_dui
         else:
-            b_dv += b_dui
-            tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
+            b_g = b_g.to(tl.float32)
+            b_gC = tl.exp(tl.sum(b_g, axis=0))
+            if GATED:
+                b_dui *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
+                b_do = b_do.to(tl.float32)
+                b_dv += (scale * b_qk)[:, None] * b_do  # the diagonal of A
+                tl.store(du_inter + p_v, b_dui.to(du_inter.dtype.element_ty), mask=m_tv)
+                b_do *= tl.exp(tl.cumsum(b_g, axis=0))[:, None]
+                b_dv += b_dui
+            else:
+                b_dv += b_dui
+                tl.store(dv_tot + p_v, b_dv.to(dv_tot.dtype.element_ty), mask=m_tv)
         b_dh0 = _dh_update(b_dh0, q, w, dh, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_do, b_dv, scale, H, K, V, BK,
                            GATED, WT, INTERP, PREC)
         if NK > 1:
