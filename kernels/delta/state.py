@@ -276,7 +276,9 @@ def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, 
             b_dui += _dh_read(b_dh2, k, tok, m_t, i_h, 2, H, K, BK, WT, INTERP, PREC)
         if NK > 3:
             b_dui += _dh_read(b_dh3, k, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
-        if GC:  # (gated) read here, not one chunk ahead: that copy spilled registers at K = V = 256
+        # GC (gated only) repeats the gated branch's lines below with the decays read, not summed, so that the
+        # default branch stays as it was and compiles to the instructions the GPU tests passed on
+        if GC:  # read here, not one chunk ahead: that copy spilled registers at K = V = 256
             b_gf, b_gr, b_gl = _chunk_gc(gc, bos, i_t, L, i_h, H, BT)
             b_gC = tl.exp(b_gl)
             b_dui *= tl.exp(b_gr)[:, None]
