@@ -56,3 +56,15 @@ def name_list(ap: argparse.ArgumentParser, option: str, value: str, allowed) -> 
         ap.error(f"{option} {value!r}: {'unknown ' + ', '.join(bad) if bad else 'no names'}; "
                  f"allowed: {', '.join(allowed)}")
     return names
+
+
+def size_list(ap: argparse.ArgumentParser, option: str, value: str, lengths: tuple[int, ...], what: str,
+              example: str, one: bool = False) -> list[tuple[int, ...]]:
+    """The sizes of a comma-separated option such as ``4x2048x4x256x256,1x8192x4x256x256``: each ``lengths``
+    positive integers joined by ``x`` (exactly one size with ``one``); otherwise one argparse error naming the
+    option, the value, what is expected (``what``) and an example."""
+    sizes = [item.split("x") for item in value.split(",")]
+    if (one and len(sizes) != 1) or any(len(p) not in lengths or not all(x.isdigit() and int(x) > 0 for x in p)
+                                        for p in sizes):
+        ap.error(f"{option} {value!r}: expected {what}, e.g. {example}")
+    return [tuple(int(x) for x in p) for p in sizes]

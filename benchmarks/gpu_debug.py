@@ -41,7 +41,7 @@ from momkit.kernels._common import CHUNK, chunk_meta, dots, launch, launch_keys,
 from momkit.kernels.delta import chunk as dc
 from momkit.kernels.gated_linear.chunk import bwd_dv
 
-from benchmarks._common import name_list
+from benchmarks._common import name_list, size_list
 from benchmarks.kernels import kernel_times, rule_options
 from momkit.rules import get_rule, rule_names
 from momkit.testing import random_inputs
@@ -243,6 +243,8 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
 
     jit.JITFunction.run = compile_only
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # newer Triton wheels emit PTX that only their second assembler reads
+    ptxas = [p for p in (os.path.join(bin_dir, n) for n in ("ptxas", "ptxas-blackwell")) if os.path.exists(p)]
     B, T, H, K, V = shape
     try:
         for name in rules:
@@ -264,10 +266,10 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(ck.asm["ptx"])
-            for exe in ("ptxas", "ptxas-blackwell"):  # newer Triton wheels emit PTX that only the second reads
-                run_ptxas = subprocess.run([os.path.join(bin_dir, exe), "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                                            os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-                if run_ptxas.returncode == 0 or not os.path.exists(os.path.join(bin_dir, "ptxas-blackwell")):
+            for exe in ptxas:  # the first that reads this PTX
+                run_ptxas = subprocess.run([exe, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                           capture_output=True, text=True)
+                if run_ptxas.returncode == 0:
                     break
             info = run_ptxas.stderr
             regs = re.search(r"Used (\d+) registers", info)
@@ -314,15 +316,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for opt in ("profile", "resources", "check"):
         if getattr(args, opt) is not None:
             setattr(args, opt, name_list(ap, f"--{opt}", getattr(args, opt), rules))
-    shape = args.shape.split("x")
-    if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
-        ap.error(f"--shape {args.shape!r}: expected three positive integers T x K x V, e.g. 70x32x32")
-    args.shape = tuple(int(x) for x in shape)
-    rshape = args.resources_shape.split("x")
-    if len(rshape) != 5 or not all(x.isdigit() and int(x) > 0 for x in rshape):
-        ap.error(f"--resources-shape {args.resources_shape!r}: expected five positive integers B x T x H x K x V, "
-                 "e.g. 4x2048x4x256x256")
-    args.resources_shape = tuple(int(x) for x in rshape)
+    args.shape = size_list(ap, "--shape", args.shape, (3,), "three positive integers T x K x V", "70x32x32",
+                           one=True)[0]
+    args.resources_shape = size_list(ap, "--resources-shape", args.resources_shape, (5,),
+                                     "five positive integers B x T x H x K x V", "4x2048x4x256x256", one=True)[0]
     try:
         launch = parse_launch(args.launch, "--launch")
     except ValueError as e:

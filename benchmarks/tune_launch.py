@@ -23,7 +23,7 @@ import itertools
 
 import torch
 
-from benchmarks._common import name_list
+from benchmarks._common import name_list, size_list
 from benchmarks.kernels import RULES, inputs, kernel_times, ours_fn
 
 
@@ -49,21 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="time the short convolution at these sizes instead of the rules")
     args = ap.parse_args(argv)
     if args.conv is not None:
-        try:
-            args.conv = [tuple(int(x) for x in s.split("x")) for s in args.conv.split(",")]
-        except ValueError:
-            args.conv = []
-        if not args.conv or any(len(s) not in (2, 3) or min(s) < 1 for s in args.conv):
-            ap.error("--conv: each size must be NxC or NxCxG positive ints, e.g. 8192x3072,24576x2048x5")
+        args.conv = size_list(ap, "--conv", args.conv, (2, 3), "sizes NxC or NxCxG of positive integers",
+                              "8192x3072,24576x2048x5")
     args.rules = name_list(ap, "--rules", args.rules, RULES)
     args.kernels = name_list(ap, "--kernels", args.kernels, launch_keys())
+    args.shapes = size_list(ap, "--shapes", args.shapes, (5,), "sizes B x T x H x K x V of positive integers",
+                            "4x2048x4x256x256,4x4096x8x128x128")
     try:
-        args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
         args.options = [parse_options(o) for o in args.options]
     except ValueError as e:
-        ap.error(str(e) if "launch option" in str(e) else f"--shapes {args.shapes!r}: each must be BxTxHxKxV ints")
-    if any(len(s) != 5 or min(s) < 1 for s in args.shapes):
-        ap.error(f"--shapes {args.shapes!r}: each must be five positive ints BxTxHxKxV")
+        ap.error(str(e))
     return args
 
 
