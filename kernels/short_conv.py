@@ -16,6 +16,8 @@ Axis letters: N rows, C channels, W taps.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -77,46 +79,53 @@ def _tile(table, most, N, C: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC
 
 
 @triton.jit
-def _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C: tl.constexpr, S: tl.constexpr):
-    """Pointers and masks of columns ``o_c`` of rows ``o_n`` in ``y1 [N, S]`` (columns < S) and ``y2 [N, C - S]``."""
-    lo = o_c < S
-    p1 = y1 + o_n[:, None] * S + o_c[None, :]
-    p2 = y2 + o_n[:, None] * (C - S) + (o_c - S)[None, :]
-    return p1, p2, m_n[:, None] & lo[None, :], m_n[:, None] & (m_c & ~lo)[None, :]
+def _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr):
+    """Pointers and masks of columns ``o_c`` of rows ``o_n`` in ``y1 [N, S1]`` (columns < S1), ``y2 [N, S2 - S1]``
+    and ``y3 [N, C - S2]``."""
+    lo, hi = o_c < S1, o_c >= S2
+    p1 = y1 + o_n[:, None] * S1 + o_c[None, :]
+    p2 = y2 + o_n[:, None] * (S2 - S1) + (o_c - S1)[None, :]
+    p3 = y3 + o_n[:, None] * (C - S2) + (o_c - S2)[None, :]
+    m = m_n[:, None]
+    return p1, p2, p3, m & lo[None, :], m & (m_c & ~lo & ~hi)[None, :], m & (m_c & hi)[None, :]
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, pos, table, y1, y2, N, C: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-                     BN: tl.constexpr, BC: tl.constexpr, GROUPED: tl.constexpr):
+def _conv_fwd_kernel(x, w, pos, table, y1, y2, y3, N, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                     W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, GROUPED: tl.constexpr):
     o_n, o_c, m_n, m_c, _, w_off, _ = _tile(table, 0, N, C, W, BN, BC, GROUPED)
     pos_t = tl.load(pos + o_n, mask=m_n, other=0)
     z = _pre_activation(x, w + w_off, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
     y = z * tl.sigmoid(z)
-    p1, p2, m1, m2 = _split_ptrs(y1, y2, o_n, o_c, m_n, m_c, C, S)
+    p1, p2, p3, m1, m2, m3 = _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C, S1, S2)
     tl.store(p1, y.to(y1.dtype.element_ty), mask=m1)
-    if S < C:
+    if S1 < S2:
         tl.store(p2, y.to(y2.dtype.element_ty), mask=m2)
+    if S2 < C:
+        tl.store(p3, y.to(y3.dtype.element_ty), mask=m3)
 
 
 @triton.jit
-def _dz_rows(x, w, pos, dy1, dy2, o_r, o_c, m_c, N, C: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-             BR: tl.constexpr, BC: tl.constexpr):
+def _dz_rows(x, w, pos, dy1, dy2, dy3, o_r, o_c, m_c, N, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+             W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """``dz = dy * silu'(z)`` at rows ``o_r`` (z recomputed; 0 past N) and those rows' positions."""
     m_r = o_r < N
     pos_r = tl.load(pos + o_r, mask=m_r, other=0)
     z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
     sig = tl.sigmoid(z)
-    p1, p2, m1, m2 = _split_ptrs(dy1, dy2, o_r, o_c, m_r, m_c, C, S)
+    p1, p2, p3, m1, m2, m3 = _split_ptrs(dy1, dy2, dy3, o_r, o_c, m_r, m_c, C, S1, S2)
     b_dy = tl.load(p1, mask=m1, other=0.0).to(tl.float32)
-    if S < C:
+    if S1 < S2:
         b_dy += tl.load(p2, mask=m2, other=0.0).to(tl.float32)
+    if S2 < C:
+        b_dy += tl.load(p3, mask=m3, other=0.0).to(tl.float32)
     return b_dy * sig * (1.0 + z * (1.0 - sig)), pos_r
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl.constexpr, S: tl.constexpr,
-                     W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, GROUPED: tl.constexpr,
-                     SHIFT: tl.constexpr):
+def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dy3, dx, dz, dw_part, most, N, C: tl.constexpr,
+                     S1: tl.constexpr, S2: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                     HB: tl.constexpr, GROUPED: tl.constexpr, SHIFT: tl.constexpr):
     """``dx`` of a row block and its part of ``dweight`` (``dw_part [P, W, C]``, tap ``s`` at index ``s``).
     ``dx_t`` needs ``dz_{t+s}``. SHIFT 1: rows of the block are shifted within registers (``tl.gather``), the
     ``W - 1`` rows after the block come from ``dz`` recomputed for ``HB`` halo rows; SHIFT 2: ``dz`` is
@@ -126,22 +135,23 @@ def _conv_bwd_kernel(x, w, pos, table, dy1, dy2, dx, dz, dw_part, most, N, C: tl
     and not the weight gradient (their taps are masked)."""
     o_n, o_c, m_n, m_c, r0, w_off, slot = _tile(table, most, N, C, W, BN, BC, GROUPED)
     w += w_off
-    b_dz, pos_t = _dz_rows(x, w, pos, dy1, dy2, o_n, o_c, m_c, N, C, S, W, BN, BC)
+    b_dz, pos_t = _dz_rows(x, w, pos, dy1, dy2, dy3, o_n, o_c, m_c, N, C, S1, S2, W, BN, BC)
     for s in tl.static_range(W):
         part = tl.sum(b_dz * _tap(x, pos_t, o_n, o_c, m_n, m_c, s, N, C), axis=0)
         tl.store(dw_part + (slot * W + s) * C + o_c, part, mask=m_c)
     if SHIFT == 3:  # dz to memory; _conv_dx_kernel reads its shifted rows
         tl.store(dz + o_n[:, None] * C + o_c[None, :], b_dz, mask=m_n[:, None] & m_c[None, :])
     else:
-        _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C, S, W, BN, BC, HB, SHIFT)
+        _dx_rows(b_dz, x, w, pos, dy1, dy2, dy3, dx, r0, o_n, o_c, m_n, m_c, N, C, S1, S2, W, BN, BC, HB, SHIFT)
 
 
 @triton.jit
-def _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C: tl.constexpr, S: tl.constexpr,
-             W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, SHIFT: tl.constexpr):
+def _dx_rows(b_dz, x, w, pos, dy1, dy2, dy3, dx, r0, o_n, o_c, m_n, m_c, N, C: tl.constexpr, S1: tl.constexpr,
+             S2: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr,
+             SHIFT: tl.constexpr):
     acc = b_dz * tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
     if SHIFT == 1:
-        b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S, W, HB, BC)
+        b_dzh, _ = _dz_rows(x, w, pos, dy1, dy2, dy3, r0 + BN + tl.arange(0, HB), o_c, m_c, N, C, S1, S2, W, HB, BC)
         r = tl.arange(0, BN)
     for s in tl.static_range(1, W):  # row t + s is in row t's segment exactly when its position is >= s
         b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
@@ -153,7 +163,7 @@ def _dx_rows(b_dz, x, w, pos, dy1, dy2, dx, r0, o_n, o_c, m_n, m_c, N, C: tl.con
             b_dzs = tl.where(inside[:, None], tl.gather(b_dz, i_in, 0), tl.gather(b_dzh, i_halo, 0))
             pos_s = tl.load(pos + o_n + s, mask=(o_n + s) < N, other=0)
         else:
-            b_dzs, pos_s = _dz_rows(x, w, pos, dy1, dy2, o_n + s, o_c, m_c, N, C, S, W, BN, BC)
+            b_dzs, pos_s = _dz_rows(x, w, pos, dy1, dy2, dy3, o_n + s, o_c, m_c, N, C, S1, S2, W, BN, BC)
         acc += tl.where((pos_s >= s)[:, None], b_dzs, 0.0) * b_w[None, :]
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
@@ -197,33 +207,34 @@ def _grid(x: Tensor, groups, opts: dict) -> tuple[tuple[int, int], Tensor, int]:
 
 class ShortConvFn(torch.autograd.Function):
     """``weight [C, W]``; or ``[G, C, W]`` with ``groups`` (G host ranges of rows, each with its own weight).
-    The output is ``[N, C]``, or with ``split`` two tensors of its first ``split`` and its last columns."""
+    The output is ``[N, C]``, or with ``bounds`` (column boundaries, ascending, inside ``(0, C)``) one
+    contiguous tensor per column range."""
 
     @staticmethod
-    def forward(ctx, x, weight, position, groups, split):
+    def forward(ctx, x, weight, position, groups, bounds):
         N, C = x.shape
         W = weight.shape[-1]
-        S = C if split is None else split
-        y1 = x.new_empty(N, S)
-        y2 = x.new_empty(N, C - S) if S < C else y1
+        S1, S2 = (*bounds, C, C)[:2]
+        parts = [x.new_empty(N, b - a) for a, b in itertools.pairwise((0, *bounds, C))]
+        ys = parts + parts[:1] * (3 - len(parts))  # the kernel's unused outputs: never written
         if N:
             opts = launch("conv.fwd", BN=BN, BC=BC)
             grid, table, _ = _grid(x, groups, opts)
-            _conv_fwd_kernel[grid](x, weight, position, table, y1, y2, N, C=C, S=S, W=W,
+            _conv_fwd_kernel[grid](x, weight, position, table, *ys, N, C=C, S1=S1, S2=S2, W=W,
                                    GROUPED=groups is not None, **opts)
         ctx.save_for_backward(x, weight, position)
-        ctx.groups, ctx.S = groups, S
-        return y1 if S == C else (y1, y2)
+        ctx.groups, ctx.S = groups, (S1, S2)
+        return parts[0] if len(parts) == 1 else tuple(parts)
 
     @staticmethod
-    def backward(ctx, dy1, dy2=None):
+    def backward(ctx, *dys):
         x, weight, position = ctx.saved_tensors
         N, C = x.shape
-        W, S, groups = weight.shape[-1], ctx.S, ctx.groups
+        W, (S1, S2), groups = weight.shape[-1], ctx.S, ctx.groups
         if N == 0:
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
-        dy1 = dy1.contiguous()
-        dy2 = dy1 if dy2 is None else dy2.contiguous()
+        dys = [d.contiguous() for d in dys]  # autograd gives zeros for a part unused downstream
+        dys += dys[:1] * (3 - len(dys))  # the kernel's unused inputs: never read
         best = BWD_PLAIN if groups is None else BWD_GROUPED
         opts = launch("conv.bwd", BN=best["BN"], BC=best["BC"], SHIFT=best["SHIFT"])
         grid, table, most = _grid(x, groups, opts)
@@ -232,7 +243,7 @@ class ShortConvFn(torch.autograd.Function):
         dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
         dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 3 else dx
-        _conv_bwd_kernel[grid](x, weight, position, table, dy1, dy2, dx, dz, dw_part, most, N, C=C, S=S, W=W,
+        _conv_bwd_kernel[grid](x, weight, position, table, *dys, dx, dz, dw_part, most, N, C=C, S1=S1, S2=S2, W=W,
                                HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
         if opts["SHIFT"] == 3:
             extra = {k: v for k, v in opts.items() if k not in ("SHIFT", "BN", "BC")}
@@ -243,13 +254,15 @@ class ShortConvFn(torch.autograd.Function):
 
 
 def short_conv(x: Tensor, weight: Tensor, position: Tensor, groups: list[tuple[int, int]] | None = None,
-               split: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+               split: int | tuple[int, ...] | None = None) -> Tensor | tuple[Tensor, ...]:
     """``x [N, C]`` (float32, float16 or bfloat16), ``weight [C, W]``, ``position [N]`` (int: each row's
     index within its segment) -> ``silu(causal depthwise conv) [N, C]``, differentiable in x and weight.
 
     With ``groups``, ``weight [G, C, W]`` and G ranges ``[a, b)`` of rows, one after another from row 0 to N:
-    each range convolved with its own weight, in one launch (the mixture's memories). With ``split``, the
-    output's first ``split`` columns and the rest as two contiguous tensors (a memory's keys and values)."""
+    each range convolved with its own weight, in one launch (the mixture's memories). With ``split``, one or
+    two column boundaries, the output as two or three contiguous tensors: ``split=s`` gives columns ``[:s]``
+    and ``[s:]`` (a memory's keys and values), ``split=(s1, s2)`` ``[:s1]``, ``[s1:s2]`` and ``[s2:]``
+    (queries, keys and values), so that nothing downstream copies a strided slice."""
     from ._common import check_dtype, interpreter_compat
 
     check_dtype(x, weight)
@@ -266,7 +279,11 @@ def short_conv(x: Tensor, weight: Tensor, position: Tensor, groups: list[tuple[i
                 or ends[-1] != x.shape[0]:
             raise ValueError(f"short_conv groups={groups} are invalid: {weight.shape[0]} consecutive row ranges "
                              f"[a, b) from 0 to N={x.shape[0]} (one per weight) expected")
-    if split is not None and not 0 < split < x.shape[1]:
-        raise ValueError(f"short_conv split={split} is invalid: 0 < split < C={x.shape[1]}")
+    bounds = () if split is None else (split,) if isinstance(split, int) else tuple(split)
+    C = x.shape[1]
+    if not (1 <= len(bounds) <= 2 or split is None) or not all(isinstance(b, int) for b in bounds) \
+            or list(bounds) != sorted(set(bounds)) or not all(0 < b < C for b in bounds):
+        raise ValueError(f"short_conv split={split} is invalid: one or two ascending column boundaries s with "
+                         f"0 < s < C={C} expected")
     # the weight in its own dtype (float32 parameters under autocast): read as float32, its gradient in that dtype
-    return ShortConvFn.apply(x.contiguous(), weight.contiguous(), position.contiguous(), groups, split)
+    return ShortConvFn.apply(x.contiguous(), weight.contiguous(), position.contiguous(), groups, bounds)

@@ -77,14 +77,14 @@ class SingleMemoryLayer(nn.Module):
                 q_in, k_in, v_in = q_in * keep, k_in * keep, v_in * keep
         if fuse:
             q_in, k_in, v_in = qkv_in.split(widths, -1)
-            qkv = qkv_in
-            if cfg.short_conv:
+            q, k, v = q_in, k_in, v_in
+            if cfg.short_conv:  # q, k and v come out as three contiguous tensors: nothing copies a strided slice
                 from momkit.kernels.short_conv import short_conv
 
                 weight = torch.cat([self.q_conv.weight, mem.k_conv.weight, mem.v_conv.weight])
                 position = torch.arange(T, device=x.device).repeat(B)
-                qkv = short_conv(qkv_in.reshape(B * T, -1), weight, position).view(B, T, -1)
-            q, k, v = qkv.split(widths, -1)
+                q, k, v = (t.view(B, T, -1) for t in short_conv(qkv_in.reshape(B * T, -1), weight, position,
+                                                                split=(H * K, 2 * H * K)))
         else:
             q, k, v = q_in, k_in, v_in
             if cfg.short_conv:

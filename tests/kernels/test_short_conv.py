@@ -3,6 +3,8 @@ gradients of the input and of the weight, on packed rows whose segments must not
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -55,6 +57,37 @@ def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     assert _rel(fused.weight.grad.cpu(), ref.weight.grad) < tol, "weight gradient"
 
 
+@pytest.mark.parametrize("shift", [{"SHIFT": 1, "BC": 64}, {"SHIFT": 2, "BC": 32}, {"SHIFT": 3, "BC": 64}],
+                         ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory"])
+def test_three_part_split_matches_float64(device, shift, monkeypatch):
+    """One weight, the output as three contiguous column parts (the single layer's q | k | v), whose
+    boundaries fall inside channel blocks: the parts and the gradients from three separate upstream
+    gradients, against float64 torch; an unused part (its gradient zeros) leaves the others' exact."""
+    from momkit.kernels import _common
+    from momkit.kernels.short_conv import short_conv
+
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", shift)
+    gen = torch.Generator().manual_seed(17)
+    C, W, lengths, split = 72, 4, [40, 1, 90], (24, 50)
+    position = torch.cat([torch.arange(n) for n in lengths])
+    x = torch.randn(len(position), C, generator=gen)
+    w = torch.randn(C, W, generator=gen)
+    dys = [torch.randn(len(position), b - a, generator=gen) for a, b in itertools.pairwise((0, *split, C))]
+    dys[1].zero_()  # as autograd passes for a part nothing downstream reads
+
+    x64, w64 = x.to(F64).requires_grad_(True), w.to(F64).requires_grad_(True)
+    ShortConv.forward_packed(_weighted(w64, W), x64, position).backward(torch.cat(dys, 1).to(F64))
+    ref = ShortConv.forward_packed(_weighted(w.to(F64), W), x.to(F64), position)
+
+    xd, wd = x.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
+    q, k, v = short_conv(xd, wd, position.to(device), split=split)
+    assert [t.shape[1] for t in (q, k, v)] == [24, 26, 22] and all(t.is_contiguous() for t in (q, k, v))
+    torch.autograd.backward([q, v], [dys[0].to(device), dys[2].to(device)])
+    assert _rel(torch.cat([q, k, v], 1).detach().cpu(), ref) < 1e-5, "output"
+    assert _rel(xd.grad.cpu(), x64.grad) < 1e-5, "input gradient"
+    assert _rel(wd.grad.cpu(), w64.grad) < 1e-5, "weight gradient"
+
+
 def test_fused_dense_matches_unfused(device):
     """``forward_dense`` (zero history per sequence): the fused kernel on rows against the torch form."""
     gen = torch.Generator().manual_seed(3)
@@ -99,7 +132,7 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("split", [None, 24], ids=["whole", "split"])
+@pytest.mark.parametrize("split", [None, 24, (24, 50)], ids=["whole", "split", "split3"])
 @pytest.mark.parametrize("blocks", [{}, {"conv.fwd": {"BN": 16}, "conv.bwd": {"BN": 32, "BC": 32}},
                                     {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 3, "BN": 32}}],
                          ids=["default-blocks", "small-blocks", "recomputed-shifts", "dz-in-memory"])
@@ -115,7 +148,8 @@ def test_groups_with_their_own_weights_match_float64(device, dtype, split, block
     for key, opts in blocks.items():
         monkeypatch.setitem(_common.LAUNCH, key, opts)
 
-    gen = torch.Generator().manual_seed(11 + int(dtype == torch.bfloat16) + (split or 0))
+    seed = 11 + int(dtype == torch.bfloat16) + (sum(split) if isinstance(split, tuple) else split or 0)
+    gen = torch.Generator().manual_seed(seed)
     C, W = 72, 4
     segments = [[5, 3], [], [70, 1, 66], [9]]  # segment lengths per group
     groups, start = [], 0
@@ -138,7 +172,8 @@ def test_groups_with_their_own_weights_match_float64(device, dtype, split, block
     out = short_conv(xd, wd, position.to(device), groups=groups, split=split)
     parts = (out,) if split is None else out
     assert all(p.is_contiguous() and p.dtype == dtype for p in parts)
-    assert [p.shape[1] for p in parts] == ([C] if split is None else [split, C - split])
+    bounds = [0, *([] if split is None else [split] if isinstance(split, int) else split), C]
+    assert [p.shape[1] for p in parts] == [b - a for a, b in itertools.pairwise(bounds)]
     y = torch.cat(parts, 1)
     y.backward(dy.to(device=device, dtype=dtype))
     tol = TOL[dtype]
@@ -166,7 +201,10 @@ def _weighted(weight: torch.Tensor, W: int):
     (dict(groups=[(0, 10), (10, 19)]), r"groups=\[\(0, 10\), \(10, 19\)\] are invalid"),
     (dict(groups=[(0, 20)]), r"2 consecutive row ranges"),
     (dict(groups=[(0, 12), (10, 20)]), r"are invalid"),
-    (dict(split=72), r"split=72 is invalid: 0 < split < C=72"),
+    (dict(split=72), r"split=72 is invalid: one or two ascending column boundaries s with 0 < s < C=72"),
+    (dict(split=(30, 20)), r"split=\(30, 20\) is invalid: one or two ascending"),
+    (dict(split=(10, 20, 30)), r"split=\(10, 20, 30\) is invalid"),
+    (dict(split=(0, 20)), r"split=\(0, 20\) is invalid"),
 ])
 def test_bad_groups_or_split_are_refused_with_the_reason(kwargs, message):
     from momkit.kernels.short_conv import short_conv
