@@ -235,7 +235,8 @@ class MoMLayer(nn.Module):
             q, k, v, impl=cfg.impl, chunk_size=cfg.chunk_size, cu_seqlens=disp.offsets,
             output_final_state=use_cache, **gates, **cfg.rule_options,
         )
-        o = disp.combine(o_rows[0], fused)  # [B, T, H, V]
+        # squeeze, not [0]: a select's backward writes its gradient into a zero tensor of the whole input
+        o = disp.combine(o_rows.squeeze(0), fused)  # [B, T, H, V]
         y = self._output(x, o, fused)
 
         balance = BalanceStats.from_plan(plan, mask)
