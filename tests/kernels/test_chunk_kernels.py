@@ -306,20 +306,22 @@ def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expe
     assert used and used[0] == expected
 
 
+@pytest.mark.parametrize("gc", [None, 0], ids=["default", "summed"])
 @pytest.mark.parametrize(("name", "grouped"), [("deltanet", False), ("gated_deltanet", False),
                                                ("gated_deltanet", True)], ids=["deltanet", "gated", "gated-groups"])
-def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name, grouped, monkeypatch,
+def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name, grouped, gc, monkeypatch,
                                                               record_property):
-    """The launch option GC of the delta state passes: the decays of each chunk come from the chunk-local
-    cumulative log decays that wy_fwd stores, not summed in the sequential loop. Packed segments of 1, 0, 65,
+    """The delta state passes take each chunk's decays from the chunk-local cumulative log decays that wy_fwd
+    stores (by default), or sum them in their sequential loop (launch option GC=0). Packed segments of 1, 0, 65,
     4 and 70 tokens (chunks ending past the segment, a segment of one chunk and an empty one), with initial
     and final states, as one call and in groups of rows (cuts inside segments), against the float64 loop
-    (test_gate_domain_edges has it under strong decays)."""
+    (test_gate_domain_edges has both under strong decays)."""
     import momkit.kernels.delta.chunk as delta_chunk
     import momkit.kernels.delta.state as delta_state
 
-    monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": 1})
-    monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": 1})
+    if gc is not None:
+        monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": gc})
+        monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": gc})
     read = []
 
     def use_gc(opts, g, gc):
@@ -336,7 +338,8 @@ def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name,
     leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
     check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
     # forward (once per group), and the backward's forward and reverse passes (once per group)
-    assert len(read) == (3 * 4 if grouped else 3) and all(read) == (name == "gated_deltanet")
+    assert len(read) == (3 * 4 if grouped else 3) and all(read) == (name == "gated_deltanet" and gc is None)
+    assert any(read) == all(read)
 
 
 def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
@@ -528,20 +531,21 @@ def test_rule_step_into_allocates_no_state_sized_buffer(seed):
 
 @pytest.mark.parametrize("case", ["titans_alpha1_eta0", "titans_eta1", "delta_beta1", "gla_strong_decay",
                                   "mamba2_strong_decay", "gated_deltanet_strong_decay",
-                                  "gated_deltanet_strong_decay_gc"])
+                                  "gated_deltanet_strong_decay_summed"])
 def test_gate_domain_edges(device, seed, case, monkeypatch, request):
     """Gates at the ends of their domains: exact zeros and ones (titans' cumulative products through
-    an exact zero), beta = 1, log decays around -8 per token (gated_deltanet also with its state passes reading
-    the chunk-local cumulative decays: launch option GC)."""
+    an exact zero), beta = 1, log decays around -8 per token (gated_deltanet also with its state passes summing
+    each chunk's decays in their loop: launch option GC=0)."""
     name = {"titans_alpha1_eta0": "titans", "titans_eta1": "titans", "delta_beta1": "gated_deltanet",
             "gla_strong_decay": "gla", "mamba2_strong_decay": "mamba2",
-            "gated_deltanet_strong_decay": "gated_deltanet", "gated_deltanet_strong_decay_gc": "gated_deltanet"}[case]
+            "gated_deltanet_strong_decay": "gated_deltanet",
+            "gated_deltanet_strong_decay_summed": "gated_deltanet"}[case]
     rule = get_rule(name)
     regime = "strong_decay" if "strong_decay" in case else "typical"
-    if case.endswith("_gc"):
-        monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": 1})
-        monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": 1})
-        seed = zlib.crc32(request.node.nodeid.replace("_gc]", "]").encode())  # the inputs of the case above
+    if case.endswith("_summed"):
+        monkeypatch.setitem(_common.LAUNCH, "delta.fwd_h", {"GC": 0})
+        monkeypatch.setitem(_common.LAUNCH, "delta.bwd_dh", {"GC": 0})
+        seed = zlib.crc32(request.node.nodeid.replace("_summed]", "]").encode())  # the inputs of the case above
     leaves = make_leaves(rule, 1, 70, 2, 16, 16, torch.float32, seed, device, regime=regime)
     if case == "titans_alpha1_eta0":
         gen = torch.Generator().manual_seed(seed)
