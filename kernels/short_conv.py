@@ -91,18 +91,36 @@ def _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C: tl.constexpr, S1: tl.constexp
 
 
 @triton.jit
+def _part_ptr(y1, y2, y3, o_n, o_c, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, BC: tl.constexpr):
+    """Where the part boundaries are multiples of ``BC``, this program's channel block lies in one part: the
+    pointers of its columns ``o_c`` of rows ``o_n`` in that part (one load or store instead of one per part)."""
+    c0 = tl.program_id(1) * BC
+    if c0 < S1:
+        p = y1 + o_n[:, None] * S1 + o_c[None, :]
+    elif c0 < S2:
+        p = y2 + o_n[:, None] * (S2 - S1) + (o_c - S1)[None, :]
+    else:
+        p = y3 + o_n[:, None] * (C - S2) + (o_c - S2)[None, :]
+    return p
+
+
+@triton.jit
 def _conv_fwd_kernel(x, w, pos, table, y1, y2, y3, N, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
                      W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, GROUPED: tl.constexpr):
     o_n, o_c, m_n, m_c, _, w_off, _ = _tile(table, 0, N, C, W, BN, BC, GROUPED)
     pos_t = tl.load(pos + o_n, mask=m_n, other=0)
     z = _pre_activation(x, w + w_off, pos_t, o_n, o_c, m_n, m_c, N, C, W, BN, BC)
     y = z * tl.sigmoid(z)
-    p1, p2, p3, m1, m2, m3 = _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C, S1, S2)
-    tl.store(p1, y.to(y1.dtype.element_ty), mask=m1)
-    if S1 < S2:
-        tl.store(p2, y.to(y2.dtype.element_ty), mask=m2)
-    if S2 < C:
-        tl.store(p3, y.to(y3.dtype.element_ty), mask=m3)
+    if (S1 % BC) + (S2 % BC) == 0:
+        p = _part_ptr(y1, y2, y3, o_n, o_c, C, S1, S2, BC)
+        tl.store(p, y.to(y1.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
+    else:
+        p1, p2, p3, m1, m2, m3 = _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C, S1, S2)
+        tl.store(p1, y.to(y1.dtype.element_ty), mask=m1)
+        if S1 < S2:
+            tl.store(p2, y.to(y2.dtype.element_ty), mask=m2)
+        if S2 < C:
+            tl.store(p3, y.to(y3.dtype.element_ty), mask=m3)
 
 
 @triton.jit
@@ -113,12 +131,16 @@ def _dz_rows(x, w, pos, dy1, dy2, dy3, o_r, o_c, m_c, N, C: tl.constexpr, S1: tl
     pos_r = tl.load(pos + o_r, mask=m_r, other=0)
     z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
     sig = tl.sigmoid(z)
-    p1, p2, p3, m1, m2, m3 = _split_ptrs(dy1, dy2, dy3, o_r, o_c, m_r, m_c, C, S1, S2)
-    b_dy = tl.load(p1, mask=m1, other=0.0).to(tl.float32)
-    if S1 < S2:
-        b_dy += tl.load(p2, mask=m2, other=0.0).to(tl.float32)
-    if S2 < C:
-        b_dy += tl.load(p3, mask=m3, other=0.0).to(tl.float32)
+    if (S1 % BC) + (S2 % BC) == 0:
+        p = _part_ptr(dy1, dy2, dy3, o_r, o_c, C, S1, S2, BC)
+        b_dy = tl.load(p, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    else:
+        p1, p2, p3, m1, m2, m3 = _split_ptrs(dy1, dy2, dy3, o_r, o_c, m_r, m_c, C, S1, S2)
+        b_dy = tl.load(p1, mask=m1, other=0.0).to(tl.float32)
+        if S1 < S2:
+            b_dy += tl.load(p2, mask=m2, other=0.0).to(tl.float32)
+        if S2 < C:
+            b_dy += tl.load(p3, mask=m3, other=0.0).to(tl.float32)
     return b_dy * sig * (1.0 + z * (1.0 - sig)), pos_r
 
 

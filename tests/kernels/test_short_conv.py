@@ -57,33 +57,45 @@ def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     assert _rel(fused.weight.grad.cpu(), ref.weight.grad) < tol, "weight gradient"
 
 
-@pytest.mark.parametrize("shift", [{"SHIFT": 1, "BC": 64}, {"SHIFT": 2, "BC": 32}, {"SHIFT": 3, "BC": 64}],
+@pytest.mark.parametrize("shift", [{"SHIFT": 1}, {"SHIFT": 2}, {"SHIFT": 3}],
                          ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory"])
-def test_three_part_split_matches_float64(device, shift, monkeypatch):
-    """One weight, the output as three contiguous column parts (the single layer's q | k | v), whose
-    boundaries fall inside channel blocks: the parts and the gradients from three separate upstream
-    gradients, against float64 torch; an unused part (its gradient zeros) leaves the others' exact."""
+@pytest.mark.parametrize(("C", "split", "BC", "grouped"), [(72, (24, 50), 32, False), (192, (32, 96), 32, False),
+                                                           (192, (32, 96), 32, True), (96, 32, 16, True)],
+                         ids=["inside-blocks", "on-block-edges", "on-block-edges-groups", "two-parts-groups"])
+def test_split_parts_match_float64(device, shift, C, split, BC, grouped, monkeypatch):
+    """The output as contiguous column parts (the single layer's q | k | v, a memory's k | v) from separate
+    upstream gradients, against float64 torch: with part boundaries inside channel blocks (each block reads
+    and writes every part it touches) and on block edges (each block's one part); with one weight and with a
+    weight per row range (parts of unequal widths, so that a part read with another's row stride shows). An
+    unused part (its gradient zeros) leaves the others' exact."""
     from momkit.kernels import _common
     from momkit.kernels.short_conv import short_conv
 
-    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", shift)
-    gen = torch.Generator().manual_seed(17)
-    C, W, lengths, split = 72, 4, [40, 1, 90], (24, 50)
+    monkeypatch.setitem(_common.LAUNCH, "conv.fwd", {"BC": BC})
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", {**shift, "BC": BC})
+    gen = torch.Generator().manual_seed(17 + C)
+    W, lengths = 4, [40, 1, 90]
+    bounds = (0, *((split,) if isinstance(split, int) else split), C)
     position = torch.cat([torch.arange(n) for n in lengths])
+    groups = [(0, 41), (41, 131)] if grouped else None
     x = torch.randn(len(position), C, generator=gen)
-    w = torch.randn(C, W, generator=gen)
-    dys = [torch.randn(len(position), b - a, generator=gen) for a, b in itertools.pairwise((0, *split, C))]
+    w = torch.randn(*([2] if grouped else []), C, W, generator=gen)
+    dys = [torch.randn(len(position), b - a, generator=gen) for a, b in itertools.pairwise(bounds)]
     dys[1].zero_()  # as autograd passes for a part nothing downstream reads
 
     x64, w64 = x.to(F64).requires_grad_(True), w.to(F64).requires_grad_(True)
-    ShortConv.forward_packed(_weighted(w64, W), x64, position).backward(torch.cat(dys, 1).to(F64))
-    ref = ShortConv.forward_packed(_weighted(w.to(F64), W), x.to(F64), position)
+    ranges = groups or [(0, len(position))]
+    ref = torch.cat([ShortConv.forward_packed(_weighted(w64[i] if grouped else w64, W), x64[a:b], position[a:b])
+                     for i, (a, b) in enumerate(ranges)])
+    ref.backward(torch.cat(dys, 1).to(F64))
 
     xd, wd = x.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
-    q, k, v = short_conv(xd, wd, position.to(device), split=split)
-    assert [t.shape[1] for t in (q, k, v)] == [24, 26, 22] and all(t.is_contiguous() for t in (q, k, v))
-    torch.autograd.backward([q, v], [dys[0].to(device), dys[2].to(device)])
-    assert _rel(torch.cat([q, k, v], 1).detach().cpu(), ref) < 1e-5, "output"
+    parts = short_conv(xd, wd, position.to(device), groups=groups, split=split)
+    assert [t.shape[1] for t in parts] == [b - a for a, b in itertools.pairwise(bounds)]
+    assert all(t.is_contiguous() for t in parts)
+    used = [i for i in range(len(parts)) if i != 1]
+    torch.autograd.backward([parts[i] for i in used], [dys[i].to(device) for i in used])
+    assert _rel(torch.cat(parts, 1).detach().cpu(), ref.detach()) < 1e-5, "output"
     assert _rel(xd.grad.cpu(), x64.grad) < 1e-5, "input gradient"
     assert _rel(wd.grad.cpu(), w64.grad) < 1e-5, "weight gradient"
 
