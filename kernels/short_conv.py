@@ -9,7 +9,9 @@ sums of ``dweight``, and ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` 
 segment exactly when its position is at least ``s``). With one weight, the shifted rows of ``dz`` come from
 the block's own ``dz`` in registers (``tl.gather``) and, past the block's end, from a few halo rows
 recomputed: one launch. With groups, ``dz`` goes through memory (float32) to a second launch for ``dx``
-(faster there on an H100). Arithmetic in float32.
+(faster there on an H100). The launch option ``conv.bwd:SHIFT=4`` (widths up to 4) walks each block's rows
+in order instead, keeping the last ``W - 1`` rows of x and of dz in registers: every row read once, no
+gathers, and no recomputation but the ``W - 1`` rows after the block. Arithmetic in float32.
 
 Axis letters: N rows, C channels, W taps.
 """
@@ -93,15 +95,15 @@ def _split_ptrs(y1, y2, y3, o_n, o_c, m_n, m_c, C: tl.constexpr, S1: tl.constexp
 @triton.jit
 def _part_ptr(y1, y2, y3, o_n, o_c, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, BC: tl.constexpr):
     """Where the part boundaries are multiples of ``BC``, this program's channel block lies in one part: the
-    pointers of its columns ``o_c`` of rows ``o_n`` in that part (one load or store instead of one per part)."""
+    pointers of its columns ``o_c`` of rows ``o_n`` in that part (one load or store instead of one per part). The
+    part is picked as a scalar base, row stride and first column, so that one tile of pointers is formed."""
     c0 = tl.program_id(1) * BC
-    if c0 < S1:
-        p = y1 + o_n[:, None] * S1 + o_c[None, :]
-    elif c0 < S2:
-        p = y2 + o_n[:, None] * (S2 - S1) + (o_c - S1)[None, :]
-    else:
-        p = y3 + o_n[:, None] * (C - S2) + (o_c - S2)[None, :]
-    return p
+    in1 = c0 < S1
+    in2 = c0 < S2
+    base = tl.where(in1, y1, tl.where(in2, y2, y3))
+    stride = tl.where(in1, S1, tl.where(in2, S2 - S1, C - S2))
+    first = tl.where(in1, 0, tl.where(in2, S1, S2))
+    return base + o_n[:, None] * stride + (o_c - first)[None, :]
 
 
 @triton.jit
@@ -124,13 +126,9 @@ def _conv_fwd_kernel(x, w, pos, table, y1, y2, y3, N, C: tl.constexpr, S1: tl.co
 
 
 @triton.jit
-def _dz_rows(x, w, pos, dy1, dy2, dy3, o_r, o_c, m_c, N, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-             W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """``dz = dy * silu'(z)`` at rows ``o_r`` (z recomputed; 0 past N) and those rows' positions."""
-    m_r = o_r < N
-    pos_r = tl.load(pos + o_r, mask=m_r, other=0)
-    z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
-    sig = tl.sigmoid(z)
+def _dy_rows(dy1, dy2, dy3, o_r, o_c, m_r, m_c, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+             BC: tl.constexpr):
+    """The upstream gradient at rows ``o_r``, columns ``o_c`` (float32; 0 outside), read from its parts."""
     if (S1 % BC) + (S2 % BC) == 0:
         p = _part_ptr(dy1, dy2, dy3, o_r, o_c, C, S1, S2, BC)
         b_dy = tl.load(p, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
@@ -141,7 +139,23 @@ def _dz_rows(x, w, pos, dy1, dy2, dy3, o_r, o_c, m_c, N, C: tl.constexpr, S1: tl
             b_dy += tl.load(p2, mask=m2, other=0.0).to(tl.float32)
         if S2 < C:
             b_dy += tl.load(p3, mask=m3, other=0.0).to(tl.float32)
-    return b_dy * sig * (1.0 + z * (1.0 - sig)), pos_r
+    return b_dy
+
+
+@triton.jit
+def _silu_grad(b_dy, z):
+    sig = tl.sigmoid(z)
+    return b_dy * sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _dz_rows(x, w, pos, dy1, dy2, dy3, o_r, o_c, m_c, N, C: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+             W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """``dz = dy * silu'(z)`` at rows ``o_r`` (z recomputed; 0 past N) and those rows' positions."""
+    m_r = o_r < N
+    pos_r = tl.load(pos + o_r, mask=m_r, other=0)
+    z = _pre_activation(x, w, pos_r, o_r, o_c, m_r, m_c, N, C, W, BR, BC)
+    return _silu_grad(_dy_rows(dy1, dy2, dy3, o_r, o_c, m_r, m_c, C, S1, S2, BC), z), pos_r
 
 
 @triton.jit
@@ -207,6 +221,99 @@ def _conv_dx_kernel(w, pos, table, dz, dx, N, C: tl.constexpr, W: tl.constexpr, 
     tl.store(dx + o_n[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _conv_bwd_seq_kernel(x, w, pos, table, dy1, dy2, dy3, dx, dw_part, most, N, C: tl.constexpr, S1: tl.constexpr,
+                         S2: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                         GROUPED: tl.constexpr):
+    """SHIFT 4 (W <= 4): the rows of a block one after another, each read once. ``z_t`` from row t and the last
+    ``W - 1`` rows of x kept in registers, ``dz_t`` and the weight gradient's sums from it, and ``dx`` of row
+    ``t - (W - 1)`` from the last W rows of dz (row t + s is in row t's segment exactly when its position is
+    >= s); the block's last ``W - 1`` rows take dz from the rows after it (another group's rows enter only
+    through taps that their positions exclude). The next row's loads are issued one row ahead."""
+    r0, r1, w_off, slot = _block(table, most, N, C, W, BN, GROUPED)
+    end = tl.minimum(r0 + BN, r1)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    o_1 = tl.arange(0, 1)
+    w += w_off
+    # tap s multiplies x_{t-s}: weight column W - 1 - s
+    w0 = tl.load(w + o_c * W + (W - 1), mask=m_c, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w + o_c * W + (W - 2), mask=m_c & (W > 1), other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w + o_c * W + (W - 3), mask=m_c & (W > 2), other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(w + o_c * W + (W - 4), mask=m_c & (W > 3), other=0.0).to(tl.float32)[None, :]
+    xa = _row_of(x, r0 - 1 + o_1, o_c, m_c, N, C)  # x_{t-1}, x_{t-2}, x_{t-3} at t = r0
+    xb = _row_of(x, r0 - 2 + o_1, o_c, m_c, N, C)
+    xc = _row_of(x, r0 - 3 + o_1, o_c, m_c, N, C)
+    dza = tl.zeros([1, BC], dtype=tl.float32)  # dz_{t-1}, dz_{t-2}, dz_{t-3} (rows before r0: never used)
+    dzb = tl.zeros([1, BC], dtype=tl.float32)
+    dzc = tl.zeros([1, BC], dtype=tl.float32)
+    pa = tl.zeros([1], dtype=tl.int32)  # positions of rows t-1 and t-2
+    pb = tl.zeros([1], dtype=tl.int32)
+    g0 = tl.zeros([1, BC], dtype=tl.float32)  # the weight gradient's sums, tap by tap
+    g1 = tl.zeros([1, BC], dtype=tl.float32)
+    g2 = tl.zeros([1, BC], dtype=tl.float32)
+    g3 = tl.zeros([1, BC], dtype=tl.float32)
+    nx_x = _row_of(x, r0 + o_1, o_c, m_c, N, C)
+    nx_p = tl.load(pos + r0 + o_1, mask=(r0 + o_1) < N, other=0).to(tl.int32)
+    nx_dy = _dy_rows(dy1, dy2, dy3, r0 + o_1, o_c, (r0 + o_1) < N, m_c, C, S1, S2, BC)
+    for t in range(r0, end + W - 1):
+        xt, pt, dyt = nx_x, nx_p, nx_dy
+        o_n = t + 1 + o_1
+        nx_x = _row_of(x, o_n, o_c, m_c, N, C)
+        nx_p = tl.load(pos + o_n, mask=o_n < N, other=0).to(tl.int32)
+        nx_dy = _dy_rows(dy1, dy2, dy3, o_n, o_c, o_n < N, m_c, C, S1, S2, BC)
+        k1 = (pt >= 1)[:, None]
+        k2 = (pt >= 2)[:, None]
+        k3 = (pt >= 3)[:, None]
+        z = w0 * xt
+        if W > 1:
+            z += tl.where(k1, w1 * xa, 0.0)
+        if W > 2:
+            z += tl.where(k2, w2 * xb, 0.0)
+        if W > 3:
+            z += tl.where(k3, w3 * xc, 0.0)
+        dz = _silu_grad(dyt, z)
+        own = t < end  # rows after the block: their dz serves dx only
+        g0 += tl.where(own, dz * xt, 0.0)
+        if W > 1:
+            g1 += tl.where(own & k1, dz * xa, 0.0)
+        if W > 2:
+            g2 += tl.where(own & k2, dz * xb, 0.0)
+        if W > 3:
+            g3 += tl.where(own & k3, dz * xc, 0.0)
+        # dx of row r = t - (W - 1): sum over s of dz_{r+s} w_s [pos_{r+s} >= s]
+        if W == 1:
+            acc = dz * w0
+        elif W == 2:
+            acc = dza * w0 + tl.where(k1, dz * w1, 0.0)
+        elif W == 3:
+            acc = dzb * w0 + tl.where((pa >= 1)[:, None], dza * w1, 0.0) + tl.where(k2, dz * w2, 0.0)
+        else:
+            acc = (dzc * w0 + tl.where((pb >= 1)[:, None], dzb * w1, 0.0) + tl.where((pa >= 2)[:, None], dza * w2, 0.0)
+                   + tl.where(k3, dz * w3, 0.0))
+        o_r = t - (W - 1) + o_1
+        tl.store(dx + o_r[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty),
+                 mask=(o_r >= r0)[:, None] & m_c[None, :])
+        xc, xb, xa = xb, xa, xt
+        dzc, dzb, dza = dzb, dza, dz
+        pb, pa = pa, pt
+    p_w = dw_part + (slot * W) * C + o_1[:, None] * 0 + o_c[None, :]
+    tl.store(p_w, g0, mask=m_c[None, :])
+    if W > 1:
+        tl.store(p_w + C, g1, mask=m_c[None, :])
+    if W > 2:
+        tl.store(p_w + 2 * C, g2, mask=m_c[None, :])
+    if W > 3:
+        tl.store(p_w + 3 * C, g3, mask=m_c[None, :])
+
+
+@triton.jit
+def _row_of(x, o_r, o_c, m_c, N, C: tl.constexpr):
+    """Rows ``o_r`` (``[1]``) of ``x [N, C]`` at columns ``o_c``: a ``[1, BC]`` float32 tile, 0 outside."""
+    m = (o_r >= 0) & (o_r < N)
+    return tl.load(x + o_r[:, None] * C + o_c[None, :], mask=m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+
+
 def _group_table(groups, BR: int, device) -> tuple[Tensor, int]:
     """``[P, 4]`` int32 (group, block of the group, first row, the group's end row) of every ``BR``-row block of
     every group's rows ``[a, b)``, and the most blocks one group has."""
@@ -264,9 +371,16 @@ class ShortConvFn(torch.autograd.Function):
         G = 1 if groups is None else weight.shape[0]
         dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 3 else dx
-        _conv_bwd_kernel[grid](x, weight, position, table, *dys, dx, dz, dw_part, most, N, C=C, S1=S1, S2=S2, W=W,
-                               HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
+        if opts["SHIFT"] == 4 and W > 4:  # the sequential form keeps at most four rows of history
+            opts["SHIFT"] = 1
+        if opts["SHIFT"] == 4:
+            extra = {k: v for k, v in opts.items() if k != "SHIFT"}
+            _conv_bwd_seq_kernel[grid](x, weight, position, table, *dys, dx, dw_part, most, N, C=C, S1=S1, S2=S2,
+                                       W=W, GROUPED=groups is not None, **extra)
+        else:
+            dz = x.new_empty(N, C, dtype=torch.float32) if opts["SHIFT"] == 3 else dx
+            _conv_bwd_kernel[grid](x, weight, position, table, *dys, dx, dz, dw_part, most, N, C=C, S1=S1, S2=S2,
+                                   W=W, HB=max(2, triton.next_power_of_2(W - 1)), GROUPED=groups is not None, **opts)
         if opts["SHIFT"] == 3:
             extra = {k: v for k, v in opts.items() if k not in ("SHIFT", "BN", "BC")}
             _conv_dx_kernel[grid](weight, position, table, dz, dx, N, C=C, W=W, BN=opts["BN"], BC=opts["BC"],

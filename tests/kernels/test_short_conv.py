@@ -21,8 +21,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 70, 3], [130]], ids=["segments", "one"])
-@pytest.mark.parametrize("shift", [{"SHIFT": 1, "BC": 64}, {"SHIFT": 1, "BC": 128}, {"SHIFT": 2}, {"SHIFT": 3}],
-                         ids=["gathered-shifts", "gathered-shifts-bc128", "recomputed-shifts", "dz-in-memory"])
+@pytest.mark.parametrize("shift", [{"SHIFT": 1, "BC": 64}, {"SHIFT": 1, "BC": 128}, {"SHIFT": 2}, {"SHIFT": 3},
+                                   {"SHIFT": 4, "BN": 16, "BC": 64}],
+                         ids=["gathered-shifts", "gathered-shifts-bc128", "recomputed-shifts", "dz-in-memory",
+                              "rows-in-sequence"])
 def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     from momkit.kernels import _common
 
@@ -57,8 +59,8 @@ def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
     assert _rel(fused.weight.grad.cpu(), ref.weight.grad) < tol, "weight gradient"
 
 
-@pytest.mark.parametrize("shift", [{"SHIFT": 1}, {"SHIFT": 2}, {"SHIFT": 3}],
-                         ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory"])
+@pytest.mark.parametrize("shift", [{"SHIFT": 1}, {"SHIFT": 2}, {"SHIFT": 3}, {"SHIFT": 4, "BN": 16}],
+                         ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory", "rows-in-sequence"])
 @pytest.mark.parametrize(("C", "split", "BC", "grouped"), [(72, (24, 50), 32, False), (192, (32, 96), 32, False),
                                                            (192, (32, 96), 32, True), (96, 32, 16, True)],
                          ids=["inside-blocks", "on-block-edges", "on-block-edges-groups", "two-parts-groups"])
@@ -98,6 +100,34 @@ def test_split_parts_match_float64(device, shift, C, split, BC, grouped, monkeyp
     assert _rel(torch.cat(parts, 1).detach().cpu(), ref.detach()) < 1e-5, "output"
     assert _rel(xd.grad.cpu(), x64.grad) < 1e-5, "input gradient"
     assert _rel(wd.grad.cpu(), w64.grad) < 1e-5, "weight gradient"
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 5])
+def test_rows_in_sequence_at_every_width(device, W, monkeypatch):
+    """The sequential backward (SHIFT 4) keeps W - 1 rows of history for widths up to 4 (wider ones take SHIFT
+    1): the gradients against float64 torch at widths 1, 2, 3 and 5, on segments shorter and longer than W,
+    in blocks that end inside segments."""
+    from momkit.kernels import _common
+
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", {"SHIFT": 4, "BN": 8, "BC": 16})
+    gen = torch.Generator().manual_seed(30 + W)
+    C, lengths = 24, [2, 1, 19, 3, 30]
+    position = torch.cat([torch.arange(n) for n in lengths])
+    x = torch.randn(len(position), C, generator=gen)
+    dy = torch.randn(len(position), C, generator=gen)
+    ref = ShortConv(C, W).to(F64)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(C, W, generator=gen))
+    x64 = x.to(F64).requires_grad_(True)
+    ref.forward_packed(x64, position).backward(dy.to(F64))
+
+    conv = ShortConv(C, W).to(device)
+    with torch.no_grad():
+        conv.weight.copy_(ref.weight.float())
+    xd = x.to(device).requires_grad_(True)
+    conv.forward_packed(xd, position.to(device), fused=True).backward(dy.to(device))
+    assert _rel(xd.grad.cpu(), x64.grad) < 1e-5, "input gradient"
+    assert _rel(conv.weight.grad.cpu(), ref.weight.grad) < 1e-5, "weight gradient"
 
 
 def test_fused_dense_matches_unfused(device):
@@ -146,8 +176,10 @@ def test_float32_weight_with_bfloat16_input_keeps_its_precision(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("split", [None, 24, (24, 50)], ids=["whole", "split", "split3"])
 @pytest.mark.parametrize("blocks", [{}, {"conv.fwd": {"BN": 16}, "conv.bwd": {"BN": 32, "BC": 32}},
-                                    {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 3, "BN": 32}}],
-                         ids=["default-blocks", "small-blocks", "recomputed-shifts", "dz-in-memory"])
+                                    {"conv.bwd": {"SHIFT": 2}}, {"conv.bwd": {"SHIFT": 3, "BN": 32}},
+                                    {"conv.bwd": {"SHIFT": 4, "BN": 32}}],
+                         ids=["default-blocks", "small-blocks", "recomputed-shifts", "dz-in-memory",
+                              "rows-in-sequence"])
 def test_groups_with_their_own_weights_match_float64(device, dtype, split, blocks, monkeypatch):
     """Row ranges each convolved with their own weight in one launch (a mixture's memories), with the output
     in two column parts: against a float64 convolution per range. Ranges are not multiples of the row block
