@@ -22,6 +22,7 @@ from momkit.layers.norm import GatedRMSNorm
 from momkit.layers.official import apply_official_options
 from momkit.rules import get_rule
 from momkit.rules.base import compute_dtype
+from momkit.rules.gates import one_stacked
 
 Tensor = torch.Tensor
 
@@ -91,7 +92,11 @@ class SingleMemoryLayer(nn.Module):
                 q, k, v = (c.forward_dense(t, f) for c, t in ((self.q_conv, q), (mem.k_conv, k), (mem.v_conv, v)))
         q, k = self.rule.prepare_qk(q.view(B, T, H, K), k.view(B, T, H, K), f)
         v = v.view(B, T, H, V)
-        gates = mem.gates(x)
+        if f:  # the stacked form of one module: the gated rules' projections as one product
+            gates = {n: t.view(B, T, *t.shape[2:])
+                     for n, t in mem.gates.forward_stacked(one_stacked(mem.gates), x.flatten(0, 1)).items()}
+        else:
+            gates = mem.gates(x)
         kw = dict(impl=cfg.impl, chunk_size=cfg.chunk_size, output_final_state=use_cache, **cfg.rule_options)
         if attention_mask is None or bool(mask.all()):
             o, final = self.rule.forward(q, k, v, **gates, **kw)

@@ -14,7 +14,9 @@ Parameters that should not get weight decay (A_log, dt_bias) carry ``_no_weight_
 Decoding evaluates the gates of all memories of a layer at once: ``stack_parameters(modules)`` stacks the
 parameters and buffers of several modules of one class and configuration on a leading memory axis M, and
 ``module.forward_stacked(params, x)`` maps ``x [N, D]`` to gates ``[N, M, H]`` / ``[N, M, H, K]`` with one
-matrix product per linear map (every gate module implements it; tests compare it with ``forward``).
+matrix product per linear map, Gated DeltaNet's decay and beta maps as one (every gate module implements it;
+tests compare it with ``forward``). The layers' kernel path evaluates the gates this way too: the MoM layer
+for every memory at once, the single layer with ``one_stacked(module)``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
     leading axis: the ``params`` of ``forward_stacked``. Differentiable (``torch.stack``)."""
     named = [dict(itertools.chain(m.named_parameters(), m.named_buffers())) for m in modules]
     return {n: torch.stack([d[n] for d in named]) for n in named[0]}
+
+
+def one_stacked(module: nn.Module) -> dict[str, Tensor]:
+    """The ``params`` of ``forward_stacked`` for one module: its parameters and buffers as views with a leading
+    axis of 1 (no copies, nothing in the backward)."""
+    return {n: t[None] for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
 
 
 def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -168,8 +176,15 @@ class GatedDeltaGates(nn.Module):
         return {"g": g, **self.beta(x)}
 
     def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
-        g, _ = self.decay.forward_stacked(_sub(params, "decay."), x)
-        return {"g": g, **self.beta.forward_stacked(_sub(params, "beta."), x)}
+        # the decay's and beta's projections as one product (one pass over x forward, one for its gradient)
+        dec, bet = _sub(params, "decay."), _sub(params, "beta.")
+        H = dec["a_proj.weight"].shape[1]
+        bias = bet.get("proj.bias")
+        if bias is not None:
+            bias = torch.cat([torch.zeros_like(bias), bias], 1)
+        z = _stacked_linear(x, torch.cat([dec["a_proj.weight"], bet["proj.weight"]], 1), bias)  # [N, M, 2H]
+        dt = F.softplus(upcast(z[..., :H]) + dec["dt_bias"])
+        return {"g": -upcast(dec["A_log"]).exp() * dt, "beta": z[..., H:].sigmoid()}
 
 
 def decay_parameters(module: nn.Module) -> list[str]:
