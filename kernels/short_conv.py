@@ -297,7 +297,7 @@ def _conv_bwd_seq_kernel(x, w, pos, table, dy1, dy2, dy3, dx, dw_part, most, N, 
         xc, xb, xa = xb, xa, xt
         dzc, dzb, dza = dzb, dza, dz
         pb, pa = pa, pt
-    p_w = dw_part + (slot * W) * C + o_1[:, None] * 0 + o_c[None, :]
+    p_w = dw_part + (slot * W) * C + o_c[None, :]
     tl.store(p_w, g0, mask=m_c[None, :])
     if W > 1:
         tl.store(p_w + C, g1, mask=m_c[None, :])
