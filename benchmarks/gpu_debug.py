@@ -21,6 +21,9 @@ launched, and its resource report is read from the compiler: registers per threa
 >= 4 warps; HMMA: the older per-warp MMA), local-memory accesses (LDL / STL: spills in the instruction
 stream), barriers (BAR) and warp shuffles (SHFL: reductions and scans across threads). It reports the Triton
 it runs under: compare with the device's (``docs/performance.md`` says how to run it under another).
+``conv`` among the names compiles the short convolution as the single layer (q | k | v rows) and the MoM layer
+(k | v rows of five memories) run it at that shape, under the launch options given (``--launch`` or
+``MOMKIT_LAUNCH``, e.g. ``conv.bwd:SHIFT=4``).
 
 Runs the backward chain of ``DeltaChunk`` kernel by kernel on bf16 inputs and on float32 copies of
 them, synchronising after each kernel, and prints for every intermediate whether it is finite, its
@@ -33,6 +36,7 @@ poisons the CUDA context.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
@@ -249,6 +253,9 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
     try:
         for name in rules:
             current[0] = name
+            if name == "conv":
+                _compile_convs(current, B, T, H, K, V)
+                continue
             _, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cpu"))
             leaves = [x.requires_grad_(True) for x in (q, k, v, *gates.values())]
             opts = rule_options(name)
@@ -295,6 +302,26 @@ def resource_report(rules: list[str], shape=(4, 4096, 8, 128, 128), sass_dir: st
                   f"{len(re.findall(r'SHFL', sass)):>5}", flush=True)
 
 
+def _compile_convs(current: list[str], B: int, T: int, H: int, K: int, V: int) -> None:
+    """The short convolution's forward and backward as the layers run it at this shape: the single layer's
+    q | k | v rows (``conv``: B T rows in three parts, one weight) and the MoM layer's k | v rows (``conv-groups``:
+    3 B T rows, top-2 and the shared memory, in five groups of equal rows with their own weights, two parts)."""
+    from momkit.kernels.short_conv import short_conv
+
+    position = torch.arange(B * T) % T
+    x = torch.randn(B * T, H * (2 * K + V), dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(H * (2 * K + V), 4, requires_grad=True)
+    parts = short_conv(x, w, position, split=(H * K, 2 * H * K))
+    torch.autograd.backward(list(parts), [torch.ones_like(p) for p in parts])
+    current[0] = "conv-groups"
+    N = 3 * B * T
+    cuts = [N * g // 5 for g in range(6)]
+    x = torch.randn(N, H * (K + V), dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, H * (K + V), 4, requires_grad=True)
+    parts = short_conv(x, w, torch.arange(N) % T, groups=list(itertools.pairwise(cuts)), split=H * K)
+    torch.autograd.backward(list(parts), [torch.ones_like(p) for p in parts])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", default="deltanet")
@@ -305,7 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check", default=None, help="comma-separated rules: float64 checks and timing under --launch")
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
-    ap.add_argument("--resources", default=None, help="comma-separated rules: sm_90 resource report, no GPU")
+    ap.add_argument("--resources", default=None,
+                    help="comma-separated rules (or conv): sm_90 resource report, no GPU")
     ap.add_argument("--resources-shape", default="4x4096x8x128x128", metavar="BxTxHxKxV",
                     help="with --resources: the shape the kernels are compiled for")
     ap.add_argument("--sass", default=None,
@@ -313,9 +341,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     rules, keys = rule_names(), launch_keys()
     args.rule = name_list(ap, "--rule", args.rule, rules)[0]
-    for opt in ("profile", "resources", "check"):
+    for opt in ("profile", "check"):
         if getattr(args, opt) is not None:
             setattr(args, opt, name_list(ap, f"--{opt}", getattr(args, opt), rules))
+    if args.resources is not None:  # conv: the short convolution's kernels as the layers run them
+        args.resources = name_list(ap, "--resources", args.resources, [*rules, "conv"])
     args.shape = size_list(ap, "--shape", args.shape, (3,), "three positive integers T x K x V", "70x32x32",
                            one=True)[0]
     args.resources_shape = size_list(ap, "--resources-shape", args.resources_shape, (5,),

@@ -88,7 +88,7 @@ def test_resource_report_compiles_for_sm90_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_debug", "--resources", "linear_attn",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_debug", "--resources", "linear_attn,conv",
                           "--resources-shape", "1x64x1x16x16"], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -96,8 +96,12 @@ def test_resource_report_compiles_for_sm90_without_a_gpu():
     assert out[0].startswith(f"Triton {triton.__version__}, sm_90, B x T x H x K x V = 1 x 64 x 1 x 16 x 16")
     assert out[1].split()[-2:] == ["BAR", "SHFL"]
     rows = [ln.split() for ln in out[2:]]
-    assert {"_fwd_h_kernel", "_fwd_o_kernel", "_bwd_dh_kernel"} <= {r[1] for r in rows}
-    assert all(r[0] == "linear_attn" and len(r) == 13 and r[5].isdigit() for r in rows)
+    assert all(len(r) == 13 and r[5].isdigit() for r in rows)
+    kernels = {name: {r[1] for r in rows if r[0] == name} for name in ("linear_attn", "conv", "conv-groups")}
+    assert {"_fwd_h_kernel", "_fwd_o_kernel", "_bwd_dh_kernel"} <= kernels["linear_attn"]
+    # the single layer's convolution in one backward launch, the MoM layer's grouped one in two
+    assert kernels["conv"] == {"_conv_fwd_kernel", "_conv_bwd_kernel"}
+    assert kernels["conv-groups"] == {"_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel"}
 
 
 # ---------------------------------------------------------------------------------------------- kernel_variants
