@@ -98,7 +98,7 @@ def test_capacity_pilot_is_the_state_protocol_shortened():
 def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_control():
     """capacity_long: capacity_state's gated_deltanet and gla mixtures with the shared memory trained 3x as long,
     against the expanded memories; capacity_lr_edge: their mixtures and expanded memories on the learning-rate
-    grid widened by 3e-2. Every other cell is capacity_state's own resolved config (a storage holding
+    grid widened by 3e-2; capacity_lr_low: the expanded memories on the grid widened by 3e-4. Every other cell is capacity_state's own resolved config (a storage holding
     capacity_state reuses its seeds), and a new cell differs from capacity_state's only in what it controls."""
     from momkit.sweep.runner import _config_key
 
@@ -123,6 +123,16 @@ def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_contro
             assert _config_key(cfg) == _config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
         else:
             full = state[p["layout"], cfg.model.mom.rule, 1e-2]
+            assert _config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
+            assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
+    low = _capacity_cells("capacity_lr_low")
+    assert {p["layout"] for p, _ in low} == {"single_x4", "single_x5"}
+    assert {p["optim.lr"] for p, _ in low} == {3e-4, 1e-3, 3e-3, 1e-2}
+    for p, cfg in low:
+        if p["optim.lr"] > 3e-4:
+            assert _config_key(cfg) == _config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
+        else:
+            full = state[p["layout"], cfg.model.mom.rule, 1e-3]
             assert _config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
             assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
 
