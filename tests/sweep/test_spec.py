@@ -98,8 +98,9 @@ def test_capacity_pilot_is_the_state_protocol_shortened():
 def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_control():
     """capacity_long: capacity_state's gated_deltanet and gla mixtures with the shared memory trained 3x as long,
     against the expanded memories; capacity_lr_edge: their mixtures and expanded memories on the learning-rate
-    grid widened by 3e-2; capacity_lr_low: the expanded memories on the grid widened by 3e-4. Every other cell is capacity_state's own resolved config (a storage holding
-    capacity_state reuses its seeds), and a new cell differs from capacity_state's only in what it controls."""
+    grid widened by 3e-2; capacity_lr_low: the expanded memories on the grid widened by 3e-4. Every other cell is
+    capacity_state's own resolved config (a storage holding capacity_state reuses its seeds), and a new cell
+    differs from capacity_state's only in what it controls."""
     from momkit.sweep.runner import _config_key
 
     state = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_state")}
