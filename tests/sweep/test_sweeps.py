@@ -213,13 +213,15 @@ def test_timeout_stops_starting_seeds_and_queues_the_trial_again_with_its_finish
 
     def slow(*args, **kwargs):  # each seed outlasts the timeout
         result = train_seed(*args, **kwargs)
-        time.sleep(1.5)
+        time.sleep(5.5)
         return result
 
     monkeypatch.setattr(runner, "_train_seed", slow)
     spec = make_spec(tmp_path / "t.yaml", study="t", space={"model.mom.num_memories": [2]}, seeds=[0, 1])
     url = f"sqlite:///{tmp_path / 't.db'}"
-    assert main(["sweep", str(spec), "--storage", url, "--timeout", "1"]) == 0
+    # the timeout counts from the worker's start (storage, study): long enough that a loaded machine still
+    # starts the first seed within it
+    assert main(["sweep", str(spec), "--storage", url, "--timeout", "5"]) == 0
     first = _study(url, "t").get_trials()
     assert [t.state.name for t in first] == ["FAIL", "WAITING"]
     assert first[0].user_attrs["error"] == "timeout before seed 1; queued again"
