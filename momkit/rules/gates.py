@@ -37,14 +37,18 @@ Tensor = torch.Tensor
 def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
     """Every parameter and buffer of ``modules`` (one class and configuration), by name, stacked on a new
     leading axis: the ``params`` of ``forward_stacked``. Differentiable (``torch.stack``)."""
-    named = [dict(itertools.chain(m.named_parameters(), m.named_buffers())) for m in modules]
+    named = [dict(_named(m)) for m in modules]
     return {n: torch.stack([d[n] for d in named]) for n in named[0]}
 
 
 def one_stacked(module: nn.Module) -> dict[str, Tensor]:
     """The ``params`` of ``forward_stacked`` for one module: its parameters and buffers as views with a leading
     axis of 1 (no copies, nothing in the backward)."""
-    return {n: t[None] for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+    return {n: t[None] for n, t in _named(module)}
+
+
+def _named(module: nn.Module):
+    return itertools.chain(module.named_parameters(), module.named_buffers())
 
 
 def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -107,12 +111,16 @@ class DecayGate(nn.Module):
         self.dt_bias._no_weight_decay = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        dt = F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
-        return -upcast(self.A_log).exp() * dt, dt
+        return self.from_projection(self.a_proj(x), self.A_log, self.dt_bias)
 
     def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        dt = F.softplus(upcast(_stacked_linear(x, params["a_proj.weight"])) + params["dt_bias"])  # [N, M, H]
-        return -upcast(params["A_log"]).exp() * dt, dt
+        return self.from_projection(_stacked_linear(x, params["a_proj.weight"]), params["A_log"], params["dt_bias"])
+
+    @staticmethod
+    def from_projection(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, dt)`` from the projection ``a(x)`` (``[..., H]``; ``A_log`` and ``dt_bias`` broadcast to it)."""
+        dt = F.softplus(upcast(a) + dt_bias)
+        return -upcast(A_log).exp() * dt, dt
 
 
 class GLAGate(nn.Module):
@@ -183,8 +191,8 @@ class GatedDeltaGates(nn.Module):
         if bias is not None:
             bias = torch.cat([torch.zeros_like(bias), bias], 1)
         z = _stacked_linear(x, torch.cat([dec["a_proj.weight"], bet["proj.weight"]], 1), bias)  # [N, M, 2H]
-        dt = F.softplus(upcast(z[..., :H]) + dec["dt_bias"])
-        return {"g": -upcast(dec["A_log"]).exp() * dt, "beta": z[..., H:].sigmoid()}
+        g, _ = DecayGate.from_projection(z[..., :H], dec["A_log"], dec["dt_bias"])
+        return {"g": g, "beta": z[..., H:].sigmoid()}
 
 
 def decay_parameters(module: nn.Module) -> list[str]:
