@@ -8,10 +8,11 @@ One launch forward; the backward computes ``dz = dy * silu'(z)`` (z recomputed) 
 sums of ``dweight``, and ``dx_t = sum_s dz_{t+s} w[:, W-1-s] [pos_{t+s} >= s]`` (row ``t+s`` is in ``t``'s
 segment exactly when its position is at least ``s``). With one weight, the shifted rows of ``dz`` come from
 the block's own ``dz`` in registers (``tl.gather``) and, past the block's end, from a few halo rows
-recomputed: one launch. With groups, ``dz`` goes through memory (float32) to a second launch for ``dx``
-(faster there on an H100). The launch option ``conv.bwd:SHIFT=4`` (widths up to 4) walks each block's rows
-in order instead, keeping the last ``W - 1`` rows of x and of dz in registers: every row read once, no
-gathers, and no recomputation but the ``W - 1`` rows after the block. Arithmetic in float32.
+recomputed: one launch. With groups, ``dz`` goes through memory (float32) to a second launch for ``dx``.
+Those are the backward of widths above 4. Up to width 4 (the layers' default is 4) the backward walks each
+block's rows in order instead (``SHIFT`` 4), keeping the last ``W - 1`` rows of x and of dz in registers:
+every row read once, no gathers, and no recomputation but the ``W - 1`` rows after the block. Arithmetic in
+float32.
 
 Axis letters: N rows, C channels, W taps.
 """
@@ -24,15 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch
+from ._common import LAUNCH, launch
 
 Tensor = torch.Tensor
 
 BN, BC = 64, 128
-# The backward's defaults, by the fastest forward+backward GPU time on an H100 (Triton 3.6, bf16, W = 4;
-# docs/performance.md, "Short-conv backward variants"): with groups (the MoM layer's k | v rows, 24576 x 2048
-# in 5 groups) dz through memory, 712 -> 609 us; without (8192 rows of 3072 or 1024 channels) dz shifted in
-# registers with 128-wide channel blocks, 307 -> 274 and 113 -> 104 us.
+# The backward's defaults, by the fastest forward+backward GPU time (Triton 3.6, bf16; docs/performance.md,
+# "Short-conv backward variants"). Widths up to 4, on an H200 at W = 4: the sequential form, 128 rows of 256
+# channels at two warps; backward kernel 206 -> 85 us on the single layer's 8192 x 3072 rows, 295 -> 172 us on
+# the MoM layer's k | v rows (24576 x 2048 in 5 groups) against the defaults below. Wider, on an H100: with
+# groups dz through memory (712 -> 609 us forward+backward), without dz shifted in registers with 128-wide
+# channel blocks (307 -> 274 us).
+BWD_SEQ = {"BN": 128, "BC": 256, "SHIFT": 4, "num_warps": 2}
 BWD_GROUPED = {"BN": 64, "BC": 64, "SHIFT": 3}
 BWD_PLAIN = {"BN": 64, "BC": 128, "SHIFT": 1}
 
@@ -364,15 +368,12 @@ class ShortConvFn(torch.autograd.Function):
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
         dys = [d.contiguous() for d in dys]  # autograd gives zeros for a part unused downstream
         dys += dys[:1] * (3 - len(dys))  # the kernel's unused inputs: never read
-        best = BWD_PLAIN if groups is None else BWD_GROUPED
-        opts = launch("conv.bwd", BN=best["BN"], BC=best["BC"], SHIFT=best["SHIFT"])
+        opts = _bwd_options(W, groups is not None)
         grid, table, most = _grid(x, groups, opts)
         # a slot per row block; with groups per (group, block of the group), zero where a group has fewer
         G = 1 if groups is None else weight.shape[0]
         dw_part = (x.new_empty if groups is None else x.new_zeros)(G * most, W, C, dtype=torch.float32)
         dx = torch.empty_like(x)
-        if opts["SHIFT"] == 4 and W > 4:  # the sequential form keeps at most four rows of history
-            opts["SHIFT"] = 1
         if opts["SHIFT"] == 4:
             extra = {k: v for k, v in opts.items() if k != "SHIFT"}
             _conv_bwd_seq_kernel[grid](x, weight, position, table, *dys, dx, dw_part, most, N, C=C, S1=S1, S2=S2,
@@ -387,6 +388,17 @@ class ShortConvFn(torch.autograd.Function):
                                   GROUPED=groups is not None, **extra)
         dw = dw_part.view(G, most, W, C).sum(1).flip(1).transpose(1, 2)  # tap s -> weight column W - 1 - s
         return dx, dw.reshape(weight.shape).to(weight.dtype), None, None, None
+
+
+def _bwd_options(W: int, grouped: bool) -> dict:
+    """The backward's launch options: the sequential form's defaults up to width 4 unless the launch options
+    pick another ``SHIFT``, the others' defaults otherwise. The sequential form keeps at most four rows of
+    history: a wider convolution asked for it takes SHIFT 1 (with the options given)."""
+    shift = LAUNCH.get("conv.bwd", {}).get("SHIFT", 4)
+    opts = launch("conv.bwd", **(BWD_SEQ if W <= 4 and shift == 4 else BWD_GROUPED if grouped else BWD_PLAIN))
+    if opts["SHIFT"] == 4 and W > 4:
+        opts["SHIFT"] = 1
+    return opts
 
 
 def short_conv(x: Tensor, weight: Tensor, position: Tensor, groups: list[tuple[int, int]] | None = None,

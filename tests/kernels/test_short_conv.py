@@ -256,3 +256,22 @@ def test_bad_groups_or_split_are_refused_with_the_reason(kwargs, message):
     weight = torch.randn(2, 72, 4) if "groups" in kwargs else torch.randn(72, 4)
     with pytest.raises(ValueError, match=message):
         short_conv(torch.randn(20, 72), weight, torch.arange(20), **kwargs)
+
+
+
+@pytest.mark.parametrize("W, grouped, given, shift", [(4, False, {}, 4), (2, True, {}, 4), (5, False, {}, 1),
+                                                      (5, True, {}, 3), (4, False, {"SHIFT": 1}, 1),
+                                                      (4, True, {"SHIFT": 3}, 3), (5, False, {"SHIFT": 4}, 1)])
+def test_backward_form_by_width_and_launch_options(W, grouped, given, shift, monkeypatch):
+    """Up to width 4 the backward is the sequential form unless the launch options pick another; a form picked
+    that way, or taken by a wider convolution, starts from its own defaults (not the sequential form's warps)."""
+    from momkit.kernels import _common
+    from momkit.kernels import short_conv as sc
+
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", given)
+    opts = sc._bwd_options(W, grouped)
+    assert opts["SHIFT"] == shift
+    assert ("num_warps" in opts) == (shift == 4)
+    if not given:
+        own = sc.BWD_SEQ if W <= 4 else sc.BWD_GROUPED if grouped else sc.BWD_PLAIN
+        assert opts == own
