@@ -145,13 +145,95 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
                 cuts.append(c)
         return [*cuts, total]
 
-    need = -(-total * state_bytes // max(budget, total * state_bytes // 4))
+    need = groups_needed(total, state_bytes, budget)
     limit = 1.5 * cost([0, total])
     for G in range(min(total, need), 1, -1):
         cuts = split(G)
         if cost(cuts) <= limit:
             return list(itertools.pairwise([0, *(row(c) for c in cuts[1:-1]), cu[-1]]))
     return whole
+
+
+def groups_needed(chunks: int, state_bytes: int, budget: int) -> int:
+    """How many groups keep the per-chunk state buffers of ``chunks`` chunks within ``budget`` bytes, or within a
+    quarter of the whole where that is more (at most four groups)."""
+    return max(1, -(-chunks * state_bytes // max(budget, chunks * state_bytes // 4)))
+
+
+Piece = tuple[int, int, int]  # (segment n, first row, end row) of a group's share of segment n
+
+
+def interleaved_groups(cu: tuple[int, ...], BT: int, G: int) -> list[tuple[Piece, ...]]:
+    """``G`` groups that each hold a slice of every segment: segment ``n`` of ``c`` chunks is cut at chunks
+    ``ceil(g c / G)``, so group ``g`` holds its chunks ``ceil(g c / G) .. ceil((g + 1) c / G)``. Against
+    contiguous row ranges (``state_groups``), whose groups run one after another, no segment's pass waits for
+    groups that hold none of it: the longest segment's pass takes about as long as without groups. Pieces are
+    ``(n, lo, hi)`` as ``range_pieces`` gives them, by segment; a segment shorter than ``G`` chunks lies in
+    fewer groups (the first ones), an empty one in the first group; groups left without rows are dropped."""
+    groups: list[list[Piece]] = [[] for _ in range(G)]
+    empty = []
+    for n, (s, e) in enumerate(itertools.pairwise(cu)):
+        c = -(-(e - s) // BT)
+        bounds = [min(e, s + -(-g * c // G) * BT) for g in range(G)] + [e]
+        if c == 0:
+            empty.append((n, s, s))
+        for g in range(G):
+            if bounds[g] < bounds[g + 1]:
+                groups[g].append((n, bounds[g], bounds[g + 1]))
+    kept = [p for p in groups if p] or [[]]
+    kept[0] = sorted(kept[0] + empty)
+    return [tuple(p) for p in kept]
+
+
+def plan_cost(groups: list[tuple[Piece, ...]], BT: int, programs_per_segment: int, slots: int) -> float:
+    """The state passes' time of a plan in chunk-steps (one program's work on one chunk), by the lower bound
+    of each group's pass: its work spread over ``slots`` programs at once, or its longest piece where that is
+    longer; the groups run one after another."""
+    out = 0.0
+    for pieces in groups:
+        chunks = [-(-(hi - lo) // BT) for _, lo, hi in pieces]
+        out += max(sum(chunks) * programs_per_segment / slots, max(chunks, default=0))
+    return out
+
+
+# Interleaved groups gather their rows of the inputs and write their outputs and gradients to buffers of their
+# own, copied back: about a tenth of the state passes' time at the MoM layer's B1 T8192, K = V = 256 (7 row
+# tensors of 50 MB read and written, against 3 passes over 128 chunks); they are taken where they save more
+# than this factor. Those buffers also raise the peak: the layer's GPU path simulated on the CPU
+# (benchmarks/cpu_memory) peaks at 888, 847 and 820 MiB at B1 T8192 with 4, 5 and 6 interleaved groups, against
+# 820 for the 3 contiguous ones; so they are this many more than the budget asks.
+INTERLEAVE_GAIN = 1.3
+INTERLEAVE_EXTRA = 2
+STATE_PLANS = ("auto", "contiguous", "interleaved")
+
+
+def state_plan(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, budget: int, slots: int,
+               mode: str = "auto") -> list[tuple[Piece, ...]] | None:
+    """The groups a delta forward and backward run (``None``: the whole input at once), each as the pieces of
+    the segments it holds. ``contiguous``: the row ranges of ``state_groups``. ``interleaved``: the groups the
+    budget asks and ``INTERLEAVE_EXTRA`` more, each a slice of every segment (``interleaved_groups``). ``auto``: the
+    interleaved ones where the contiguous ones cost ``INTERLEAVE_GAIN`` times as much by ``plan_cost``
+    (a few long segments: at the MoM layer's B1 T8192 the shared memory's sequence is one group's alone), or
+    where ``state_groups`` kept the whole input because splitting it in ranges cost too much and interleaving
+    costs no more than the half again it allows."""
+    if mode not in STATE_PLANS:
+        raise ValueError(f"state plan {mode!r} is invalid: expected one of {', '.join(STATE_PLANS)}")
+    cu, BT = meta.cu_host, meta.chunk
+    ranges = state_groups(meta, programs_per_segment, state_bytes, budget, slots)
+    contiguous = None if len(ranges) == 1 else [tuple(range_pieces(cu, a, b)) for a, b in ranges]
+    need = groups_needed(meta.num_chunks, state_bytes, budget)
+    if mode == "contiguous" or need == 1 or meta.num_segments == 0:
+        return contiguous
+    inter = interleaved_groups(cu, BT, need + INTERLEAVE_EXTRA)
+    if mode == "interleaved":
+        return inter if len(inter) > 1 else None
+    whole = [tuple((n, lo, hi) for n, (lo, hi) in enumerate(itertools.pairwise(cu)))]
+    c_inter = plan_cost(inter, BT, programs_per_segment, slots)
+    if len(inter) == 1:
+        return contiguous
+    if contiguous is None:
+        return inter if c_inter <= 1.5 * plan_cost(whole, BT, programs_per_segment, slots) else None
+    return inter if plan_cost(contiguous, BT, programs_per_segment, slots) > INTERLEAVE_GAIN * c_inter else contiguous
 
 
 def range_pieces(cu: tuple[int, ...], a: int, b: int) -> list[tuple[int, int, int]]:
