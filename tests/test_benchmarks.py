@@ -381,3 +381,18 @@ def test_cpu_memory_names_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             cpu_memory.parse_args(argv)
         assert expected in capsys.readouterr().err
+
+
+def test_results_record_launch_options_and_a_forced_state_plan(monkeypatch):
+    """Every result file's environment names what was set apart from the defaults: launch options and the delta
+    kernels' group plan."""
+    from benchmarks._common import environment
+
+    monkeypatch.delenv("MOMKIT_LAUNCH", raising=False)
+    monkeypatch.delenv("MOMKIT_STATE_PLAN", raising=False)
+    env = environment("abc1234")
+    assert env["commit"] == "abc1234" and "launch" not in env and "state_plan" not in env
+    monkeypatch.setenv("MOMKIT_LAUNCH", "conv.bwd:SHIFT=1")
+    monkeypatch.setenv("MOMKIT_STATE_PLAN", "contiguous")
+    env = environment("abc1234")
+    assert env["launch"] == "conv.bwd:SHIFT=1" and env["state_plan"] == "contiguous"
