@@ -99,9 +99,8 @@ def test_resource_report_compiles_for_sm90_without_a_gpu():
     assert all(len(r) == 13 and r[5].isdigit() for r in rows)
     kernels = {name: {r[1] for r in rows if r[0] == name} for name in ("linear_attn", "conv", "conv-groups")}
     assert {"_fwd_h_kernel", "_fwd_o_kernel", "_bwd_dh_kernel"} <= kernels["linear_attn"]
-    # the single layer's convolution in one backward launch, the MoM layer's grouped one in two
-    assert kernels["conv"] == {"_conv_fwd_kernel", "_conv_bwd_kernel"}
-    assert kernels["conv-groups"] == {"_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel"}
+    # at the layers' width 4 both convolutions' backward is the sequential kernel, one launch
+    assert kernels["conv"] == kernels["conv-groups"] == {"_conv_fwd_kernel", "_conv_bwd_seq_kernel"}
 
 
 # ---------------------------------------------------------------------------------------------- kernel_variants
