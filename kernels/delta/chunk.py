@@ -47,8 +47,8 @@ Tensor = torch.Tensor
 # The forward and backward run group by group of rows where their chunk states (h, and the backward's dh the
 # same size) would pass this many bytes and splitting costs little time (``state_plan``): the MoM layer's
 # packed call at B4 T2048 or B1 T8192, K = V = 256, holds 200 MB of states per buffer. On an H100 at this
-# budget the layer's forward+backward peaks at 736 MiB at B4 T2048 M4 and 793 at B1 T8192 (fla's MomAttention:
-# 953 and 814), at 128 MiB at 920 and 917, for 4-6 % more GPU time than at 128
+# budget, with groups of equal chunks, the layer's forward+backward peaked at 736 MiB at B4 T2048 M4 and 793 at
+# B1 T8192 (fla's MomAttention: 953 and 814), at 128 MiB at 920 and 917, for 4-6 % more GPU time than at 128
 # (benchmarks/results/state_budget_h100_7e7db1b.txt); the single-memory layer at B4 T2048 stays whole.
 STATE_BUDGET = 64 * 2**20
 

@@ -264,11 +264,14 @@ def test_chunk_layout_matches_its_definition():
 
 
 @pytest.mark.parametrize(("layout", "expected"), [
-    ("packed", [(0, 65), (65, 66), (66, 70), (70, 140)]),  # the packed segments above; one cut inside 1 .. 66
+    # the budget of one byte asks for groups of at most a quarter of the chunks, here one chunk each
+    ("packed", [(0, 1), (1, 65), (65, 66), (66, 70), (70, 134), (134, 140)]),  # the packed segments above: the
+    # 65-token one cut after its first chunk, the 70-token one likewise, an empty one after the first
     ("long", [(0, 64), (64, 128), (128, 192), (192, 200)]),  # one sequence of 200 tokens, cut three times
-    ("stateless", [(0, 64), (64, 128), (128, 160), (160, 190)]),  # segments of 130, 30, 30; no initial or
-    # final state, and a group where a segment's last rows come before a whole segment
-    ("batch", [(0, 128), (128, 130), (130, 194), (194, 260)]),  # two rows of 130, each cut once
+    ("stateless", [(0, 64), (64, 128), (128, 130), (130, 160), (160, 190)]),  # segments of 130, 30, 30; no
+    # initial or final state
+    ("batch", [(0, 64), (64, 128), (128, 130), (130, 194), (194, 258), (258, 260)]),  # two rows of 130, each
+    # cut twice
     ("empty", [(0, 64), (64, 128)]),  # segments of 64, 0, 0, 64: two empty ones at the cut
 ], ids=["packed", "long", "stateless", "batch", "empty"])
 @pytest.mark.parametrize("plan", ["contiguous", "interleaved"])
@@ -349,15 +352,15 @@ def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name,
     cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
     leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
     check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
-    # forward (once per group), and the backward's forward and reverse passes (once per group)
-    assert len(read) == (3 * 4 if grouped else 3) and all(read) == (name == "gated_deltanet" and gc is None)
+    # forward (once per group: six here, one chunk each), and the backward's forward and reverse passes (once per group)
+    assert len(read) == (3 * 6 if grouped else 3) and all(read) == (name == "gated_deltanet" and gc is None)
     assert any(read) == all(read)
 
 
 def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
-    """Many short segments split on segment starts into groups of about equal chunks; one long sequence, or a
-    few long ones, split inside segments; a budget over four times the buffers asks no more than four groups;
-    a budget the buffers fit asks none; no group is made of empty segments only."""
+    """Many short segments split on segment starts, the longest together; one long sequence split inside it; a
+    budget over four times the buffers asks no more than four groups; a budget the buffers fit asks none; no
+    group is made of empty segments only; past MAX_CUT_CHOICES positions, groups of about equal chunks."""
     import itertools
 
     from momkit.kernels._common import CHUNK, chunk_meta, range_pieces, state_groups
@@ -377,6 +380,17 @@ def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
     assert groups([256, 0, 64], 1, slots=1) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]
     b16 = groups([1024] * 64 + [2048] * 16, 1)  # the budget asks for 384 groups; a quarter each at most
     assert len(b16) == 4 and b16[0][0] == 0 and b16[-1][1] == 98304
+    # routed shares of unequal lengths (as a router leaves them) then the shared memory's sequences: the cheapest
+    # cuts put the shared memory's 128 chunks in a group of their own, where equal groups mixed them
+    rng = random.Random(2)
+    shares = [rng.randint(700, 1300) for _ in range(16)]
+    b4 = groups(shares + [2048] * 4, 128)
+    assert b4[-1] == (sum(shares), sum(shares) + 8192) and all(b - a <= 128 * CHUNK for a, b in b4)
+    many = [rng.choice([0, 64, 100, 200]) for _ in range(400)]  # past MAX_CUT_CHOICES: groups of equal chunks
+    cu = (0, *itertools.accumulate(many))
+    out = groups(many, 60)
+    assert out[0][0] == 0 and out[-1][1] == cu[-1] and all(a < b for a, b in out)
+    assert [b for _, b in out[:-1]] == [a for a, _ in out[1:]]
 
 
 def test_range_pieces_give_every_segment_one_first_and_one_last_piece():
@@ -430,8 +444,9 @@ def test_interleaved_groups_hold_a_slice_of_every_segment():
 def test_state_plan_interleaves_few_long_segments():
     """A few long segments (the MoM layer at B1 T8192: four routed shares of 4096 rows and the shared memory's
     8192) are cut into interleaved groups, at what the budget asks and INTERLEAVE_EXTRA more, since ranges
-    of rows would run the shared memory's sequence alone, after the others; many short segments (B4 T2048)
-    keep their ranges; the plan can be forced either way; an unknown plan is refused with the allowed ones."""
+    of rows would run the shared memory's sequence alone, after the others (forced to ranges, the whole
+    input runs at once); many short segments (B4 T2048) keep their ranges; an unknown plan is refused with
+    the allowed ones."""
     from momkit.kernels._common import CHUNK, INTERLEAVE_EXTRA, chunk_meta, state_plan
 
     def plan(lengths, budget_chunks, mode="auto"):
@@ -443,7 +458,7 @@ def test_state_plan_interleaves_few_long_segments():
 
     b1, b4 = [4096] * 4 + [8192], [1024] * 16 + [2048] * 4
     assert kind(plan(b1, 128)) == "interleaved" and len(plan(b1, 128)) == 3 + INTERLEAVE_EXTRA
-    assert kind(plan(b1, 128, "contiguous")) == "contiguous" and len(plan(b1, 128, "contiguous")) == 3
+    assert plan(b1, 128, "contiguous") is None  # ranges would double the passes' time: the whole at once
     assert kind(plan(b4, 128)) == "contiguous" and len(plan(b4, 128)) == 3
     assert kind(plan(b4, 128, "interleaved")) == "interleaved"
     assert plan(b1, 400) is None and plan(b1, 400, "interleaved") is None  # the budget holds the whole input
