@@ -6,9 +6,9 @@ The cases and layers of ``benchmarks/gpu_layer.py`` (bf16, training mode). Each 
 interpreter with every kernel launch stubbed out: the launchers still allocate their outputs and buffers,
 and the torch ops between them run (on the CPU, so routing is real), but no kernel computes. The profiler's
 CPU allocator events give the same two figures as ``gpu_layer``: the peak of one forward+backward above what
-was allocated before it, and what the forward leaves held for the backward. At the default budget it reads
-760, 776, 820, 3029 and 398 MiB for the five cases, against the H100's 736, 735, 793, 3005 and 387 at 7e7db1b
-(``benchmarks/results/gpu_layer_h100_7e7db1b.json``): within 6 %, and high, as it should read: the profiler
+was allocated before it, and what the forward leaves held for the backward. At the default budget it read
+760, 776, 820, 3029 and 398 MiB for the five cases at 7e7db1b, against that commit's 736, 735, 793, 3005 and 387
+on an H100 (``benchmarks/results/gpu_layer_h100_7e7db1b.json``): within 6 %, and high, as it should read: the profiler
 does not see blocks allocated before it started being freed, so the parameter gradients that the call
 replaces count twice, and the CUDA allocator rounds blocks differently. Each case runs in a fresh process
 (one thread, no cycle collection during the call, fixed weights and inputs): after another case in the same

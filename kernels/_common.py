@@ -237,7 +237,8 @@ def plan_cost(groups: list[tuple[Piece, ...]], BT: int, programs_per_segment: in
 # tensors of 50 MB read and written, against 3 passes over 128 chunks); they are taken where they save more
 # than this factor. Those buffers also raise the peak: the layer's GPU path simulated on the CPU
 # (benchmarks/cpu_memory) peaks at 888, 847 and 820 MiB at B1 T8192 with 4, 5 and 6 interleaved groups, against
-# 820 for the 3 contiguous ones; so they are this many more than the budget asks.
+# 820 for the 3 ranges of equal chunks that state_groups cut there before; so they are this many more than
+# the budget asks.
 INTERLEAVE_GAIN = 1.3
 INTERLEAVE_EXTRA = 2
 STATE_PLANS = ("auto", "contiguous", "interleaved")
