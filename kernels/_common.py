@@ -192,7 +192,7 @@ def _cheapest_cuts(choices: list[int], starts: list[int], chunks: list[int], cap
 
 def groups_needed(chunks: int, state_bytes: int, budget: int) -> int:
     """How many groups keep the per-chunk state buffers of ``chunks`` chunks within ``budget`` bytes, or within a
-    quarter of the whole where that is more (at most four groups)."""
+    quarter of the whole (rounded down) where that is more."""
     return max(1, -(-chunks * state_bytes // max(budget, chunks * state_bytes // 4)))
 
 
