@@ -166,9 +166,9 @@ def _fwd_o_kernel(q, k, v, g, dt, h, A, o, cu, chunk_indices, scale, sA,
         for i_a in tl.static_range(NA):
             b_A += tl.load(A + i_a * sA + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
                            mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
-    if HAS_DT:
-        b_A *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
     b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    if HAS_DT:  # A diag(dt) v as A (dt v): dt scales v's rows, in the layout the row vectors already have
+        b_v = b_v.to(tl.float32) * tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o = (b_o + mm(b_A, b_v, WT, INTERP, PREC)) * scale
     tl.store(o + tok[:, None] * H * V + i_h * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
