@@ -40,9 +40,9 @@ OLD_BODY = """    i_t, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program
         for i_a in tl.static_range(NA):
             b_A += tl.load(A + i_a * sA + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
                            mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
-    if HAS_DT:
-        b_A *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
     b_v = tl.load(v + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    if HAS_DT:  # A diag(dt) v as A (dt v): dt scales v's rows, in the layout the row vectors already have
+        b_v = b_v.to(tl.float32) * tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o = (b_o + mm(b_A, b_v, WT, INTERP, PREC)) * scale
     tl.store(o + tok[:, None] * H * V + i_h * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
@@ -69,7 +69,7 @@ NEW_BODY = """    i_t, i_h = tl.program_id(0), tl.program_id(1)
             b_A += tl.load(A + i_a * sA + tok[:, None] * H * BT + i_h * BT + o_t[None, :],
                            mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
     if HAS_DT:
-        b_A *= tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)[None, :]
+        b_dt = tl.load(dt + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -86,6 +86,8 @@ NEW_BODY = """    i_t, i_h = tl.program_id(0), tl.program_id(1)
             b_o *= b_qdec[:, None]
         p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        if HAS_DT:
+            b_v = b_v.to(tl.float32) * b_dt[:, None]
         b_o = (b_o + mm(b_A, b_v, WT, INTERP, PREC)) * scale
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
