@@ -130,11 +130,10 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
     def group_cost(c0, c1):
         longest = max(min(starts[n + 1], c1) - max(starts[n], c0)
                       for n in range(bisect.bisect_right(starts, c0) - 1, bisect.bisect_left(starts, c1)))
-        return max((c1 - c0) * programs_per_segment / slots, longest)
+        return _pass_cost(c1 - c0, longest, programs_per_segment / slots)
 
     step = max(1, cap // 8)
-    choices = sorted({0, total, *(starts[n] + j for n in range(len(chunks)) if chunks[n]
-                                  for j in range(0, chunks[n], step if chunks[n] > step else chunks[n]))})
+    choices = sorted({0, total, *(starts[n] + j for n in range(len(chunks)) for j in range(0, chunks[n], step))})
     if len(choices) <= MAX_CUT_CHOICES:
         cuts = _cheapest_cuts(choices, starts, chunks, cap, programs_per_segment / slots)
     else:
@@ -228,8 +227,13 @@ def plan_cost(groups: list[tuple[Piece, ...]], BT: int, programs_per_segment: in
     out = 0.0
     for pieces in groups:
         chunks = [-(-(hi - lo) // BT) for _, lo, hi in pieces]
-        out += max(sum(chunks) * programs_per_segment / slots, max(chunks, default=0))
+        out += _pass_cost(sum(chunks), max(chunks, default=0), programs_per_segment / slots)
     return out
+
+
+def _pass_cost(chunks: int, longest: int, per_chunk: float) -> float:
+    """A group's state pass in chunk-steps, at least: its work over the slots, or its longest piece."""
+    return max(chunks * per_chunk, longest)
 
 
 # Interleaved groups gather their rows of the inputs and write their outputs and gradients to buffers of their
