@@ -43,9 +43,6 @@ def environment(commit: str | None = None, fla: bool = False) -> dict:
     launch = os.environ.get("MOMKIT_LAUNCH", "").strip()
     if launch:  # launch options other than the launchers' defaults (momkit.kernels._common.LAUNCH)
         env["launch"] = launch
-    plan = os.environ.get("MOMKIT_STATE_PLAN", "").strip()
-    if plan:  # the delta kernels' groups forced (momkit.kernels.delta.chunk.STATE_PLAN)
-        env["state_plan"] = plan
     return env
 
 

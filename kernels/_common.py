@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,20 +97,19 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
     """Contiguous row ranges ``(a, b)`` of the packed input, for a delta forward and backward run group by
     group, so that the per-chunk state buffers of one group (``state_bytes`` per chunk, for all heads) stay
     within ``budget`` bytes, or a quarter of the whole batch's where that is more, where that costs little
-    time; otherwise one group (``[(0, Ttot)]``), which ``state_plan`` may then split another way.
+    time; otherwise fewer groups, down to one (``[(0, Ttot)]``).
 
-    Cuts fall on chunk starts: on segments' first rows, or inside a segment, whose state the group before
-    then hands on to the group after (``range_pieces``). The sequential state passes run
-    ``programs_per_segment`` programs per segment piece, each as long as its piece, about ``slots`` at once,
-    longest first, and the groups run one after another. A group's pass takes at least its work over the
-    slots and at least its longest piece (``plan_cost``, in chunk-steps). The cuts are the cheapest by that
-    model among segment starts and, inside segments longer than an eighth of a group, every eighth of a group
-    (a shortest path over those positions, each group at most the budget), or, past ``MAX_CUT_CHOICES``
-    positions, near each multiple of the whole over the groups the budget asks (on a segment start where
-    one is near). A split that costs more than half again the whole batch's pass is not taken. The MoM layer
-    at B4 T2048 M4 (20 segments: 16 routed shares, then the shared memory's 4 sequences of 32 chunks): the
-    shared memory's sequences in a group of their own and the routed shares in three, 96 chunk-steps
-    against 112 for groups of equal chunks and 95 for the whole."""
+    Cuts fall on chunk starts: on a segment's first row where one lies within an eighth of a group's share
+    of chunks, otherwise inside a segment, whose state the group before then hands on to the group after
+    (``range_pieces``). The sequential state passes run ``programs_per_segment`` programs per segment piece,
+    each as long as its piece, about ``slots`` at once, longest first: a group's pass takes between
+    ``chunks * programs_per_segment / slots`` and that plus its longest piece (in chunk-steps), and the
+    groups run one after another. The model takes the middle, ``work / slots + longest / 2``, and keeps the
+    most groups (at most what the budget asks) that cost at most half again the whole batch's pass: a MoM
+    call packs many segments per memory and splits almost for free; a few long sequences split at a cost
+    (a piece of the longest then runs after the others instead of beside them). H100, MoM layer, K = V =
+    256, forward+backward at a 64 MiB budget against 128 (benchmarks/results/state_budget_h100_7e7db1b.txt):
+    four groups at B4 T2048 M4 cost 4 % of the layer's GPU time, three at B1 T8192 6 %."""
     BT = meta.chunk
     cu = meta.cu_host
     whole = [(0, cu[-1])]
@@ -120,161 +118,40 @@ def state_groups(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, b
     chunks = [(b - a + BT - 1) // BT for a, b in itertools.pairwise(cu)]
     starts = [0, *itertools.accumulate(chunks)]
     total = starts[-1]
-    need = groups_needed(total, state_bytes, budget)
-    cap = max(1, max(budget, total * state_bytes // 4) // state_bytes)  # chunks per group at most
 
     def row(c):  # the first row of global chunk c < total (its segment: the last to start at or before c)
         n = bisect.bisect_right(starts, c) - 1
         return cu[n] + (c - starts[n]) * BT
 
-    def group_cost(c0, c1):
-        longest = max(min(starts[n + 1], c1) - max(starts[n], c0)
-                      for n in range(bisect.bisect_right(starts, c0) - 1, bisect.bisect_left(starts, c1)))
-        return _pass_cost(c1 - c0, longest, programs_per_segment / slots)
+    seg_starts = sorted({starts[n] for n in range(len(chunks)) if chunks[n]})
 
-    step = max(1, cap // 8)
-    choices = sorted({0, total, *(starts[n] + j for n in range(len(chunks)) for j in range(0, chunks[n], step))})
-    if len(choices) <= MAX_CUT_CHOICES:
-        cuts = _cheapest_cuts(choices, starts, chunks, cap, programs_per_segment / slots)
-    else:
-        seg_starts = sorted({starts[n] for n in range(len(chunks)) if chunks[n]})
-        near, cuts = total / (8 * need), [0]
-        for k in range(1, need):
-            t = round(k * total / need)
+    def cost(cuts):
+        out = 0.0
+        for c0, c1 in itertools.pairwise(cuts):
+            longest = max(min(starts[n + 1], c1) - max(starts[n], c0) for n in range(len(chunks))
+                          if starts[n] < c1 and starts[n + 1] > c0)
+            out += (c1 - c0) * programs_per_segment / slots + longest / 2
+        return out
+
+    def split(G):  # chunk indices near each multiple of total / G, on a segment start where one is near
+        near = total / (8 * G)
+        cuts = [0]
+        for k in range(1, G):
+            t = round(k * total / G)
             i = bisect.bisect_left(seg_starts, t)
             best = min(seg_starts[max(i - 1, 0): i + 1], key=lambda c: abs(c - t), default=t)
             c = best if abs(best - t) <= near else t
             if cuts[-1] < c < total:
                 cuts.append(c)
-        cuts.append(total)
-    cost = sum(group_cost(c0, c1) for c0, c1 in itertools.pairwise(cuts))
-    if len(cuts) <= 2 or cost > 1.5 * group_cost(0, total):
-        return whole
-    return list(itertools.pairwise([0, *(row(c) for c in cuts[1:-1]), cu[-1]]))
+        return [*cuts, total]
 
-
-# at most this many cut positions go into state_groups' shortest path (its time grows with their square)
-MAX_CUT_CHOICES = 128
-
-
-def _cheapest_cuts(choices: list[int], starts: list[int], chunks: list[int], cap: int, per_chunk: float) -> list[int]:
-    """The cut positions (from ``choices``, which start at 0 and end at the total) splitting the chunks of
-    segments ``chunks`` (starting at ``starts``) into groups of at most ``cap`` with the least sum of
-    ``plan_cost``'s group costs (work ``per_chunk`` of the slots, or the longest piece) and one chunk-step per
-    group (the launches a group adds); the fewest cuts at equal cost. A shortest path over the positions."""
-    seg = [bisect.bisect_right(starts, c) - 1 for c in choices]  # the segment of the chunk at each position
-    best = [0.0] + [math.inf] * (len(choices) - 1)
-    prev = [0] * len(choices)
-    for j in range(1, len(choices)):
-        c1 = choices[j]
-        n1 = bisect.bisect_right(starts, c1 - 1) - 1
-        full, m = 0, n1 - 1  # the longest segment wholly inside the group, over segments n1 - 1 down to m + 1
-        for i in range(j - 1, -1, -1):
-            c0, n0 = choices[i], seg[i]
-            if c1 - c0 > cap:
-                break
-            if n0 == n1:
-                longest = c1 - c0
-            else:
-                while m > n0:
-                    full = max(full, chunks[m])
-                    m -= 1
-                longest = max(starts[n0 + 1] - c0, c1 - starts[n1], full)
-            v = best[i] + max((c1 - c0) * per_chunk, longest) + 1.0
-            if v < best[j]:
-                best[j], prev[j] = v, i
-    out = [len(choices) - 1]
-    while out[-1]:
-        out.append(prev[out[-1]])
-    return [choices[i] for i in reversed(out)]
-
-
-def groups_needed(chunks: int, state_bytes: int, budget: int) -> int:
-    """How many groups keep the per-chunk state buffers of ``chunks`` chunks within ``budget`` bytes, or within a
-    quarter of the whole (rounded down) where that is more."""
-    return max(1, -(-chunks * state_bytes // max(budget, chunks * state_bytes // 4)))
-
-
-Piece = tuple[int, int, int]  # (segment n, first row, end row) of a group's share of segment n
-
-
-def interleaved_groups(cu: tuple[int, ...], BT: int, G: int) -> list[tuple[Piece, ...]]:
-    """``G`` groups that each hold a slice of every segment: segment ``n`` of ``c`` chunks is cut at chunks
-    ``ceil(g c / G)``, so group ``g`` holds its chunks ``ceil(g c / G) .. ceil((g + 1) c / G)``. Against
-    contiguous row ranges (``state_groups``), whose groups run one after another, no segment's pass waits for
-    groups that hold none of it: the longest segment's pass takes about as long as without groups. Pieces are
-    ``(n, lo, hi)`` as ``range_pieces`` gives them, by segment; a segment shorter than ``G`` chunks lies in
-    fewer groups (the first ones), an empty one in the first group; groups left without rows are dropped."""
-    groups: list[list[Piece]] = [[] for _ in range(G)]
-    empty = []
-    for n, (s, e) in enumerate(itertools.pairwise(cu)):
-        c = -(-(e - s) // BT)
-        bounds = [min(e, s + -(-g * c // G) * BT) for g in range(G)] + [e]
-        if c == 0:
-            empty.append((n, s, s))
-        for g in range(G):
-            if bounds[g] < bounds[g + 1]:
-                groups[g].append((n, bounds[g], bounds[g + 1]))
-    kept = [p for p in groups if p] or [[]]
-    kept[0] = sorted(kept[0] + empty)
-    return [tuple(p) for p in kept]
-
-
-def plan_cost(groups: list[tuple[Piece, ...]], BT: int, programs_per_segment: int, slots: int) -> float:
-    """The state passes' time of a plan in chunk-steps (one program's work on one chunk), by the lower bound
-    of each group's pass: its work spread over ``slots`` programs at once, or its longest piece where that is
-    longer; the groups run one after another."""
-    out = 0.0
-    for pieces in groups:
-        chunks = [-(-(hi - lo) // BT) for _, lo, hi in pieces]
-        out += _pass_cost(sum(chunks), max(chunks, default=0), programs_per_segment / slots)
-    return out
-
-
-def _pass_cost(chunks: int, longest: int, per_chunk: float) -> float:
-    """A group's state pass in chunk-steps, at least: its work over the slots, or its longest piece."""
-    return max(chunks * per_chunk, longest)
-
-
-# Interleaved groups gather their rows of the inputs and write their outputs and gradients to buffers of their
-# own, copied back: about a tenth of the state passes' time at the MoM layer's B1 T8192, K = V = 256 (7 row
-# tensors of 50 MB read and written, against 3 passes over 128 chunks); they are taken where they save more
-# than this factor. Those buffers also raise the peak: the layer's GPU path simulated on the CPU
-# (benchmarks/cpu_memory) peaks at 888, 847 and 820 MiB at B1 T8192 with 4, 5 and 6 interleaved groups, against
-# 820 for the 3 ranges of equal chunks that state_groups cut there before; so they are this many more than
-# the budget asks.
-INTERLEAVE_GAIN = 1.3
-INTERLEAVE_EXTRA = 2
-STATE_PLANS = ("auto", "contiguous", "interleaved")
-
-
-def state_plan(meta: ChunkMeta, programs_per_segment: int, state_bytes: int, budget: int, slots: int,
-               mode: str = "auto") -> list[tuple[Piece, ...]] | None:
-    """The groups a delta forward and backward run (``None``: the whole input at once), each as the pieces of
-    the segments it holds. ``contiguous``: the row ranges of ``state_groups``. ``interleaved``: the groups the
-    budget asks and ``INTERLEAVE_EXTRA`` more, each a slice of every segment (``interleaved_groups``). ``auto``: the
-    interleaved ones where the contiguous ones cost ``INTERLEAVE_GAIN`` times as much by ``plan_cost``
-    (a few long segments: at the MoM layer's B1 T8192 the shared memory's sequence is one group's alone), or
-    where ``state_groups`` kept the whole input because splitting it in ranges cost too much and interleaving
-    costs no more than the half again it allows."""
-    if mode not in STATE_PLANS:
-        raise ValueError(f"state plan {mode!r} is invalid: expected one of {', '.join(STATE_PLANS)}")
-    cu, BT = meta.cu_host, meta.chunk
-    ranges = state_groups(meta, programs_per_segment, state_bytes, budget, slots)
-    contiguous = None if len(ranges) == 1 else [tuple(range_pieces(cu, a, b)) for a, b in ranges]
-    need = groups_needed(meta.num_chunks, state_bytes, budget)
-    if mode == "contiguous" or need == 1 or meta.num_segments == 0:
-        return contiguous
-    inter = interleaved_groups(cu, BT, need + INTERLEAVE_EXTRA)
-    if mode == "interleaved":
-        return inter if len(inter) > 1 else None
-    whole = [tuple((n, lo, hi) for n, (lo, hi) in enumerate(itertools.pairwise(cu)))]
-    c_inter = plan_cost(inter, BT, programs_per_segment, slots)
-    if len(inter) == 1:
-        return contiguous
-    if contiguous is None:
-        return inter if c_inter <= 1.5 * plan_cost(whole, BT, programs_per_segment, slots) else None
-    return inter if plan_cost(contiguous, BT, programs_per_segment, slots) > INTERLEAVE_GAIN * c_inter else contiguous
+    need = -(-total * state_bytes // max(budget, total * state_bytes // 4))
+    limit = 1.5 * cost([0, total])
+    for G in range(min(total, need), 1, -1):
+        cuts = split(G)
+        if cost(cuts) <= limit:
+            return list(itertools.pairwise([0, *(row(c) for c in cuts[1:-1]), cu[-1]]))
+    return whole
 
 
 def range_pieces(cu: tuple[int, ...], a: int, b: int) -> list[tuple[int, int, int]]:

@@ -382,16 +382,12 @@ def test_cpu_memory_names_bad_arguments(capsys):
         assert expected in capsys.readouterr().err
 
 
-def test_results_record_launch_options_and_a_forced_state_plan(monkeypatch):
-    """Every result file's environment names what was set apart from the defaults: launch options and the delta
-    kernels' group plan."""
+def test_results_record_launch_options(monkeypatch):
+    """Every result file's environment names the launch options set apart from the launchers' defaults."""
     from benchmarks._common import environment
 
     monkeypatch.delenv("MOMKIT_LAUNCH", raising=False)
-    monkeypatch.delenv("MOMKIT_STATE_PLAN", raising=False)
     env = environment("abc1234")
-    assert env["commit"] == "abc1234" and "launch" not in env and "state_plan" not in env
+    assert env["commit"] == "abc1234" and "launch" not in env
     monkeypatch.setenv("MOMKIT_LAUNCH", "conv.bwd:SHIFT=1")
-    monkeypatch.setenv("MOMKIT_STATE_PLAN", "contiguous")
-    env = environment("abc1234")
-    assert env["launch"] == "conv.bwd:SHIFT=1" and env["state_plan"] == "contiguous"
+    assert environment("abc1234")["launch"] == "conv.bwd:SHIFT=1"

@@ -13,19 +13,12 @@ states ``[N, H, K, V]`` float32. Derivation: ``kernels/delta/README.md``.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import os
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .._common import (
     CHUNK,
-    STATE_PLANS,
-    Piece,
     chunk_gram,
     chunk_meta,
     chunk_start,
@@ -36,7 +29,8 @@ from .._common import (
     mm,
     pow2,
     program_slots,
-    state_plan,
+    range_pieces,
+    state_groups,
     work_dtype,
 )
 from ..gated_linear.chunk import _decay_matrix, bwd_dv, chunk_dg, fwd_o
@@ -45,27 +39,12 @@ from .state import _state_blocks, delta_bwd_dh, delta_fwd_h, gc_wanted
 Tensor = torch.Tensor
 
 # The forward and backward run group by group of rows where their chunk states (h, and the backward's dh the
-# same size) would pass this many bytes and splitting costs little time (``state_plan``): the MoM layer's
+# same size) would pass this many bytes and splitting costs little time (``state_groups``): the MoM layer's
 # packed call at B4 T2048 or B1 T8192, K = V = 256, holds 200 MB of states per buffer. On an H100 at this
-# budget, with groups of equal chunks, the layer's forward+backward peaked at 736 MiB at B4 T2048 M4 and 793 at
-# B1 T8192 (fla's MomAttention: 953 and 814), at 128 MiB at 920 and 917, for 4-6 % more GPU time than at 128
+# budget the layer's forward+backward peaks at 736 MiB at B4 T2048 M4 and 793 at B1 T8192 (fla's MomAttention:
+# 953 and 814), at 128 MiB at 920 and 917, for 4-6 % more GPU time than at 128
 # (benchmarks/results/state_budget_h100_7e7db1b.txt); the single-memory layer at B4 T2048 stays whole.
 STATE_BUDGET = 64 * 2**20
-
-
-def _plan_from_env() -> str:
-    value = os.environ.get(STATE_PLAN_ENV, "auto")
-    if value not in STATE_PLANS:
-        from momkit.config import ConfigError
-
-        raise ConfigError(f"environment variable {STATE_PLAN_ENV}={value!r} is invalid: expected one of "
-                          f"{', '.join(STATE_PLANS)}")
-    return value
-
-
-# How the groups are made (``state_plan``): "auto", or "contiguous" / "interleaved" to compare the two
-STATE_PLAN_ENV = "MOMKIT_STATE_PLAN"
-STATE_PLAN = _plan_from_env()
 
 
 @triton.jit
@@ -466,51 +445,22 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     return dq, dk, dv, dbeta, dg, dh0
 
 
-def _groups(q, v, meta) -> list[tuple[Piece, ...]] | None:
+def _groups(q, v, meta) -> list[tuple[int, int]]:
     _, H, K = q.shape
     V = v.shape[-1]
     BV = _state_blocks(K, V)[2]
-    return state_plan(meta, H * triton.cdiv(V, BV), H * K * V * work_dtype(q.dtype).itemsize, STATE_BUDGET,
-                      program_slots(q.device), STATE_PLAN)
+    return state_groups(meta, H * triton.cdiv(V, BV), H * K * V * work_dtype(q.dtype).itemsize, STATE_BUDGET,
+                        program_slots(q.device))
 
 
-class _Rows:
-    """A group's rows: its pieces laid one after another (``sub``, the group's own chunk layout). Where they are
-    one range of the packed input, tensors are sliced and written in place; otherwise (interleaved groups)
-    gathered into a buffer of the group's rows and scattered back."""
-
-    def __init__(self, pieces: tuple[Piece, ...], device: torch.device):
-        lengths = [hi - lo for _, lo, hi in pieces]
-        local = (0, *itertools.accumulate(lengths))
-        self.sub = chunk_meta(1, local[-1], local, CHUNK, device)
-        self.span = None
-        self.index = None
-        if all(p[2] == q[1] for p, q in itertools.pairwise(pieces)):
-            self.span = (pieces[0][1], pieces[0][1] + local[-1])
-        else:
-            rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for _, lo, hi in pieces])
-            self.index = torch.from_numpy(rows).to(device)
-
-    def take(self, x: Tensor | None) -> Tensor | None:
-        """The group's rows of ``x`` (a view where they are one range)."""
-        if x is None:
-            return None
-        return x[self.span[0]:self.span[1]] if self.span else x.index_select(0, self.index)
-
-    def view(self, x: Tensor | None) -> Tensor | None:
-        """Where to write the group's rows of ``x``: a view of them, or a buffer ``put`` copies back."""
-        if x is None:
-            return None
-        return x[self.span[0]:self.span[1]] if self.span else x.new_empty(len(self.index), *x.shape[1:])
-
-    def put(self, x: Tensor | None, part: Tensor | None) -> None:
-        if x is not None and self.span is None:
-            x.index_copy_(0, self.index, part)
+def _rows(x: Tensor | None, a: int, b: int) -> Tensor | None:
+    return None if x is None else x[a:b]
 
 
-@functools.lru_cache(maxsize=32)
-def _rows_of(pieces: tuple[Piece, ...], device: torch.device) -> _Rows:
-    return _Rows(pieces, device)
+def _group(cu: tuple[int, ...], a: int, b: int, device: torch.device):
+    """The pieces of rows ``a .. b`` (``range_pieces``) and their chunk layout."""
+    pieces = range_pieces(cu, a, b)
+    return pieces, chunk_meta(1, b - a, (*(lo - a for _, lo, _ in pieces), b - a), CHUNK, device)
 
 
 def _group_states(pieces, cu, cut, per_segment, at_start: bool, k, v):
@@ -530,17 +480,16 @@ def _group_states(pieces, cu, cut, per_segment, at_start: bool, k, v):
 class DeltaChunk(torch.autograd.Function):
     """``(o, final_state)`` of deltanet / gated_deltanet on packed input ``[Ttot, H, *]``.
 
-    Where the chunk states of the whole input would pass the budget (``state_plan``), the forward and the
-    backward run group by group of rows (ranges of the packed rows, or a slice of every segment each): the
-    chunk states and the other row buffers exist for one group at a time. A segment cut between two groups
-    hands its float32 state on in the forward (saved for the backward) and the gradient of that state back in
-    the backward, which runs the groups last to first."""
+    Where the chunk states of the whole input would pass the budget (``state_groups``), the forward and the
+    backward run group by group of rows: the chunk states and the other row buffers exist for one group at a
+    time. A segment cut between two groups hands its float32 state on in the forward (saved for the backward)
+    and the gradient of that state back in the backward, which runs the groups last to first."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, output_final_state, meta):
         groups = _groups(q, v, meta)
         ctx.scale, ctx.meta, ctx.groups = scale, meta, groups
-        if groups is None:
+        if len(groups) == 1:
             Tm, w, u, _, gc = wy_fwd(k, v, beta, g, meta)
             h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=gc)
             o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
@@ -550,17 +499,15 @@ class DeltaChunk(torch.autograd.Function):
         o = torch.empty_like(v)
         Tm = k.new_empty(*k.shape[:2], CHUNK, dtype=torch.float32)
         finals, cut = [None] * meta.num_segments, {}
-        for pieces in groups:
-            rows = _rows_of(pieces, q.device)
-            sub, k_g, g_g, T_g, o_g = rows.sub, rows.take(k), rows.take(g), rows.view(Tm), rows.view(o)
-            _, w, u, _, gc = wy_fwd(k_g, rows.take(v), rows.take(beta), g_g, sub, T_out=T_g)
+        for a, b in groups:
+            pieces, sub = _group(cu, a, b, q.device)
+            k_g, g_g = k[a:b], _rows(g, a, b)
+            _, w, u, _, gc = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
             h, v_new, ht, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub,
                                           gc=gc)
             del w, u, gc
-            fwd_o(rows.take(q), k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o_g)
+            fwd_o(q[a:b], k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o[a:b])
             del h, v_new
-            rows.put(Tm, T_g)
-            rows.put(o, o_g)
             for i, (n, _, hi) in enumerate(pieces):
                 if hi < cu[n + 1]:
                     cut[(n, hi)] = ht[i]
@@ -576,21 +523,18 @@ class DeltaChunk(torch.autograd.Function):
         scale, meta, groups = ctx.scale, ctx.meta, ctx.groups
         do = do.contiguous()
         dht = contiguous(dht)
-        if groups is None:
+        if len(groups) == 1:
             return (*_backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta), None, None, None)
         cu = meta.cu_host
         cut = dict(zip(ctx.cuts, carried))
         grads = [torch.empty_like(x) for x in (q, k, v, beta)] + [None if g is None else torch.empty_like(g)]
         dh0, dcut = [None] * meta.num_segments, {}
-        for pieces in reversed(groups):
-            rows = _rows_of(pieces, q.device)
+        for a, b in reversed(groups):
+            pieces, sub = _group(cu, a, b, q.device)
             h0_g = _group_states(pieces, cu, cut, h0, True, k, v)
             dht_g = _group_states(pieces, cu, dcut, dht, False, k, v)
-            parts = [rows.view(x) for x in grads]
-            dh0_g = _backward(*(rows.take(x) for x in (q, k, v, beta, g)), h0_g, rows.take(Tm), rows.take(do), dht_g,
-                              scale, rows.sub, parts)[-1]
-            for x, part in zip(grads, parts, strict=True):
-                rows.put(x, part)
+            dh0_g = _backward(*(_rows(x, a, b) for x in (q, k, v, beta, g)), h0_g, Tm[a:b], do[a:b], dht_g, scale, sub,
+                              [_rows(x, a, b) for x in grads])[-1]
             for i, (n, lo, _) in enumerate(pieces):
                 if lo > cu[n]:
                     dcut[(n, lo)] = dh0_g[i]

@@ -264,37 +264,30 @@ def test_chunk_layout_matches_its_definition():
 
 
 @pytest.mark.parametrize(("layout", "expected"), [
-    # the budget of one byte asks for groups of at most a quarter of the chunks, here one chunk each
-    ("packed", [(0, 1), (1, 65), (65, 66), (66, 70), (70, 134), (134, 140)]),  # the packed segments above: the
-    # 65-token one cut after its first chunk, the 70-token one likewise, an empty one after the first
+    ("packed", [(0, 65), (65, 66), (66, 70), (70, 140)]),  # the packed segments above; one cut inside 1 .. 66
     ("long", [(0, 64), (64, 128), (128, 192), (192, 200)]),  # one sequence of 200 tokens, cut three times
-    ("stateless", [(0, 64), (64, 128), (128, 130), (130, 160), (160, 190)]),  # segments of 130, 30, 30; no
-    # initial or final state
-    ("batch", [(0, 64), (64, 128), (128, 130), (130, 194), (194, 258), (258, 260)]),  # two rows of 130, each
-    # cut twice
+    ("stateless", [(0, 64), (64, 128), (128, 160), (160, 190)]),  # segments of 130, 30, 30; no initial or
+    # final state, and a group where a segment's last rows come before a whole segment
+    ("batch", [(0, 128), (128, 130), (130, 194), (194, 260)]),  # two rows of 130, each cut once
     ("empty", [(0, 64), (64, 128)]),  # segments of 64, 0, 0, 64: two empty ones at the cut
 ], ids=["packed", "long", "stateless", "batch", "empty"])
-@pytest.mark.parametrize("plan", ["contiguous", "interleaved"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_forward_and_backward_in_groups_of_rows(device, seed, name, plan, layout, expected, monkeypatch,
-                                                record_property):
+def test_forward_and_backward_in_groups_of_rows(device, seed, name, layout, expected, monkeypatch, record_property):
     """The delta forward and backward run group by group of rows (forced by a state budget of one byte), with
     cuts inside segments (a group hands its state on, and the state's gradient back), with initial and final
-    states and without: the same outputs and gradients as the reference. Groups are ranges of rows
-    (contiguous, sliced in place) or a slice of every segment each (interleaved, gathered and scattered)."""
+    states and without: the same outputs and gradients as the reference."""
     import momkit.kernels._common as common
     import momkit.kernels.delta.chunk as delta_chunk
 
     used = []
 
     def groups(*args):
-        used.append(common.state_plan(*args))
+        used.append(common.state_groups(*args))
         return used[-1]
 
     monkeypatch.setattr(delta_chunk, "STATE_BUDGET", 1)
     monkeypatch.setattr(delta_chunk, "program_slots", lambda device: 1)  # no cost to splitting (GPU: 132)
-    monkeypatch.setattr(delta_chunk, "state_plan", groups)
-    monkeypatch.setattr(delta_chunk, "STATE_PLAN", plan)
+    monkeypatch.setattr(delta_chunk, "state_groups", groups)
     rule = get_rule(name)
     kw = {}
     if layout == "packed":
@@ -310,15 +303,7 @@ def test_forward_and_backward_in_groups_of_rows(device, seed, name, plan, layout
         B, T = (2, 130) if layout == "batch" else (1, 200)
         leaves = make_leaves(rule, B, T, 2, 16, 32, torch.float32, seed, device)
     check_against_reference(rule, {}, leaves, torch.float32, record=record_property, **kw)
-    if plan == "interleaved" and layout == "empty":  # two chunks of two segments: one slice of each is all
-        assert used[0] is None
-        return
-    spans = [(p[0][1], p[-1][2]) for p in used[0]]
-    contiguous = all(a[2] == b[1] for p in used[0] for a, b in itertools.pairwise(p))
-    if plan == "contiguous":
-        assert spans == expected and contiguous
-    else:  # but for one sequence, a group's rows lie in several ranges
-        assert len(used[0]) > 1 and contiguous == (layout == "long")
+    assert used and used[0] == expected
 
 
 @pytest.mark.parametrize("gc", [None, 0], ids=["default", "summed"])
@@ -352,15 +337,15 @@ def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name,
     cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
     leaves = make_leaves(rule, 1, 140, 2, 16, 32, torch.float32, seed, device, N=5)
     check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
-    # forward (once per group: six here, one chunk each), and the backward's forward and reverse passes (once per group)
-    assert len(read) == (3 * 6 if grouped else 3) and all(read) == (name == "gated_deltanet" and gc is None)
+    # forward (once per group), and the backward's forward and reverse passes (once per group)
+    assert len(read) == (3 * 4 if grouped else 3) and all(read) == (name == "gated_deltanet" and gc is None)
     assert any(read) == all(read)
 
 
 def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
-    """Many short segments split on segment starts, the longest together; one long sequence split inside it; a
-    budget over four times the buffers asks no more than four groups; a budget the buffers fit asks none; no
-    group is made of empty segments only; past MAX_CUT_CHOICES positions, groups of about equal chunks."""
+    """Many short segments split on segment starts into groups of about equal chunks; one long sequence, or a
+    few long ones, split inside segments; a budget over four times the buffers asks no more than four groups;
+    a budget the buffers fit asks none; no group is made of empty segments only."""
     import itertools
 
     from momkit.kernels._common import CHUNK, chunk_meta, range_pieces, state_groups
@@ -380,17 +365,6 @@ def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
     assert groups([256, 0, 64], 1, slots=1) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]
     b16 = groups([1024] * 64 + [2048] * 16, 1)  # the budget asks for 384 groups; a quarter each at most
     assert len(b16) == 4 and b16[0][0] == 0 and b16[-1][1] == 98304
-    # routed shares of unequal lengths (as a router leaves them) then the shared memory's sequences: the cheapest
-    # cuts put the shared memory's 128 chunks in a group of their own, where equal groups mixed them
-    rng = random.Random(2)
-    shares = [rng.randint(700, 1300) for _ in range(16)]
-    b4 = groups(shares + [2048] * 4, 128)
-    assert b4[-1] == (sum(shares), sum(shares) + 8192) and all(b - a <= 128 * CHUNK for a, b in b4)
-    many = [rng.choice([0, 64, 100, 200]) for _ in range(400)]  # past MAX_CUT_CHOICES: groups of equal chunks
-    cu = (0, *itertools.accumulate(many))
-    out = groups(many, 60)
-    assert out[0][0] == 0 and out[-1][1] == cu[-1] and all(a < b for a, b in out)
-    assert [b for _, b in out[:-1]] == [a for a, _ in out[1:]]
 
 
 def test_range_pieces_give_every_segment_one_first_and_one_last_piece():
@@ -411,74 +385,6 @@ def test_range_pieces_give_every_segment_one_first_and_one_last_piece():
         assert sorted(n for n, lo, _ in pieces if lo == cu[n]) == list(range(len(cu) - 1)), cuts
         assert sorted(n for n, _, hi in pieces if hi == cu[n + 1]) == list(range(len(cu) - 1)), cuts
         assert all(cu[n] <= lo <= hi <= cu[n + 1] for n, lo, hi in pieces), cuts
-
-
-def test_interleaved_groups_hold_a_slice_of_every_segment():
-    """Every segment's rows, in order and cut at its own chunk starts, one piece per group at most, each group's
-    piece after the group before's (the state is handed on in that order); empty segments in the first group;
-    no group without rows; the pieces of a group as many chunks apart as the segments allow."""
-    from momkit.kernels._common import CHUNK, interleaved_groups
-
-    rng = random.Random(1)
-    cases = [(0, 4096, 8192, 12288, 16384, 24576), (0, 0, 64, 64, 200), (0, 0, 0)]
-    cases += [(0, *itertools.accumulate(rng.choice([0, 1, 63, 64, 65, 300, 1000]) for _ in range(rng.randint(1, 9))))
-              for _ in range(100)]
-    for cu in cases:
-        for G in (2, 3, 6):
-            groups = interleaved_groups(cu, CHUNK, G)
-            assert 1 <= len(groups) <= G and all(groups)
-            assert all(hi > lo for p in groups[1:] for _, lo, hi in p)
-            for n, (s, e) in enumerate(itertools.pairwise(cu)):
-                mine = [(g, lo, hi) for g, p in enumerate(groups) for m, lo, hi in p if m == n]
-                assert [g for g, _, _ in mine] == sorted({g for g, _, _ in mine}), (cu, G, n)
-                assert mine[0][1] == s and mine[-1][2] == e and all(a[2] == b[1] for a, b in itertools.pairwise(mine))
-                assert all((lo - s) % CHUNK == 0 for _, lo, _ in mine)
-                c = -(-(e - s) // CHUNK)
-                assert len(mine) == max(1, min(c, G)) if c else mine == [(0, s, s)], (cu, G, n)
-    # the MoM layer's B1 T8192 M4: four routed shares and the shared memory's 8192 rows, 3 groups of 43 chunks
-    groups = interleaved_groups((0, 4096, 8192, 12288, 16384, 24576), CHUNK, 3)
-    assert [[(hi - lo) // CHUNK for _, lo, hi in p] for p in groups] == [[22, 22, 22, 22, 43], [21, 21, 21, 21, 43],
-                                                                        [21, 21, 21, 21, 42]]
-
-
-def test_state_plan_interleaves_few_long_segments():
-    """A few long segments (the MoM layer at B1 T8192: four routed shares of 4096 rows and the shared memory's
-    8192) are cut into interleaved groups, at what the budget asks and INTERLEAVE_EXTRA more, since ranges
-    of rows would run the shared memory's sequence alone, after the others (forced to ranges, the whole
-    input runs at once); many short segments (B4 T2048) keep their ranges; an unknown plan is refused with
-    the allowed ones."""
-    from momkit.kernels._common import CHUNK, INTERLEAVE_EXTRA, chunk_meta, state_plan
-
-    def plan(lengths, budget_chunks, mode="auto"):
-        cu = (0, *itertools.accumulate(lengths))
-        return state_plan(chunk_meta(1, cu[-1], cu, CHUNK, torch.device("cpu")), 32, 1, budget_chunks, 132, mode)
-
-    def kind(groups):
-        return "contiguous" if all(a[2] == b[1] for p in groups for a, b in itertools.pairwise(p)) else "interleaved"
-
-    b1, b4 = [4096] * 4 + [8192], [1024] * 16 + [2048] * 4
-    assert kind(plan(b1, 128)) == "interleaved" and len(plan(b1, 128)) == 3 + INTERLEAVE_EXTRA
-    assert plan(b1, 128, "contiguous") is None  # ranges would double the passes' time: the whole at once
-    assert kind(plan(b4, 128)) == "contiguous" and len(plan(b4, 128)) == 3
-    assert kind(plan(b4, 128, "interleaved")) == "interleaved"
-    assert plan(b1, 400) is None and plan(b1, 400, "interleaved") is None  # the budget holds the whole input
-    with pytest.raises(ValueError, match="state plan 'mixed' is invalid: expected one of auto, contiguous, "):
-        plan(b1, 128, "mixed")
-
-
-def test_state_plan_from_the_environment_is_checked(monkeypatch):
-    """MOMKIT_STATE_PLAN picks the plan in every process that imports the kernels; a bad value is one error
-    naming the variable, the value and the allowed ones."""
-    import momkit.kernels.delta.chunk as delta_chunk
-
-    from momkit.config import ConfigError
-
-    monkeypatch.setenv("MOMKIT_STATE_PLAN", "interleaved")
-    assert delta_chunk._plan_from_env() == "interleaved"
-    monkeypatch.setenv("MOMKIT_STATE_PLAN", "rows")
-    with pytest.raises(ConfigError, match="MOMKIT_STATE_PLAN='rows' is invalid: expected one of auto, contiguous, "
-                                          "interleaved"):
-        delta_chunk._plan_from_env()
 
 
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=VARIANT_IDS)

@@ -36,23 +36,19 @@ OFFICIAL = dict(share_decay=True, share_kv_conv=True, beta_bias=False, single_kv
 @pytest.mark.parametrize(("layer_cls", "rule", "options"), [
     (MoMLayer, "gated_deltanet", {}), (SingleMemoryLayer, "gated_deltanet", {}), (MoMLayer, "gla", {}),
     (MoMLayer, "hgrn2", {}), (MoMLayer, "ttt", {}), (MoMLayer, "gated_deltanet", OFFICIAL),
-    (MoMLayer, "deltanet", {"groups": "contiguous"}), (MoMLayer, "gated_deltanet", {"groups": "interleaved"})],
-    ids=["mom", "single", "mom-gla", "mom-hgrn2", "mom-ttt", "mom-official", "mom-delta-grouped",
-         "mom-interleaved"])
+    (MoMLayer, "deltanet", {"groups": True})],
+    ids=["mom", "single", "mom-gla", "mom-hgrn2", "mom-ttt", "mom-official", "mom-delta-grouped"])
 def test_layer_kernel_path_matches_float64_token_loop(device, layer_cls, rule, options, monkeypatch):
     """gated_deltanet normalises q and k (the fused L2 norm), gla does not; hgrn2 hands the kernels its key
     1 - exp(g) (its k projections get no gradient), ttt titans' zero alpha and eta; "official": the official
     code's parameter sharing (one convolution call over every memory's rows, shared decay parameters);
-    "grouped" / "interleaved": the delta forward and backward forced to run group by group of rows (ranges of
-    the packed segments, or a slice of each segment per group)."""
+    "grouped": the delta backward forced to run group by group of the packed segments."""
     options = dict(options)
-    plan = options.pop("groups", None)
-    if plan:
+    if options.pop("groups", False):
         import momkit.kernels.delta.chunk as delta_chunk
 
         monkeypatch.setattr(delta_chunk, "STATE_BUDGET", 1)
         monkeypatch.setattr(delta_chunk, "program_slots", lambda device: 1)
-        monkeypatch.setattr(delta_chunk, "STATE_PLAN", plan)
     torch.manual_seed(0)
     cfg = MoMConfig(hidden_size=32, num_heads=2, head_dim=16, rule=rule, num_memories=3, topk=2,
                     shared_memory=True, impl="triton", **options)
