@@ -258,7 +258,6 @@ def test_bad_groups_or_split_are_refused_with_the_reason(kwargs, message):
         short_conv(torch.randn(20, 72), weight, torch.arange(20), **kwargs)
 
 
-
 @pytest.mark.parametrize("W, grouped, given, shift", [(4, False, {}, 4), (2, True, {}, 4), (5, False, {}, 1),
                                                       (5, True, {}, 3), (4, False, {"SHIFT": 1}, 1),
                                                       (4, True, {"SHIFT": 3}, 3), (5, False, {"SHIFT": 4}, 1)])
