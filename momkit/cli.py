@@ -114,6 +114,9 @@ def _sweep_parsers(sub) -> None:
     r.add_argument("study")
     r.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help=storage_help)
     r.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <runs_dir>/<study>/report)")
+    r.add_argument("--pool", nargs="+", default=None, metavar="STUDY",
+                   help="judge the claims on the complete trials of these studies too (same storage, the same "
+                        "experiment on other grids: a learning rate the study did not try counts for its side)")
 
 
 def _add_convert(sub) -> None:
@@ -340,7 +343,7 @@ def cmd_sweep_report(args) -> int:
 
     matplotlib.use("Agg")  # files only, no window
     _quiet_optuna()
-    write_report(args.study, args.storage, args.out)
+    write_report(args.study, args.storage, args.out, pool=args.pool)
     return 0
 
 

@@ -16,7 +16,9 @@ Writes into ``--out`` (default ``<runs_dir>/<study>/report``):
   coloured by the swept parameters);
 * ``best_config.yaml`` — the best trial's resolved config, ready for ``momkit train``;
 * ``claims.csv``, ``claims.md``, ``claims.png`` — where the spec lists a paper's claims, each one's verdict
-  from the seeds and both sides with their intervals (``momkit.sweep.verdicts``).
+  from the seeds and both sides with their intervals (``momkit.sweep.verdicts``). With ``--pool OTHER ...`` the
+  claims are judged on the complete trials of the other studies in the same storage as well (``pool_trials``):
+  a control that widens a grid (a learning rate the first study did not try) then counts for each side's best.
 
 Where a cell (e.g. one num_memories x topk x shared memory) has several trials because other parameters
 (a learning rate) were searched too, the figures show the best trial of the cell, with the spread over its
@@ -223,6 +225,7 @@ def main_effects(df, space: list[str]) -> dict[str, float]:
 
 def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: Path, report: Report) -> None:
     import matplotlib.pyplot as plt  # the backend is the caller's (the command line uses Agg)
+    import numpy as np
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
@@ -270,9 +273,15 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         g = sns.catplot(data=data, kind="bar", x=x or name, y=metric, hue=name, hue_order=order,
                         order=None if x else order, errorbar=_t_interval if seeds > 1 else None, height=3.6,
                         aspect=1.9 if x else 1.4, palette="colorblind", legend=bool(x), alpha=0.85)
-        for ax in g.axes.flat:  # every seed as a dot on its bar
-            sns.stripplot(data=data, x=x or name, y=metric, hue=name, hue_order=order, order=None if x else order,
-                          dodge=bool(x), palette=["black"] * len(order), size=3, jitter=0.08, legend=False, ax=ax)
+        rng = np.random.get_state()  # seaborn jitters the dots with NumPy's global generator: seeded, so that
+        np.random.seed(0)  # the figure is the same file each time it is drawn from the same trials
+        try:
+            for ax in g.axes.flat:  # every seed as a dot on its bar
+                sns.stripplot(data=data, x=x or name, y=metric, hue=name, hue_order=order,
+                              order=None if x else order, dodge=bool(x), palette=["black"] * len(order), size=3,
+                              jitter=0.08, legend=False, ax=ax)
+        finally:
+            np.random.set_state(rng)
         g.set_axis_labels(x or name, metric.replace("/", "/\n"))
         best = f", the best {' x '.join(rest)} of each" if rest else ""
         ci = f"mean, 95 % interval and each of {seeds} seeds{best}" if seeds > 1 else best.lstrip(", ")
@@ -442,9 +451,49 @@ def _verdicts(df, claims: list[dict], fp: dict, metric: str, direction: str, out
     return rows
 
 
+def pool_trials(df, study_name: str, fp: dict, others: list[str], storage_url: str | None):
+    """``df`` (the study's trials) with the complete trials of the studies ``others`` in the same storage added
+    (column ``study``: the study a row comes from; the study's own rows keep theirs), for the claims. The other
+    studies must be the same experiment but for their grids: the same base config, overrides, objective, seeds and
+    searched parameters, and every named value (bundle) they share defined alike; a cell they share with the study
+    (the same parameter values: seeds one trained and the other reused) is taken once, from the study."""
+    import pandas as pd
+
+    space = fp.get("space", {})
+    cols = [param_column(name) for name in space]
+    frames = [df.assign(study=study_name)]
+    seen = set(df.loc[df["state"] == "COMPLETE", cols].astype(str).itertuples(index=False, name=None))
+    for other in others:
+        if other == study_name:
+            raise ConfigError(f"--pool {other!r} is invalid: it is the study reported; name other studies")
+        ofp = load_study(other, storage_url).user_attrs.get(SPEC_ATTR, {})
+        for key in ("base", "overrides", "objective", "seeds"):
+            if ofp.get(key) != fp.get(key):
+                raise ConfigError(f"--pool {other!r} is invalid: its {key} ({ofp.get(key)!r}) differs from "
+                                  f"{study_name!r}'s ({fp.get(key)!r}); only studies of one experiment pool")
+        ospace = ofp.get("space", {})
+        if list(ospace) != list(space):
+            raise ConfigError(f"--pool {other!r} is invalid: it searches {', '.join(ospace) or 'nothing'}, "
+                              f"{study_name!r} searches {', '.join(space)}; pooled studies search the same parameters")
+        for name, p in space.items():
+            mine, theirs = p.get("bundles") or {}, ospace[name].get("bundles") or {}
+            for value in sorted(set(mine) & set(theirs)):
+                if mine[value] != theirs[value]:
+                    raise ConfigError(f"--pool {other!r} is invalid: its {name}={value!r} sets {theirs[value]!r}, "
+                                      f"{study_name!r}'s sets {mine[value]!r}")
+        odf = trials_frame(load_study(other, storage_url))
+        odf = odf[odf["state"] == "COMPLETE"]
+        keys = list(odf[cols].astype(str).itertuples(index=False, name=None))
+        new = [k not in seen for k in keys]
+        seen.update(keys)
+        frames.append(odf[new].assign(study=other))
+    return pd.concat(frames, ignore_index=True)
+
+
 def write_report(study_name: str, storage_url: str | None = None, out_dir: str | Path | None = None, *,
-                 out: TextIO | None = None, figures: bool = True) -> Report:
-    """Export every trial of the study, draw the figures, print the table, write the best config."""
+                 out: TextIO | None = None, figures: bool = True, pool: list[str] | None = None) -> Report:
+    """Export every trial of the study, draw the figures, print the table, write the best config; the claims
+    judged on the complete trials of the studies ``pool`` as well (``pool_trials``)."""
     out = out or sys.stdout
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"--out={str(out_dir)!r} is invalid: it is a file; name a directory (created if missing)")
@@ -472,7 +521,8 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
         _figures(df, study, metric, direction, space, out_dir, report)
     _best_config(study, df, direction, metric, out_dir, report)
     claims = study.user_attrs.get(CLAIMS_ATTR) or []
-    verdict_rows = _verdicts(df, claims, fp, metric, direction, out_dir, report, figures)
+    judged = pool_trials(df, study_name, fp, pool, storage_url) if pool and claims else df
+    verdict_rows = _verdicts(judged, claims, fp, metric, direction, out_dir, report, figures)
     table = _display_frame(df, metric, direction, space)
     report.table = table.to_string(index=False)
     counts = df["state"].value_counts()
@@ -486,7 +536,8 @@ def write_report(study_name: str, storage_url: str | None = None, out_dir: str |
         print(f"variance of {metric} explained by each parameter alone: " + ", ".join(
             f"{names.get(k, k)} {v:.2f}" for k, v in sorted(report.effects.items(), key=lambda kv: -kv[1])), file=out)
     if verdict_rows:
-        print(f"claims ({metric}; the best cell of each side, mean ± 95 % half-width over seeds):", file=out)
+        pooled = f"; with the trials of {', '.join(pool)}" if pool else ""
+        print(f"claims ({metric}; the best cell of each side, mean ± 95 % half-width over seeds{pooled}):", file=out)
         for r in verdict_rows:
             group = f" [{r['group']}]" if r.get("group") else ""
             print(f"  {r['claim']}{group}: {r['better']} vs {r['than']}; difference {r.get('difference', '-')}: "

@@ -179,6 +179,8 @@ def verdicts(df, claims: list[dict], columns: dict[str, str], direction: str) ->
                 row[f"{side}_mean"], row[f"{side}_half"] = mean, half
                 row[f"{side}_seeds"] = [round(float(v), 6) for v in values]
                 row[f"{side}_trial"] = int(best["number"])
+                if "study" in best:  # trials pooled from several studies (momkit.sweep.report.pool_trials)
+                    row[f"{side}_study"] = best["study"]
                 row[f"{side}_cell"] = ", ".join(f"{k}={v}" for k, v in c[side].items())
                 free = [n for n in columns if n not in fixed and n not in c[side]]
                 row[f"{side}_free"] = ", ".join(f"{n}={best[columns[n]]}" for n in free)
@@ -241,7 +243,8 @@ def markdown(rows: list[dict], metric: str) -> str:
         if f"{name}_trial" not in r:
             return r[name]
         free = f"; {r[name + '_free']}" if r[name + "_free"] else ""
-        return f"{r[name]} (trial {r[name + '_trial']}{free})"
+        study = f" of {r[name + '_study']}" if r.get(name + "_study") else ""
+        return f"{r[name]} (trial {r[name + '_trial']}{study}{free})"
 
     for r in rows:
         cells = [r["claim"], r.get("group", ""), side(r, "better"), side(r, "than"), r.get("difference", ""),

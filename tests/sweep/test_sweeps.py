@@ -495,7 +495,7 @@ def test_a_cell_another_study_trained_is_reused_not_trained_again(tmp_path, make
 
 def test_a_bundle_of_named_variants_gets_its_own_figure(tmp_path, make_spec, capsys):
     """A protocol's layouts (a bundle of named variants) beside a searched learning rate: one bar per variant,
-    the best learning rate of each, with the 95 % interval over seeds and every seed drawn."""
+    the best learning rate of each, with the 95 % interval over seeds and every seed drawn, the same each time."""
     spec = make_spec(tmp_path / "lay.yaml", seeds=[0, 1],
                      space={"layout": {"type": "bundle", "values": {"one": {"model.mom.num_memories": 1},
                                                                      "two": {"model.mom.num_memories": 2}}},
@@ -510,6 +510,15 @@ def test_a_bundle_of_named_variants_gets_its_own_figure(tmp_path, make_spec, cap
     fig = tmp_path / "rep" / "objective_by_layout.png"
     assert fig.stat().st_size > 5000 and Image.open(fig).info["dpi"] == pytest.approx((150, 150), abs=0.1)
     assert not (tmp_path / "rep" / "objective_by_rule.png").exists()
+    # drawn again from the same trials, the same file (the seeds' dots jittered alike), the caller's NumPy
+    # generator left where it was
+    import numpy as np
+
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    assert main(["sweep-report", "lay", "--storage", url, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "objective_by_layout.png").read_bytes() == fig.read_bytes()
+    assert (np.random.get_state()[1] == state).all()
 
 
 def test_the_t_interval_of_the_figures_is_the_claims_interval():

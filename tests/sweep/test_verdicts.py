@@ -134,3 +134,42 @@ def test_claims_figure_keeps_a_fraction_on_one_axis_from_0_to_1():
     assert len([ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 3]) == 2  # each side's seeds
     loss = figure([row([2.0, 2.5, 3.0], [3.0, 3.5, 4.0])], "loss")
     assert loss.axes[0].get_xlim()[1] > 3.0 and "cut" not in loss.axes[0].get_xlabel()
+
+
+def test_claims_pooled_with_studies_that_widen_the_grid(tmp_path, make_spec, capsys):
+    """``sweep-report --pool``: each side's best cell is taken over the study's trials and those of the same
+    experiment on another learning rate (the rows name the study they come from); a study of another experiment
+    (other overrides, other searched parameters) or the study itself is refused, naming what differs."""
+    claim = {"claim": "two memories beat one", "better": {"model.mom.num_memories": 2},
+             "than": {"model.mom.num_memories": 1}}
+    url = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    space = {"model.mom.num_memories": [1, 2]}
+    for name, lr in (("a", 1e-3), ("b", 3e-2)):
+        spec = make_spec(tmp_path / f"{name}.yaml", seeds=2, claims=[claim], space={**space, "optim.lr": [lr]})
+        assert main(["sweep", str(spec), "--storage", url]) == 0
+    from momkit.sweep.report import load_study, trials_frame
+
+    frames = {n: trials_frame(load_study(n, url)) for n in ("a", "b")}
+    assert main(["sweep-report", "a", "--storage", url, "--out", str(tmp_path / "report"), "--pool", "b"]) == 0
+    assert "with the trials of b" in capsys.readouterr().out
+    row = pd.read_csv(tmp_path / "report" / "claims.csv").iloc[0]
+    for side, memories in (("better", 2), ("than", 1)):
+        cells = [(f[f["model.mom.num_memories"] == memories]["objective"].max(), n) for n, f in frames.items()]
+        best, study = max(cells)
+        assert row[f"{side}_study"] == study and row[f"{side}_mean"] == pytest.approx(best)
+    assert f"of {row['better_study']}" in (tmp_path / "report" / "claims.md").read_text()
+    # alone, the study judges its own trials only
+    assert main(["sweep-report", "a", "--storage", url, "--out", str(tmp_path / "alone")]) == 0
+    assert "better_study" not in pd.read_csv(tmp_path / "alone" / "claims.csv")
+
+    other = make_spec(tmp_path / "c.yaml", seeds=2, claims=[claim], space={**space, "optim.lr": [1e-2]},
+                      overrides={"optim.max_steps": 3})
+    assert main(["sweep", str(other), "--storage", url]) == 0
+    narrow = make_spec(tmp_path / "d.yaml", seeds=2, claims=[claim], space=space)
+    assert main(["sweep", str(narrow), "--storage", url]) == 0
+    capsys.readouterr()
+    for pooled, message in (("c", "--pool 'c' is invalid: its overrides"), ("a", "it is the study reported"),
+                            ("d", "--pool 'd' is invalid: it searches model.mom.num_memories, 'a' searches")):
+        assert main(["sweep-report", "a", "--storage", url, "--out", str(tmp_path / "x"), "--pool", pooled]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
