@@ -466,22 +466,26 @@ def pool_trials(df, study_name: str, fp: dict, others: list[str], storage_url: s
     for other in others:
         if other == study_name:
             raise ConfigError(f"--pool {other!r} is invalid: it is the study reported; name other studies")
-        ofp = load_study(other, storage_url).user_attrs.get(SPEC_ATTR, {})
+        ostudy = load_study(other, storage_url)
+        ofp = ostudy.user_attrs.get(SPEC_ATTR, {})
         for key in ("base", "overrides", "objective", "seeds"):
             if ofp.get(key) != fp.get(key):
                 raise ConfigError(f"--pool {other!r} is invalid: its {key} ({ofp.get(key)!r}) differs from "
                                   f"{study_name!r}'s ({fp.get(key)!r}); only studies of one experiment pool")
         ospace = ofp.get("space", {})
-        if list(ospace) != list(space):
+        if set(ospace) != set(space):
             raise ConfigError(f"--pool {other!r} is invalid: it searches {', '.join(ospace) or 'nothing'}, "
                               f"{study_name!r} searches {', '.join(space)}; pooled studies search the same parameters")
         for name, p in space.items():
+            if ospace[name].get("type") != p.get("type"):
+                raise ConfigError(f"--pool {other!r} is invalid: its {name} is a {ospace[name].get('type')} "
+                                  f"parameter, {study_name!r}'s a {p.get('type')}")
             mine, theirs = p.get("bundles") or {}, ospace[name].get("bundles") or {}
             for value in sorted(set(mine) & set(theirs)):
                 if mine[value] != theirs[value]:
                     raise ConfigError(f"--pool {other!r} is invalid: its {name}={value!r} sets {theirs[value]!r}, "
                                       f"{study_name!r}'s sets {mine[value]!r}")
-        odf = trials_frame(load_study(other, storage_url))
+        odf = trials_frame(ostudy)
         odf = odf[odf["state"] == "COMPLETE"]
         keys = list(odf[cols].astype(str).itertuples(index=False, name=None))
         new = [k not in seen for k in keys]
