@@ -54,7 +54,7 @@ class MoMConfig:
     conv_size: int = 4
     capacity_factor: float | None = None
     single_kv_proj: bool = False
-    aux_loss_scale: float = 0.01
+    aux_loss_scale: float = 1e-3
     z_loss_scale: float = 0.0
     layerwise_balance: bool = False
     # chunk length of the CPU path (the GPU kernels use their own); a memory sees about T * topk / M tokens

@@ -8,6 +8,7 @@ changes. Records (lists of dicts) are what ``momkit.analysis`` returns; they bec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import numpy as np
 
@@ -22,6 +23,20 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.
     fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
+
+
+def tilt_clashing_labels(fig, rotation: float = 25.0) -> None:
+    """Tilts the x tick labels of every axis of ``fig`` whose labels, side by side, would overlap (long names of
+    categories such as a protocol's layouts); labels that fit stay level."""
+    fig.canvas.draw()  # lays the tick labels out, so their extents are known
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+        if any(a.x1 > b.x0 for a, b in pairwise(boxes)):
+            for t in labels:
+                t.set_rotation(rotation)
+                t.set_horizontalalignment("right")
+                t.set_rotation_mode("anchor")
 
 
 def _np(x) -> np.ndarray:

@@ -228,6 +228,8 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     import numpy as np
     import seaborn as sns
 
+    from momkit.analysis.plots import tilt_clashing_labels
+
     sns.set_theme(style="whitegrid", context="notebook")
     complete = df[df["state"] == "COMPLETE"]
     seeds = int(df["seeds"].max()) if df["seeds"].notna().any() else 1
@@ -240,6 +242,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     def save(grid_or_fig, name: str, title: str) -> None:
         fig = grid_or_fig.figure if hasattr(grid_or_fig, "figure") else grid_or_fig
         fig.suptitle(title, y=1.02 + 0.06 * title.count("\n"))  # a second line clears the axes too
+        tilt_clashing_labels(fig)
         path = out_dir / name
         fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
@@ -269,7 +272,7 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
         cells = [c for c in (x, name) if c]
         rest = [short for p, short in short_names(space).items() if short not in cells and p != name and varies(p)]
         data = _per_seed(_best_per_cell(df, cells, direction), metric)
-        order = [v for v in dict.fromkeys(complete[name]) if v in set(data[name])]
+        order = _value_order(study, name, complete[name], set(data[name]))
         g = sns.catplot(data=data, kind="bar", x=x or name, y=metric, hue=name, hue_order=order,
                         order=None if x else order, errorbar=_t_interval if seeds > 1 else None, height=3.6,
                         aspect=1.9 if x else 1.4, palette="colorblind", legend=bool(x), alpha=0.85)
@@ -311,6 +314,13 @@ def _figures(df, study, metric: str, direction: str, space: list[str], out_dir: 
     if not curves.empty:
         save(learning_curves_figure(curves, space, metric, effects), "learning_curves.png",
              f"{study.study_name}: learning curves (first seed)")
+
+
+def _value_order(study, name: str, values, present: set) -> list:
+    """The order of a searched parameter's values on a figure: as the spec lists them (a protocol's layouts as
+    written), then any value the spec lacks in the order the trials ran; only the values ``present``."""
+    declared = study.user_attrs.get(SPEC_ATTR, {}).get("space", {}).get(name, {}).get("values") or []
+    return [v for v in dict.fromkeys([*declared, *values]) if v in present]
 
 
 def _curve_rows(df):

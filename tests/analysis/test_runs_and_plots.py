@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -136,6 +137,33 @@ def test_plot_helpers_return_figures_that_render():
     for fig in figs:
         assert isinstance(fig, Figure) and fig.axes
         assert _png(fig)[:4] == b"\x89PNG"
+
+
+def test_long_category_names_are_tilted_where_they_would_overlap():
+    from matplotlib.figure import Figure
+
+    from momkit.analysis.plots import tilt_clashing_labels
+
+    def bars(names):
+        fig = Figure(figsize=(5, 3))
+        ax = fig.subplots()
+        ax.bar(names, range(1, len(names) + 1))
+        return fig, ax
+
+    def overlap(ax):
+        boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()), key=lambda b: b.x0)
+        return any(a.x1 > b.x0 for a, b in pairwise(boxes))
+
+    long_names = ["learned_top2", "round_robin_top2", "hash_top2", "learned_top1_unnormalized", "learned_top1"]
+    fig, ax = bars(long_names)
+    fig.canvas.draw()
+    assert overlap(ax)  # level, these names run into each other
+    tilt_clashing_labels(fig)
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {25.0}
+    assert {t.get_horizontalalignment() for t in ax.get_xticklabels()} == {"right"}
+    fig, ax = bars(["m1", "m2", "m4"])
+    tilt_clashing_labels(fig)
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {0.0}
 
 
 def test_capacity_curves_that_coincide_stay_distinguishable():

@@ -99,7 +99,7 @@ def test_global_and_layerwise_balance():
     out = glob(x)
     from momkit.routing import load_balancing_loss
 
-    expect = 0.01 * load_balancing_loss([a.balance for a in out.aux])
+    expect = glob.cfg.mom.aux_loss_scale * load_balancing_loss([a.balance for a in out.aux])
     torch.testing.assert_close(out.aux_loss, expect)
     per_layer = make()
     per_layer.cfg.mom.layerwise_balance = True

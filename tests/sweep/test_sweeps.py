@@ -521,6 +521,19 @@ def test_a_bundle_of_named_variants_gets_its_own_figure(tmp_path, make_spec, cap
     assert (np.random.get_state()[1] == state).all()
 
 
+def test_variants_are_drawn_in_the_order_the_spec_lists_them():
+    from types import SimpleNamespace
+
+    from momkit.sweep.report import _value_order
+    from momkit.sweep.runner import SPEC_ATTR
+
+    study = SimpleNamespace(user_attrs={SPEC_ATTR: {"space": {"memories": {"values": ["m1", "m2", "m4", "m8"]}}}})
+    ran = ["m4", "m4", "m8", "m1", "m2", "m9"]  # reused cells finished first; m9 a value the spec lacks
+    assert _value_order(study, "memories", ran, {"m1", "m2", "m4", "m8", "m9"}) == ["m1", "m2", "m4", "m8", "m9"]
+    assert _value_order(study, "memories", ran, {"m8", "m2"}) == ["m2", "m8"]
+    assert _value_order(SimpleNamespace(user_attrs={}), "memories", ran, {"m1", "m4"}) == ["m4", "m1"]
+
+
 def test_the_t_interval_of_the_figures_is_the_claims_interval():
     from momkit.sweep.report import _t_interval
 
