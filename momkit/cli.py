@@ -7,7 +7,7 @@
                     [--cuda-graph]
     momkit info
     momkit sweep SPEC [--storage URL] [--study NAME] [--n-trials N] [--workers N] [--gpus IDS]
-                 [--workers-per-gpu K] [--mps] [--timeout S] [--retry-failed]
+                 [--workers-per-gpu K] [--mps] [--timeout S] [--retry-failed] [--parallel-seeds]
     momkit sweep-report STUDY [--storage URL] [--out DIR]
     momkit convert SRC DST     (an fla / Hugging Face MoM model folder <-> a momkit run directory)
 
@@ -106,6 +106,9 @@ def _sweep_parsers(sub) -> None:
     s.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds after which a worker starts no new trial or seed (a trial with seeds left is "
                         "queued again)")
+    s.add_argument("--parallel-seeds", action="store_true",
+                   help="each worker trains a trial's seeds side by side, one process each on its device (small "
+                        "models: a study with fewer trials left than a GPU has room for fills it; needs pruner: none)")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers
     s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     r = sub.add_parser("sweep-report", help="export, plot and summarise a sweep's trials",
@@ -312,7 +315,8 @@ def cmd_sweep(args) -> int:
     if args.worker_index is not None:  # one of the processes started by --workers
         study = check_study_name(args.study or spec.study, "--study")
         try:
-            run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads)
+            run_worker(spec, args.storage, study, timeout=args.timeout, threads=args.threads,
+                       parallel_seeds=args.parallel_seeds)
         except DeviceLost as e:
             _say(f"momkit: worker stopped: {e}")
             return EXIT_DEVICE_LOST
@@ -320,7 +324,7 @@ def cmd_sweep(args) -> int:
     try:
         summary = run_sweep(spec, args.storage, args.study, n_trials=args.n_trials, workers=args.workers,
                             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, timeout=args.timeout,
-                            mps=args.mps, retry=args.retry_failed)
+                            mps=args.mps, retry=args.retry_failed, parallel_seeds=args.parallel_seeds)
     except DeviceLost as e:  # the trials ran in this process: only a new one has a working GPU
         _say(f"momkit: sweep stopped: {e}; run the same command again to continue them")
         return 1

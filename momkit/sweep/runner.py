@@ -8,8 +8,9 @@ How a study is run, on one machine or many:
   trial by moving it from WAITING to RUNNING, which the storage does atomically, so every queued trial runs
   exactly once however many workers share the study, and a budget is never overrun.
 * **A trial.** Its parameters (suggested through Optuna, so samplers, pruners and optuna-dashboard see them)
-  become dotted overrides of the spec's base config; ``train()`` runs once per seed; the evaluation metrics
-  of the first seed are reported for pruning; the objective is the mean over seeds. The resolved config, the
+  become dotted overrides of the spec's base config; ``train()`` runs once per seed, one seed after another
+  or, with ``parallel_seeds``, all at once in child processes (``seeds.py``); the evaluation metrics of the
+  first seed are reported for pruning (in turn only); the objective is the mean over seeds. The resolved config, the
   run directory, the per-seed objectives, the metrics and routing telemetry are stored as user attributes;
   a failed trial keeps its error message.
 * **Dead workers.** On SQL storages a running trial records a heartbeat every ``heartbeat.interval`` seconds;
@@ -192,6 +193,7 @@ class _Context:
     retry: Any  # the retry callback: also queues a trial interrupted by Ctrl-C
     storage: Any = None  # the study's storage, searched for seeds another trial or study already trained
     deadline: float | None = None  # time.monotonic() after which no seed starts (the worker's timeout)
+    parallel_seeds: bool = False  # a trial's seeds trained side by side, one child process each (seeds.py)
 
 
 class _HeartbeatThread:
@@ -283,6 +285,63 @@ def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     return train(cfg, overwrite=True, callback=callback)
 
 
+def _outcome(spec: SweepSpec, result, config_key: str) -> dict:
+    """What the storage keeps of one seed's run (``seeds_done``)."""
+    return {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
+            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
+            "source": spec.objective.source,
+            "evaluation": result.best if spec.objective.source == "best" else result.final}
+
+
+def _seeds_side_by_side(ctx: _Context, study, trial, params: dict, first_cfg, done: dict,
+                        started: dict) -> list[dict] | None:
+    """The outcomes of every seed of a trial, those it lacks trained at once, one child process each
+    (``--parallel-seeds``); None where the worker's timeout has passed and the trial is queued again. As in the
+    sequential loop, a seed finished before (by this trial's earlier attempt or another trial with the same
+    config) is reused, a seed cut short goes on from its checkpoint, and each outcome is stored as it arrives."""
+    from momkit.sweep.seeds import resumable, train_side_by_side
+
+    spec, number = ctx.spec, trial.number
+    cfgs, keys, outcomes = {}, {}, {}
+    for i, seed in enumerate(map(str, spec.seeds)):
+        cfg = first_cfg if i == 0 else spec.trial_config(ctx.study_name, number, params, int(seed), ctx.threads)
+        cfg.run.best_metric = spec.objective.metric
+        cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
+        cfgs[seed], keys[seed] = cfg, _config_key(cfg)
+        outcome = done.get(seed)
+        if outcome is None or outcome["config_key"] != keys[seed]:
+            outcome = _trained_elsewhere(ctx.storage, keys[seed], spec.objective.source, ctx.study_name, number)
+        outcomes[seed] = outcome
+    todo = [seed for seed, o in outcomes.items() if o is None]
+    if todo and ctx.deadline is not None and time.monotonic() > ctx.deadline:
+        _queue_again(ctx, study, trial, f"timeout before seed {todo[0]}")
+        return None
+    for seed, o in outcomes.items():
+        if o is not None and done.get(seed) is not o:
+            done[seed] = o
+    jobs = []
+    for seed in todo:
+        resume_from = resumable(started, seed, keys[seed])
+        if resume_from is None:
+            started[seed] = {"run_dir": str(cfgs[seed].run_dir), "config_key": keys[seed]}
+        jobs.append((seed, cfgs[seed], resume_from))
+    trial.set_user_attr("seeds_started", started)
+    trial.set_user_attr("seeds_done", done)
+
+    def finished(seed: str, result, refused: str | None) -> None:
+        if refused is not None:  # the earlier run could not go on: this seed trained afresh
+            trial.set_user_attr(f"resume_refused_seed_{seed}", refused)
+            started[seed] = {"run_dir": str(result.run_dir), "config_key": keys[seed]}
+            trial.set_user_attr("seeds_started", started)
+        outcomes[seed] = done[seed] = _outcome(spec, result, keys[seed])
+        trial.set_user_attr("seeds_done", done)
+
+    errors = train_side_by_side(jobs, finished)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} seeds failed: " + "; ".join(errors))
+    return [outcomes[str(seed)] for seed in spec.seeds]
+
+
 def _queue_again(ctx: _Context, study, trial, why: str) -> None:
     """End the trial as failed and queue a retry of it (the seeds it finished kept)."""
     trial.set_user_attr("error", f"{why}; queued again")
@@ -334,7 +393,11 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         done = dict(queued.user_attrs.get("seeds_done") or {})
         started = dict(queued.user_attrs.get("seeds_started") or {})
         outcomes = []
-        for i, seed in enumerate(spec.seeds):
+        if ctx.parallel_seeds:
+            outcomes = _seeds_side_by_side(ctx, study, trial, params, cfg, done, started)
+            if outcomes is None:
+                return "FAIL"
+        for i, seed in enumerate([] if ctx.parallel_seeds else spec.seeds):
             if i:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
             cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
@@ -350,10 +413,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
                 return "FAIL"
             if outcome is None:
                 result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
-                outcome = {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
-                           "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
-                           "source": spec.objective.source,
-                           "evaluation": result.best if spec.objective.source == "best" else result.final}
+                outcome = _outcome(spec, result, config_key)
             if done.get(str(seed)) is not outcome:
                 done[str(seed)] = outcome
                 trial.set_user_attr("seeds_done", done)
@@ -444,8 +504,16 @@ def _claim(storage, study_id: int):
     return None
 
 
+def check_parallel_seeds(spec: SweepSpec, parallel_seeds: bool) -> None:
+    """Seeds side by side leave the pruner nothing to judge while a trial runs: refuse the combination."""
+    if parallel_seeds and len(spec.seeds) > 1 and spec.pruner.name != "none":
+        raise ConfigError(f"--parallel-seeds is invalid with pruner: {spec.pruner.name} ({spec.path}): a pruner judges "
+                          "the first seed's learning curve while the trial trains it; use pruner: {name: none}, or "
+                          "train the seeds one after another")
+
+
 def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: float | None = None,
-               threads: int | None = None) -> list[int]:
+               threads: int | None = None, parallel_seeds: bool = False) -> list[int]:
     """Claim and run queued trials of the study until none is left (or ``timeout`` seconds have passed: no
     trial, and no seed of a trial, starts after it; a trial with seeds left is queued again, keeping those it
     finished). Returns the numbers of the trials this worker ran."""
@@ -462,8 +530,9 @@ def run_worker(spec: SweepSpec, storage_url: str, study_name: str, *, timeout: f
         raise ConfigError(f"no study {study_name!r} in {describe(storage_url)}: a worker joins a study that "
                           "`momkit sweep` created") from None
     study_id = storage.get_study_id_from_name(study_name)
+    check_parallel_seeds(spec, parallel_seeds)
     ctx = _Context(spec, study_name, threads, f"{socket.gethostname()}:{os.getpid()}", retry, storage,
-                   None if timeout is None else start + timeout)
+                   None if timeout is None else start + timeout, parallel_seeds and len(spec.seeds) > 1)
     beating = heartbeat_enabled(storage)
     poll = min(5.0, spec.heartbeat.interval / 2)
     ran: list[int] = []
@@ -548,18 +617,21 @@ def summarize(spec: SweepSpec, storage, study_name: str) -> tuple[dict[str, int]
 def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str | None = None, *,
               n_trials: int | None = None, workers: int | None = None, gpus: str | None = None,
               workers_per_gpu: int | None = None, timeout: float | None = None, mps: bool = False,
-              retry: bool = False, out: TextIO | None = None, progress_bar: bool | None = None) -> SweepSummary:
+              retry: bool = False, parallel_seeds: bool = False, out: TextIO | None = None,
+              progress_bar: bool | None = None) -> SweepSummary:
     """Run a sweep from this machine: create or resume the study, then run ``workers`` workers here (in this
     process when 1 and nothing needs pinning, else as child processes, each pinned to its GPU and all sharing
     the CPU cores; see ``plan_workers`` for ``workers``, ``gpus`` and ``workers_per_gpu``; with ``mps``, the
     GPU workers under CUDA's Multi-Process Service), printing one line per finished trial. With ``retry``, the
-    failed trials no retry replaces are queued again first (``retry_failed``). Other machines may run workers on
-    the same study at the same time."""
+    failed trials no retry replaces are queued again first (``retry_failed``). With ``parallel_seeds``, each
+    worker trains a trial's seeds side by side, one child process each on its device (``seeds.py``). Other
+    machines may run workers on the same study at the same time."""
     out = out or sys.stdout
     storage_url = storage_url or DEFAULT_STORAGE
     study_name = check_study_name(study_name or spec.study, "--study")
     visible = _devices()
     workers, devices = plan_workers(visible, workers, gpus, workers_per_gpu)
+    check_parallel_seeds(spec, parallel_seeds)
     if mps and not devices:
         raise ConfigError("--mps is invalid: no CUDA GPU is visible on this machine (MPS shares a GPU between the "
                           "worker processes)")
@@ -589,7 +661,8 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         monitor.close()
         print("nothing left to run", file=out, flush=True)
     else:
-        threads = None if workers == 1 else max(1, _cpu_count() // workers)
+        side_by_side = len(spec.seeds) if parallel_seeds else 1  # processes training at once per worker
+        threads = None if workers * side_by_side == 1 else max(1, _cpu_count() // (workers * side_by_side))
         if devices:
             where = ", ".join(f"worker {i} -> GPU {devices[i]}" for i in range(workers)) + (", MPS" if mps else "")
         elif spec.sets("run.threads"):
@@ -603,20 +676,21 @@ def run_sweep(spec: SweepSpec, storage_url: str | None = None, study_name: str |
         if workers == 1 and devices == visible and not mps:  # nothing to pin: trials run in this process
             monitor.start()
             try:
-                ran = run_worker(spec, storage_url, study_name, timeout=timeout, threads=threads)
+                ran = run_worker(spec, storage_url, study_name, timeout=timeout, threads=threads,
+                                 parallel_seeds=parallel_seeds)
             finally:
                 monitor.close()
         else:
             with mps_daemon(Path(spec.runs_dir) / study_name / "mps") if mps else contextlib.nullcontext({}) as env:
                 errors = _run_local_workers(spec, storage_url, study_name, workers, devices, threads, timeout,
-                                            monitor, env)
+                                            monitor, env, parallel_seeds)
     counts, best, first_error = summarize(spec, storage, study_name)
     return SweepSummary(study_name, describe(storage_url), counts, best, ran, errors, first_error)
 
 
 def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, workers: int, devices: list[str],
                        threads: int | None, timeout: float | None, monitor: Monitor,
-                       extra_env: dict[str, str] | None = None) -> list[str]:
+                       extra_env: dict[str, str] | None = None, parallel_seeds: bool = False) -> list[str]:
     """Start ``workers`` child processes (``momkit sweep ... --worker-index i``), each logging to
     ``<runs_dir>/<study>/workers/worker-<i>.log``; poll the monitor until they end. A worker that stops because
     a trial broke its GPU (exit status ``EXIT_DEVICE_LOST``) is replaced by a fresh process with the time left.
@@ -627,7 +701,7 @@ def _run_local_workers(spec: SweepSpec, storage_url: str, study_name: str, worke
 
     def spawn(i: int, mode: str, left: float | None):
         log = open(log_dir / f"worker-{i}.log", mode)  # noqa: SIM115 (closed below)
-        return subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, left),
+        return subprocess.Popen(worker_command(spec.path, storage_url, study_name, i, threads, left, parallel_seeds),
                                 env={**worker_env(i, devices, threads), **(extra_env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT), log
 

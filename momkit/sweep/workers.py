@@ -119,11 +119,13 @@ def mps_daemon(folder: Path):
 
 
 def worker_command(spec_path: str, storage_url: str, study_name: str, index: int, threads: int | None,
-                   timeout: float | None) -> list[str]:
+                   timeout: float | None, parallel_seeds: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "momkit", "sweep", spec_path, "--storage", storage_url, "--study", study_name,
            "--worker-index", str(index)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
+    if parallel_seeds:
+        cmd += ["--parallel-seeds"]
     return cmd

@@ -164,9 +164,13 @@ def test_a_retried_trial_continues_the_seed_its_killed_attempt_was_training(tmp_
 
     cfg = load_spec(str(spec)).trial_config("cont", 0, {"model.mom.num_memories": 2}, 0)
     cfg.run.dir = str(tmp_path / "uninterrupted")
-    whole = train(cfg)
     metric = "valid/accuracy"
-    assert retry.user_attrs["seeds_done"]["0"]["evaluation"][metric] == whole.final[metric]
+    cfg.run.best_metric, cfg.run.best_mode = metric, "max"  # as the runner sets them: the objective's best
+    whole = train(cfg)
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"split": "valid"' in line]
+    assert [(e["step"], e[metric], e["valid/loss"]) for e in resumed] == \
+        [(e["step"], e[metric], e["valid/loss"]) for e in whole.history if e.get("split") == "valid"]
+    assert retry.user_attrs["seeds_done"]["0"]["evaluation"][metric] == whole.best[metric]
 
 
 @pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
