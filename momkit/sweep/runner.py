@@ -32,8 +32,6 @@ How a study is run, on one machine or many:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -50,6 +48,7 @@ from typing import Any, TextIO
 
 from momkit.config import ConfigError
 from momkit.sweep.progress import Monitor, fmt_value, short_names, trial_line
+from momkit.sweep.seeds import SeedTimeout, config_key, outcome_of, seeds_side_by_side, trained_elsewhere
 from momkit.sweep.spec import SweepSpec, check_study_name
 from momkit.sweep.storage import (
     DEFAULT_STORAGE,
@@ -236,33 +235,6 @@ def _mean_metrics(evaluations: list[dict]) -> dict:
     return out
 
 
-def _config_key(cfg) -> str:
-    """A digest of a seed's resolved config, less what names the run (its name and directory hold the trial
-    number) and the worker's CPU threads: a finished seed is reused only for the same config."""
-    from momkit.config import config_to_yaml
-
-    same = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="", dir=None, threads=None, progress=False))
-    return hashlib.sha256(config_to_yaml(same).encode()).hexdigest()[:16]
-
-
-def _trained_elsewhere(storage, key: str, source: str, study_name: str, number: int) -> dict | None:
-    """The outcome of a seed that another trial, of this study or another in the same storage, finished with the
-    same resolved config (``key``, see ``_config_key``: the objective's metric and direction are part of it) and
-    evaluation (``source``), marked with where it came from (``reused_from``); None where no trial has one. Studies
-    that share cells (the capacity protocol's baselines) then train each cell once."""
-    if storage is None:
-        return None
-    for summary in storage.get_all_studies():
-        for t in storage.get_all_trials(storage.get_study_id_from_name(summary.study_name), deepcopy=False):
-            if summary.study_name == study_name and t.number == number:
-                continue
-            for seed, outcome in (t.user_attrs.get("seeds_done") or {}).items():
-                if outcome.get("config_key") == key and outcome.get("source", "best") == source:
-                    return outcome if "reused_from" in outcome else \
-                        {**outcome, "reused_from": f"{summary.study_name} trial {t.number} seed {seed}"}
-    return None
-
-
 def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     """Train one seed of a trial. Where an earlier attempt of this trial trained the same config in a run
     directory that holds a checkpoint (``started[seed]``), continue that run (a resumed run trains on as if
@@ -283,63 +255,6 @@ def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     started[seed] = {"run_dir": str(cfg.run_dir), "config_key": key}
     trial.set_user_attr("seeds_started", started)
     return train(cfg, overwrite=True, callback=callback)
-
-
-def _outcome(spec: SweepSpec, result, config_key: str) -> dict:
-    """What the storage keeps of one seed's run (``seeds_done``)."""
-    return {"value": spec.objective.read(result), "config_key": config_key, "run_dir": result.run_dir,
-            "steps": result.steps, "stopped": result.stopped, "elapsed_s": result.elapsed_s,
-            "source": spec.objective.source,
-            "evaluation": result.best if spec.objective.source == "best" else result.final}
-
-
-def _seeds_side_by_side(ctx: _Context, study, trial, params: dict, first_cfg, done: dict,
-                        started: dict) -> list[dict] | None:
-    """The outcomes of every seed of a trial, those it lacks trained at once, one child process each
-    (``--parallel-seeds``); None where the worker's timeout has passed and the trial is queued again. As in the
-    sequential loop, a seed finished before (by this trial's earlier attempt or another trial with the same
-    config) is reused, a seed cut short goes on from its checkpoint, and each outcome is stored as it arrives."""
-    from momkit.sweep.seeds import resumable, train_side_by_side
-
-    spec, number = ctx.spec, trial.number
-    cfgs, keys, outcomes = {}, {}, {}
-    for i, seed in enumerate(map(str, spec.seeds)):
-        cfg = first_cfg if i == 0 else spec.trial_config(ctx.study_name, number, params, int(seed), ctx.threads)
-        cfg.run.best_metric = spec.objective.metric
-        cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-        cfgs[seed], keys[seed] = cfg, _config_key(cfg)
-        outcome = done.get(seed)
-        if outcome is None or outcome["config_key"] != keys[seed]:
-            outcome = _trained_elsewhere(ctx.storage, keys[seed], spec.objective.source, ctx.study_name, number)
-        outcomes[seed] = outcome
-    todo = [seed for seed, o in outcomes.items() if o is None]
-    if todo and ctx.deadline is not None and time.monotonic() > ctx.deadline:
-        _queue_again(ctx, study, trial, f"timeout before seed {todo[0]}")
-        return None
-    for seed, o in outcomes.items():
-        if o is not None and done.get(seed) is not o:
-            done[seed] = o
-    jobs = []
-    for seed in todo:
-        resume_from = resumable(started, seed, keys[seed])
-        if resume_from is None:
-            started[seed] = {"run_dir": str(cfgs[seed].run_dir), "config_key": keys[seed]}
-        jobs.append((seed, cfgs[seed], resume_from))
-    trial.set_user_attr("seeds_started", started)
-    trial.set_user_attr("seeds_done", done)
-
-    def finished(seed: str, result, refused: str | None) -> None:
-        if refused is not None:  # the earlier run could not go on: this seed trained afresh
-            trial.set_user_attr(f"resume_refused_seed_{seed}", refused)
-            started[seed] = {"run_dir": str(result.run_dir), "config_key": keys[seed]}
-            trial.set_user_attr("seeds_started", started)
-        outcomes[seed] = done[seed] = _outcome(spec, result, keys[seed])
-        trial.set_user_attr("seeds_done", done)
-
-    errors = train_side_by_side(jobs, finished)
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(jobs)} seeds failed: " + "; ".join(errors))
-    return [outcomes[str(seed)] for seed in spec.seeds]
 
 
 def _queue_again(ctx: _Context, study, trial, why: str) -> None:
@@ -394,26 +309,29 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         started = dict(queued.user_attrs.get("seeds_started") or {})
         outcomes = []
         if ctx.parallel_seeds:
-            outcomes = _seeds_side_by_side(ctx, study, trial, params, cfg, done, started)
-            if outcomes is None:
+            try:
+                outcomes = seeds_side_by_side(spec, ctx.study_name, trial, params, cfg, ctx.threads, ctx.storage,
+                                              ctx.deadline, done, started)
+            except SeedTimeout as e:  # past the worker's timeout: queued again, the seeds it finished kept
+                _queue_again(ctx, study, trial, f"timeout before seed {e.seed}")
                 return "FAIL"
         for i, seed in enumerate([] if ctx.parallel_seeds else spec.seeds):
             if i:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
             cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
             cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-            config_key = _config_key(cfg)
+            key = config_key(cfg)
             outcome = done.get(str(seed))
-            if outcome is None or outcome["config_key"] != config_key:
-                outcome = _trained_elsewhere(ctx.storage, config_key, spec.objective.source, ctx.study_name, number)
+            if outcome is None or outcome["config_key"] != key:
+                outcome = trained_elsewhere(ctx.storage, key, spec.objective.source, ctx.study_name, number)
             if outcome is None and ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 # past the timeout a trial's seeds take longer than the job has left: queue it again, the
                 # seeds it finished kept
                 _queue_again(ctx, study, trial, f"timeout before seed {seed}")
                 return "FAIL"
             if outcome is None:
-                result = _train_seed(cfg, config_key, report if i == 0 else None, trial, started, str(seed))
-                outcome = _outcome(spec, result, config_key)
+                result = _train_seed(cfg, key, report if i == 0 else None, trial, started, str(seed))
+                outcome = outcome_of(spec, result, key)
             if done.get(str(seed)) is not outcome:
                 done[str(seed)] = outcome
                 trial.set_user_attr("seeds_done", done)
