@@ -101,10 +101,10 @@ def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_contro
     grid widened by 3e-2; capacity_lr_low: the expanded memories on the grid widened by 3e-4. Every other cell is
     capacity_state's own resolved config (a storage holding capacity_state reuses its seeds), and a new cell
     differs from capacity_state's only in what it controls."""
-    from momkit.sweep.runner import _config_key
+    from momkit.sweep.seeds import config_key
 
     state = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_state")}
-    keys = {_config_key(cfg) for cfg in state.values()}
+    keys = {config_key(cfg) for cfg in state.values()}
     long = {(p["layout"], cfg.model.mom.rule, p["optim.lr"]): cfg for p, cfg in _capacity_cells("capacity_long")}
     assert {(layout, rule) for layout, rule, _ in long} == {
         (layout, rule) for layout in ("single_x4", "single_x5", "mom4_top2_shared_12k")
@@ -112,29 +112,29 @@ def test_capacity_controls_reuse_capacity_state_and_change_only_what_they_contro
     for (layout, rule, lr), cfg in long.items():
         if layout == "mom4_top2_shared_12k":
             full = state["mom4_top2_shared", rule, lr]
-            assert _config_key(cfg) not in keys and cfg.optim.max_steps == 3 * full.optim.max_steps
+            assert config_key(cfg) not in keys and cfg.optim.max_steps == 3 * full.optim.max_steps
             assert cfg.model == full.model and cfg.task == full.task
             assert dataclasses.replace(cfg.optim, max_steps=full.optim.max_steps) == full.optim
         else:
-            assert _config_key(cfg) == _config_key(state[layout, rule, lr])
+            assert config_key(cfg) == config_key(state[layout, rule, lr])
     edge = _capacity_cells("capacity_lr_edge")
     assert {p["optim.lr"] for p, _ in edge} == {1e-3, 3e-3, 1e-2, 3e-2}
     for p, cfg in edge:
         if p["optim.lr"] < 3e-2:
-            assert _config_key(cfg) == _config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
+            assert config_key(cfg) == config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
         else:
             full = state[p["layout"], cfg.model.mom.rule, 1e-2]
-            assert _config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
+            assert config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
             assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
     low = _capacity_cells("capacity_lr_low")
     assert {p["layout"] for p, _ in low} == {"single_x4", "single_x5"}
     assert {p["optim.lr"] for p, _ in low} == {3e-4, 1e-3, 3e-3, 1e-2}
     for p, cfg in low:
         if p["optim.lr"] > 3e-4:
-            assert _config_key(cfg) == _config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
+            assert config_key(cfg) == config_key(state[p["layout"], cfg.model.mom.rule, p["optim.lr"]])
         else:
             full = state[p["layout"], cfg.model.mom.rule, 1e-3]
-            assert _config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
+            assert config_key(cfg) not in keys and cfg.model == full.model and cfg.task == full.task
             assert dataclasses.replace(cfg.optim, lr=full.optim.lr) == full.optim
 
 
