@@ -144,9 +144,9 @@ def seeds_side_by_side(spec, study_name: str, trial, params: dict, first_cfg, th
                        deadline: float | None, done: dict, started: dict) -> list[dict]:
     """The outcomes of every seed of a trial, those it lacks trained at once, one child process each
     (``--parallel-seeds``); ``SeedTimeout`` where one is left to train past ``deadline`` (the worker's timeout,
-    ``time.monotonic()``). As in the
-    sequential loop, a seed finished before (by this trial's earlier attempt or another trial with the same
-    config) is reused, a seed cut short goes on from its checkpoint, and each outcome is stored as it arrives."""
+    in ``time.monotonic()``). As in the sequential loop, a seed finished before (by this trial's earlier attempt
+    or another trial with the same config) is reused, a seed cut short goes on from its checkpoint, and each
+    outcome is stored as it arrives."""
     number = trial.number
     cfgs, keys, outcomes = {}, {}, {}
     for i, seed in enumerate(map(str, spec.seeds)):
