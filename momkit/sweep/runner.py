@@ -10,9 +10,9 @@ How a study is run, on one machine or many:
 * **A trial.** Its parameters (suggested through Optuna, so samplers, pruners and optuna-dashboard see them)
   become dotted overrides of the spec's base config; ``train()`` runs once per seed, one seed after another
   or, with ``parallel_seeds``, all at once in child processes (``seeds.py``); the evaluation metrics of the
-  first seed are reported for pruning (in turn only); the objective is the mean over seeds. The resolved config, the
-  run directory, the per-seed objectives, the metrics and routing telemetry are stored as user attributes;
-  a failed trial keeps its error message.
+  first seed are reported for pruning (in turn only); the objective is the mean over seeds. The resolved
+  config, the run directory, the per-seed objectives, the metrics and routing telemetry are stored as user
+  attributes; a failed trial keeps its error message.
 * **Dead workers.** On SQL storages a running trial records a heartbeat every ``heartbeat.interval`` seconds;
   a live worker fails trials whose heartbeat is older than ``heartbeat.grace_period`` and Optuna's retry
   callback queues them again with the same parameters (at most ``heartbeat.max_retry`` times). Idle workers
@@ -48,7 +48,14 @@ from typing import Any, TextIO
 
 from momkit.config import ConfigError
 from momkit.sweep.progress import Monitor, fmt_value, short_names, trial_line
-from momkit.sweep.seeds import SeedTimeout, config_key, outcome_of, seeds_side_by_side, trained_elsewhere
+from momkit.sweep.seeds import (
+    SeedTimeout,
+    config_key,
+    outcome_of,
+    resumable,
+    seeds_side_by_side,
+    trained_elsewhere,
+)
 from momkit.sweep.spec import SweepSpec, check_study_name
 from momkit.sweep.storage import (
     DEFAULT_STORAGE,
@@ -242,10 +249,10 @@ def _train_seed(cfg, key: str, callback, trial, started: dict, seed: str):
     training, so the next retry finds it."""
     from momkit.train import train
 
-    before = started.get(seed)
-    if before is not None and before["config_key"] == key and (Path(before["run_dir"]) / "last.pt").is_file():
+    before = resumable(started, seed, key)
+    if before is not None:
         fresh_dir = cfg.run.dir
-        cfg.run.dir = before["run_dir"]
+        cfg.run.dir = before
         trial.set_user_attr("seeds_started", started)
         try:
             return train(cfg, resume=True, callback=callback)
