@@ -48,14 +48,7 @@ from typing import Any, TextIO
 
 from momkit.config import ConfigError
 from momkit.sweep.progress import Monitor, fmt_value, short_names, trial_line
-from momkit.sweep.seeds import (
-    SeedTimeout,
-    config_key,
-    outcome_of,
-    resumable,
-    seeds_side_by_side,
-    trained_elsewhere,
-)
+from momkit.sweep.seeds import SeedTimeout, outcome_of, prepare_seed, resumable, seeds_side_by_side
 from momkit.sweep.spec import SweepSpec, check_study_name
 from momkit.sweep.storage import (
     DEFAULT_STORAGE,
@@ -325,12 +318,7 @@ def _run_trial(ctx: _Context, study, trial, queued) -> str:
         for i, seed in enumerate([] if ctx.parallel_seeds else spec.seeds):
             if i:
                 cfg = spec.trial_config(ctx.study_name, number, params, seed, ctx.threads)
-            cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
-            cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-            key = config_key(cfg)
-            outcome = done.get(str(seed))
-            if outcome is None or outcome["config_key"] != key:
-                outcome = trained_elsewhere(ctx.storage, key, spec.objective.source, ctx.study_name, number)
+            key, outcome = prepare_seed(spec, cfg, done, str(seed), ctx.storage, ctx.study_name, number)
             if outcome is None and ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 # past the timeout a trial's seeds take longer than the job has left: queue it again, the
                 # seeds it finished kept

@@ -53,6 +53,18 @@ def trained_elsewhere(storage, key: str, source: str, study_name: str, number: i
     return None
 
 
+def prepare_seed(spec, cfg, done: dict, seed: str, storage, study_name: str, number: int) -> tuple[str, dict | None]:
+    """Set ``cfg`` to keep its best evaluation by the objective, and return its config key with the outcome it
+    already has: this trial's earlier attempt's (``done``), else another trial's with the same config, else None."""
+    cfg.run.best_metric = spec.objective.metric  # RunResult.best is then best by the objective
+    cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
+    key = config_key(cfg)
+    outcome = done.get(seed)
+    if outcome is None or outcome["config_key"] != key:
+        outcome = trained_elsewhere(storage, key, spec.objective.source, study_name, number)
+    return key, outcome
+
+
 def outcome_of(spec, result, key: str) -> dict:
     """What the storage keeps of one seed's run (``seeds_done``)."""
     return {"value": spec.objective.read(result), "config_key": key, "run_dir": result.run_dir,
@@ -151,13 +163,8 @@ def seeds_side_by_side(spec, study_name: str, trial, params: dict, first_cfg, th
     cfgs, keys, outcomes = {}, {}, {}
     for i, seed in enumerate(map(str, spec.seeds)):
         cfg = first_cfg if i == 0 else spec.trial_config(study_name, number, params, int(seed), threads)
-        cfg.run.best_metric = spec.objective.metric
-        cfg.run.best_mode = "max" if spec.objective.direction == "maximize" else "min"
-        cfgs[seed], keys[seed] = cfg, config_key(cfg)
-        outcome = done.get(seed)
-        if outcome is None or outcome["config_key"] != keys[seed]:
-            outcome = trained_elsewhere(storage, keys[seed], spec.objective.source, study_name, number)
-        outcomes[seed] = outcome
+        cfgs[seed] = cfg
+        keys[seed], outcomes[seed] = prepare_seed(spec, cfg, done, seed, storage, study_name, number)
     todo = [seed for seed, o in outcomes.items() if o is None]
     if todo and deadline is not None and time.monotonic() > deadline:
         raise SeedTimeout(todo[0])
