@@ -4,8 +4,10 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (
 log / eval event), ``last.pt`` (model, optimizer, schedule, RNG states and data position, written
 atomically) and ``best.pt`` (model weights at the best validation accuracy). ``resume=True``
 continues from ``last.pt`` exactly: on CPU an interrupted and resumed run logs the same metrics as an
-uninterrupted one. A non-finite loss or gradient stops the run with an error naming the step and the
-quantity; the last good checkpoint is never overwritten.
+uninterrupted one. Ctrl-C (SIGINT) lets the step under way finish and writes ``last.pt`` before the
+KeyboardInterrupt goes on, so a resumed run loses no steps (``StopAtStepEnd``). A non-finite loss or
+gradient stops the run with an error naming the step and the quantity; the last good checkpoint is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +39,42 @@ Metrics = dict[str, float]
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf; the message names the step and the first non-finite quantity."""
+
+
+class StopAtStepEnd:
+    """Between ``install()`` and ``restore()``: a SIGINT (Ctrl-C, a notebook's interrupt, a sweep job's time
+    limit) is held until the training step under way ends (``requested``); the loop then writes its
+    checkpoint and raises KeyboardInterrupt. A second SIGINT a second or more after the first raises at
+    once, for a step that does not end. (One Ctrl-C can reach a process twice within milliseconds: from its
+    process group and from a parent passing it on.) Installed only in the main thread over Python's own
+    handler, and not under torchrun, where the ranks would stop at different steps; elsewhere SIGINT acts
+    as before."""
+
+    def __init__(self, enabled: bool = True):
+        self.at: float | None = None
+        self._old = None
+        self._enabled = enabled
+
+    @property
+    def requested(self) -> bool:
+        return self.at is not None
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.at is None:
+            self.at = now
+        elif now - self.at >= 1.0:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if (self._enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 @dataclass
@@ -366,7 +406,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[
     stopped = "max_steps"
     acc = state["accum"]
     window = {"t": time.perf_counter(), "tokens": 0}  # input tokens since the last train log
+    interrupt = StopAtStepEnd(enabled=dp is None)
     try:
+        interrupt.install()
         while state["step"] < cfg.optim.max_steps and stopped == "max_steps":
             batches = data.batches("train", cfg.optim.batch_size, shuffle=cfg.optim.data_order == "shuffled",
                                    seed=cfg.run.seed, epoch=state["epoch"], start=state["batch_in_epoch"])
@@ -455,8 +497,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[
                     target = cfg.run.target_accuracy
                     if target is not None and metrics.get("valid/accuracy", 0) >= target:
                         stopped = "target_accuracy"
-                if step % cfg.run.checkpoint_every == 0 or last or stopped != "max_steps":
+                cut = interrupt.requested and not last and stopped == "max_steps"
+                if step % cfg.run.checkpoint_every == 0 or last or stopped != "max_steps" or cut:
                     checkpoint()
+                if cut:
+                    raise KeyboardInterrupt
                 if last or stopped != "max_steps":
                     break
             else:  # the epoch ran out
@@ -465,6 +510,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[
         log({"event": "nonfinite", "message": str(e)})
         raise
     finally:
+        interrupt.restore()
         if stopped != "max_steps":  # an early stop: the bar ends full, at the step where training stopped
             bar.total = state["step"]
         bar.set_postfix(postfix, refresh=False)

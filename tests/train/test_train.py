@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from momkit.config import ConfigError, load_config
-from momkit.train import NonFiniteError, load_run, train
+from momkit.train import NonFiniteError, load_run, loop, train
 
 TINY = [
     "run.progress=false", "model.hidden_size=32", "model.vocab_size=32", "model.mom.num_heads=2",
@@ -70,6 +74,72 @@ def test_resume_after_a_crash_mid_run_is_exact(tmp_path, monkeypatch):
     assert _without_time(ev_ref) == _without_time(ev_res)
     with pytest.raises(ConfigError, match=r"cannot resume .* different config: optim.lr \(0.01 -> 0.5\); "):
         train(tiny(tmp_path / "crash", "optim.lr=0.5"), resume=True)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python's own handler (a test runner's worker may have another) for the test."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, python_sigint):
+    """Ctrl-C at step 6, long before the first periodic checkpoint and mid-way through a log window: the run
+    writes last.pt at step 6 and raises KeyboardInterrupt; resumed, it logs what an uninterrupted run logs."""
+    extra = ("run.checkpoint_every=100", "run.log_every=4")
+    ref = train(tiny(tmp_path / "ref", *extra))
+    cfg = tiny(tmp_path / "cut", *extra)
+
+    def ctrl_c(step, metrics):
+        if step == 6:  # one Ctrl-C reaching the process twice (its process group, then its parent)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callback=ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert torch.load(tmp_path / "cut" / "run" / "last.pt", weights_only=False)["state"]["step"] == 6
+    resumed = train(cfg, resume=True)
+    assert _without_time([e for e in resumed.history if "split" in e]) == \
+        _without_time([e for e in ref.history if "split" in e])
+
+
+def test_a_second_ctrl_c_a_second_later_stops_at_once(python_sigint, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    stop = loop.StopAtStepEnd()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        clock[0] += 0.5
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C arriving again: still held
+        clock[0] += 0.5
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode, within the sleep
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_is_left_alone_off_the_main_thread_under_another_handler_and_under_torchrun(python_sigint):
+    def mine(signum, frame):
+        pass
+
+    for enabled, handler, in_thread in [(True, signal.default_int_handler, True), (True, mine, False),
+                                        (False, signal.default_int_handler, False)]:
+        signal.signal(signal.SIGINT, handler)
+        stop = loop.StopAtStepEnd(enabled=enabled)
+        if in_thread:
+            t = threading.Thread(target=stop.install)
+            t.start()
+            t.join()
+        else:
+            stop.install()
+        assert signal.getsignal(signal.SIGINT) is handler
+        stop.restore()
 
 
 @pytest.mark.gpu
