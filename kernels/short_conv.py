@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, launch
+from ._common import LAUNCH, _is_hopper, launch
 
 Tensor = torch.Tensor
 
@@ -357,6 +357,7 @@ class ShortConvFn(torch.autograd.Function):
                                    GROUPED=groups is not None, **opts)
         ctx.save_for_backward(x, weight, position)
         ctx.groups, ctx.S = groups, (S1, S2)
+        ctx.bwd = _bwd_options(W, groups is not None, x.device)  # checked here: a bad option fails the forward
         return parts[0] if len(parts) == 1 else tuple(parts)
 
     @staticmethod
@@ -368,7 +369,7 @@ class ShortConvFn(torch.autograd.Function):
             return torch.zeros_like(x), torch.zeros_like(weight), None, None, None
         dys = [d.contiguous() for d in dys]  # autograd gives zeros for a part unused downstream
         dys += dys[:1] * (3 - len(dys))  # the kernel's unused inputs: never read
-        opts = _bwd_options(W, groups is not None)
+        opts = ctx.bwd
         grid, table, most = _grid(x, groups, opts)
         # a slot per row block; with groups per (group, block of the group), zero where a group has fewer
         G = 1 if groups is None else weight.shape[0]
@@ -390,14 +391,25 @@ class ShortConvFn(torch.autograd.Function):
         return dx, dw.reshape(weight.shape).to(weight.dtype), None, None, None
 
 
-def _bwd_options(W: int, grouped: bool) -> dict:
+def _bwd_options(W: int, grouped: bool, device: torch.device) -> dict:
     """The backward's launch options: the sequential form's defaults up to width 4 unless the launch options
     pick another ``SHIFT``, the others' defaults otherwise. The sequential form keeps at most four rows of
-    history: a wider convolution asked for it takes SHIFT 1 (with the options given)."""
+    history: a wider convolution asked for it takes SHIFT 1 (with the options given).
+
+    On Hopper, SHIFT 1 (the shifts gathered in registers) in channel blocks narrower than 32 is refused: Triton
+    3.6 fails to compile it there (``PassManager::run failed`` in ``TritonGPUOptimizeThreadLocality``, float32,
+    on an H100 and an H200, at four warps and at two)."""
     shift = LAUNCH.get("conv.bwd", {}).get("SHIFT", 4)
     opts = launch("conv.bwd", **(BWD_SEQ if W <= 4 and shift == 4 else BWD_GROUPED if grouped else BWD_PLAIN))
     if opts["SHIFT"] == 4 and W > 4:
         opts["SHIFT"] = 1
+    if opts["SHIFT"] == 1 and opts["BC"] < 32 and _is_hopper(device):
+        from momkit.config import ConfigError
+
+        why = "" if shift == 1 else f" (width {W} > 4 takes it in place of SHIFT 4)"
+        raise ConfigError(f"launch option conv.bwd:BC={opts['BC']} is invalid with SHIFT 1{why} on a Hopper GPU: "
+                          "Triton 3.6 cannot compile the gathered shifts in channel blocks narrower than 32; "
+                          "use BC >= 32")
     return opts
 
 

@@ -62,7 +62,7 @@ def test_fused_conv_matches_float64(device, dtype, lengths, shift, monkeypatch):
 @pytest.mark.parametrize("shift", [{"SHIFT": 1}, {"SHIFT": 2}, {"SHIFT": 3}, {"SHIFT": 4, "BN": 16}],
                          ids=["gathered-shifts", "recomputed-shifts", "dz-in-memory", "rows-in-sequence"])
 @pytest.mark.parametrize(("C", "split", "BC", "grouped"), [(72, (24, 50), 32, False), (192, (32, 96), 32, False),
-                                                           (192, (32, 96), 32, True), (96, 32, 16, True)],
+                                                           (192, (32, 96), 32, True), (96, 32, 32, True)],
                          ids=["inside-blocks", "on-block-edges", "on-block-edges-groups", "two-parts-groups"])
 def test_split_parts_match_float64(device, shift, C, split, BC, grouped, monkeypatch):
     """The output as contiguous column parts (the single layer's q | k | v, a memory's k | v) from separate
@@ -109,7 +109,7 @@ def test_rows_in_sequence_at_every_width(device, W, monkeypatch):
     in blocks that end inside segments."""
     from momkit.kernels import _common
 
-    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", {"SHIFT": 4, "BN": 8, "BC": 16})
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", {"SHIFT": 4, "BN": 8, "BC": 32})
     gen = torch.Generator().manual_seed(30 + W)
     C, lengths = 24, [2, 1, 19, 3, 30]
     position = torch.cat([torch.arange(n) for n in lengths])
@@ -268,9 +268,25 @@ def test_backward_form_by_width_and_launch_options(W, grouped, given, shift, mon
     from momkit.kernels import short_conv as sc
 
     monkeypatch.setitem(_common.LAUNCH, "conv.bwd", given)
-    opts = sc._bwd_options(W, grouped)
+    opts = sc._bwd_options(W, grouped, torch.device("cpu"))
     assert opts["SHIFT"] == shift
     assert ("num_warps" in opts) == (shift == 4)
     if not given:
         own = sc.BWD_SEQ if W <= 4 else sc.BWD_GROUPED if grouped else sc.BWD_PLAIN
         assert opts == own
+
+
+@pytest.mark.parametrize("W, given", [(4, {"SHIFT": 1, "BC": 16}), (5, {"BC": 16})])
+def test_gathered_shifts_in_narrow_blocks_are_refused_on_hopper(W, given, monkeypatch):
+    """SHIFT 1 in channel blocks narrower than 32 does not compile on Hopper under Triton 3.6: asked for (or
+    taken by a width over 4), it fails the forward with one error naming the option; elsewhere it runs."""
+    from momkit.config import ConfigError
+    from momkit.kernels import _common
+    from momkit.kernels import short_conv as sc
+
+    monkeypatch.setitem(_common.LAUNCH, "conv.bwd", given)
+    assert sc._bwd_options(W, False, torch.device("cpu"))["BC"] == 16
+    monkeypatch.setattr(sc, "_is_hopper", lambda device: True)
+    x = torch.randn(10, 8, requires_grad=True)
+    with pytest.raises(ConfigError, match=r"^launch option conv.bwd:BC=16 is invalid with SHIFT 1.* use BC >= 32$"):
+        sc.short_conv(x, torch.randn(8, W), torch.arange(10))
