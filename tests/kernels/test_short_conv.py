@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from momkit.config import ConfigError
 from momkit.layers.conv import ShortConv
 from momkit.layers.norm import GatedRMSNorm
 
@@ -280,7 +281,6 @@ def test_backward_form_by_width_and_launch_options(W, grouped, given, shift, mon
 def test_gathered_shifts_in_narrow_blocks_are_refused_on_hopper(W, given, monkeypatch):
     """SHIFT 1 in channel blocks narrower than 32 does not compile on Hopper under Triton 3.6: asked for (or
     taken by a width over 4), it fails the forward with one error naming the option; elsewhere it runs."""
-    from momkit.config import ConfigError
     from momkit.kernels import _common
     from momkit.kernels import short_conv as sc
 
