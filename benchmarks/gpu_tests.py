@@ -1,7 +1,7 @@
 """Run the kernel test suite on a GPU and write the report (device, versions, commit, pytest summary).
 
     python -m benchmarks.gpu_tests --out benchmarks/results/gpu_tests_<date>.txt [--workers 8] [--commit SHA]
-        [--paths tests/kernels tests/models] [-- PYTEST_ARGS]
+        [--paths tests/kernels tests/models] [--apart "titans or ttt" [--apart-workers 6]] [-- PYTEST_ARGS]
 
 Runs ``pytest tests/kernels -m gpu`` (the GPU-marked kernel tests: every interpreter test again on CUDA,
 plus the odd sizes and the 65,536-token sequences; ``--paths`` names others, e.g. tests/models for the
@@ -14,7 +14,11 @@ device memory and the longest run times.
 The workers share one GPU: ``--dist loadgroup`` runs the tests of the xdist group
 ``large_reference`` (float64 references of several GiB) on one worker, one after the other, and each
 test hands its cached memory back when it ends (tests/kernels/conftest.py), so the suite's peak is
-about one large reference plus the small tests of the other workers.
+about one large reference plus the small tests of the other workers. ``--apart EXPR`` runs the tests that
+``-k EXPR`` selects after the others, with fewer workers: titans' and ttt's float32 kernels spill, and each
+process that ran one keeps GiBs of local memory; on an 80 GiB H100, twelve workers running them beside the
+rest ran out of device memory (188 tests of every rule failed), where the same suite passes on the 139 GiB
+H200.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ from collections import defaultdict
 from benchmarks._common import environment
 
 
-def margins(junit: str) -> list[str]:
+def _cases(junits: list[str]):
+    for junit in junits:
+        yield from ET.parse(junit).getroot().iter("testcase")
+
+
+def margins(junits: list[str]) -> list[str]:
     worst: dict[str, tuple[float, str]] = defaultdict(lambda: (float("-inf"), ""))
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    for case in _cases(junits):
         for prop in case.iter("property"):
             m = re.match(r"C_needed\[(.*)\|(.*)\]", prop.get("name", ""))
             if m:
@@ -45,10 +54,10 @@ def margins(junit: str) -> list[str]:
     return [f"  {k:<40} {v:7.2f}  {name}" for k, (v, name) in sorted(worst.items())]
 
 
-def largest(junit: str, n: int = 8) -> list[str]:
+def largest(junits: list[str], n: int = 8) -> list[str]:
     """The tests with the largest peak device memory and the longest times."""
     cases = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    for case in _cases(junits):
         peak = next((float(p.get("value")) for p in case.iter("property") if p.get("name") == "peak_cuda_mib"), 0.0)
         cases.append((peak, float(case.get("time", 0.0)), case.get("name")))
     out = ["", f"largest peak device memory (of {len(cases)} tests):"]
@@ -58,49 +67,88 @@ def largest(junit: str, n: int = 8) -> list[str]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
-    ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("--timeout", type=int, default=540, help="seconds for the whole run, every phase included")
     ap.add_argument("--paths", nargs="+", default=["tests/kernels"], metavar="PATH",
                     help="test files or folders (default tests/kernels; tests/models holds the decoding tests)")
+    ap.add_argument("--apart", default=None, metavar="EXPR",
+                    help="run the tests this -k expression selects after the others, with --apart-workers "
+                         "(e.g. 'titans or ttt' on an 80 GiB card)")
+    ap.add_argument("--apart-workers", type=int, default=None, metavar="N", help="default: half of --workers")
     ap.add_argument("pytest_args", nargs="*")
-    args = ap.parse_args()
-    env = environment(args.commit)
-    junit = os.path.splitext(args.out)[0] + ".junit.xml"
+    args = ap.parse_args(argv)
+    for name in ("workers", "apart_workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} {value} is invalid: give a positive number of workers")
+    if args.apart is not None and any(a == "-k" or a.startswith("-k") for a in args.pytest_args):
+        ap.error(f"--apart {args.apart!r} cannot be combined with a -k of the pytest arguments "
+                 f"({' '.join(args.pytest_args)}): --apart selects by -k itself; fold the two into one --apart "
+                 "or drop it")
+    return args
+
+
+def phases(args: argparse.Namespace) -> list[tuple[list[str], str]]:
+    """The pytest commands to run one after the other, each with its JUnit file."""
+    base = os.path.splitext(args.out)[0]
     # pytest-benchmark (in the device image) warns once per worker that xdist disables it: not loaded
-    cmd = [sys.executable, "-m", "pytest", *args.paths, "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "-p", "no:benchmark", f"-n{args.workers}", "--dist", "loadgroup", f"--junitxml={junit}", *args.pytest_args]
-    t0 = time.time()
+    head = [sys.executable, "-m", "pytest", *args.paths, "-m", "gpu", "-q", "-p", "no:cacheprovider",
+            "-p", "no:benchmark", "--dist", "loadgroup"]
+    if args.apart is None:
+        runs = [(args.workers, [], "")]
+    else:
+        runs = [(args.workers, ["-k", f"not ({args.apart})"], ".rest"),
+                (args.apart_workers or max(1, args.workers // 2), ["-k", args.apart], ".apart")]
+    return [([*head, f"-n{n}", f"--junitxml={base}{tag}.junit.xml", *k, *args.pytest_args], f"{base}{tag}.junit.xml")
+            for n, k, tag in runs]
+
+
+def run(cmd: list[str], timeout: float) -> tuple[str, str]:
+    """pytest's output and how it ended; one cut by ``timeout`` is interrupted as Ctrl-C would, so that it still
+    prints its summary (the failures so far) and writes its JUnit file."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        output, _ = proc.communicate(timeout=args.timeout)
-        status = f"exit code {proc.returncode}"
+        output, _ = proc.communicate(timeout=max(timeout, 1))
+        return output, f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
-        # an interrupted pytest still prints its summary (the failures so far) and writes the JUnit file
         proc.send_signal(signal.SIGINT)
         try:
             output, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             output, _ = proc.communicate()
-        status = f"TIMED OUT after {args.timeout} s (interrupted: the tests not yet run are not in the summary)"
-    lines = [
-        "momkit kernel tests on GPU",
-        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        *(f"{k}: {v}" for k, v in env.items()),
-        f"command: {' '.join(cmd[1:])}",
-        f"status: {status}, {time.time() - t0:.0f} s",
-        "",
-        "pytest output (summary):",
-        output[-20000:],
-    ]
-    if os.path.exists(junit):
+        return output, "TIMED OUT (interrupted: the tests not yet run are not in the summary)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = environment(args.commit)
+    t0 = time.time()
+    lines = ["momkit kernel tests on GPU", f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             *(f"{k}: {v}" for k, v in env.items())]
+    runs = phases(args)
+    outputs, junits = [], []
+    for cmd, junit in runs:
+        start = time.time()
+        if args.timeout - (start - t0) < 5:
+            lines += [f"command: {' '.join(cmd[1:])}", "status: not run (the time limit was spent)"]
+            continue
+        output, status = run(cmd, args.timeout - (start - t0))
+        lines += [f"command: {' '.join(cmd[1:])}", f"status: {status}, {time.time() - start:.0f} s"]
+        outputs.append(output)
+        if os.path.exists(junit):
+            junits.append(junit)
+    lines += ["", "pytest output (summary):"]
+    for output in outputs:
+        lines.append(output[-20000 // len(outputs):])
+    if junits:
         try:
             lines += ["", "largest recorded precision margin C_needed per tensor (limit: 8 half, 16 fp32):",
-                      *margins(junit), *largest(junit)]
+                      *margins(junits), *largest(junits)]
         except ET.ParseError as e:
             lines.append(f"(junit file unreadable: {e})")
     text = "\n".join(lines) + "\n"

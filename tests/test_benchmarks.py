@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from benchmarks import gpu_debug, kernels
+from benchmarks import gpu_debug, gpu_tests, kernels
 
 
 def _error(parse, argv, capsys) -> str:
@@ -391,3 +391,30 @@ def test_results_record_launch_options(monkeypatch):
     assert env["commit"] == "abc1234" and "launch" not in env
     monkeypatch.setenv("MOMKIT_LAUNCH", "conv.bwd:SHIFT=1")
     assert environment("abc1234")["launch"] == "conv.bwd:SHIFT=1"
+
+
+def test_gpu_tests_runs_the_tests_kept_apart_after_the_others_with_fewer_workers(tmp_path):
+    """``--apart``: two pytest runs, the rest first with --workers and then the selected tests with
+    --apart-workers, each with its JUnit file, in one report."""
+    suite = tmp_path / "test_suite.py"
+    suite.write_text("import pytest\n\n\n" + "".join(
+        f"@pytest.mark.gpu\ndef test_{name}():\n    pass\n\n\n" for name in ("titans_a", "ttt_b", "plain")))
+    out = tmp_path / "report.txt"
+    gpu_tests.main(["--out", str(out), "--workers", "2", "--paths", str(suite), "--apart", "titans or ttt",
+                    "--apart-workers", "1"])
+    report = out.read_text()
+    commands = [ln for ln in report.splitlines() if ln.startswith("command:")]
+    assert len(commands) == 2
+    assert "-n2" in commands[0] and "-k not (titans or ttt)" in commands[0] and "report.rest.junit.xml" in commands[0]
+    assert "-n1" in commands[1] and "-k titans or ttt" in commands[1] and "report.apart.junit.xml" in commands[1]
+    assert report.count("status: exit code 0") == 2
+    assert "1 passed" in report and "2 passed" in report
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--workers", "0"], "--workers 0 is invalid: give a positive number of workers"),
+    (["--apart", "titans", "--apart-workers", "0"], "--apart-workers 0 is invalid"),
+    (["--apart", "titans", "--", "-k", "gla"], "--apart 'titans' cannot be combined with a -k"),
+])
+def test_gpu_tests_names_bad_arguments(argv, expected, capsys):
+    assert expected in _error(gpu_tests.parse_args, ["--out", "r.txt", *argv], capsys)
