@@ -47,8 +47,8 @@ class StopAtStepEnd:
     checkpoint and raises KeyboardInterrupt. A second SIGINT a second or more after the first raises at
     once, for a step that does not end. (One Ctrl-C can reach a process twice within milliseconds: from its
     process group and from a parent passing it on.) Installed only in the main thread over Python's own
-    handler, and not under torchrun, where the ranks would stop at different steps; elsewhere SIGINT acts
-    as before."""
+    handler, and not under torchrun, where the ranks would stop at different steps; elsewhere SIGINT raises
+    KeyboardInterrupt at once."""
 
     def __init__(self, enabled: bool = True):
         self.at: float | None = None
