@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         _say(f"momkit: training stopped{_who()}: {e}")
         return 1
-    except KeyboardInterrupt:
-        _say(f"momkit: interrupted{_who()}")
+    except KeyboardInterrupt as e:  # a TrainingInterrupted says where the run stopped and how to go on
+        _say(f"momkit: interrupted{_who()}" + (f": {e}" if str(e) else ""))
         return 130
     except Exception as e:
         if not _who():

@@ -75,6 +75,36 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_in_train_says_where_the_run_stopped_and_resume_goes_on_from_there(tmp_path):
+    """SIGINT to a running `momkit train` (a terminal's Ctrl-C): exit 130 with one line naming the step reached
+    and the checkpoint written there, and `--resume` continues from that step."""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "tiny"
+    args = ["train", "mqar_tiny", *TINY, "optim.max_steps=100000", "run.checkpoint_every=100000",
+            f"run.dir={run}", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "momkit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = torch.load(run / "last.pt", weights_only=False)["state"]["step"]
+    assert step >= 3
+    assert err.strip().splitlines()[-1] == (f"momkit: interrupted: training stopped at step {step} of 100000; its "
+                                            f"checkpoint {run / 'last.pt'} goes on with resume=True (momkit train "
+                                            "... --resume)")
+    r = momkit("train", "mqar_tiny", *TINY, f"optim.max_steps={step + 2}", f"run.dir={run}", "--no-progress",
+               "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{step + 2} steps (max_steps)" in r.stdout
+
+
 def test_help_on_every_command(tmp_path):
     for cmd in ([], ["train"], ["eval"], ["info"]):
         r = momkit(*cmd, "--help", cwd=tmp_path)

@@ -41,10 +41,16 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf; the message names the step and the first non-finite quantity."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``, raised once the step under way ended and its checkpoint was written; the
+    message says where the run stopped and how to go on. A KeyboardInterrupt, so code that catches those
+    works as before."""
+
+
 class StopAtStepEnd:
     """Between ``install()`` and ``restore()``: a SIGINT (Ctrl-C, a notebook's interrupt, a sweep job's time
     limit) is held until the training step under way ends (``requested``); the loop then writes its
-    checkpoint and raises KeyboardInterrupt. A second SIGINT a second or more after the first raises at
+    checkpoint and raises ``TrainingInterrupted``. A second SIGINT a second or more after the first raises at
     once, for a step that does not end. (One Ctrl-C can reach a process twice within milliseconds: from its
     process group and from a parent passing it on.) Installed only in the main thread over Python's own
     handler, and not under torchrun, where the ranks would stop at different steps; elsewhere SIGINT raises
@@ -501,7 +507,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, callback: Callable[[
                 if step % cfg.run.checkpoint_every == 0 or last or stopped != "max_steps" or cut:
                     checkpoint()
                 if cut:
-                    raise KeyboardInterrupt
+                    raise TrainingInterrupted(
+                        f"training stopped at step {step} of {cfg.optim.max_steps}; its checkpoint "
+                        f"{run_dir / 'last.pt'} goes on with resume=True (momkit train ... --resume)")
                 if last or stopped != "max_steps":
                     break
             else:  # the epoch ran out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from momkit.config import ConfigError, load_config
-from momkit.train import NonFiniteError, load_run, loop, train
+from momkit.train import NonFiniteError, TrainingInterrupted, load_run, loop, train
 
 TINY = [
     "run.progress=false", "model.hidden_size=32", "model.vocab_size=32", "model.mom.num_heads=2",
@@ -96,7 +96,8 @@ def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resume_is_exa
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match=r"training stopped at step 6 of 24; its checkpoint .*last\.pt "
+                       r"goes on with resume=True \(momkit train \.\.\. --resume\)$"):
         train(cfg, callback=ctrl_c)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert torch.load(tmp_path / "cut" / "run" / "last.pt", weights_only=False)["state"]["step"] == 6
