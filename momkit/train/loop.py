@@ -43,8 +43,8 @@ class NonFiniteError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during ``train``, raised once the step under way ended and its checkpoint was written; the
-    message says where the run stopped and how to go on. A KeyboardInterrupt, so code that catches those
-    works as before."""
+    message says where the run stopped and how to go on. A KeyboardInterrupt, so ``except KeyboardInterrupt``
+    catches it."""
 
 
 class StopAtStepEnd:
