@@ -2,15 +2,15 @@
 
     CUDA_LAUNCH_BLOCKING=1 python -m benchmarks.gpu_debug --rule deltanet --shape 70x32x32 \
         [--launch delta.wy_bwd:num_warps=2 ...]
-    python -m benchmarks.gpu_debug --profile gated_deltanet,mamba2 [--fla] [--launch ...]
+    python -m benchmarks.gpu_debug --profile gated_deltanet,mamba2 [--fla] [--profile-shapes 4x4096x4x256x256,...]
     python -m benchmarks.gpu_debug --check gated_deltanet [--launch ...]
     python -m benchmarks.gpu_debug --tune mamba2:gl.fwd_h,titans:titans.prep [--budget 300]
     python -m benchmarks.gpu_debug --resources gated_deltanet,titans [--resources-shape 4x2048x4x256x256]
         [--sass DIR]     (no GPU needed)
 
 ``--profile``: per-kernel GPU time (torch.profiler, CUDA activity) of forward and forward+backward at
-the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128), ours and, with ``--fla``, fla-core's peer,
-then every compiled kernel's registers, spills, warps and shared memory. ``--check``: the kernel
+the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128) or ``--profile-shapes``, ours and, with ``--fla``,
+fla-core's peer, then every compiled kernel's registers, spills, warps and shared memory. ``--check``: the kernel
 tests' float64 comparison (tests/kernels) at a few shapes under the given launch options, and the
 forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
 ``--tune``: one kernel's time under several (num_warps, num_stages), inside its rule's forward+backward.
@@ -121,11 +121,10 @@ def compiled_kernels() -> list[str]:
     return sorted(rows)
 
 
-def profile_rules(rules: list[str], with_fla: bool, iters: int = 10) -> None:
+def profile_rules(rules: list[str], with_fla: bool, shapes=((4, 4096, 8, 128, 128),), iters: int = 10) -> None:
     from benchmarks.kernels import PEERS, fla_fn, inputs, ours_fn
 
-    B, T, H, K, V = 4, 4096, 8, 128, 128
-    for name in rules:
+    for (B, T, H, K, V), name in itertools.product(shapes, rules):
         rule, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cuda"))
         who = ["ours"] + (["fla"] if with_fla and name in PEERS else [])
         for tag in who:
@@ -133,7 +132,8 @@ def profile_rules(rules: list[str], with_fla: bool, iters: int = 10) -> None:
                 fn = ours_fn(rule, q, k, v, gates, bwd) if tag == "ours" else fla_fn(name, q, k, v, dict(gates), bwd)
                 times = kernel_times(fn, iters)
                 total = sum(t for _, t in times.values())
-                print(f"\n{name} {tag} {'fwd+bwd' if bwd else 'fwd'}: {total:8.1f} us of kernels per call")
+                print(f"\n{name} B{B} T{T} H{H} K{K} V{V} {tag} {'fwd+bwd' if bwd else 'fwd'}: {total:8.1f} us of "
+                      "kernels per call")
                 for kname, (count, t) in sorted(times.items(), key=lambda x: -x[1][1]):
                     if t >= 0.01 * total:
                         print(f"  {t:8.1f} us {100 * t / total:5.1f}%  x{count:<3} {kname[:90]}")
@@ -329,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--launch", nargs="*", default=[], help="kernel:option=value, e.g. delta.wy_bwd:num_warps=2")
     ap.add_argument("--profile", default=None, help="comma-separated rules to profile at the benchmark shape")
     ap.add_argument("--fla", action="store_true", help="with --profile: fla-core's peers too")
+    ap.add_argument("--profile-shapes", default="4x4096x8x128x128", metavar="BxTxHxKxV,...",
+                    help="with --profile: the shapes, comma-separated")
     ap.add_argument("--check", default=None, help="comma-separated rules: float64 checks and timing under --launch")
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
@@ -348,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resources = name_list(ap, "--resources", args.resources, [*rules, "conv"])
     args.shape = size_list(ap, "--shape", args.shape, (3,), "three positive integers T x K x V", "70x32x32",
                            one=True)[0]
+    args.profile_shapes = size_list(ap, "--profile-shapes", args.profile_shapes, (5,),
+                                    "five positive integers B x T x H x K x V per shape", "4x4096x4x256x256")
     args.resources_shape = size_list(ap, "--resources-shape", args.resources_shape, (5,),
                                      "five positive integers B x T x H x K x V", "4x2048x4x256x256", one=True)[0]
     try:
@@ -372,7 +376,7 @@ def main() -> None:
     for kern, opts in args.launch.items():
         _common.LAUNCH.setdefault(kern, {}).update(opts)
     if args.profile:
-        profile_rules(args.profile, args.fla)
+        profile_rules(args.profile, args.fla, args.profile_shapes)
         return
     if args.check:
         for name in args.check:

@@ -64,6 +64,8 @@ def test_launch_keys_are_the_launchers_names():
     (["--shape", "70x32"], "--shape '70x32': expected three positive integers"),
     (["--resources", "gla", "--resources-shape", "4x2048x256"],
      "--resources-shape '4x2048x256': expected five positive integers B x T x H x K x V"),
+    (["--profile", "gla", "--profile-shapes", "4x4096x8x128x128,4x0x4x256x256"],
+     "--profile-shapes '4x4096x8x128x128,4x0x4x256x256': expected five positive integers B x T x H x K x V per shape"),
 ])
 def test_gpu_debug_names_bad_arguments(argv, expected, capsys):
     assert expected in _error(gpu_debug.parse_args, argv, capsys)
@@ -72,11 +74,13 @@ def test_gpu_debug_names_bad_arguments(argv, expected, capsys):
 def test_gpu_debug_parses_items():
     args = gpu_debug.parse_args(["--tune", "mamba2:gl.fwd_h,titans:titans.prep", "--launch",
                                  "delta.wy_bwd:num_warps=2", "delta.wy_bwd:num_stages=1", "gl.gla_prep:BK=32",
-                                 "gl.fwd_o:BV=128", "--shape", "65x100x64"])
+                                 "gl.fwd_o:BV=128", "--shape", "65x100x64",
+                                 "--profile-shapes", "4x4096x8x128x128,4x4096x4x256x256"])
     assert args.tune == [("mamba2", "gl.fwd_h"), ("titans", "titans.prep")]
     assert args.launch == {"delta.wy_bwd": {"num_warps": 2, "num_stages": 1}, "gl.gla_prep": {"BK": 32},
                            "gl.fwd_o": {"BV": 128}}
     assert args.shape == (65, 100, 64)
+    assert args.profile_shapes == [(4, 4096, 8, 128, 128), (4, 4096, 4, 256, 256)]
 
 
 def test_resource_report_compiles_for_sm90_without_a_gpu():
