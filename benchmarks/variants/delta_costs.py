@@ -1,0 +1,27 @@
+"""What the steps of the delta rules' kernels cost: each variant but ``base`` drops a step or changes a launch
+(wrong values on purpose; timing only).
+
+    python3 -m benchmarks.kernel_variants --spec benchmarks/variants/delta_costs.py --rules gated_deltanet,deltanet \\
+        --shape 4x4096x4x256x256
+
+tests/test_benchmarks.py checks that every edit still applies to the current kernels.
+"""
+
+from pathlib import Path
+
+CH = "delta/chunk.py"
+
+# the dqkw kernel's pass over the value blocks for the decay gradient's per-chunk term s_c (gated only), from its
+# first line to the barrier after it
+_src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
+_a = _src.index("    if GATED:\n        b_duih = tl.zeros")
+S_PASS = _src[_a:_src.index("\n", _src.index("tl.debug_barrier()  # every thread has read its w")) + 1]
+
+VARIANTS = {
+    "base": [],
+    "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
+    "dqkw_no_s_pass": [(CH, S_PASS, "")],
+    "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
+    "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
+                             'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
+}
