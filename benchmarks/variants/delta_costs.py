@@ -10,6 +10,7 @@ tests/test_benchmarks.py checks that every edit still applies to the current ker
 from pathlib import Path
 
 CH = "delta/chunk.py"
+ST = "delta/state.py"
 
 # the dqkw kernel's pass over the value blocks for the decay gradient's per-chunk term s_c (gated only), from its
 # first line to the barrier after it
@@ -24,4 +25,8 @@ VARIANTS = {
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
+    # the state passes' row groups (at B4 T4096 H4 K = V = 256 the states of the whole batch pass the budget) and
+    # their value blocks
+    "no_groups": [(CH, "STATE_BUDGET = 64 * 2**20", "STATE_BUDGET = 2**40")],
+    "state_bv16": [(ST, "return BK, NK, min(pow2(V), 32)", "return BK, NK, min(pow2(V), 16)")],
 }
