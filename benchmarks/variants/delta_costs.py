@@ -29,4 +29,5 @@ VARIANTS = {
     # their value blocks
     "no_groups": [(CH, "STATE_BUDGET = 64 * 2**20", "STATE_BUDGET = 2**40")],
     "state_bv16": [(ST, "return BK, NK, min(pow2(V), 32)", "return BK, NK, min(pow2(V), 16)")],
+    "state_bv32": [(ST, "return 16 if busy * per_segment <= slots else BV", "return BV")],
 }

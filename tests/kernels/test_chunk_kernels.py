@@ -342,6 +342,40 @@ def test_state_passes_read_the_chunk_local_cumulative_decays(device, seed, name,
     assert any(read) == all(read)
 
 
+@pytest.mark.parametrize("V", [32, 48])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_state_passes_take_narrow_value_blocks_where_the_gpu_would_idle(device, seed, name, V, monkeypatch,
+                                                                     record_property):
+    """Where 32-wide value blocks would fill at most half of the GPU's program slots, the state passes run
+    16-wide ones (twice the programs): packed segments of 1, 0, 65, 4 and 70 tokens with initial and final states,
+    value widths of one and of several blocks with a ragged last one, against the float64 loop; with few slots
+    they keep 32."""
+    import momkit.kernels.delta.state as delta_state
+    from momkit.kernels._common import CHUNK, chunk_meta
+
+    widths = []
+
+    def value_block(*args):
+        widths.append(choose(*args))
+        return widths[-1]
+
+    choose = delta_state._value_block
+    monkeypatch.setattr(delta_state, "_value_block", value_block)
+    monkeypatch.setattr(delta_state, "program_slots", lambda device: 10**6)
+    rule = get_rule(name)
+    cu = torch.tensor([0, 1, 1, 66, 70, 140], device=device)
+    leaves = make_leaves(rule, 1, 140, 2, 16, V, torch.float32, seed, device, N=5)
+    check_against_reference(rule, {}, leaves, torch.float32, cu_seqlens=cu, record=record_property)
+    assert widths == [16, 16, 16]  # the forward, and the backward's forward and reverse passes
+    meta = chunk_meta(1, 140, (0, 1, 1, 66, 70, 140), CHUNK, torch.device("cpu"))
+    # four segments with tokens x 2 heads x 2 blocks of 32 = 16 programs: 16-wide from 32 slots up
+    monkeypatch.setattr(delta_state, "program_slots", lambda device: 31)
+    assert choose(meta, 2, 64, device) == 32
+    monkeypatch.setattr(delta_state, "program_slots", lambda device: 32)
+    assert choose(meta, 2, 64, device) == 16
+    assert choose(meta, 2, 16, device) == 32  # one block either way: no more programs to gain
+
+
 def test_state_groups_cut_on_segment_starts_or_inside_long_segments():
     """Many short segments split on segment starts into groups of about equal chunks; one long sequence, or a
     few long ones, split inside segments; a budget over four times the buffers asks no more than four groups;
