@@ -9,10 +9,10 @@
         [--sass DIR]     (no GPU needed)
 
 ``--profile``: per-kernel GPU time (torch.profiler, CUDA activity) of forward and forward+backward at
-the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128) or ``--profile-shapes``, ours and, with ``--fla``,
-fla-core's peer, then every compiled kernel's registers, spills, warps and shared memory. ``--check``: the kernel
-tests' float64 comparison (tests/kernels) at a few shapes under the given launch options, and the
-forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
+the benchmark shape (bf16, B=4, T=4096, H=8, K=V=128) or ``--profile-shapes`` (which ``--tune`` takes too), ours
+and, with ``--fla``, fla-core's peer, then every compiled kernel's registers, spills, warps and shared memory.
+``--check``: the kernel tests' float64 comparison (tests/kernels) at a few shapes under the given launch options,
+and the forward+backward time at the benchmark shape, to try a launch option before it goes into a launcher.
 ``--tune``: one kernel's time under several (num_warps, num_stages), inside its rule's forward+backward.
 ``--resources``: runs on a machine without a GPU. Every kernel that a rule's forward and backward
 launch at the benchmark shape (or ``--resources-shape``) is compiled for sm_90 (Hopper) instead of
@@ -142,9 +142,9 @@ def profile_rules(rules: list[str], with_fla: bool, shapes=((4, 4096, 8, 128, 12
     print("\n".join(compiled_kernels()))
 
 
-def tune(items: list[tuple[str, str]], budget_s: float,
+def tune(items: list[tuple[str, str]], budget_s: float, shapes=((4, 4096, 8, 128, 128),),
          configs=((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (2, 2))) -> None:
-    """Per-kernel GPU time at the benchmark shape under other (num_warps, num_stages): ``items`` are
+    """Per-kernel GPU time at each shape under other (num_warps, num_stages): ``items`` are
     (rule, launch key), e.g. ``("mamba2", "gl.fwd_h")``; the kernel is timed inside the rule's
     forward+backward (torch.profiler). Timing only: a configuration goes into a launcher after the GPU
     suite passed with it."""
@@ -153,10 +153,10 @@ def tune(items: list[tuple[str, str]], budget_s: float,
     from benchmarks.kernels import inputs, ours_fn
 
     t_end = time.time() + budget_s
-    for name, key in items:
-        item = f"{name}:{key}"
+    for (B, T, H, K, V), (name, key) in itertools.product(shapes, items):
+        item = f"{name}:{key} B{B} T{T} H{H} K{K} V{V}"
         kname = f"_{key.split('.')[1]}_kernel"
-        rule, q, k, v, gates = inputs(name, 4, 4096, 8, 128, 128, torch.device("cuda"))
+        rule, q, k, v, gates = inputs(name, B, T, H, K, V, torch.device("cuda"))
         fn = ours_fn(rule, q, k, v, gates, True)
         saved = _common.LAUNCH.pop(key, None)
         base = kernel_times(fn, 5).get(kname, (0, float("nan")))[1]
@@ -174,7 +174,7 @@ def tune(items: list[tuple[str, str]], budget_s: float,
         _common.LAUNCH.pop(key, None)
         if saved is not None:
             _common.LAUNCH[key] = saved
-        print(f"tune {item:<28} us: " + "  ".join(results), flush=True)
+        print(f"tune {item:<50} us: " + "  ".join(results), flush=True)
         torch.cuda.empty_cache()
 
 
@@ -330,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, help="comma-separated rules to profile at the benchmark shape")
     ap.add_argument("--fla", action="store_true", help="with --profile: fla-core's peers too")
     ap.add_argument("--profile-shapes", default="4x4096x8x128x128", metavar="BxTxHxKxV,...",
-                    help="with --profile: the shapes, comma-separated")
+                    help="with --profile or --tune: the shapes, comma-separated")
     ap.add_argument("--check", default=None, help="comma-separated rules: float64 checks and timing under --launch")
     ap.add_argument("--tune", default=None, help="comma-separated rule:launch_key items: kernel time per launch option")
     ap.add_argument("--budget", type=float, default=300.0, help="with --tune: seconds")
@@ -383,7 +383,7 @@ def main() -> None:
             check_rule(name)
         return
     if args.tune:
-        tune(args.tune, args.budget)
+        tune(args.tune, args.budget, args.profile_shapes)
         return
     if args.resources:
         resource_report(args.resources, shape=args.resources_shape, sass_dir=args.sass)
