@@ -68,9 +68,6 @@ def chain(q, k, v, beta, g, do, scale):
     sync("T", Tm)
     sync("w", w)
     _, w, u, u_off, gc = dc.wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
-    h, v_new, _, vr = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off, gc)
-    sync("h", h)
-    sync("v_new", v_new)
     dv_local, qk = bwd_dv(q, k, g, None, None, do, None, int(gated), scale, meta, u.dtype, V, no_diag=gated), None
     if gated:
         dv_local, qk = dv_local
@@ -79,11 +76,14 @@ def chain(q, k, v, beta, g, do, scale):
     dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta, gc)
     sync("dh", dh)
     sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
+    h, v_new, _, vr, _ = dc.delta_fwd_h(k, w, u, g, None, False, meta, u_off, gc, du_inter)
+    sync("h", h)
+    sync("v_new", v_new)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
     dq = q.new_empty(q.shape)
     dk_part = q.new_empty(Ttot, H, K, dtype=torch.float32)
-    dw = w.clone()  # the kernel reads w from its dw argument, then writes dw over it
+    dw = torch.empty_like(w)
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=torch.float32) if gated else None
     s_part = q.new_empty(NK, NT, H, 1, dtype=torch.float32) if gated else None
     dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,

@@ -140,15 +140,13 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
                      BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                      IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
-    of one chunk and key block. ``dw`` holds ``w`` on entry: each program reads its own tile of it
-    (GATED) before writing the gradient over it. GATED: ``dv_tot`` summed here from its parts
+    of one chunk and key block, ``dw`` written over ``w``. GATED: ``dv_tot`` summed here from its parts
     (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
     of the decay gradient without each token's pairing with its own value (through ``vr``, the
-    pseudo-values without it); and this key block's part of the per-chunk term
-    ``s_c = <gamma_C dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
-    own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
-    accumulators it made the kernel spill more (local-memory instructions in the sm_90 code at
-    K = V = 256: 220 that way, 80 in a pass of its own, 56 without the term)."""
+    pseudo-values without it); and this key block's part of the per-chunk term ``<gamma_C dh_{c+1}, h_c>``
+    into ``s_part [NK, NT, H]``, in a pass of its own over the value blocks before the main one: summed in
+    the main pass beside the dq, dk and dw accumulators it made the kernel spill more. The term's other
+    part ``-<du_inter, w h_c>`` comes from the backward's forward state pass, where ``w h_c`` is at hand."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -161,25 +159,16 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     p_h = (i_t * H + i_h).to(tl.int64) * K * V
     p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
     if GATED:
-        b_duih = tl.zeros([BT, BK], dtype=tl.float32)
         b_hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            m_kv = m_k[:, None] & m_v[None, :]
-            b_dui = tl.load(du_inter + tok[:, None] * H * V + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                            other=0.0)
-            b_hT = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.0)
-            b_duih += mm(b_dui, b_hT, WT, INTERP, PREC)
+            m_kv = m_k[:, None] & (o_v[None, :] < V)
             b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_hdh += tl.sum(b_dh * b_hc, axis=1)
         b_gl = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_w = tl.load(dw + p_k, mask=m_tk, other=0.0)
-        s = tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0) - tl.sum(tl.sum(b_w.to(tl.float32) * b_duih, axis=1),
-                                                                           axis=0)
-        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h, s)
-        tl.debug_barrier()  # every thread has read its w before any overwrites it with dw (at the end)
+        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h,
+                 tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0))
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
@@ -405,9 +394,10 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     gated = g is not None
     f32 = torch.float32
     _, w, u, u_off, gc = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
-    h, v_new, _, vr = delta_fwd_h(k, w, u, g, h0, False, meta, u_off, gc)
     wdt = u.dtype
-    del u, u_off  # each intermediate goes as soon as its last reader is done: the backward's peak memory
+    if not gated:  # each intermediate goes as soon as its last reader is done: the backward's peak memory
+        h, v_new, _, vr, _ = delta_fwd_h(k, w, u, g, h0, False, meta)
+        del u
     # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
     # diagonal q_t . k_t of the output scores, which both state-pass kernels read
     qk = None
@@ -415,6 +405,10 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     if gated:
         dv_local, qk = dv_local
     dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta, gc)
+    s_wh = None
+    if gated:  # the reverse pass reads no forward state, so the forward pass can follow it and take du_inter
+        h, v_new, _, vr, s_wh = delta_fwd_h(k, w, u, g, h0, False, meta, u_off, gc, du_inter)
+        del u, u_off
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
     NK = triton.cdiv(K, BKb)
@@ -440,6 +434,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
                                   None if out is None else out[1:4])
     dg = None
     if gated:
+        s_part = torch.cat([s_part, s_wh[..., None]])
         dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype, dots(q.dtype)["PREC"],
                       None if out is None else out[4][..., None])[..., 0]
     return dq, dk, dv, dbeta, dg, dh0
@@ -491,7 +486,7 @@ class DeltaChunk(torch.autograd.Function):
         ctx.scale, ctx.meta, ctx.groups = scale, meta, groups
         if len(groups) == 1:
             Tm, w, u, _, gc = wy_fwd(k, v, beta, g, meta)
-            h, v_new, ht, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=gc)
+            h, v_new, ht, _, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=gc)
             o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
             ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
             return o, ht
@@ -503,7 +498,7 @@ class DeltaChunk(torch.autograd.Function):
             pieces, sub = _group(cu, a, b, q.device)
             k_g, g_g = k[a:b], _rows(g, a, b)
             _, w, u, _, gc = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
-            h, v_new, ht, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub,
+            h, v_new, ht, _, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub,
                                           gc=gc)
             del w, u, gc
             fwd_o(q[a:b], k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o[a:b])

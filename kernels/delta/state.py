@@ -49,6 +49,19 @@ def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.conste
 
 
 @triton.jit
+def _chunk_rows(x, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, USE: tl.constexpr):
+    """Chunk ``i_t``'s rows ``[BT, BV]`` of ``x [Ttot, H, V]`` (0 outside the segment), or a zero column
+    without USE."""
+    if USE:
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = (o_t >= 0) & (o_t < L)
+        return tl.load(x + (bos + o_t)[:, None] * H * V + i_h * V + o_v[None, :],
+                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+    else:
+        return tl.zeros([BT, 1], dtype=tl.float32)
+
+
+@triton.jit
 def _chunk_qk_g(qk, g, bos, i_t, L, i_h, H: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
     """Chunk ``i_t``'s ``q . k`` and decays ``[BT]`` (GATED, else zeros), 0 outside the segment."""
     o_t = i_t * BT + tl.arange(0, BT)
@@ -155,16 +168,18 @@ def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_vd, H: tl.c
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets, order,
+def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, cu, chunk_offsets, order, NTOT,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
-                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr, GC: tl.constexpr,
+                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr, GC: tl.constexpr, S_WH: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
     ``h <- gamma_C h + k^T ((gamma_C / gamma) ∘ v_new)``. Stores ``h`` before each chunk and ``v_new``.
     The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``. Gated, the
     chunk's decays are summed in the loop (a reduction and a scan over its tokens), or with GC read from
-    ``gc`` (``_chunk_gc``)."""
+    ``gc`` (``_chunk_gc``). With S_WH (the gated backward, after the reverse pass) also this value block's
+    part of the decay gradient's per-chunk term ``-<du_inter, w h_c>`` into ``s_wh [NV, NTOT, H]`` (the
+    products ``w h_c`` are at hand here; ``du_inter`` is loaded one chunk ahead like ``u``)."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
     i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -180,9 +195,11 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets
     # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
     # sequential loop: they are loaded one chunk ahead
     nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+    nx_dui = _chunk_rows(du_inter, bos, 0, L, i_h, o_v, H, V, BT, S_WH)
     for i_t in range(0, tl.cdiv(L, BT)):
-        b_u, b_uo, b_g = nx_u, nx_uo, nx_g
+        b_u, b_uo, b_g, b_dui = nx_u, nx_uo, nx_g, nx_dui
         nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
+        nx_dui = _chunk_rows(du_inter, bos, i_t + 1, L, i_h, o_v, H, V, BT, S_WH)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -198,6 +215,9 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, cu, chunk_offsets
             b_wh += _h_read(b_h3, w, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
         b_v = b_u.to(tl.float32) - b_wh
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if S_WH:
+            tl.store(s_wh + (i_v * NTOT + boh + i_t) * H + i_h, -tl.sum(tl.sum(b_dui.to(tl.float32) * b_wh, axis=1),
+                                                                         axis=0))
         if STORE_VR:
             tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
         if GC:
@@ -365,10 +385,12 @@ def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
     return 3 if width <= 256 else 1
 
 
-def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None):
-    """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``u_off``, the
-    pseudo-values without each token's own value ``vr``. ``gc``: the chunk-local cumulative log decays
-    (``wy_fwd``), read instead of ``g`` under the launch option GC."""
+def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None, du_inter=None):
+    """Chunk states, pseudo-values ``v_new``, the final states (or None), given ``u_off`` the
+    pseudo-values without each token's own value ``vr`` (else None), and given ``du_inter`` (the gated
+    backward) the decay gradient's per-chunk parts ``-<du_inter, w h_c>`` per value block ``[NV, NT, H]``
+    (else None). ``gc``: the chunk-local cumulative log decays (``wy_fwd``), read instead of ``g`` under the
+    launch option GC."""
     H, K = k.shape[1:]
     V = u.shape[-1]
     N = meta.num_segments
@@ -380,12 +402,14 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None):
     v_new = torch.empty_like(u)
     vr = None if u_off is None else torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = (N * H * triton.cdiv(V, BV),)
-    _fwd_h_kernel[grid](k, w, u, u_off, g, gc, h, v_new, vr, h0, ht, meta.cu, meta.chunk_offsets, meta.order,
-                        H=H, K=K, V=V, BT=CHUNK, BK=BK, NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
-                        STORE_HT=output_final_state, STORE_VR=u_off is not None, GC=GC, **dots(k.dtype, False),
-                        **opts)
-    return h, v_new, ht, vr
+    NV = triton.cdiv(V, BV)
+    s_wh = None if du_inter is None else k.new_empty(NV, meta.num_chunks, H, dtype=torch.float32)
+    _fwd_h_kernel[(N * H * NV,)](k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, meta.cu,
+                                 meta.chunk_offsets, meta.order, meta.num_chunks, H=H, K=K, V=V, BT=CHUNK, BK=BK,
+                                 NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
+                                 STORE_HT=output_final_state, STORE_VR=u_off is not None, GC=GC,
+                                 S_WH=du_inter is not None, **dots(k.dtype, False), **opts)
+    return h, v_new, ht, vr, s_wh
 
 
 def gc_wanted() -> bool:
