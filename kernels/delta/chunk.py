@@ -498,8 +498,8 @@ class DeltaChunk(torch.autograd.Function):
             pieces, sub = _group(cu, a, b, q.device)
             k_g, g_g = k[a:b], _rows(g, a, b)
             _, w, u, _, gc = wy_fwd(k_g, v[a:b], beta[a:b], g_g, sub, T_out=Tm[a:b])
-            h, v_new, ht, _, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True, sub,
-                                          gc=gc)
+            h, v_new, ht, _, _ = delta_fwd_h(k_g, w, u, g_g, _group_states(pieces, cu, cut, h0, True, k, v), True,
+                                             sub, gc=gc)
             del w, u, gc
             fwd_o(q[a:b], k_g, v_new, g_g, None, h, None, 0 if g is None else 1, scale, sub, v.dtype, out=o[a:b])
             del h, v_new

@@ -27,31 +27,9 @@ GC_DEFAULT = 1
 
 
 @triton.jit
-def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-               GATED: tl.constexpr, U_OFF: tl.constexpr):
-    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
-    (else zeros), as stored, 0 outside the segment."""
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = (o_t >= 0) & (o_t < L)
-    tok = bos + o_t
-    m_tv = m_t[:, None] & (o_v[None, :] < V)
-    p_v = tok[:, None] * H * V + i_h * V + o_v[None, :]
-    b_u = tl.load(u + p_v, mask=m_tv, other=0.0)
-    if U_OFF:
-        b_uo = tl.load(u_off + p_v, mask=m_tv, other=0.0)
-    else:
-        b_uo = tl.zeros([BT, 1], dtype=tl.float32)
-    if GATED:
-        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-    else:
-        b_g = tl.zeros([BT], dtype=tl.float32)
-    return b_u, b_uo, b_g
-
-
-@triton.jit
 def _chunk_rows(x, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, USE: tl.constexpr):
-    """Chunk ``i_t``'s rows ``[BT, BV]`` of ``x [Ttot, H, V]`` (0 outside the segment), or a zero column
-    without USE."""
+    """Chunk ``i_t``'s rows ``[BT, BV]`` of ``x [Ttot, H, V]`` as stored (0 outside the segment), or a zero
+    column without USE."""
     if USE:
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = (o_t >= 0) & (o_t < L)
@@ -59,6 +37,20 @@ def _chunk_rows(x, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: 
                        mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
     else:
         return tl.zeros([BT, 1], dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_u_g(u, u_off, g, bos, i_t, L, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               GATED: tl.constexpr, U_OFF: tl.constexpr):
+    """Chunk ``i_t``'s pseudo-values ``u`` (and ``u_off``, else zeros) ``[BT, BV]`` and decays ``g [BT]``
+    (else zeros), as stored, 0 outside the segment."""
+    if GATED:
+        o_t = i_t * BT + tl.arange(0, BT)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=(o_t >= 0) & (o_t < L), other=0.0)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+    return (_chunk_rows(u, bos, i_t, L, i_h, o_v, H, V, BT, True),
+            _chunk_rows(u_off, bos, i_t, L, i_h, o_v, H, V, BT, U_OFF), b_g)
 
 
 @triton.jit
