@@ -12,6 +12,13 @@ This is how a kernel's cost is taken apart: a variant that drops a step (removes
 inverse, turns a product into an elementwise one) computes wrong values on purpose, and the time it
 saves is what the step costs. Timing only; a variant becomes code only through the kernel tests.
 A variant named ``base`` with no edits is the unchanged kernels.
+
+``--tree NAME=DIR`` adds another whole ``kernels/`` tree as variant NAME, e.g. an earlier commit's, to time a
+change against the code before it in the same process (on a machine without the repository's history):
+
+    git archive 126b87d kernels | tar -x -C .session/before --strip-components=1
+    python3 -m benchmarks.kernel_variants --tree before=.session/before --spec benchmarks/variants/delta_costs.py \
+        --only base --rules gated_deltanet
 """
 
 from __future__ import annotations
@@ -65,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks._common import name_list
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True, help="Python file defining VARIANTS")
+    ap.add_argument("--spec", default=None, help="Python file defining VARIANTS")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="another kernels/ tree, timed as variant NAME (repeatable)")
     ap.add_argument("--rules", default="titans", help="comma-separated rules to profile under every variant")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--dest", default="/tmp/kernel_variants", help="where the variant copies go")
@@ -79,7 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(args.shape) != 5 or min(args.shape) < 1:
         ap.error(f"--shape {text!r}: expected five positive integers B x T x H x K x V, e.g. 4x2048x4x256x256")
     args.rules = name_list(ap, "--rules", args.rules, sorted(supported_rules()))
-    args.variants = load_spec(ap, args.spec)
+    if args.spec is None and not args.tree:
+        ap.error("give --spec FILE, --tree NAME=DIR or both: there is nothing to time")
+    args.variants = {} if args.spec is None else load_spec(ap, args.spec)
+    args.roots = {}
+    for item in args.tree:
+        name, _, folder = item.partition("=")
+        if not name.isidentifier() or not folder or not (Path(folder) / "__init__.py").is_file():
+            ap.error(f"--tree {item!r}: expected NAME=DIR with NAME an identifier and DIR a kernels/ tree (a folder "
+                     "with __init__.py)")
+        if name in args.variants:
+            ap.error(f"--tree {item!r}: the spec has a variant named {name!r} already")
+        args.variants[name], args.roots[name] = [], Path(folder)
     if args.only:
         names = name_list(ap, "--only", args.only, args.variants)
         args.variants = {n: args.variants[n] for n in names}
@@ -101,7 +121,7 @@ def main() -> None:
     do = {name: torch.randn_like(d[3]) for name, d in data.items()}
     for variant, edits in args.variants.items():
         try:
-            build(variant, edits, dest)
+            build(variant, edits, dest, args.roots.get(variant, ROOT))
             importlib.invalidate_caches()
             pkg = importlib.import_module(f"kv_{variant}")
         except Exception as e:  # one bad variant should not cost the others their device time

@@ -157,6 +157,30 @@ def test_kernel_variants_command_line_names_bad_specs(tmp_path, capsys):
     assert kv.parse_args(["--spec", str(good), "--shape", "4x2048x4x256x256"]).shape == (4, 2048, 4, 256, 256)
 
 
+def test_kernel_variants_take_other_kernel_trees(tmp_path, capsys):
+    """``--tree NAME=DIR`` times another whole kernels/ tree (an earlier commit's) as one more variant, built from
+    that tree; bad items name the option and what is wrong."""
+    from benchmarks import kernel_variants as kv
+
+    before = tmp_path / "before"
+    (before / "fam").mkdir(parents=True)
+    (before / "__init__.py").write_text("")
+    (before / "fam" / "a.py").write_text("x = 0\n")
+    good = tmp_path / "good.py"
+    good.write_text("VARIANTS = {'base': []}\n")
+    args = kv.parse_args(["--spec", str(good), "--tree", f"before={before}"])
+    assert list(args.variants) == ["base", "before"] and args.roots == {"before": before}
+    args = kv.parse_args(["--tree", f"before={before}", "--only", "before"])
+    assert list(args.variants) == ["before"]
+    out = kv.build("before", [], tmp_path / "out", args.roots["before"])
+    assert (out / "fam" / "a.py").read_text() == "x = 0\n"
+    assert "nothing to time" in _error(kv.parse_args, [], capsys)
+    for item in (f"1x={before}", "before=", f"before={tmp_path / 'none'}", f"before={tmp_path}"):
+        assert f"--tree {item!r}: expected NAME=DIR" in _error(kv.parse_args, ["--tree", item], capsys)
+    assert "has a variant named 'base' already" in _error(
+        kv.parse_args, ["--spec", str(good), "--tree", f"base={before}"], capsys)
+
+
 def test_committed_variant_specs_apply_to_the_current_kernels(tmp_path):
     """Every edit of the spec files under benchmarks/variants still finds its text exactly once."""
     import runpy
