@@ -22,8 +22,8 @@ VARIANTS = {
     "base": [],
     "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
     "dqkw_no_s_pass": [(CH, S_PASS, "")],
-    # the backward's forward state pass without its part of s_c (the loads of du_inter stay)
-    "fwd_h_no_s_wh": [(ST, "        if S_WH:\n            tl.store(s_wh",
+    # the backward's forward state pass without its decay-gradient sums (s_c's part and do . vr)
+    "fwd_h_no_sums": [(ST, "        if GBWD:\n            tl.store(s_wh",
                        "        if False:\n            tl.store(s_wh")],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',

@@ -134,19 +134,20 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, gc, cu, chunk_indices,
 
 
 @triton.jit
-def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part, cu,
-                     chunk_indices, scale, Ttot,
+def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part, cu,
+                     chunk_indices, scale, Ttot, n_r,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, NR: tl.constexpr,
                      IT: tl.constexpr, WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """dq (final), the output/state part of dk (float32, built transposed) and ``dw = -dv_tot h^T``
     of one chunk and key block, ``dw`` written over ``w``. GATED: ``dv_tot`` summed here from its parts
     (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
-    of the decay gradient without each token's pairing with its own value (through ``vr``, the
-    pseudo-values without it); and this key block's part of the per-chunk term ``<gamma_C dh_{c+1}, h_c>``
-    into ``s_part [NK, NT, H]``, in a pass of its own over the value blocks before the main one: summed in
-    the main pass beside the dq, dk and dw accumulators it made the kernel spill more. The term's other
-    part ``-<du_inter, w h_c>`` comes from the backward's forward state pass, where ``w h_c`` is at hand."""
+    of the decay gradient without each token's pairing with its own value (through ``do . vr``, with ``vr``
+    the pseudo-values without it, summed from its ``n_r <= NR`` parts in ``dovr``); and this key block's
+    part of the per-chunk term ``<gamma_C dh_{c+1}, h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
+    own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
+    accumulators it made the kernel spill more. The term's other part ``-<du_inter, w h_c>`` and the
+    ``do . vr`` parts come from the backward's forward state pass, where ``w h_c`` is at hand."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -173,9 +174,11 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dovr = tl.zeros([BT], dtype=tl.float32)
     if GATED:
         b_qk = tl.load(qk + tok * H + i_h, mask=m_t, other=0.0)
+        o_r = tl.arange(0, NR)
+        b_dovr = tl.sum(tl.load(dovr + (o_r[None, :] * Ttot + tok[:, None]) * H + i_h,
+                                mask=m_t[:, None] & (o_r[None, :] < n_r), other=0.0), axis=1)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -196,9 +199,6 @@ def _bwd_dqkw_kernel(q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_int
         b_dq += mm(b_do, b_hT, WT, INTERP, PREC)
         b_dw += mm(b_dv, b_hT, WT, INTERP, PREC)
         b_dkT += mm(b_dh, b_vT, WT, INTERP, PREC)
-        if GATED:
-            b_vr = tl.load(vr + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_dovr += tl.sum(b_do.to(tl.float32) * b_vr, axis=1)
     b_dA = b_dA * scale
     b_dq = b_dq * scale
     if GATED:
@@ -396,7 +396,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     _, w, u, u_off, gc = wy_fwd(k, v, beta, g, meta, Tm, u_off=gated)
     wdt = u.dtype
     if not gated:  # each intermediate goes as soon as its last reader is done: the backward's peak memory
-        h, v_new, _, vr, _ = delta_fwd_h(k, w, u, g, h0, False, meta)
+        h, v_new, _, dovr, _ = delta_fwd_h(k, w, u, g, h0, False, meta)
         del u
     # gated: the local part of the pseudo-values' gradient without the diagonal of A (README), and that
     # diagonal q_t . k_t of the output scores, which both state-pass kernels read
@@ -407,7 +407,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta, gc)
     s_wh = None
     if gated:  # the reverse pass reads no forward state, so the forward pass can follow it and take du_inter
-        h, v_new, _, vr, s_wh = delta_fwd_h(k, w, u, g, h0, False, meta, u_off, gc, du_inter)
+        h, v_new, _, dovr, s_wh = delta_fwd_h(k, w, u, g, h0, False, meta, gc, (u_off, du_inter, do))
         del u, u_off
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
@@ -422,13 +422,14 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
     # eight warps at K = V = 256 (H100: 382 -> 332 us at B4 T2048 H4, benchmarks/results/tune_launch_h100.txt);
     # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
+    n_r = 1 if dovr is None else len(dovr)
     dqkw_opts = launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))
-    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, vr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
-                                  a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, H=H, K=K, V=V, BT=CHUNK,
-                                  BK=BKb, BV=BVb, GATED=gated, **dots(q.dtype),
+    _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
+                                  a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, n_r, H=H, K=K, V=V,
+                                  BT=CHUNK, BK=BKb, BV=BVb, GATED=gated, NR=pow2(n_r), **dots(q.dtype),
                                   **mixed_block_warps("delta.bwd_dqkw", dqkw_opts, q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
-    del w, h, dh, v_new, vr, dv_local, dv_tot
+    del w, h, dh, v_new, dovr, dv_local, dv_tot
     dk, dv, dbeta, b_tok = wy_bwd(qk, k, v, beta, g, Tm, do, dw, dv_wy, du_inter, dk_part,
                                   None if a_part is None else a_part[NK], scale, meta,
                                   None if out is None else out[1:4])
@@ -486,7 +487,7 @@ class DeltaChunk(torch.autograd.Function):
         ctx.scale, ctx.meta, ctx.groups = scale, meta, groups
         if len(groups) == 1:
             Tm, w, u, _, gc = wy_fwd(k, v, beta, g, meta)
-            h, v_new, ht, _, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=gc)
+            h, v_new, ht, _, _ = delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc)
             o = fwd_o(q, k, v_new, g, None, h, None, 0 if g is None else 1, scale, meta, v.dtype)
             ctx.save_for_backward(q, k, v, beta, g, h0, Tm)
             return o, ht

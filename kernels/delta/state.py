@@ -160,18 +160,20 @@ def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_vd, H: tl.c
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, cu, chunk_offsets, order, NTOT,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, h, v_new, dovr, s_wh, h0, ht, cu, chunk_offsets, order, NTOT,
+                  TTOT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
-                  STORE_HT: tl.constexpr, STORE_VR: tl.constexpr, GC: tl.constexpr, S_WH: tl.constexpr,
+                  STORE_HT: tl.constexpr, GBWD: tl.constexpr, GC: tl.constexpr,
                   WT: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr):
     """State pass over one segment (a block of V): ``v_new = u - w h`` per chunk, then
     ``h <- gamma_C h + k^T ((gamma_C / gamma) ∘ v_new)``. Stores ``h`` before each chunk and ``v_new``.
     The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``. Gated, the
     chunk's decays are summed in the loop (a reduction and a scan over its tokens), or with GC read from
-    ``gc`` (``_chunk_gc``). With S_WH (the gated backward, after the reverse pass) also this value block's
-    part of the decay gradient's per-chunk term ``-<du_inter, w h_c>`` into ``s_wh [NV, NTOT, H]`` (the
-    products ``w h_c`` are at hand here; ``du_inter`` is loaded one chunk ahead like ``u``)."""
+    ``gc`` (``_chunk_gc``). With GBWD (the gated backward, after the reverse pass) also this value block's
+    parts of two decay-gradient terms that need ``w h_c``, which is at hand here: the per-chunk
+    ``-<du_inter, w h_c>`` into ``s_wh [NV, NTOT, H]`` and the per-token ``do_t . vr_t`` into
+    ``dovr [NV, TTOT, H]``, ``vr = u_off - w h_c`` being the pseudo-values without each token's own value
+    (``du_inter`` and ``do`` are loaded one chunk ahead like ``u``)."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
     i_nh = i_n * H + i_h
     bos, L, boh = segment_start(cu, chunk_offsets, i_n)
@@ -186,12 +188,14 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, c
         b_h3 = _state_init(h0, i_nh, 3, o_v, m_v, K, V, BK, USE_H0)
     # u (and u_off) and g feed no tl.dot, so Triton's pipeliner would leave their loads' latency in the
     # sequential loop: they are loaded one chunk ahead
-    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
-    nx_dui = _chunk_rows(du_inter, bos, 0, L, i_h, o_v, H, V, BT, S_WH)
+    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, GBWD)
+    nx_dui = _chunk_rows(du_inter, bos, 0, L, i_h, o_v, H, V, BT, GBWD)
+    nx_do = _chunk_rows(do, bos, 0, L, i_h, o_v, H, V, BT, GBWD)
     for i_t in range(0, tl.cdiv(L, BT)):
-        b_u, b_uo, b_g, b_dui = nx_u, nx_uo, nx_g, nx_dui
-        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, STORE_VR)
-        nx_dui = _chunk_rows(du_inter, bos, i_t + 1, L, i_h, o_v, H, V, BT, S_WH)
+        b_u, b_uo, b_g, b_dui, b_do = nx_u, nx_uo, nx_g, nx_dui, nx_do
+        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, GBWD)
+        nx_dui = _chunk_rows(du_inter, bos, i_t + 1, L, i_h, o_v, H, V, BT, GBWD)
+        nx_do = _chunk_rows(do, bos, i_t + 1, L, i_h, o_v, H, V, BT, GBWD)
         base = ((boh + i_t) * H + i_h) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -207,11 +211,11 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, c
             b_wh += _h_read(b_h3, w, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
         b_v = b_u.to(tl.float32) - b_wh
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        if S_WH:
+        if GBWD:
             tl.store(s_wh + (i_v * NTOT + boh + i_t) * H + i_h, -tl.sum(tl.sum(b_dui.to(tl.float32) * b_wh, axis=1),
                                                                          axis=0))
-        if STORE_VR:
-            tl.store(vr + p_v, (b_uo.to(tl.float32) - b_wh).to(vr.dtype.element_ty), mask=m_tv)
+            tl.store(dovr + (i_v * TTOT + tok) * H + i_h,
+                     tl.sum(b_do.to(tl.float32) * (b_uo.to(tl.float32) - b_wh), axis=1), mask=m_t)
         if GC:
             _, b_gr, b_gl = _chunk_gc(gc, bos, i_t, L, i_h, H, BT)
             b_gC = tl.exp(b_gl)
@@ -377,14 +381,15 @@ def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
     return 3 if width <= 256 else 1
 
 
-def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None, du_inter=None):
-    """Chunk states, pseudo-values ``v_new``, the final states (or None), given ``u_off`` the
-    pseudo-values without each token's own value ``vr`` (else None), and given ``du_inter`` (the gated
-    backward) the decay gradient's per-chunk parts ``-<du_inter, w h_c>`` per value block ``[NV, NT, H]``
-    (else None). ``gc``: the chunk-local cumulative log decays (``wy_fwd``), read instead of ``g`` under the
+def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=None, gbwd=None):
+    """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``gbwd = (u_off,
+    du_inter, do)`` (the gated backward: the pseudo-values without each token's own value, the pseudo-values'
+    gradient from later chunks, the output's gradient), the decay gradient's parts per value block
+    ``dovr [NV, Ttot, H]`` (``do_t . vr_t``) and ``s_wh [NV, NT, H]`` (``-<du_inter, w h_c>``), else None and
+    None. ``gc``: the chunk-local cumulative log decays (``wy_fwd``), read instead of ``g`` under the
     launch option GC."""
     H, K = k.shape[1:]
-    V = u.shape[-1]
+    Ttot, V = u.shape[0], u.shape[-1]
     N = meta.num_segments
     BK, NK, _ = _state_blocks(K, V)
     opts = launch("delta.fwd_h", num_warps=4, num_stages=_state_stages(BK, NK, False, u.dtype),
@@ -392,16 +397,17 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, u_off=None, gc=None, d
     BV, GC = opts.pop("BV"), _use_gc(opts, g, gc)
     h = k.new_empty(meta.num_chunks, H, K, V, dtype=u.dtype)
     v_new = torch.empty_like(u)
-    vr = None if u_off is None else torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     NV = triton.cdiv(V, BV)
-    s_wh = None if du_inter is None else k.new_empty(NV, meta.num_chunks, H, dtype=torch.float32)
-    _fwd_h_kernel[(N * H * NV,)](k, w, u, u_off, g, gc, du_inter, h, v_new, vr, s_wh, h0, ht, meta.cu,
-                                 meta.chunk_offsets, meta.order, meta.num_chunks, H=H, K=K, V=V, BT=CHUNK, BK=BK,
+    u_off, du_inter, do = (None, None, None) if gbwd is None else gbwd
+    dovr = None if gbwd is None else k.new_empty(NV, Ttot, H, dtype=torch.float32)
+    s_wh = None if gbwd is None else k.new_empty(NV, meta.num_chunks, H, dtype=torch.float32)
+    _fwd_h_kernel[(N * H * NV,)](k, w, u, u_off, g, gc, du_inter, do, h, v_new, dovr, s_wh, h0, ht, meta.cu,
+                                 meta.chunk_offsets, meta.order, meta.num_chunks, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BK,
                                  NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
-                                 STORE_HT=output_final_state, STORE_VR=u_off is not None, GC=GC,
-                                 S_WH=du_inter is not None, **dots(k.dtype, False), **opts)
-    return h, v_new, ht, vr, s_wh
+                                 STORE_HT=output_final_state, GBWD=gbwd is not None, GC=GC,
+                                 **dots(k.dtype, False), **opts)
+    return h, v_new, ht, dovr, s_wh
 
 
 def gc_wanted() -> bool:
