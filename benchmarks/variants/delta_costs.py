@@ -7,24 +7,14 @@
 tests/test_benchmarks.py checks that every edit still applies to the current kernels.
 """
 
-from pathlib import Path
-
 CH = "delta/chunk.py"
 ST = "delta/state.py"
-
-# the dqkw kernel's pass over the value blocks for its part of the decay gradient's per-chunk term s_c (gated
-# only), from its first line to the store that ends it
-_src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
-_a = _src.index("    if GATED:\n        b_hdh = tl.zeros")
-S_PASS = _src[_a:_src.index("\n", _src.index("tl.sum(b_hdh, axis=0))", _a)) + 1]
 
 VARIANTS = {
     "base": [],
     "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
-    "dqkw_no_s_pass": [(CH, S_PASS, "")],
-    # the backward's forward state pass without its decay-gradient sums (s_c's part and do . vr)
-    "fwd_h_no_sums": [(ST, "        if GBWD:\n            tl.store(s_wh",
-                       "        if False:\n            tl.store(s_wh")],
+    # the backward's forward state pass without its decay-gradient sums (s_c and do . vr)
+    "fwd_h_no_sums": [(ST, "        if GBWD:\n            b_hdh", "        if False:\n            b_hdh")],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
