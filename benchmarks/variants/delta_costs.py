@@ -10,6 +10,15 @@ tests/test_benchmarks.py checks that every edit still applies to the current ker
 CH = "delta/chunk.py"
 ST = "delta/state.py"
 
+# the forward state pass's choice of value-block width (the reverse pass's launcher has the same first line)
+_FWD_BV = ("BV=_value_block(meta, H, V, k.device), GC=GC_DEFAULT)\n"
+           "    BV, GC = opts.pop(\"BV\"), _use_gc(opts, g, gc)\n    h = k.new_empty")
+
+
+def _fwd_bv(width: int) -> str:
+    return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
+
+
 VARIANTS = {
     "base": [],
     "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
@@ -23,4 +32,7 @@ VARIANTS = {
     "no_groups": [(CH, "STATE_BUDGET = 64 * 2**20", "STATE_BUDGET = 2**40")],
     "state_bv16": [(ST, "return BK, NK, min(pow2(V), 32)", "return BK, NK, min(pow2(V), 16)")],
     "state_bv32": [(ST, "return 16 if busy * per_segment <= slots else BV", "return BV")],
+    # the forward state pass alone (forward and the backward's recomputation) at 32 or 64 value columns
+    "fwd_h_bv32": [(ST, _FWD_BV, _fwd_bv(32))],
+    "fwd_h_bv64": [(ST, _FWD_BV, _fwd_bv(64))],
 }

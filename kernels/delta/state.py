@@ -273,8 +273,8 @@ def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, 
     the backward's peak, and the decay gradient needs ``du_inter`` apart). ``qk [Ttot, H]``: ``q_t . k_t``.
 
     The decays go on the ``[BT, BV]`` side (``K dh`` then ``k_dec ∘``, ``gamma ∘ dO``), so each key block
-    costs three products straight from its loaded tiles; the decay gradient's per-chunk term, which reads
-    the chunk states, is left to the parallel dqkw kernel.
+    costs three products straight from its loaded tiles; the decay gradient's per-chunk term, which needs
+    the states of both passes, is left to the backward's forward state pass, which runs after this one.
 
     The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
     arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
