@@ -15,6 +15,10 @@ _FWD_BV = ("BV=_value_block(meta, H, V, k.device), GC=GC_DEFAULT)\n"
            "    BV, GC = opts.pop(\"BV\"), _use_gc(opts, g, gc)\n    h = k.new_empty")
 
 
+_DQKW_B = "BKb, BVb = min(64, pow2(K)), min(64, pow2(V))"
+_DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))'
+
+
 def _fwd_bv(width: int) -> str:
     return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
 
@@ -24,6 +28,11 @@ VARIANTS = {
     "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
     # the backward's forward state pass without its decay-gradient sums (s_c and do . vr)
     "fwd_h_no_sums": [(ST, "        if GBWD:\n            b_hdh", "        if False:\n            b_hdh")],
+    # the dq/dk/dw kernel over 128-wide key and value blocks (one program per chunk and head at K = 128, as fla's
+    # on Hopper), at its warps (four below K = V = 256, else eight) or at eight
+    "dqkw_b128": [(CH, _DQKW_B, _DQKW_B.replace("64", "128"))],
+    "dqkw_b128_w8": [(CH, _DQKW_B, _DQKW_B.replace("64", "128")),
+                     (CH, _DQKW_W, 'launch("delta.bwd_dqkw", num_warps=8)')],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
