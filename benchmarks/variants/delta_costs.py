@@ -7,6 +7,8 @@
 tests/test_benchmarks.py checks that every edit still applies to the current kernels.
 """
 
+from pathlib import Path
+
 CH = "delta/chunk.py"
 ST = "delta/state.py"
 
@@ -17,6 +19,21 @@ _FWD_BV = ("BV=_value_block(meta, H, V, k.device), GC=GC_DEFAULT)\n"
 
 _DQKW_B = "BKb, BVb = min(64, pow2(K)), min(64, pow2(V))"
 _DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))'
+
+
+# unit_lower_inverse's forward substitution in the 16 x 16 diagonal blocks, from its first line to D
+_src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
+_a = _src.index("    b_D3 = tl.zeros([NB, 16, 16]")
+_SUBST = _src[_a:_src.index("\n", _src.index("    b_D = tl.reshape(", _a)) + 1]
+# (I + A_d)^{-1} = (I - A_d)(I + A_d^2)(I + A_d^4)(I + A_d^8), as A_d^16 = 0 in 16 x 16 blocks
+_SQUARES = """    o_q = tl.arange(0, BT)
+    eye_q = tl.where(o_q[:, None] == o_q[None, :], 1.0, 0.0)
+    b_P = tl.where((o_q[:, None] // 16) == (o_q[None, :] // 16), b_A, 0.0)
+    b_D = eye_q - b_P
+    for _ in tl.static_range(3):
+        b_P = tl.dot(b_P, b_P, input_precision=PREC)
+        b_D = tl.dot(b_D, eye_q + b_P, input_precision=PREC)
+"""
 
 
 def _fwd_bv(width: int) -> str:
@@ -33,6 +50,8 @@ VARIANTS = {
     "dqkw_b128": [(CH, _DQKW_B, _DQKW_B.replace("64", "128"))],
     "dqkw_b128_w8": [(CH, _DQKW_B, _DQKW_B.replace("64", "128")),
                      (CH, _DQKW_W, 'launch("delta.bwd_dqkw", num_warps=8)')],
+    # the diagonal blocks' inverse by repeated squaring on the tensor cores instead of forward substitution
+    "wy_inverse_squares": [(CH, _SUBST, _SQUARES)],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
