@@ -52,6 +52,9 @@ VARIANTS = {
                      (CH, _DQKW_W, 'launch("delta.bwd_dqkw", num_warps=8)')],
     # the diagonal blocks' inverse by repeated squaring on the tensor cores instead of forward substitution
     "wy_inverse_squares": [(CH, _SUBST, _SQUARES)],
+    # the dq/dk/dw kernel at fewer pipeline stages (less shared memory: two programs per SM at K = 128)
+    "dqkw_2_stages": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=2, "))],
+    "dqkw_1_stage": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=1, "))],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
