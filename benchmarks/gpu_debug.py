@@ -76,8 +76,7 @@ def chain(q, k, v, beta, g, do, scale):
     dh, dv_tot, du_inter, _ = dc.delta_bwd_dh(q, k, w, g, qk, do, dv_local, None, False, scale, meta, gc)
     sync("dh", dh)
     sync("du_inter" if gated else "dv_tot", du_inter if gated else dv_tot)
-    gbwd = (u_off, du_inter, do, dh) if gated else None
-    h, v_new, _, dovr, _ = dc.delta_fwd_h(k, w, u, g, None, False, meta, gc, gbwd)
+    h, v_new, _, dovr, _ = dc.delta_fwd_h(k, w, u, g, None, False, meta, gc, (u_off, du_inter, do) if gated else None)
     sync("h", h)
     sync("v_new", v_new)
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
@@ -86,9 +85,10 @@ def chain(q, k, v, beta, g, do, scale):
     dk_part = q.new_empty(Ttot, H, K, dtype=torch.float32)
     dw = torch.empty_like(w)
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=torch.float32) if gated else None
+    s_part = q.new_empty(NK, NT, H, 1, dtype=torch.float32) if gated else None
     n_r = 1 if dovr is None else len(dovr)
     dc._bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
-                                     a_part, meta.cu, meta.chunk_indices, scale, Ttot, n_r, H=H, K=K, V=V,
+                                     a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, n_r, H=H, K=K, V=V,
                                      BT=CHUNK, BK=BKb, BV=BVb, GATED=gated, NR=pow2(n_r), **dots(q.dtype),
                                      **launch("delta.bwd_dqkw"))
     sync("dq", dq)

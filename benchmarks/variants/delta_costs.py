@@ -21,8 +21,12 @@ _DQKW_B = "BKb, BVb = min(64, pow2(K)), min(64, pow2(V))"
 _DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))'
 
 
-# unit_lower_inverse's forward substitution in the 16 x 16 diagonal blocks, from its first line to D
 _src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
+# the dqkw kernel's pass over the value blocks for its part of the decay gradient's per-chunk term s_c (gated
+# only), from its first line to the store that ends it
+_a = _src.index("    if GATED:\n        b_hdh = tl.zeros")
+S_PASS = _src[_a:_src.index("\n", _src.index("tl.sum(b_hdh, axis=0))", _a)) + 1]
+# unit_lower_inverse's forward substitution in the 16 x 16 diagonal blocks, from its first line to D
 _a = _src.index("    b_D3 = tl.zeros([NB, 16, 16]")
 _SUBST = _src[_a:_src.index("\n", _src.index("    b_D = tl.reshape(", _a)) + 1]
 # (I + A_d)^{-1} = (I - A_d)(I + A_d^2)(I + A_d^4)(I + A_d^8), as A_d^16 = 0 in 16 x 16 blocks
@@ -43,8 +47,10 @@ def _fwd_bv(width: int) -> str:
 VARIANTS = {
     "base": [],
     "wy_fwd_no_inverse": [(CH, "        b_T = unit_lower_inverse(b_A, BT, PREC)\n", "        b_T = b_A\n")],
-    # the backward's forward state pass without its decay-gradient sums (s_c and do . vr)
-    "fwd_h_no_sums": [(ST, "        if GBWD:\n            b_hdh", "        if False:\n            b_hdh")],
+    "dqkw_no_s_pass": [(CH, S_PASS, "")],
+    # the backward's forward state pass without its decay-gradient sums (s_c's part and do . vr)
+    "fwd_h_no_sums": [(ST, "        if GBWD:\n            tl.store(s_wh",
+                       "        if False:\n            tl.store(s_wh")],
     # the dq/dk/dw kernel over 128-wide key and value blocks (one program per chunk and head at K = 128, as fla's
     # on Hopper), at its warps (four below K = V = 256, else eight) or at eight
     "dqkw_b128": [(CH, _DQKW_B, _DQKW_B.replace("64", "128"))],

@@ -134,7 +134,7 @@ def _wy_fwd_kernel(k, v, beta, g, Tm, w, u, u_off, gc, cu, chunk_indices,
 
 
 @triton.jit
-def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, cu,
+def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk, dw, a_part, s_part, cu,
                      chunk_indices, scale, Ttot, n_r,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, NR: tl.constexpr,
@@ -143,8 +143,14 @@ def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_i
     of one chunk and key block, ``dw`` written over ``w``. GATED: ``dv_tot`` summed here from its parts
     (``dv_local``, the scores' diagonal ``scale * qk * do``, ``du_inter``); the per-token part ``q . dq``
     of the decay gradient without each token's pairing with its own value (through ``do . vr``, with ``vr``
-    the pseudo-values without it, summed from its ``n_r <= NR`` parts in ``dovr``, which the backward's
-    forward state pass computes where ``w h_c`` is at hand, as it does the decay gradient's per-chunk term)."""
+    the pseudo-values without it, summed from its ``n_r <= NR`` parts in ``dovr``); and this key block's
+    part of the per-chunk term ``<gamma_C dh_{c+1}, h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
+    own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
+    accumulators it made the kernel spill more, and taken in the forward state pass (which holds ``h_c``)
+    the loads of ``dh`` there, feeding no product, were not pipelined and cost more than this pass (H100,
+    gated_deltanet, forward+backward at B4 T4096: 1564 -> 1615 us at K = V = 128; the forward state passes
+    at K = V = 256 502 -> 1013 us). The term's other part ``-<du_inter, w h_c>`` and the
+    ``do . vr`` parts come from the backward's forward state pass, where ``w h_c`` is at hand."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
     o_t = tl.arange(0, BT)
@@ -156,6 +162,17 @@ def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_i
     m_kt = m_k[:, None] & m_t[None, :]
     p_h = (i_t * H + i_h).to(tl.int64) * K * V
     p_k = tok[:, None] * H * K + i_h * K + o_k[None, :]
+    if GATED:
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_kv = m_k[:, None] & (o_v[None, :] < V)
+            b_hc = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_hdh += tl.sum(b_dh * b_hc, axis=1)
+        b_gl = tl.load(g + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        tl.store(s_part + (i_k * tl.num_programs(0) + i_t) * H + i_h,
+                 tl.exp(tl.sum(b_gl, axis=0)) * tl.sum(b_hdh, axis=0))
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
@@ -391,8 +408,9 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     if gated:
         dv_local, qk = dv_local
     dh, dv_tot, du_inter, dh0 = delta_bwd_dh(q, k, w, g, qk, do, dv_local, dht, h0 is not None, scale, meta, gc)
+    s_wh = None
     if gated:  # the reverse pass reads no forward state, so the forward pass can follow it and take du_inter
-        h, v_new, _, dovr, s_c = delta_fwd_h(k, w, u, g, h0, False, meta, gc, (u_off, du_inter, do, dh))
+        h, v_new, _, dovr, s_wh = delta_fwd_h(k, w, u, g, h0, False, meta, gc, (u_off, du_inter, do))
         del u, u_off
 
     BKb, BVb = min(64, pow2(K)), min(64, pow2(V))
@@ -404,12 +422,13 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dk_part = q.new_empty(Ttot, H, K, dtype=f32)
     dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
+    s_part = q.new_empty(NK, NT, H, 1, dtype=f32) if gated else None
     # eight warps at K = V = 256 (H100: 382 -> 332 us at B4 T2048 H4, benchmarks/results/tune_launch_h100.txt);
     # at K = V = 128 eight were slower (245 -> 342 us), so narrower widths keep Triton's default of four
     n_r = 1 if dovr is None else len(dovr)
     dqkw_opts = launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))
     _bwd_dqkw_kernel[(NT, H, NK)](q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_inter, dq, dk_part, dw,
-                                  a_part, meta.cu, meta.chunk_indices, scale, Ttot, n_r, H=H, K=K, V=V,
+                                  a_part, s_part, meta.cu, meta.chunk_indices, scale, Ttot, n_r, H=H, K=K, V=V,
                                   BT=CHUNK, BK=BKb, BV=BVb, GATED=gated, NR=pow2(n_r), **dots(q.dtype),
                                   **mixed_block_warps("delta.bwd_dqkw", dqkw_opts, q.device, BVb > BKb))
     dv_wy = dv_local if gated else dv_tot
@@ -419,7 +438,8 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
                                   None if out is None else out[1:4])
     dg = None
     if gated:
-        dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_c[..., None], meta, g.dtype, dots(q.dtype)["PREC"],
+        s_part = torch.cat([s_part, s_wh[..., None]])
+        dg = chunk_dg(a_part[..., None], b_tok[None, ..., None], s_part, meta, g.dtype, dots(q.dtype)["PREC"],
                       None if out is None else out[4][..., None])[..., 0]
     return dq, dk, dv, dbeta, dg, dh0
 

@@ -111,13 +111,6 @@ def _state_init(x, i_nh, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _state_dot(b_h, x, base, i_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
-    """``<b_h, block i_k of the [K, V] state at x + base>`` in float32."""
-    p, m = _state_block(x, base, i_k, o_v, m_v, K, V, BK)
-    return tl.sum(tl.sum(b_h * tl.load(p, mask=m, other=0.0).to(tl.float32), axis=1), axis=0)
-
-
-@triton.jit
 def _store_block(x, i_nh, i_k, b, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
     """Key block ``i_k`` of a final state (float32) into ``x [N, H, K, V]``."""
     p, m = _state_block(x, i_nh.to(tl.int64) * K * V, i_k, o_v, m_v, K, V, BK)
@@ -167,7 +160,7 @@ def _h_update(b_h, k, h, base, tok, m_t, i_h, i_k, o_v, m_v, b_gC, b_vd, H: tl.c
 
 
 @triton.jit
-def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, dh, h, v_new, dovr, s_c, h0, ht, cu, chunk_offsets, order, NTOT,
+def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, h, v_new, dovr, s_wh, h0, ht, cu, chunk_offsets, order, NTOT,
                   TTOT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
                   STORE_HT: tl.constexpr, GBWD: tl.constexpr, GC: tl.constexpr,
@@ -177,9 +170,8 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, dh, h, v_new, dovr, s_c, 
     The state is held as ``NK <= 4`` key blocks of ``[BK, BV]``, as in ``_bwd_dh_kernel``. Gated, the
     chunk's decays are summed in the loop (a reduction and a scan over its tokens), or with GC read from
     ``gc`` (``_chunk_gc``). With GBWD (the gated backward, after the reverse pass) also this value block's
-    parts of the decay gradient's terms that need the state ``h_c`` or ``w h_c``, both at hand here: the
-    per-chunk ``s_c = gamma_C <dh_{c+1}, h_c> - <du_inter, w h_c>`` into ``s_c [NV, NTOT, H]`` (``dh``: the
-    reverse pass's states, stored where ``h`` is) and the per-token ``do_t . vr_t`` into
+    parts of two decay-gradient terms that need ``w h_c``, which is at hand here: the per-chunk
+    ``-<du_inter, w h_c>`` into ``s_wh [NV, NTOT, H]`` and the per-token ``do_t . vr_t`` into
     ``dovr [NV, TTOT, H]``, ``vr = u_off - w h_c`` being the pseudo-values without each token's own value
     (``du_inter`` and ``do`` are loaded one chunk ahead like ``u``)."""
     i_n, i_h, i_v = segment_program(order, H, tl.cdiv(V, BV))
@@ -219,6 +211,11 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, dh, h, v_new, dovr, s_c, 
             b_wh += _h_read(b_h3, w, tok, m_t, i_h, 3, H, K, BK, WT, INTERP, PREC)
         b_v = b_u.to(tl.float32) - b_wh
         tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if GBWD:
+            tl.store(s_wh + (i_v * NTOT + boh + i_t) * H + i_h, -tl.sum(tl.sum(b_dui.to(tl.float32) * b_wh, axis=1),
+                                                                         axis=0))
+            tl.store(dovr + (i_v * TTOT + tok) * H + i_h,
+                     tl.sum(b_do.to(tl.float32) * (b_uo.to(tl.float32) - b_wh), axis=1), mask=m_t)
         if GC:
             _, b_gr, b_gl = _chunk_gc(gc, bos, i_t, L, i_h, H, BT)
             b_gC = tl.exp(b_gl)
@@ -228,18 +225,6 @@ def _fwd_h_kernel(k, w, u, u_off, g, gc, du_inter, do, dh, h, v_new, dovr, s_c, 
             b_gC = tl.exp(tl.sum(b_g, axis=0))
             if GATED:
                 b_v *= tl.exp(tl.cumsum(b_g, axis=0, reverse=True) - b_g)[:, None]
-        if GBWD:
-            b_hdh = _state_dot(b_h0, dh, base, 0, o_v, m_v, K, V, BK)
-            if NK > 1:
-                b_hdh += _state_dot(b_h1, dh, base, 1, o_v, m_v, K, V, BK)
-            if NK > 2:
-                b_hdh += _state_dot(b_h2, dh, base, 2, o_v, m_v, K, V, BK)
-            if NK > 3:
-                b_hdh += _state_dot(b_h3, dh, base, 3, o_v, m_v, K, V, BK)
-            tl.store(s_c + (i_v * NTOT + boh + i_t) * H + i_h,
-                     b_gC * b_hdh - tl.sum(tl.sum(b_dui.to(tl.float32) * b_wh, axis=1), axis=0))
-            tl.store(dovr + (i_v * TTOT + tok) * H + i_h,
-                     tl.sum(b_do.to(tl.float32) * (b_uo.to(tl.float32) - b_wh), axis=1), mask=m_t)
         b_h0 = _h_update(b_h0, k, h, base, tok, m_t, i_h, 0, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP, PREC)
         if NK > 1:
             b_h1 = _h_update(b_h1, k, h, base, tok, m_t, i_h, 1, o_v, m_v, b_gC, b_v, H, K, V, BK, GATED, WT, INTERP,
@@ -274,7 +259,8 @@ def _bwd_dh_kernel(q, k, w, g, gc, qk, do, dv_local, dh, dv_tot, du_inter, dht, 
 
     The decays go on the ``[BT, BV]`` side (``K dh`` then ``k_dec ∘``, ``gamma ∘ dO``), so each key block
     costs three products straight from its loaded tiles; the decay gradient's per-chunk term, which needs
-    the states of both passes, is left to the backward's forward state pass, which runs after this one.
+    the states of both passes, is left to the kernels that run after this one (the backward's forward state
+    pass and the dqkw kernel).
 
     The state ``[K, BV]`` is held as ``NK <= 4`` blocks of ``[BK, BV]`` (written out, as Triton has no
     arrays of tiles), so that every product takes ``[BT, BK]`` tiles: a state of all of K in one tile
@@ -398,11 +384,11 @@ def _state_stages(BK: int, NK: int, reverse: bool, wdt: torch.dtype) -> int:
 
 def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=None, gbwd=None):
     """Chunk states, pseudo-values ``v_new``, the final states (or None) and, given ``gbwd = (u_off,
-    du_inter, do, dh)`` (the gated backward: the pseudo-values without each token's own value, the
-    pseudo-values' gradient from later chunks, the output's gradient, the reverse pass's states), the decay
-    gradient's parts per value block ``dovr [NV, Ttot, H]`` (``do_t . vr_t``) and ``s_c [NV, NT, H]``
-    (``gamma_C <dh_{c+1}, h_c> - <du_inter, w h_c>``), else None and None. ``gc``: the chunk-local cumulative
-    log decays (``wy_fwd``), read instead of ``g`` under the launch option GC."""
+    du_inter, do)`` (the gated backward: the pseudo-values without each token's own value, the pseudo-values'
+    gradient from later chunks, the output's gradient), the decay gradient's parts per value block
+    ``dovr [NV, Ttot, H]`` (``do_t . vr_t``) and ``s_wh [NV, NT, H]`` (``-<du_inter, w h_c>``), else None and
+    None. ``gc``: the chunk-local cumulative log decays (``wy_fwd``), read instead of ``g`` under the
+    launch option GC."""
     H, K = k.shape[1:]
     Ttot, V = u.shape[0], u.shape[-1]
     N = meta.num_segments
@@ -414,15 +400,15 @@ def delta_fwd_h(k, w, u, g, h0, output_final_state, meta, gc=None, gbwd=None):
     v_new = torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     NV = triton.cdiv(V, BV)
-    u_off, du_inter, do, dh = (None,) * 4 if gbwd is None else gbwd
+    u_off, du_inter, do = (None, None, None) if gbwd is None else gbwd
     dovr = None if gbwd is None else k.new_empty(NV, Ttot, H, dtype=torch.float32)
-    s_c = None if gbwd is None else k.new_empty(NV, meta.num_chunks, H, dtype=torch.float32)
-    _fwd_h_kernel[(N * H * NV,)](k, w, u, u_off, g, gc, du_inter, do, dh, h, v_new, dovr, s_c, h0, ht, meta.cu,
+    s_wh = None if gbwd is None else k.new_empty(NV, meta.num_chunks, H, dtype=torch.float32)
+    _fwd_h_kernel[(N * H * NV,)](k, w, u, u_off, g, gc, du_inter, do, h, v_new, dovr, s_wh, h0, ht, meta.cu,
                                  meta.chunk_offsets, meta.order, meta.num_chunks, Ttot, H=H, K=K, V=V, BT=CHUNK, BK=BK,
                                  NK=NK, BV=BV, GATED=g is not None, USE_H0=h0 is not None,
                                  STORE_HT=output_final_state, GBWD=gbwd is not None, GC=GC,
                                  **dots(k.dtype, False), **opts)
-    return h, v_new, ht, dovr, s_c
+    return h, v_new, ht, dovr, s_wh
 
 
 def gc_wanted() -> bool:
