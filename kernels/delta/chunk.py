@@ -146,10 +146,10 @@ def _bwd_dqkw_kernel(q, k, v_new, dovr, g, qk, h, do, dh, dv_tot, dv_local, du_i
     the pseudo-values without it, summed from its ``n_r <= NR`` parts in ``dovr``); and this key block's
     part of the per-chunk term ``<gamma_C dh_{c+1}, h_c>`` into ``s_part [NK, NT, H]``, in a pass of its
     own over the value blocks before the main one: summed in the main pass beside the dq, dk and dw
-    accumulators it made the kernel spill more, and taken in the forward state pass (which holds ``h_c``)
-    the loads of ``dh`` there, feeding no product, were not pipelined and cost more than this pass (H100,
-    gated_deltanet, forward+backward at B4 T4096: 1564 -> 1615 us at K = V = 128; the forward state passes
-    at K = V = 256 502 -> 1013 us). The term's other part ``-<du_inter, w h_c>`` and the
+    accumulators it made the kernel spill more; in the forward state pass (which holds ``h_c``) its loads
+    of ``dh``, feeding no product, were not pipelined and cost more than this pass (H100,
+    gated_deltanet, forward+backward at B4 T4096: 1564 -> 1615 us at K = V = 128; at K = V = 256 the
+    forward state passes took 1013 us against 502). The term's other part ``-<du_inter, w h_c>`` and the
     ``do . vr`` parts come from the backward's forward state pass, where ``w h_c`` is at hand."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L, _ = chunk_start(chunk_indices, cu, i_t, BT)
