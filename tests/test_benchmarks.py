@@ -446,3 +446,12 @@ def test_gpu_tests_runs_the_tests_kept_apart_after_the_others_with_fewer_workers
 ])
 def test_gpu_tests_names_bad_arguments(argv, expected, capsys):
     assert expected in _error(gpu_tests.parse_args, ["--out", "r.txt", *argv], capsys)
+
+
+# ---------------------------------------------------------------------------------------------- inverse_precision
+def test_inverse_by_squares_loses_the_precision_that_substitution_keeps():
+    from benchmarks.inverse_precision import errors
+
+    e = errors(noise=0.01, beta_min=0.9, trials=3)
+    assert e["substitution"] < 0.01 * e["max_entry"]
+    assert e["squares"] > 100 * e["substitution"]

@@ -56,7 +56,8 @@ VARIANTS = {
     "dqkw_b128": [(CH, _DQKW_B, _DQKW_B.replace("64", "128"))],
     "dqkw_b128_w8": [(CH, _DQKW_B, _DQKW_B.replace("64", "128")),
                      (CH, _DQKW_W, 'launch("delta.bwd_dqkw", num_warps=8)')],
-    # the diagonal blocks' inverse by repeated squaring on the tensor cores instead of forward substitution
+    # the diagonal blocks' inverse by repeated squaring on the tensor cores instead of forward substitution (too
+    # inexact at tf32 for the kernels: benchmarks/inverse_precision.py)
     "wy_inverse_squares": [(CH, _SUBST, _SQUARES)],
     # the dq/dk/dw kernel at fewer pipeline stages (less shared memory: two programs per SM at K = 128)
     "dqkw_2_stages": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=2, "))],
