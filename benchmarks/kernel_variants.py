@@ -16,8 +16,8 @@ A variant named ``base`` with no edits is the unchanged kernels.
 ``--tree NAME=DIR`` adds another whole ``kernels/`` tree as variant NAME, e.g. an earlier commit's, to time a
 change against the code before it in the same process (on a machine without the repository's history):
 
-    git archive 126b87d kernels | tar -x -C .session/before --strip-components=1
-    python3 -m benchmarks.kernel_variants --tree before=.session/before --spec benchmarks/variants/delta_costs.py \
+    mkdir -p /tmp/kernels_before && git archive 126b87d kernels | tar -x -C /tmp/kernels_before --strip-components=1
+    python3 -m benchmarks.kernel_variants --tree before=/tmp/kernels_before --spec benchmarks/variants/delta_costs.py \
         --only base --rules gated_deltanet
 """
 

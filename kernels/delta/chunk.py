@@ -418,7 +418,7 @@ def _backward(q, k, v, beta, g, h0, Tm, do, dht, scale, meta, out=None):
     dq = q.new_empty(q.shape) if out is None else out[0]
     # dk_part stays float32: rounding it (as fla does its dk) raised gated_deltanet's bfloat16 dk error
     # from 2.8 to 4.3 roundoff units. dw enters wy_bwd's products only, which round it to the work dtype
-    # anyway, so it is written over w (the same dtype and layout; the kernel reads each tile of w first)
+    # anyway, so it is written over w (the same dtype and layout; the kernel does not read w)
     dk_part = q.new_empty(Ttot, H, K, dtype=f32)
     dw = w
     a_part = q.new_empty(NK + 1, Ttot, H, dtype=f32) if gated else None  # NK parts of q . dq, then -v . dv
