@@ -19,6 +19,7 @@ _FWD_BV = ("BV=_value_block(meta, H, V, k.device), GC=GC_DEFAULT)\n"
 
 _DQKW_B = "BKb, BVb = min(64, pow2(K)), min(64, pow2(V))"
 _DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))'
+_WY_W = 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)'
 
 
 _src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
@@ -62,6 +63,11 @@ VARIANTS = {
     # the dq/dk/dw kernel at fewer pipeline stages (less shared memory: two programs per SM at K = 128)
     "dqkw_2_stages": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=2, "))],
     "dqkw_1_stage": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=1, "))],
+    # the WY backward at fewer pipeline stages (more programs per SM at two warps) or wider blocks at two warps
+    "wy_bwd_2_stages": [(CH, _WY_W, _WY_W.replace("num_warps=2,", "num_warps=2, num_stages=2,"))],
+    "wy_bwd_1_stage": [(CH, _WY_W, _WY_W.replace("num_warps=2,", "num_warps=2, num_stages=1,"))],
+    "wy_bwd_bk64": [(CH, _WY_W, _WY_W.replace("min(32, pow2(K))", "min(64, pow2(K))"))],
+    "wy_bwd_bv32": [(CH, _WY_W, _WY_W.replace("BV=16", "BV=min(32, pow2(V))"))],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
