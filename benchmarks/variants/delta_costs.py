@@ -10,6 +10,7 @@ tests/test_benchmarks.py checks that every edit still applies to the current ker
 from pathlib import Path
 
 CH = "delta/chunk.py"
+GL = "gated_linear/chunk.py"
 ST = "delta/state.py"
 
 # the forward state pass's choice of value-block width (the reverse pass's launcher has the same first line)
@@ -68,6 +69,9 @@ VARIANTS = {
     "wy_bwd_1_stage": [(CH, _WY_W, _WY_W.replace("num_warps=2,", "num_warps=2, num_stages=1,"))],
     "wy_bwd_bk64": [(CH, _WY_W, _WY_W.replace("min(32, pow2(K))", "min(64, pow2(K))"))],
     "wy_bwd_bv32": [(CH, _WY_W, _WY_W.replace("BV=16", "BV=min(32, pow2(V))"))],
+    # the local dv kernel (gated_linear's, which the delta rules share) over 128-wide value blocks, as the output
+    # kernel is
+    "bwd_dv_bv128": [(GL, 'launch("gl.bwd_dv", BV=min(64, pow2(V))', 'launch("gl.bwd_dv", BV=min(128, pow2(V))')],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
