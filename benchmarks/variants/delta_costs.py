@@ -41,6 +41,26 @@ _SQUARES = """    o_q = tl.arange(0, BT)
         b_D = tl.dot(b_D, eye_q + b_P, input_precision=PREC)
 """
 
+# the WY backward without the key Gram matrix: dbeta's part sum_j dA_ij (k_i . k_j) = k_i . (dA K)_i, taken with
+# dB K = diag(beta) (dA K) in the key-gradient pass (two key loads and a [BT, BT] tile fewer; dA enters a product
+# rounded to the work dtype, as dB already did)
+_a = _src.index("    # the Gram loop written out here (not chunk_gram)")
+_GRAM = _src[_a:_src.index("        tl.store(a_neg + tok * H + i_h", _a)]
+_DBS = ("    b_dBs = (b_dB + tl.load(scratch + p_s + o_t[None, :] * BT + o_t[:, None])).to(WT)  # dB + dB^T\n"
+        "    # ---- phase 3: dk = dk_part + (Tb^T dw) ∘ gamma + (dB + dB^T) K\n")
+_DBT = ("    b_dBT = tl.load(scratch + p_s + o_t[None, :] * BT + o_t[:, None]).to(WT)\n"
+        "    b_dA = b_dA.to(WT)\n")
+_DK = ("        b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0) + b_dkw\n"
+       "        b_dk += mm(b_dBs, tl.load(k + p_k, mask=m_tk, other=0.0), WT, INTERP, PREC)\n"
+       "        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)\n")
+_DK_P = ("        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)\n"
+         "        b_P = mm(b_dA, b_k, WT, INTERP, PREC)\n"
+         "        b_dbeta += tl.sum(b_P * b_k.to(tl.float32), axis=1)\n"
+         "        b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0) + b_dkw + b_beta[:, None] * b_P\n"
+         "        b_dk += mm(b_dBT, b_k, WT, INTERP, PREC)\n"
+         "        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)\n"
+         "    tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)\n")
+
 
 def _fwd_bv(width: int) -> str:
     return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
@@ -72,6 +92,7 @@ VARIANTS = {
     # the local dv kernel (gated_linear's, which the delta rules share) over 128-wide value blocks, as the output
     # kernel is
     "bwd_dv_bv128": [(GL, 'launch("gl.bwd_dv", BV=min(64, pow2(V))', 'launch("gl.bwd_dv", BV=min(128, pow2(V))')],
+    "wy_bwd_no_gram": [(CH, _GRAM, ""), (CH, _DBS, _DBT), (CH, _DK, _DK_P)],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
