@@ -61,6 +61,18 @@ _DK_P = ("        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)\n"
          "        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)\n"
          "    tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)\n")
 
+# the WY forward's key Gram matrix from one load of each key block (its transpose taken in registers) instead of
+# a second, transposed load
+_GRAM_FWD = "        b_A = chunk_gram(k, k, tok, i_h, m_t, H, K, BT, BK, IT, INTERP, PREC) * b_beta[:, None]\n"
+_SELF_GRAM = """        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_kk = tl.load(k + tok[:, None] * H * K + i_h * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K),
+                           other=0.0)
+            b_A += mm(b_kk, tl.trans(b_kk), IT, INTERP, PREC)
+        b_A *= b_beta[:, None]
+"""
+
 
 def _fwd_bv(width: int) -> str:
     return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
@@ -93,6 +105,7 @@ VARIANTS = {
     # kernel is
     "bwd_dv_bv128": [(GL, 'launch("gl.bwd_dv", BV=min(64, pow2(V))', 'launch("gl.bwd_dv", BV=min(128, pow2(V))')],
     "wy_bwd_no_gram": [(CH, _GRAM, ""), (CH, _DBS, _DBT), (CH, _DK, _DK_P)],
+    "wy_fwd_self_gram": [(CH, _GRAM_FWD, _SELF_GRAM)],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
     "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
