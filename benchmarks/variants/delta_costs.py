@@ -96,6 +96,9 @@ VARIANTS = {
     # the dq/dk/dw kernel at fewer pipeline stages (less shared memory: two programs per SM at K = 128)
     "dqkw_2_stages": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=2, "))],
     "dqkw_1_stage": [(CH, _DQKW_W, _DQKW_W.replace("dqkw\", ", "dqkw\", num_stages=1, "))],
+    # two stages at four warps for every width (at K = V = 256 the launcher runs eight warps at 178 registers: one
+    # program per SM; four warps at 255 registers and 80 KiB fit two, as at K = 128)
+    "dqkw_2_stages_w4": [(CH, _DQKW_W, 'launch("delta.bwd_dqkw", num_stages=2)')],
     # the WY backward at fewer pipeline stages (more programs per SM at two warps) or wider blocks at two warps
     "wy_bwd_2_stages": [(CH, _WY_W, _WY_W.replace("num_warps=2,", "num_warps=2, num_stages=2,"))],
     "wy_bwd_1_stage": [(CH, _WY_W, _WY_W.replace("num_warps=2,", "num_warps=2, num_stages=1,"))],
