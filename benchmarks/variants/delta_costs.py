@@ -1,5 +1,6 @@
-"""What the steps of the delta rules' kernels cost: each variant but ``base`` drops a step or changes a launch
-(wrong values on purpose; timing only).
+"""What the steps of the delta rules' kernels cost: each variant but ``base`` drops a step (wrong values on
+purpose), changes a launch or computes a step another way; timing only: a variant goes into the kernels after the
+GPU tests pass with it.
 
     python3 -m benchmarks.kernel_variants --spec benchmarks/variants/delta_costs.py --rules gated_deltanet,deltanet \\
         --shape 4x4096x4x256x256
@@ -110,7 +111,7 @@ VARIANTS = {
     "wy_bwd_no_gram": [(CH, _GRAM, ""), (CH, _DBS, _DBT), (CH, _DK, _DK_P)],
     "wy_fwd_self_gram": [(CH, _GRAM_FWD, _SELF_GRAM)],
     "wy_bwd_4_warps": [(CH, 'launch("delta.wy_bwd", num_warps=2,', 'launch("delta.wy_bwd", num_warps=4,')],
-    "wy_bwd_4_warps_wide": [(CH, 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)',
+    "wy_bwd_4_warps_wide": [(CH, _WY_W,
                              'launch("delta.wy_bwd", num_warps=4, BK=min(64, pow2(K)), BV=min(64, pow2(V)))')],
     # the state passes' row groups (at B4 T4096 H4 K = V = 256 the states of the whole batch pass the budget) and
     # their value blocks
