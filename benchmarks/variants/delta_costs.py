@@ -1,6 +1,6 @@
-"""What the steps of the delta rules' kernels cost: each variant but ``base`` drops a step (wrong values on
-purpose), changes a launch or computes a step another way; timing only: a variant goes into the kernels after the
-GPU tests pass with it.
+"""What the steps of the delta rules' kernels (and of the gated linear forward) cost: each variant but ``base``
+drops a step (wrong values on purpose), changes a launch or computes a step another way; timing only: a variant
+goes into the kernels after the GPU tests pass with it.
 
     python3 -m benchmarks.kernel_variants --spec benchmarks/variants/delta_costs.py --rules gated_deltanet,deltanet \\
         --shape 4x4096x4x256x256
@@ -22,6 +22,8 @@ _FWD_BV = ("BV=_value_block(meta, H, V, k.device), GC=GC_DEFAULT)\n"
 _DQKW_B = "BKb, BVb = min(64, pow2(K)), min(64, pow2(V))"
 _DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else {}))'
 _WY_W = 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)'
+_GL_FWD_H_W = 'launch("gl.fwd_h", num_warps=8 if gate == 1 else 4)'
+_GL_FWD_H_B = "BK, BV = _state_blocks(K, V)\n    h = k.new_empty"
 
 
 _src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
@@ -121,4 +123,15 @@ VARIANTS = {
     # the forward state pass alone (forward and the backward's recomputation) at 32 or 64 value columns
     "fwd_h_bv32": [(ST, _FWD_BV, _fwd_bv(32))],
     "fwd_h_bv64": [(ST, _FWD_BV, _fwd_bv(64))],
+    # gated_linear's forward (mamba2, linear_attn, retnet; gla's state and output kernels): the state pass at four
+    # warps for the scalar gate (eight by default), over all of K in one program at 32 or 64 value columns (fla's
+    # tiling), and the output kernel over 128-wide key blocks
+    "gl_fwd_h_w4": [(GL, _GL_FWD_H_W, 'launch("gl.fwd_h", num_warps=4)')],
+    "gl_fwd_h_k128_bv32": [(GL, _GL_FWD_H_B, "BK, BV = min(128, pow2(K)), min(32, pow2(V))\n    h = k.new_empty")],
+    "gl_fwd_h_k128_bv64": [(GL, _GL_FWD_H_B, "BK, BV = min(128, pow2(K)), min(64, pow2(V))\n    h = k.new_empty")],
+    "gl_fwd_h_bv32": [(GL, _GL_FWD_H_B, "BK, BV = min(64, pow2(K)), min(32, pow2(V))\n    h = k.new_empty")],
+    "gl_fwd_o_bk128": [(GL, 'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))',
+                        'launch("gl.fwd_o", BV=_value_block(V), BK=min(128, pow2(K)))')],
+    "gl_fwd_o_w8": [(GL, 'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))',
+                     'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)), num_warps=8)')],
 }
