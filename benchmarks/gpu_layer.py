@@ -135,8 +135,8 @@ PARTS = (
     ("conv", re.compile(r"_conv_|causal_conv1d")),
     ("norm", re.compile(r"^_rms_|^_l2_|l2norm|layer_norm|rms_norm|rmsnorm")),
     ("matmul", re.compile(r"nvjet|cutlass|gemm|cublas|splitKreduce")),
-    ("rule", re.compile(r"^_(wy|fwd|bwd|chunk|prep|coef)_|^chunk_|recompute_w_u|prepare_wy|solve_tril|merge_16x16|"
-                        r"kkt")),
+    ("rule", re.compile(r"^_(wy|fwd|bwd|chunk|prep|coef|state)_|^chunk_|recompute_w_u|prepare_wy|solve_tril|"
+                        r"merge_16x16|kkt")),
     ("routing", re.compile(r"sort|[Tt]op[Kk]|gather|scatter|softmax|^_slot|^_combine|^_dispatch|scan|index|"
                            r"cumsum|bitonic|radix")),
 )

@@ -300,6 +300,7 @@ def test_gpu_layer_sorts_kernels_into_the_layers_parts():
 
     expect = {
         "_bwd_dqkw_kernel": "rule", "_wy_fwd_kernel": "rule", "_fwd_o_kernel": "rule", "_chunk_dg_kernel": "rule",
+        "_state_inner_kernel": "rule",
         "chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64": "rule", "recompute_w_u_fwd_kernel": "rule",
         "prepare_wy_repr_bwd_kernel": "rule", "chunk_gated_delta_rule_fwd_kkt_solve_kernel": "rule",
         "_conv_bwd_kernel": "conv", "_conv_dx_kernel": "conv", "causal_conv1d_fwd_kernel": "conv",
