@@ -59,9 +59,10 @@ def largest(junits: list[str], n: int = 8) -> list[str]:
     cases = []
     for case in _cases(junits):
         peak = next((float(p.get("value")) for p in case.iter("property") if p.get("name") == "peak_cuda_mib"), 0.0)
-        cases.append((peak, float(case.get("time", 0.0)), case.get("name")))
+        # a crashed worker's entry may have no name: the report names it by its class, or "?"
+        cases.append((peak, float(case.get("time", 0.0)), case.get("name") or case.get("classname") or "?"))
     out = ["", f"largest peak device memory (of {len(cases)} tests):"]
-    out += [f"  {p / 1024:7.2f} GiB  {t:7.1f} s  {name}" for p, t, name in sorted(cases, reverse=True)[:n]]
+    out += [f"  {p / 1024:7.2f} GiB  {t:7.1f} s  {name}" for p, t, name in sorted(cases, key=lambda c: -c[0])[:n]]
     out += ["", "longest tests:"]
     out += [f"  {t:7.1f} s  {p / 1024:7.2f} GiB  {name}" for p, t, name in sorted(cases, key=lambda c: -c[1])[:n]]
     return out

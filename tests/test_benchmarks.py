@@ -440,6 +440,15 @@ def test_gpu_tests_runs_the_tests_kept_apart_after_the_others_with_fewer_workers
     assert "1 passed" in report and "2 passed" in report
 
 
+def test_gpu_tests_report_names_a_crashed_workers_entry(tmp_path):
+    """A worker that crashed leaves a JUnit entry with no name; the report lists it among the others."""
+    junit = tmp_path / "r.junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="t" name="test_a" time="0.002"/>'
+                     '<testcase time="0.002"/></testsuite></testsuites>')
+    lines = gpu_tests.largest([str(junit)])
+    assert any(ln.endswith("test_a") for ln in lines) and any(ln.endswith("?") for ln in lines)
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--workers", "0"], "--workers 0 is invalid: give a positive number of workers"),
     (["--apart", "titans", "--apart-workers", "0"], "--apart-workers 0 is invalid"),
