@@ -6,7 +6,8 @@ A spec file is Python defining ``VARIANTS = {name: [(file, old, new), ...]}``: `
 ``kernels/``, ``old`` a text that occurs exactly once in it, ``new`` its replacement. Each variant is a
 copy of ``kernels/`` with its edits applied, imported as a package of its own (Triton caches unchanged
 kernels by their source), and each rule's forward and forward+backward (bf16, by default B=4, T=4096,
-H=8, K=V=128; ``--shape``) is profiled per kernel (torch.profiler), every variant in the same process.
+H=8, K=V=128; ``--shape``) is profiled per kernel (torch.profiler), with the peak device memory of one call
+above what was allocated before it, every variant in the same process.
 
 This is how a kernel's cost is taken apart: a variant that drops a step (removes a store, skips an
 inverse, turns a product into an elementwise one) computes wrong values on purpose, and the time it
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     import torch
 
-    from benchmarks.kernels import inputs, kernel_times, rule_options
+    from benchmarks.kernels import inputs, kernel_times, peak_memory, rule_options
 
     args = parse_args()
     dest = Path(args.dest)
@@ -138,10 +139,12 @@ def main() -> None:
                         o.backward(do[name])
                 try:
                     kt = kernel_times(fn)
+                    peak = peak_memory(fn, q.device)
                 except Exception as e:
                     print(f"{variant} {name} {mode}: FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                print(f"{variant} {name} {mode}: {sum(t for _, t in kt.values()):8.1f} us", flush=True)
+                print(f"{variant} {name} {mode}: {sum(t for _, t in kt.values()):8.1f} us, peak {peak:7.1f} MiB",
+                      flush=True)
                 for kn, (c, t) in sorted(kt.items(), key=lambda x: -x[1][1]):
                     print(f"    {t:8.1f} us x{c}  {kn[:90]}", flush=True)
 
