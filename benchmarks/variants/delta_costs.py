@@ -77,6 +77,25 @@ _SELF_GRAM = """        b_A = tl.zeros([BT, BT], dtype=tl.float32)
 """
 
 
+# the backward's forward state pass (GBWD) with du_inter and do (and u_off) loaded for the current chunk at the top
+# of its iteration instead of one chunk ahead: fewer registers (222 at K = 128) against less latency hidden
+_ROWS_AHEAD = ("    nx_dui = _chunk_rows(du_inter, bos, 0, L, i_h, o_v, H, V, BT, GBWD)\n"
+               "    nx_do = _chunk_rows(do, bos, 0, L, i_h, o_v, H, V, BT, GBWD)\n")
+_ROWS_NEXT = ("        nx_dui = _chunk_rows(du_inter, bos, i_t + 1, L, i_h, o_v, H, V, BT, GBWD)\n"
+              "        nx_do = _chunk_rows(do, bos, i_t + 1, L, i_h, o_v, H, V, BT, GBWD)\n")
+_TAKE = "        b_u, b_uo, b_g, b_dui, b_do = nx_u, nx_uo, nx_g, nx_dui, nx_do\n"
+_TAKE_NOW = ("        b_u, b_uo, b_g = nx_u, nx_uo, nx_g\n"
+             "        b_dui = _chunk_rows(du_inter, bos, i_t, L, i_h, o_v, H, V, BT, GBWD)\n"
+             "        b_do = _chunk_rows(do, bos, i_t, L, i_h, o_v, H, V, BT, GBWD)\n")
+_U_FIRST = "    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, GBWD)\n"
+_U_NEXT = "        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, GBWD)\n"
+_GBWD_NOW = [(ST, _ROWS_AHEAD, ""), (ST, _ROWS_NEXT, ""), (ST, _TAKE, _TAKE_NOW)]
+_GBWD_ALL_NOW = [(ST, _ROWS_AHEAD, ""), (ST, _ROWS_NEXT, ""),
+                 (ST, _TAKE, _TAKE_NOW + "        b_uo = _chunk_rows(u_off, bos, i_t, L, i_h, o_v, H, V, BT, GBWD)\n"),
+                 (ST, _U_FIRST, _U_FIRST.replace("GATED, GBWD)", "GATED, False)")),
+                 (ST, _U_NEXT, _U_NEXT.replace("GATED, GBWD)", "GATED, False)"))]
+
+
 def _fwd_bv(width: int) -> str:
     return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
 
@@ -123,6 +142,8 @@ VARIANTS = {
     # the forward state pass alone (forward and the backward's recomputation) at 32 or 64 value columns
     "fwd_h_bv32": [(ST, _FWD_BV, _fwd_bv(32))],
     "fwd_h_bv64": [(ST, _FWD_BV, _fwd_bv(64))],
+    "fwd_h_gbwd_now": _GBWD_NOW,
+    "fwd_h_gbwd_all_now": _GBWD_ALL_NOW,
     # gated_linear's forward (mamba2, linear_attn, retnet; gla's state and output kernels): the state pass at four
     # warps for the scalar gate (eight by default), over all of K in one program at 32 or 64 value columns (fla's
     # tiling), and the output kernel over 128-wide key blocks
