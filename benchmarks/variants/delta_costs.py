@@ -142,6 +142,10 @@ VARIANTS = {
     # the forward state pass alone (forward and the backward's recomputation) at 32 or 64 value columns
     "fwd_h_bv32": [(ST, _FWD_BV, _fwd_bv(32))],
     "fwd_h_bv64": [(ST, _FWD_BV, _fwd_bv(64))],
+    # the WY forward (and the backward's recomputation) at two warps: mma.sync products instead of warpgroup ones,
+    # smaller programs for the forward substitution's reductions
+    "wy_fwd_w2": [(CH, 'launch("delta.wy_fwd")', 'launch("delta.wy_fwd", num_warps=2)')],
+    "wy_fwd_w2_s2": [(CH, 'launch("delta.wy_fwd")', 'launch("delta.wy_fwd", num_warps=2, num_stages=2)')],
     "fwd_h_gbwd_now": _GBWD_NOW,
     "fwd_h_gbwd_all_now": _GBWD_ALL_NOW,
     # gated_linear's forward (mamba2, linear_attn, retnet; gla's state and output kernels): the state pass at four
