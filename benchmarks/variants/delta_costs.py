@@ -146,6 +146,10 @@ VARIANTS = {
     # smaller programs for the forward substitution's reductions
     "wy_fwd_w2": [(CH, 'launch("delta.wy_fwd")', 'launch("delta.wy_fwd", num_warps=2)')],
     "wy_fwd_w2_s2": [(CH, 'launch("delta.wy_fwd")', 'launch("delta.wy_fwd", num_warps=2, num_stages=2)')],
+    # the forward state pass at four pipeline stages up to K = 128 (three by default; 105 KiB of shared memory at
+    # three, K = 128)
+    "fwd_h_4_stages": [(ST, "    return 3 if width <= 256 else 1\n",
+                        "    return (4 if width <= 128 else 3) if width <= 256 else 1\n")],
     "fwd_h_gbwd_now": _GBWD_NOW,
     "fwd_h_gbwd_all_now": _GBWD_ALL_NOW,
     # gated_linear's forward (mamba2, linear_attn, retnet; gla's state and output kernels): the state pass at four
