@@ -24,6 +24,7 @@ _DQKW_W = 'launch("delta.bwd_dqkw", **({"num_warps": 8} if min(K, V) >= 256 else
 _WY_W = 'launch("delta.wy_bwd", num_warps=2, BK=min(32, pow2(K)), BV=16)'
 _GL_FWD_H_W = 'launch("gl.fwd_h", num_warps=8 if gate == 1 else 4)'
 _GL_FWD_H_B = "BK, BV = _state_blocks(K, V)\n    h = k.new_empty"
+_GL_FWD_O = 'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))'
 
 
 _src = (Path(__file__).resolve().parents[2] / "kernels" / CH).read_text()
@@ -78,7 +79,8 @@ _SELF_GRAM = """        b_A = tl.zeros([BT, BT], dtype=tl.float32)
 
 
 # the backward's forward state pass (GBWD) with du_inter and do (and u_off) loaded for the current chunk at the top
-# of its iteration instead of one chunk ahead: fewer registers (222 at K = 128) against less latency hidden
+# of its iteration instead of one chunk ahead: fewer registers (215 at K = 128 in the sm_90 report) against less
+# latency hidden
 _ROWS_AHEAD = ("    nx_dui = _chunk_rows(du_inter, bos, 0, L, i_h, o_v, H, V, BT, GBWD)\n"
                "    nx_do = _chunk_rows(do, bos, 0, L, i_h, o_v, H, V, BT, GBWD)\n")
 _ROWS_NEXT = ("        nx_dui = _chunk_rows(du_inter, bos, i_t + 1, L, i_h, o_v, H, V, BT, GBWD)\n"
@@ -90,7 +92,7 @@ _TAKE_NOW = ("        b_u, b_uo, b_g = nx_u, nx_uo, nx_g\n"
 _U_FIRST = "    nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, 0, L, i_h, o_v, H, V, BT, GATED, GBWD)\n"
 _U_NEXT = "        nx_u, nx_uo, nx_g = _chunk_u_g(u, u_off, g, bos, i_t + 1, L, i_h, o_v, H, V, BT, GATED, GBWD)\n"
 _GBWD_NOW = [(ST, _ROWS_AHEAD, ""), (ST, _ROWS_NEXT, ""), (ST, _TAKE, _TAKE_NOW)]
-_GBWD_ALL_NOW = [(ST, _ROWS_AHEAD, ""), (ST, _ROWS_NEXT, ""),
+_GBWD_ALL_NOW = [*_GBWD_NOW[:2],
                  (ST, _TAKE, _TAKE_NOW + "        b_uo = _chunk_rows(u_off, bos, i_t, L, i_h, o_v, H, V, BT, GBWD)\n"),
                  (ST, _U_FIRST, _U_FIRST.replace("GATED, GBWD)", "GATED, False)")),
                  (ST, _U_NEXT, _U_NEXT.replace("GATED, GBWD)", "GATED, False)"))]
@@ -98,6 +100,10 @@ _GBWD_ALL_NOW = [(ST, _ROWS_AHEAD, ""), (ST, _ROWS_NEXT, ""),
 
 def _fwd_bv(width: int) -> str:
     return _FWD_BV.replace("_value_block(meta, H, V, k.device)", f"min(pow2(V), {width})")
+
+
+def _gl_blocks(bk: int, bv: int) -> str:
+    return _GL_FWD_H_B.replace("_state_blocks(K, V)", f"min({bk}, pow2(K)), min({bv}, pow2(V))")
 
 
 VARIANTS = {
@@ -156,11 +162,9 @@ VARIANTS = {
     # warps for the scalar gate (eight by default), over all of K in one program at 32 or 64 value columns (fla's
     # tiling), and the output kernel over 128-wide key blocks
     "gl_fwd_h_w4": [(GL, _GL_FWD_H_W, 'launch("gl.fwd_h", num_warps=4)')],
-    "gl_fwd_h_k128_bv32": [(GL, _GL_FWD_H_B, "BK, BV = min(128, pow2(K)), min(32, pow2(V))\n    h = k.new_empty")],
-    "gl_fwd_h_k128_bv64": [(GL, _GL_FWD_H_B, "BK, BV = min(128, pow2(K)), min(64, pow2(V))\n    h = k.new_empty")],
-    "gl_fwd_h_bv32": [(GL, _GL_FWD_H_B, "BK, BV = min(64, pow2(K)), min(32, pow2(V))\n    h = k.new_empty")],
-    "gl_fwd_o_bk128": [(GL, 'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))',
-                        'launch("gl.fwd_o", BV=_value_block(V), BK=min(128, pow2(K)))')],
-    "gl_fwd_o_w8": [(GL, 'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)))',
-                     'launch("gl.fwd_o", BV=_value_block(V), BK=min(64, pow2(K)), num_warps=8)')],
+    "gl_fwd_h_k128_bv32": [(GL, _GL_FWD_H_B, _gl_blocks(128, 32))],
+    "gl_fwd_h_k128_bv64": [(GL, _GL_FWD_H_B, _gl_blocks(128, 64))],
+    "gl_fwd_h_bv32": [(GL, _GL_FWD_H_B, _gl_blocks(64, 32))],
+    "gl_fwd_o_bk128": [(GL, _GL_FWD_O, _GL_FWD_O.replace("min(64,", "min(128,"))],
+    "gl_fwd_o_w8": [(GL, _GL_FWD_O, _GL_FWD_O[:-1] + ", num_warps=8)")],
 }
